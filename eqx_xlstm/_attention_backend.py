@@ -1,0 +1,183 @@
+"""The mLSTM *attention* backend: config and module."""
+
+import dataclasses
+import math
+from typing import Any, ClassVar, Literal
+
+import equinox as eqx
+import jax
+from jaxtyping import Array, Float, Shaped
+
+from ._attention import attention_core, check_implementation, resolve_dtype
+from ._backend import mLSTMBackend
+from ._options import ACTIVATIONS, PRE_ACTIVATIONS, check_option
+from ._rope import _check_even, _check_theta, precompute_freqs
+from ._typecheck import typechecked
+
+
+@dataclasses.dataclass(frozen=True)
+class mLSTMBackendAttentionConfig:  # noqa: N801 (upstream name)
+    """Configuration of `mLSTMBackendAttention`.
+
+    Frozen: `assign_model_config_params` returns a new config instead of patching
+    this one in place.
+    """
+
+    context_length: int = -1
+    """Longest sequence the backend serves; sizes the RoPE tables and fixes the
+    sigmoid bias at -log(context_length). -1 means "take it from the model config"."""
+    activation_function: Literal["softmax", "sigmoid", "none"] = "softmax"
+    """Activation of the attention logits."""
+    qk_pre_activation_function: Literal["none", "swish", "silu"] = "none"
+    """Activation applied to queries and keys before RoPE ("silu" = "swish")."""
+    theta: float = 1e4
+    """RoPE wavelength base."""
+
+    def __post_init__(self):
+        check_option(self.activation_function, ACTIVATIONS, "activation_function")
+        check_option(
+            self.qk_pre_activation_function, PRE_ACTIVATIONS, "qk_pre_activation_function"
+        )
+        _check_theta(self.theta)
+        if not isinstance(self.context_length, int) or not (
+            self.context_length == -1 or self.context_length >= 1
+        ):
+            raise ValueError(
+                f"`context_length` must be a positive int (or -1, unassigned), got "
+                f"{self.context_length!r}."
+            )
+
+    def assign_model_config_params(self, model_config: Any) -> "mLSTMBackendAttentionConfig":
+        """Return a copy whose `context_length` is `model_config.context_length`."""
+        try:
+            context_length = model_config.context_length
+        except AttributeError as err:
+            raise TypeError(
+                "`model_config` must have a `context_length` attribute, got "
+                f"{type(model_config).__name__}."
+            ) from err
+        return dataclasses.replace(self, context_length=context_length)
+
+
+def _check_states(c_initial, n_initial, m_initial, return_last_states: bool) -> None:
+    given = [s is not None for s in (c_initial, n_initial, m_initial)]
+    if any(given) and not all(given):
+        raise ValueError(
+            "Pass all of c_initial, n_initial and m_initial, or none of them; got "
+            + ", ".join(
+                f"{name}={'set' if g else 'None'}"
+                for name, g in zip(("c_initial", "n_initial", "m_initial"), given)
+            )
+            + "."
+        )
+    if all(given) or return_last_states:
+        raise NotImplementedError(
+            "The attention backend does not decode yet: initial states and "
+            "return_last_states=True are not supported. Run the full sequence in one "
+            "call instead."
+        )
+
+
+class mLSTMBackendAttention(mLSTMBackend):  # noqa: N801 (upstream name)
+    """Causal attention with rotary embeddings, as an mLSTM backend.
+
+    Runs `eqx_xlstm.attention` with the config's options on sequences of any length
+    S <= `context_length`. The RoPE tables are precomputed buffers of shape
+    `(context_length, qk_head_dim // 2)`; they receive no gradient (keep them out of
+    the optimizer with `eqx_xlstm.trainable_filter`). The sigmoid bias is fixed at
+    -log(context_length), so the output on a prefix is the prefix of the output.
+    The gates `i`, `f` are accepted for interface compatibility and ignored.
+    """
+
+    config: mLSTMBackendAttentionConfig = eqx.field(static=True)
+    qk_head_dim: int = eqx.field(static=True)
+    freqs_sin: Float[Array, "context half"]
+    freqs_cos: Float[Array, "context half"]
+
+    config_class: ClassVar[type] = mLSTMBackendAttentionConfig
+    buffer_fields: ClassVar[tuple[str, ...]] = ("freqs_sin", "freqs_cos")
+
+    def __init__(self, config: mLSTMBackendAttentionConfig, qk_head_dim: int):
+        """**Arguments:**
+
+        - `config`: an `mLSTMBackendAttentionConfig` with `context_length` assigned.
+        - `qk_head_dim`: head dimension of queries and keys (even).
+        """
+        if not isinstance(config, mLSTMBackendAttentionConfig):
+            raise TypeError(
+                f"`config` must be an mLSTMBackendAttentionConfig, got "
+                f"{type(config).__name__}."
+            )
+        if config.context_length < 1:
+            raise ValueError(
+                "`config.context_length` was never assigned (it is "
+                f"{config.context_length}). Set it, or call "
+                "`config = config.assign_model_config_params(model_config)` first."
+            )
+        if not isinstance(qk_head_dim, int) or qk_head_dim < 2:
+            raise ValueError(f"`qk_head_dim` must be an int >= 2, got {qk_head_dim!r}.")
+        _check_even(qk_head_dim, "`qk_head_dim`")
+        self.config = config
+        self.qk_head_dim = qk_head_dim
+        self.freqs_sin, self.freqs_cos = precompute_freqs(
+            qk_head_dim, config.context_length, config.theta
+        )
+
+    @property
+    def can_vmap_over_heads(self) -> bool:
+        return True
+
+    @typechecked
+    def __call__(
+        self,
+        q: Float[Array, "*batch seq dqk"],
+        k: Float[Array, "*batch seq dqk"],
+        v: Float[Array, "*batch seq dv"],
+        i: Shaped[Array, "..."] | None = None,
+        f: Shaped[Array, "..."] | None = None,
+        c_initial: Shaped[Array, "..."] | None = None,
+        n_initial: Shaped[Array, "..."] | None = None,
+        m_initial: Shaped[Array, "..."] | None = None,
+        return_last_states: bool = False,
+    ) -> Float[Array, "*batch seq dv"]:
+        """**Arguments:**
+
+        - `q`, `k`: `(*batch, S, qk_head_dim)` with `S <= context_length`.
+        - `v`: `(*batch, S, DV)`, same dtype as `q` and `k`.
+        - `i`, `f`: gate pre-activations, ignored.
+        - `c_initial`, `n_initial`, `m_initial`, `return_last_states`: decoding
+            states; not supported yet (a NotImplementedError).
+
+        **Returns:**
+
+        `(*batch, S, DV)` in the dtype of the inputs.
+        """
+        _check_states(c_initial, n_initial, m_initial, return_last_states)
+        seq_len, head_dim = q.shape[-2:]
+        context_length = self.config.context_length
+        if seq_len > context_length:
+            raise ValueError(
+                f"The sequence has {seq_len} positions, more than the backend's "
+                f"context_length={context_length}."
+            )
+        if head_dim != self.qk_head_dim:
+            raise ValueError(
+                f"q and k have head dimension {head_dim}, but this backend was built "
+                f"with qk_head_dim={self.qk_head_dim}."
+            )
+        dtype = resolve_dtype(q, k, v, None)
+        sin = jax.lax.stop_gradient(self.freqs_sin[:seq_len])
+        cos = jax.lax.stop_gradient(self.freqs_cos[:seq_len])
+        return attention_core(
+            q,
+            k,
+            v,
+            None,
+            dtype=dtype,
+            activation_function=self.config.activation_function,
+            qk_pre_activation_function=self.config.qk_pre_activation_function,
+            sin=sin,
+            cos=cos,
+            sigmoid_bias=-math.log(context_length),
+            implementation=check_implementation(None),
+        )
