@@ -2,7 +2,7 @@
 
 import dataclasses
 import math
-from typing import Any, ClassVar, Literal
+from typing import Any, ClassVar
 
 import equinox as eqx
 import jax
@@ -26,10 +26,11 @@ class mLSTMBackendAttentionConfig:  # noqa: N801 (upstream name)
     context_length: int = -1
     """Longest sequence the backend serves; sizes the RoPE tables and fixes the
     sigmoid bias at -log(context_length). -1 means "take it from the model config"."""
-    activation_function: Literal["softmax", "sigmoid", "none"] = "softmax"
-    """Activation of the attention logits."""
-    qk_pre_activation_function: Literal["none", "swish", "silu"] = "none"
-    """Activation applied to queries and keys before RoPE ("silu" = "swish")."""
+    activation_function: str = "softmax"
+    """Activation of the attention logits: "softmax", "sigmoid" or "none"."""
+    qk_pre_activation_function: str = "none"
+    """Activation of queries and keys before RoPE: "none", "swish" or "silu" (the
+    same). Options are plain strings, checked with a ValueError listing valid names."""
     theta: float = 1e4
     """RoPE wavelength base."""
 
