@@ -7,12 +7,10 @@ import jax.numpy as jnp
 from jax.typing import DTypeLike
 from jaxtyping import Array, Bool, Float
 
+from ._dispatch import check_implementation, run_implementation, select_implementation
 from ._options import ACTIVATIONS, PRE_ACTIVATIONS, check_option
-from ._reference import reference_attention
 from ._rope import rope_tables, rotate_pairs
 from ._typecheck import typechecked
-
-IMPLEMENTATIONS = ("reference",)
 
 
 def resolve_dtype(queries: Array, keys: Array, values: Array, qkv_dtype) -> jnp.dtype:
@@ -63,17 +61,20 @@ def attention_core(
     implementation: str | None,
 ) -> Array:
     """Shared by `attention` and the backend module, after validation."""
-    q, k = prepare_qk(queries, keys, qk_pre_activation_function, sin, cos)
-    out = reference_attention(
-        q, k, values.astype(dtype), attention_mask, activation_function, sigmoid_bias
+    name = select_implementation(
+        implementation,
+        activation=activation_function,
+        causal=attention_mask is None,
+        dtype=dtype,
+        seq_len=queries.shape[-2],
+        dqk=queries.shape[-1],
+        dv=values.shape[-1],
     )
-    return out.astype(dtype)
-
-
-def check_implementation(implementation: str | None) -> str | None:
-    if implementation is None:
-        return None
-    return check_option(implementation, IMPLEMENTATIONS, "implementation")
+    q, k = prepare_qk(queries, keys, qk_pre_activation_function, sin, cos)
+    return run_implementation(
+        name, q, k, values.astype(dtype), attention_mask, activation_function,
+        sigmoid_bias, dtype,
+    )
 
 
 @typechecked
@@ -115,7 +116,11 @@ def attention(
     - `qk_pre_activation_function`: `"none"`, `"swish"` or `"silu"` (the same).
     - `theta`: RoPE wavelength base, > 0.
     - `sigmoid_bias`: the bias $b$ of `"sigmoid"`; default $-\log S$.
-    - `implementation`: `None` (best for the inputs) or `"reference"` (S x S logits).
+    - `implementation`: `None` (the best path for platform, dtype and shape),
+        `"reference"` (S x S weights, like the upstream), `"chunked"` (memory linear
+        in S; for causal 'none' the chunkwise linear form) or `"cudnn"` (causal
+        softmax in fp16/bf16 on an NVIDIA GPU). A forced path that cannot serve the
+        inputs raises a ValueError saying why.
 
     **Returns:**
 

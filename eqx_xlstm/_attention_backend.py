@@ -8,7 +8,8 @@ import equinox as eqx
 import jax
 from jaxtyping import Array, Float, Shaped
 
-from ._attention import attention_core, check_implementation, resolve_dtype
+from ._attention import attention_core, resolve_dtype
+from ._dispatch import check_implementation
 from ._backend import mLSTMBackend
 from ._options import ACTIVATIONS, PRE_ACTIVATIONS, check_option
 from ._rope import _check_even, _check_theta, precompute_freqs
@@ -33,6 +34,9 @@ class mLSTMBackendAttentionConfig:  # noqa: N801 (upstream name)
     same). Options are plain strings, checked with a ValueError listing valid names."""
     theta: float = 1e4
     """RoPE wavelength base."""
+    implementation: str | None = None
+    """Attention implementation, as `eqx_xlstm.attention`'s `implementation`: None
+    (best for the inputs), "reference", "chunked" or "cudnn"."""
 
     def __post_init__(self):
         check_option(self.activation_function, ACTIVATIONS, "activation_function")
@@ -40,6 +44,7 @@ class mLSTMBackendAttentionConfig:  # noqa: N801 (upstream name)
             self.qk_pre_activation_function, PRE_ACTIVATIONS, "qk_pre_activation_function"
         )
         _check_theta(self.theta)
+        check_implementation(self.implementation)
         if not isinstance(self.context_length, int) or not (
             self.context_length == -1 or self.context_length >= 1
         ):
@@ -180,5 +185,5 @@ class mLSTMBackendAttention(mLSTMBackend):  # noqa: N801 (upstream name)
             sin=sin,
             cos=cos,
             sigmoid_bias=-math.log(context_length),
-            implementation=check_implementation(None),
+            implementation=self.config.implementation,
         )

@@ -53,9 +53,11 @@ def test_attention_golden(case):
 
 
 @pytest.mark.parametrize("case", golden_cases("attn"))
-def test_attention_golden_reference_path(case):
+@pytest.mark.parametrize("implementation", ["reference", "chunked"])
+def test_attention_golden_every_path(case, implementation, small_blocks):
+    # small_blocks: blocks of 5 and linear chunks of 4, so S is rarely a multiple.
     archive, _ = load_golden()
-    check_case(case, archive, implementation="reference")
+    check_case(case, archive, implementation=implementation)
 
 
 @pytest.mark.parametrize("case", golden_cases("freqs"))

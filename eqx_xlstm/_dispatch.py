@@ -1,0 +1,94 @@
+"""Choosing and running an attention implementation.
+
+- `"reference"`: S x S weights in float32, like the upstream; the ground truth.
+- `"chunked"`: blockwise with a recomputing backward (memory linear in S); for 'none'
+  with the causal mask, the chunkwise linear-attention form (O(S * D^2)).
+- `"cudnn"`: `jax.nn.dot_product_attention(..., is_causal=True, implementation="cudnn")`,
+  for softmax, causal, fp16/bf16 on an NVIDIA GPU.
+- `None` picks: cudnn where it can serve, else the linear form for causal 'none', else
+  chunked for sequences longer than one block, else reference.
+"""
+
+import functools
+
+import jax
+import jax.numpy as jnp
+
+from ._chunked import chunked_attention
+from ._linear import linear_causal_attention
+from ._options import check_option
+from ._reference import reference_attention
+
+IMPLEMENTATIONS = ("reference", "chunked", "cudnn")
+BLOCK = 512  # query/key block of the chunked path
+LINEAR_CHUNK = 64  # chunk of the linear 'none' path
+
+
+def check_implementation(implementation: str | None) -> str | None:
+    """`implementation` if it is None or a known name, else a ValueError."""
+    if implementation is None:
+        return None
+    return check_option(implementation, IMPLEMENTATIONS, "implementation")
+
+
+def cudnn_unsupported(activation, causal, dtype, dqk, dv) -> str | None:
+    """Why cuDNN cannot serve these inputs, or None if it can."""
+    if jax.default_backend() != "gpu":
+        return f"it needs an NVIDIA GPU, and the default backend is {jax.default_backend()!r}"
+    if activation != "softmax":
+        return f"it computes softmax only, not activation_function={activation!r}"
+    if not causal:
+        return "it is used with the causal mask only (attention_mask=None)"
+    if dtype not in (jnp.dtype(jnp.bfloat16), jnp.dtype(jnp.float16)):
+        return f"it needs float16 or bfloat16 inputs, got {dtype}"
+    if dqk != dv or dqk % 8 or dqk > 128:
+        return f"it needs equal q/k/v head dims, a multiple of 8 and <= 128, got {dqk}/{dv}"
+    return None
+
+
+def select_implementation(requested, *, activation, causal, dtype, seq_len, dqk, dv) -> str:
+    """The implementation to run; a ValueError if a forced one cannot serve."""
+    if check_implementation(requested) is not None:
+        if requested == "cudnn":
+            reason = cudnn_unsupported(activation, causal, dtype, dqk, dv)
+            if reason is not None:
+                raise ValueError(f'implementation="cudnn" cannot serve these inputs: {reason}.')
+        return requested
+    if cudnn_unsupported(activation, causal, dtype, dqk, dv) is None:
+        return "cudnn"
+    if activation == "none" and causal:
+        return "chunked" if seq_len > 2 * LINEAR_CHUNK else "reference"
+    return "chunked" if seq_len > BLOCK else "reference"
+
+
+def cudnn_attention(q, k, v):
+    """cuDNN fused causal softmax attention; heads ride in the batch axis."""
+    seq_len, dqk = q.shape[-2:]
+    as_btnh = lambda x: x.reshape(-1, seq_len, 1, x.shape[-1])  # noqa: E731
+    out = jax.nn.dot_product_attention(
+        as_btnh(q), as_btnh(k), as_btnh(v),
+        scale=dqk**-0.5, is_causal=True, implementation="cudnn",
+    )
+    return out.reshape(v.shape)
+
+
+def run_implementation(name, q, k, v, mask, activation, sigmoid_bias, dtype):
+    """q, k: float32 after swish and RoPE; v in `dtype`. Returns `dtype`.
+
+    Compiled as one unit (cached per shape and option), so eager calls are fast too.
+    """
+    return _run(q, k, v, mask, name, activation, float(sigmoid_bias), jnp.dtype(dtype),
+                BLOCK, LINEAR_CHUNK)
+
+
+@functools.partial(jax.jit, static_argnums=range(4, 10))
+def _run(q, k, v, mask, name, activation, sigmoid_bias, dtype, block, linear_chunk):
+    if name == "cudnn":
+        out = cudnn_attention(q.astype(dtype), k.astype(dtype), v)
+    elif name == "chunked" and activation == "none" and mask is None:
+        out = linear_causal_attention(q.astype(dtype), k.astype(dtype), v, linear_chunk)
+    elif name == "chunked":
+        out = chunked_attention(q, k, v, mask, activation, sigmoid_bias, block)
+    else:
+        out = reference_attention(q, k, v, mask, activation, sigmoid_bias)
+    return out.astype(dtype)

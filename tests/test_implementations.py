@@ -1,0 +1,139 @@
+"""Every implementation against the reference path; dispatch; memory growth."""
+
+import equinox as eqx
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+import eqx_xlstm as ex
+import eqx_xlstm._dispatch as dispatch
+
+ACTIVATIONS = ["softmax", "sigmoid", "none"]
+
+
+def inputs(seq, shape=(2, 3), dqk=8, dv=6, dtype=jnp.float32, seed=0):
+    kq, kk, kv, kg = jax.random.split(jax.random.key(seed), 4)
+    q = jax.random.normal(kq, (*shape, seq, dqk), dtype)
+    k = jax.random.normal(kk, (*shape, seq, dqk), dtype)
+    v = jax.random.normal(kv, (*shape, seq, dv), dtype)
+    return q, k, v, jax.random.normal(kg, v.shape, dtype)
+
+
+def masks(seq):
+    key = jax.random.key(seq)
+    random = jax.random.bernoulli(key, 0.4, (seq, seq))
+    with_empty_rows = random.at[0].set(False).at[seq // 2].set(False)
+    return {
+        "causal": None,
+        "full": jnp.ones((seq, seq), bool),
+        "random": random,
+        "empty_rows": with_empty_rows,
+    }
+
+
+def out_and_grads(implementation, q, k, v, g, mask, activation, pre="none"):
+    def fn(q, k, v):
+        return ex.attention(q, k, v, mask, activation_function=activation,
+                            qk_pre_activation_function=pre, implementation=implementation)
+
+    out, vjp = jax.vjp(fn, q, k, v)
+    return [np.asarray(x.astype(jnp.float32)) for x in (out, *vjp(g))]
+
+
+@pytest.mark.parametrize("seq", [1, 7, 13, 20])
+@pytest.mark.parametrize("mask_name", ["causal", "full", "random", "empty_rows"])
+@pytest.mark.parametrize("activation", ACTIVATIONS)
+def test_chunked_matches_reference_f32(seq, mask_name, activation, small_blocks):
+    q, k, v, g = inputs(seq)
+    mask = masks(seq)[mask_name]
+    expected = out_and_grads("reference", q, k, v, g, mask, activation, "swish")
+    got = out_and_grads("chunked", q, k, v, g, mask, activation, "swish")
+    for name, a, b in zip(("out", "dq", "dk", "dv"), got, expected):
+        np.testing.assert_allclose(a, b, atol=2e-5, rtol=2e-5, err_msg=name)
+        assert np.isfinite(a).all()
+
+
+@pytest.mark.parametrize("activation", ACTIVATIONS)
+@pytest.mark.parametrize("mask_name", ["causal", "random"])
+def test_chunked_matches_reference_bf16(activation, mask_name, small_blocks):
+    q, k, v, g = inputs(17, dtype=jnp.bfloat16)
+    mask = masks(17)[mask_name]
+    expected = out_and_grads("reference", q, k, v, g, mask, activation)
+    got = out_and_grads("chunked", q, k, v, g, mask, activation)
+    for name, a, b in zip(("out", "dq", "dk", "dv"), got, expected):
+        np.testing.assert_allclose(a, b, atol=3e-2, rtol=2e-2, err_msg=name)
+
+
+@pytest.mark.parametrize("activation", ACTIVATIONS)
+def test_default_block_sizes_match_reference(activation):
+    # Real block sizes: S spans two chunked blocks, several linear chunks.
+    q, k, v, g = inputs(dispatch.BLOCK + 37, shape=(1,), dqk=16, dv=16)
+    expected = out_and_grads("reference", q, k, v, g, None, activation)
+    got = out_and_grads(None, q, k, v, g, None, activation)
+    for name, a, b in zip(("out", "dq", "dk", "dv"), got, expected):
+        np.testing.assert_allclose(a, b, atol=1e-4, rtol=1e-4, err_msg=name)
+
+
+def test_chunked_under_jit_and_vmap(small_blocks):
+    q, k, v, _ = inputs(11)
+    fn = lambda q, k, v: ex.attention(q, k, v, implementation="chunked")  # noqa: E731
+    jitted = eqx.filter_jit(eqx.filter_vmap(fn, in_axes=1, out_axes=1))(q, k, v)
+    np.testing.assert_allclose(jitted, ex.attention(q, k, v, implementation="reference"),
+                               atol=2e-5)
+
+
+def test_backend_config_selects_implementation(small_blocks):
+    q, k, v, _ = inputs(12)
+    outs = []
+    for implementation in ("reference", "chunked"):
+        config = ex.mLSTMBackendAttentionConfig(
+            context_length=16, activation_function="sigmoid", implementation=implementation)
+        outs.append(ex.mLSTMBackendAttention(config, qk_head_dim=8)(q, k, v))
+    np.testing.assert_allclose(outs[0], outs[1], atol=2e-5)
+    with pytest.raises(ValueError, match="implementation"):
+        ex.mLSTMBackendAttentionConfig(implementation="flash")
+
+
+def test_default_selection():
+    select = lambda **kw: dispatch.select_implementation(  # noqa: E731
+        None, **({"activation": "softmax", "causal": True, "dtype": jnp.dtype("float32"),
+                  "seq_len": 4096, "dqk": 64, "dv": 64} | kw))
+    if jax.default_backend() == "cpu":
+        assert select() == "chunked"
+        assert select(seq_len=dispatch.BLOCK) == "reference"
+        assert select(activation="none", seq_len=1000) == "chunked"
+        assert select(activation="none", causal=False, seq_len=300) == "reference"
+        assert select(dtype=jnp.dtype("bfloat16")) == "chunked"  # no cuDNN on a CPU
+
+
+def test_cudnn_refusals(monkeypatch):
+    if jax.default_backend() != "gpu":
+        q, k, v, _ = inputs(8, dtype=jnp.bfloat16)
+        with pytest.raises(ValueError, match='"cudnn".*NVIDIA GPU'):
+            ex.attention(q, k, v, implementation="cudnn")
+    monkeypatch.setattr(dispatch.jax, "default_backend", lambda: "gpu")
+    why = lambda **kw: dispatch.cudnn_unsupported(  # noqa: E731
+        **({"activation": "softmax", "causal": True, "dtype": jnp.dtype("bfloat16"),
+            "dqk": 64, "dv": 64} | kw))
+    assert why() is None
+    assert "softmax only" in why(activation="sigmoid")
+    assert "causal" in why(causal=False)
+    assert "bfloat16" in why(dtype=jnp.dtype("float32"))
+    assert "head dims" in why(dqk=64, dv=32)
+
+
+def test_chunked_memory_grows_linearly():
+    # XLA's buffer plan for fwd+bwd: x4 sequence must cost about x4, not x16.
+    def temp_bytes(implementation, seq):
+        q = jax.ShapeDtypeStruct((1, seq, 64), jnp.float32)
+        loss = lambda q, k, v: jnp.sum(  # noqa: E731
+            ex.attention(q, k, v, implementation=implementation))
+        grad = jax.jit(jax.grad(loss, argnums=(0, 1, 2)))
+        return grad.lower(q, q, q).compile().memory_analysis().temp_size_in_bytes
+
+    for activation_impl in ("chunked",):
+        small, large = temp_bytes(activation_impl, 2048), temp_bytes(activation_impl, 8192)
+        assert large / small < 6, (small, large)
+    ref_small, ref_large = temp_bytes("reference", 1024), temp_bytes("reference", 4096)
+    assert ref_large / ref_small > 10  # the test can tell quadratic from linear
