@@ -12,7 +12,6 @@ import time
 
 import equinox as eqx
 import jax
-import jax.numpy as jnp
 
 import eqx_xlstm as ex
 
@@ -49,12 +48,16 @@ for checking in (False, True, False, True):  # interleaved, second round kept
     results[checking] = measure(checking)
 ex.set_typechecking(True)
 
-print(f"device: {jax.devices()[0].device_kind}; q/k/v {shape} float32; "
-      f"{args.repeats} calls per setting")
+print(
+    f"device: {jax.devices()[0].device_kind}; q/k/v {shape} float32; "
+    f"{args.repeats} calls per setting"
+)
 print(f"{'checking':>9} | {'first call ms':>13} | {'median ms':>9} | {'min ms':>7}")
 for checking in (False, True):
     first, median, best = results[checking]
-    print(f"{'on' if checking else 'off':>9} | {first * 1e3:13.1f} | {median * 1e3:9.3f} | "
-          f"{best * 1e3:7.3f}")
+    print(
+        f"{'on' if checking else 'off':>9} | {first * 1e3:13.1f} | {median * 1e3:9.3f} | "
+        f"{best * 1e3:7.3f}"
+    )
 ratio = results[True][1] / results[False][1]
 print(f"median jitted call, on / off: {ratio:.3f}x")

@@ -2,14 +2,13 @@
 
 import math
 
-import jax
 import jax.numpy as jnp
 from jax.typing import DTypeLike
 from jaxtyping import Array, Bool, Float
 
 from ._dispatch import check_implementation, run_implementation, select_implementation
 from ._options import ACTIVATIONS, PRE_ACTIVATIONS, check_option
-from ._rope import rope_tables, rotate_pairs
+from ._rope import rope_tables
 from ._typecheck import typechecked
 
 
@@ -36,16 +35,6 @@ def resolve_dtype(queries: Array, keys: Array, values: Array, qkv_dtype) -> jnp.
     return dtype
 
 
-def prepare_qk(
-    q: Array, k: Array, pre_activation: str, sin: Array, cos: Array
-) -> tuple[Array, Array]:
-    """Swish (optional) then RoPE, in float32."""
-    q, k = q.astype(jnp.float32), k.astype(jnp.float32)
-    if pre_activation != "none":
-        q, k = jax.nn.silu(q), jax.nn.silu(k)
-    return rotate_pairs(q, sin, cos), rotate_pairs(k, sin, cos)
-
-
 def attention_core(
     queries: Array,
     keys: Array,
@@ -70,10 +59,18 @@ def attention_core(
         dqk=queries.shape[-1],
         dv=values.shape[-1],
     )
-    q, k = prepare_qk(queries, keys, qk_pre_activation_function, sin, cos)
     return run_implementation(
-        name, q, k, values.astype(dtype), attention_mask, activation_function,
-        sigmoid_bias, dtype,
+        name,
+        queries,
+        keys,
+        values,
+        attention_mask,
+        sin,
+        cos,
+        activation=activation_function,
+        pre_activation=qk_pre_activation_function,
+        sigmoid_bias=sigmoid_bias,
+        dtype=dtype,
     )
 
 

@@ -9,8 +9,8 @@ import jax
 from jaxtyping import Array, Float, Shaped
 
 from ._attention import attention_core, resolve_dtype
-from ._dispatch import check_implementation
 from ._backend import mLSTMBackend
+from ._dispatch import check_implementation
 from ._options import ACTIVATIONS, PRE_ACTIVATIONS, check_option
 from ._rope import _check_even, _check_theta, precompute_freqs
 from ._typecheck import typechecked
@@ -40,9 +40,7 @@ class mLSTMBackendAttentionConfig:  # noqa: N801 (upstream name)
 
     def __post_init__(self):
         check_option(self.activation_function, ACTIVATIONS, "activation_function")
-        check_option(
-            self.qk_pre_activation_function, PRE_ACTIVATIONS, "qk_pre_activation_function"
-        )
+        check_option(self.qk_pre_activation_function, PRE_ACTIVATIONS, "qk_pre_activation_function")
         _check_theta(self.theta)
         check_implementation(self.implementation)
         if not isinstance(self.context_length, int) or not (
@@ -111,8 +109,7 @@ class mLSTMBackendAttention(mLSTMBackend):  # noqa: N801 (upstream name)
         """
         if not isinstance(config, mLSTMBackendAttentionConfig):
             raise TypeError(
-                f"`config` must be an mLSTMBackendAttentionConfig, got "
-                f"{type(config).__name__}."
+                f"`config` must be an mLSTMBackendAttentionConfig, got {type(config).__name__}."
             )
         if config.context_length < 1:
             raise ValueError(

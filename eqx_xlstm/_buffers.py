@@ -25,9 +25,7 @@ def trainable_filter(tree: PyTree) -> PyTree[bool]:
     def spec(node):
         if not _holds_buffers(node):
             return eqx.is_inexact_array(node)
-        children = jax.tree.map(
-            spec, node, is_leaf=lambda x: x is not node and _holds_buffers(x)
-        )
+        children = jax.tree.map(spec, node, is_leaf=lambda x: x is not node and _holds_buffers(x))
         names = node.buffer_fields
         return eqx.tree_at(
             lambda m: [getattr(m, name) for name in names],

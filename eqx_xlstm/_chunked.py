@@ -69,8 +69,11 @@ def _forward(q, k, v, mask, activation, causal, bias, seq_len):
         if activation != "softmax":
             acc = lax.fori_loop(0, stop, step, acc0)
             return acc, jnp.zeros((batch, block), jnp.float32)
-        init = (jnp.full((batch, block), -jnp.inf, jnp.float32),
-                jnp.zeros((batch, block), jnp.float32), acc0)
+        init = (
+            jnp.full((batch, block), -jnp.inf, jnp.float32),
+            jnp.zeros((batch, block), jnp.float32),
+            acc0,
+        )
         row_max, row_sum, acc = lax.fori_loop(0, stop, step, init)
         nonempty = row_sum > 0
         out = acc / jnp.where(nonempty, row_sum, 1.0)[..., None]
@@ -94,7 +97,8 @@ def _backward(q, k, v, mask, out, lse, d_out, activation, causal, bias, seq_len)
             q_i, do_i = q[i], d_out[i]
             scores = _scores(q_i, k_j, scale)
             allowed = _block_allowed(i, j, block, seq_len, mask)
-            p = _weights(scores, allowed, activation, bias, lse=lse[i] if activation == "softmax" else None)
+            row_lse = lse[i] if activation == "softmax" else None
+            p = _weights(scores, allowed, activation, bias, lse=row_lse)
             dv_j = dv_j + jnp.einsum("nqk,nqd->nkd", p, do_i)
             dp = jnp.einsum("nqd,nkd->nqk", do_i, v_j)
             if activation == "softmax":

@@ -35,11 +35,10 @@ def linear_causal_attention(q, k, v, chunk=64):
     kv = jnp.einsum("nckd,nckv->ncdv", kc, vc, preferred_element_type=f32)
     # Exclusive cumulative sum: the state before each chunk.
     states = jnp.cumsum(jnp.pad(kv[:, :-1], ((0, 0), (1, 0), (0, 0), (0, 0))), axis=1)
-    inter = jnp.einsum("ncqd,ncdv->ncqv", qc.astype(f32), states)
+    inter = jnp.einsum("ncqd,ncdv->ncqv", qc, states.astype(qc.dtype), preferred_element_type=f32)
     scores = jnp.einsum("ncqd,nckd->ncqk", qc, kc, preferred_element_type=f32)
     scores = jnp.where(jnp.tril(jnp.ones((chunk, chunk), bool)), scores, 0.0)
-    intra = jnp.einsum("ncqk,nckv->ncqv", scores.astype(vc.dtype), vc,
-                       preferred_element_type=f32)
+    intra = jnp.einsum("ncqk,nckv->ncqv", scores.astype(vc.dtype), vc, preferred_element_type=f32)
     out = (inter + intra) * scale
     out = out.reshape(-1, n_chunks * chunk, dv)[:, :seq_len]
     return out.reshape(*batch_shape, seq_len, dv)

@@ -8,8 +8,6 @@ def check_option(value: object, valid: tuple[str, ...], name: str) -> str:
     """Return `value` if it is one of `valid`, else raise a ValueError listing them."""
     if not isinstance(value, str) or value not in valid:
         raise ValueError(
-            f"Unknown {name} {value!r}; valid values are "
-            + ", ".join(repr(v) for v in valid)
-            + "."
+            f"Unknown {name} {value!r}; valid values are " + ", ".join(repr(v) for v in valid) + "."
         )
     return value

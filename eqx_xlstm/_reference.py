@@ -45,8 +45,8 @@ def reference_attention(
     seq_len, head_dim = q.shape[-2], q.shape[-1]
     if mask is None:
         mask = causal_mask(seq_len)
-    logits = jnp.einsum(
-        "...qd,...kd->...qk", q, k, preferred_element_type=jnp.float32
-    ) / jnp.sqrt(jnp.float32(head_dim))
+    logits = jnp.einsum("...qd,...kd->...qk", q, k, preferred_element_type=jnp.float32) / jnp.sqrt(
+        jnp.float32(head_dim)
+    )
     weights = masked_weights(logits, mask, activation, sigmoid_bias)
     return jnp.einsum("...qk,...kd->...qd", weights, v.astype(jnp.float32))

@@ -69,14 +69,17 @@ def rotate_pairs(
 ) -> Float[Array, "*batch seq dim"]:
     """Rotate interleaved pairs of `x` by per-position angles, in float32.
 
-    Unchecked internal helper: returns float32 and expects `sin`/`cos` already cut to
-    the sequence length.
+    Written as `x * cos2 + swap(x) * sin2` (`swap` exchanges each pair, the tables are
+    interleaved to full width) so XLA fuses it with neighbouring elementwise work into
+    one pass. Unchecked internal helper: returns float32 and expects `sin`/`cos`
+    already cut to the sequence length.
     """
     x = x.astype(jnp.float32)
-    pairs = x.reshape(*x.shape[:-1], x.shape[-1] // 2, 2)
-    even, odd = pairs[..., 0], pairs[..., 1]
-    rotated = jnp.stack((even * cos - odd * sin, even * sin + odd * cos), axis=-1)
-    return rotated.reshape(x.shape)
+    seq_len, dim = x.shape[-2:]
+    cos2 = jnp.repeat(cos, 2, axis=-1)  # c0 c0 c1 c1 ...
+    sin2 = jnp.stack((-sin, sin), axis=-1).reshape(seq_len, dim)  # -s0 s0 -s1 s1 ...
+    swapped = x.reshape(*x.shape[:-1], dim // 2, 2)[..., ::-1].reshape(x.shape)
+    return x * cos2 + swapped * sin2
 
 
 def rope_tables(

@@ -1,6 +1,6 @@
 """Build the attention backend, run it jitted and vmapped over heads, print what it did.
 
-    python examples/quickstart.py [--help]
+python examples/quickstart.py [--help]
 """
 
 import argparse
@@ -50,16 +50,23 @@ out = mix(backend, q, k, v).block_until_ready()
 run_s = time.perf_counter() - start
 
 # The same result from the plain function, heads as a batch axis.
-expected = ex.attention(q, k, v, activation_function=args.activation,
-                        qk_pre_activation_function=args.pre_activation,
-                        sigmoid_bias=-jnp.log(args.context_length).item())
+expected = ex.attention(
+    q,
+    k,
+    v,
+    activation_function=args.activation,
+    qk_pre_activation_function=args.pre_activation,
+    sigmoid_bias=-jnp.log(args.context_length).item(),
+)
 print(f"input  q, k, v: {shape} {q.dtype} on {jax.devices()[0].platform}")
 print(f"output h:       {out.shape} {out.dtype}")
 print(f"first call (trace + compile): {compile_s * 1e3:.1f} ms, jitted call: {run_s * 1e3:.2f} ms")
 print(f"max |vmapped backend - attention()| = {jnp.max(jnp.abs(out - expected)):.2e}")
 try:
-    backend(jnp.ones((1, args.context_length + 1, args.head_dim)),
-            jnp.ones((1, args.context_length + 1, args.head_dim)),
-            jnp.ones((1, args.context_length + 1, args.head_dim)))
+    backend(
+        jnp.ones((1, args.context_length + 1, args.head_dim)),
+        jnp.ones((1, args.context_length + 1, args.head_dim)),
+        jnp.ones((1, args.context_length + 1, args.head_dim)),
+    )
 except ValueError as err:
     print(f"too-long input is refused: {err}")

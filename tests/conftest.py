@@ -13,4 +13,5 @@ def small_blocks(monkeypatch):
     import eqx_xlstm._dispatch as dispatch
 
     monkeypatch.setattr(dispatch, "BLOCK", 5)
-    monkeypatch.setattr(dispatch, "LINEAR_CHUNK", 4)
+    monkeypatch.setattr(dispatch, "LINEAR_CHUNK", {})
+    monkeypatch.setattr(dispatch, "LINEAR_CHUNK_DEFAULT", 4)

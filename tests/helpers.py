@@ -1,12 +1,17 @@
 """Shared tolerances, golden-vector loading and a float64 NumPy reference."""
 
 import json
+import os
 import pathlib
 
 import numpy as np
 import pytest
 
-GOLDEN_PATH = pathlib.Path(__file__).resolve().parents[1] / ".." / "shared" / "golden"
+# ../shared/golden beside the repository; EQX_XLSTM_GOLDEN overrides (e.g. on a GPU box).
+GOLDEN_PATH = pathlib.Path(
+    os.environ.get("EQX_XLSTM_GOLDEN")
+    or pathlib.Path(__file__).resolve().parents[1] / ".." / "shared" / "golden"
+)
 GOLDEN_FILE = GOLDEN_PATH / "attention_golden.npz"
 
 F32_OUT = dict(atol=2e-5, rtol=2e-5)
@@ -47,8 +52,9 @@ def naive_rope(x, theta):
     return out
 
 
-def naive_attention(q, k, v, mask=None, activation="softmax", pre="none", theta=1e4,
-                    sigmoid_bias=None):
+def naive_attention(
+    q, k, v, mask=None, activation="softmax", pre="none", theta=1e4, sigmoid_bias=None
+):
     """Attention from the formulas, float64, one query row at a time."""
     q, k, v = (np.asarray(a, np.float64) for a in (q, k, v))
     if pre != "none":

@@ -5,9 +5,9 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
+from helpers import naive_attention
 
 import eqx_xlstm as ex
-from helpers import naive_attention
 
 ACTIVATIONS = ["softmax", "sigmoid", "none"]
 PRE = ["none", "swish"]
@@ -32,10 +32,12 @@ def random_mask(seq, seed=0, p=0.5):
 def test_matches_naive_float64(activation, pre, masked):
     q, k, v = qkv(seed=3)
     mask = random_mask(9, 1) if masked else None
-    out = ex.attention(q, k, v, mask, activation_function=activation,
-                       qk_pre_activation_function=pre, theta=200.0)
-    expected = naive_attention(q, k, v, None if mask is None else np.asarray(mask),
-                               activation, pre, 200.0)
+    out = ex.attention(
+        q, k, v, mask, activation_function=activation, qk_pre_activation_function=pre, theta=200.0
+    )
+    expected = naive_attention(
+        q, k, v, None if mask is None else np.asarray(mask), activation, pre, 200.0
+    )
     np.testing.assert_allclose(out, expected, atol=2e-5, rtol=2e-5)
 
 
@@ -64,8 +66,9 @@ def test_causality_later_keys_values_never_change_earlier_outputs(activation):
 def test_batch_and_head_independence(activation):
     q, k, v = qkv(seed=2)
     base = ex.attention(q, k, v, activation_function=activation)
-    changed = ex.attention(q, k.at[1, 2].add(5.0), v.at[1, 2].add(5.0),
-                           activation_function=activation)
+    changed = ex.attention(
+        q, k.at[1, 2].add(5.0), v.at[1, 2].add(5.0), activation_function=activation
+    )
     untouched = np.ones((2, 3), bool)
     untouched[1, 2] = False
     np.testing.assert_array_equal(base[untouched], changed[untouched])
@@ -140,21 +143,22 @@ def test_masked_positions_get_exactly_zero_weight(activation):
     # Rows that cannot see key 0 must ignore whatever value key 0 holds.
     blind_rows = np.nonzero(~np.asarray(mask)[:, 0])[0]
     assert blind_rows.size > 0
-    poisoned = ex.attention(q, k, v.at[..., 0, :].set(1e30), mask,
-                            activation_function=activation)
+    poisoned = ex.attention(q, k, v.at[..., 0, :].set(1e30), mask, activation_function=activation)
     np.testing.assert_array_equal(base[..., blind_rows, :], poisoned[..., blind_rows, :])
 
 
 def test_sigmoid_bias_default_and_override():
     q, k, v = qkv(seed=8)
     default = ex.attention(q, k, v, activation_function="sigmoid")
-    explicit = ex.attention(q, k, v, activation_function="sigmoid",
-                            sigmoid_bias=-float(np.log(9)))
+    explicit = ex.attention(q, k, v, activation_function="sigmoid", sigmoid_bias=-float(np.log(9)))
     other = ex.attention(q, k, v, activation_function="sigmoid", sigmoid_bias=0.0)
     np.testing.assert_allclose(default, explicit, atol=1e-6)
     np.testing.assert_allclose(
-        other, naive_attention(q, k, v, activation="sigmoid", sigmoid_bias=0.0),
-        atol=2e-5, rtol=2e-5)
+        other,
+        naive_attention(q, k, v, activation="sigmoid", sigmoid_bias=0.0),
+        atol=2e-5,
+        rtol=2e-5,
+    )
 
 
 def test_silu_and_swish_are_the_same():

@@ -7,9 +7,9 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
+from helpers import naive_attention
 
 import eqx_xlstm as ex
-from helpers import naive_attention
 
 
 def make(context_length=16, head_dim=8, **kwargs):
@@ -19,8 +19,11 @@ def make(context_length=16, head_dim=8, **kwargs):
 
 def qkv(shape=(2, 3, 10, 8), dv=6, seed=0, dtype=jnp.float32):
     kq, kk, kv = jax.random.split(jax.random.key(seed), 3)
-    return (jax.random.normal(kq, shape, dtype), jax.random.normal(kk, shape, dtype),
-            jax.random.normal(kv, (*shape[:-1], dv), dtype))
+    return (
+        jax.random.normal(kq, shape, dtype),
+        jax.random.normal(kk, shape, dtype),
+        jax.random.normal(kv, (*shape[:-1], dv), dtype),
+    )
 
 
 def test_is_a_backend_with_buffers():
@@ -39,8 +42,12 @@ def test_is_a_backend_with_buffers():
 
 def test_config_defaults_and_assignment():
     config = ex.mLSTMBackendAttentionConfig()
-    assert (config.context_length, config.activation_function,
-            config.qk_pre_activation_function, config.theta) == (-1, "softmax", "none", 1e4)
+    assert (
+        config.context_length,
+        config.activation_function,
+        config.qk_pre_activation_function,
+        config.theta,
+    ) == (-1, "softmax", "none", 1e4)
 
     @dataclasses.dataclass
     class ModelConfig:
@@ -56,11 +63,11 @@ def test_config_defaults_and_assignment():
 @pytest.mark.parametrize("activation", ["softmax", "none"])
 @pytest.mark.parametrize("pre", ["none", "swish"])
 def test_equals_attention_function(activation, pre):
-    backend = make(activation_function=activation, qk_pre_activation_function=pre,
-                   theta=300.0)
+    backend = make(activation_function=activation, qk_pre_activation_function=pre, theta=300.0)
     q, k, v = qkv()
-    expected = ex.attention(q, k, v, activation_function=activation,
-                            qk_pre_activation_function=pre, theta=300.0)
+    expected = ex.attention(
+        q, k, v, activation_function=activation, qk_pre_activation_function=pre, theta=300.0
+    )
     np.testing.assert_allclose(backend(q, k, v), expected, atol=1e-6)
 
 
@@ -95,8 +102,7 @@ def test_filter_jit_and_vmap_over_heads():
     @eqx.filter_jit
     def run(backend, q, k, v):
         # The backend is closed over: its buffers must not be vmapped.
-        return eqx.filter_vmap(lambda q, k, v: backend(q, k, v), in_axes=1, out_axes=1)(
-            q, k, v)
+        return eqx.filter_vmap(lambda q, k, v: backend(q, k, v), in_axes=1, out_axes=1)(q, k, v)
 
     out = run(backend, q, k, v)
     looped = jnp.stack([backend(q[:, h], k[:, h], v[:, h]) for h in range(3)], axis=1)

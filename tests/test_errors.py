@@ -1,7 +1,6 @@
 """Bad input gets a clear TypeError/ValueError naming the argument, also under jit."""
 
 import equinox as eqx
-import jax
 import jax.numpy as jnp
 import pytest
 
@@ -28,20 +27,39 @@ ATTENTION_CASES = [
     ("seq differs for values", dict(values=arr(2, 4, 6)), TypeError, "values"),
     ("batch differs", dict(values=arr(3, 5, 6)), TypeError, "values"),
     ("odd head dim", dict(queries=arr(2, 5, 7), keys=arr(2, 5, 7)), ValueError, "even"),
-    ("unknown activation", dict(activation_function="relu"), ValueError,
-     "activation_function.*'softmax', 'sigmoid', 'none'"),
-    ("unknown pre-activation", dict(qk_pre_activation_function="gelu"), ValueError,
-     "qk_pre_activation_function.*'none', 'swish', 'silu'"),
-    ("mask wrong shape", dict(attention_mask=jnp.ones((5, 4), bool)), TypeError,
-     "attention_mask"),
-    ("mask not square over seq", dict(attention_mask=jnp.ones((6, 6), bool)), TypeError,
-     "attention_mask"),
-    ("mask not bool", dict(attention_mask=jnp.ones((5, 5), jnp.float32)), TypeError,
-     "attention_mask"),
+    (
+        "unknown activation",
+        dict(activation_function="relu"),
+        ValueError,
+        "activation_function.*'softmax', 'sigmoid', 'none'",
+    ),
+    (
+        "unknown pre-activation",
+        dict(qk_pre_activation_function="gelu"),
+        ValueError,
+        "qk_pre_activation_function.*'none', 'swish', 'silu'",
+    ),
+    ("mask wrong shape", dict(attention_mask=jnp.ones((5, 4), bool)), TypeError, "attention_mask"),
+    (
+        "mask not square over seq",
+        dict(attention_mask=jnp.ones((6, 6), bool)),
+        TypeError,
+        "attention_mask",
+    ),
+    (
+        "mask not bool",
+        dict(attention_mask=jnp.ones((5, 5), jnp.float32)),
+        TypeError,
+        "attention_mask",
+    ),
     ("integer queries", dict(queries=arr(2, 5, 8, dtype=jnp.int32)), TypeError, "queries"),
     ("integer values", dict(values=arr(2, 5, 6, dtype=jnp.int32)), TypeError, "values"),
-    ("mixed dtypes", dict(keys=arr(2, 5, 8, dtype=jnp.bfloat16)), TypeError,
-     "share a dtype.*qkv_dtype"),
+    (
+        "mixed dtypes",
+        dict(keys=arr(2, 5, 8, dtype=jnp.bfloat16)),
+        TypeError,
+        "share a dtype.*qkv_dtype",
+    ),
     ("integer qkv_dtype", dict(qkv_dtype=jnp.int32), TypeError, "qkv_dtype"),
     ("theta zero", dict(theta=0.0), ValueError, "theta"),
     ("theta negative", dict(theta=-5.0), ValueError, "theta"),
@@ -50,8 +68,9 @@ ATTENTION_CASES = [
 
 
 @pytest.mark.parametrize("jit", [False, True], ids=["eager", "jit"])
-@pytest.mark.parametrize("desc,kwargs,error,match", ATTENTION_CASES,
-                         ids=[c[0] for c in ATTENTION_CASES])
+@pytest.mark.parametrize(
+    "desc,kwargs,error,match", ATTENTION_CASES, ids=[c[0] for c in ATTENTION_CASES]
+)
 def test_attention_bad_input(desc, kwargs, error, match, jit):
     args = dict(queries=Q, keys=Q, values=V) | kwargs
     fn = eqx.filter_jit(ex.attention) if jit else ex.attention
@@ -113,8 +132,7 @@ def test_backend_construction_errors():
         ex.mLSTMBackendAttention({"context_length": 8}, qk_head_dim=8)
 
 
-BACKEND = ex.mLSTMBackendAttention(
-    ex.mLSTMBackendAttentionConfig(context_length=4), qk_head_dim=8)
+BACKEND = ex.mLSTMBackendAttention(ex.mLSTMBackendAttentionConfig(context_length=4), qk_head_dim=8)
 
 
 @pytest.mark.parametrize("call", both_ways(BACKEND))
@@ -167,8 +185,10 @@ def test_switch_really_turns_checking_off(setting, fails):
         "    print('rejected', 'attention_mask' in str(e))\n"
     )
     result = subprocess.run(
-        [sys.executable, "-c", code], capture_output=True, text=True, check=True,
-        env={**__import__("os").environ, "EQX_XLSTM_TYPECHECK": setting,
-             "JAX_PLATFORMS": "cpu"},
+        [sys.executable, "-c", code],
+        capture_output=True,
+        text=True,
+        check=True,
+        env={**__import__("os").environ, "EQX_XLSTM_TYPECHECK": setting, "JAX_PLATFORMS": "cpu"},
     )
     assert result.stdout.strip() == ("rejected True" if fails else "accepted")

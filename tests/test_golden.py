@@ -4,9 +4,9 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
+from helpers import BF16, F32_GRAD, F32_OUT, FREQS, ROPE, golden_cases, load_golden
 
 import eqx_xlstm as ex
-from helpers import BF16, F32_GRAD, F32_OUT, FREQS, ROPE, golden_cases, load_golden
 
 
 def run_case(case, archive, **kwargs):
@@ -19,7 +19,9 @@ def run_case(case, archive, **kwargs):
 
     def fn(q, k, v):
         return ex.attention(
-            q, k, v,
+            q,
+            k,
+            v,
             attention_mask=mask,
             qkv_dtype=case["qkv_dtype"],
             activation_function=case["activation_function"],

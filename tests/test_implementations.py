@@ -34,8 +34,15 @@ def masks(seq):
 
 def out_and_grads(implementation, q, k, v, g, mask, activation, pre="none"):
     def fn(q, k, v):
-        return ex.attention(q, k, v, mask, activation_function=activation,
-                            qk_pre_activation_function=pre, implementation=implementation)
+        return ex.attention(
+            q,
+            k,
+            v,
+            mask,
+            activation_function=activation,
+            qk_pre_activation_function=pre,
+            implementation=implementation,
+        )
 
     out, vjp = jax.vjp(fn, q, k, v)
     return [np.asarray(x.astype(jnp.float32)) for x in (out, *vjp(g))]
@@ -79,8 +86,7 @@ def test_chunked_under_jit_and_vmap(small_blocks):
     q, k, v, _ = inputs(11)
     fn = lambda q, k, v: ex.attention(q, k, v, implementation="chunked")  # noqa: E731
     jitted = eqx.filter_jit(eqx.filter_vmap(fn, in_axes=1, out_axes=1))(q, k, v)
-    np.testing.assert_allclose(jitted, ex.attention(q, k, v, implementation="reference"),
-                               atol=2e-5)
+    np.testing.assert_allclose(jitted, ex.attention(q, k, v, implementation="reference"), atol=2e-5)
 
 
 def test_backend_config_selects_implementation(small_blocks):
@@ -88,7 +94,8 @@ def test_backend_config_selects_implementation(small_blocks):
     outs = []
     for implementation in ("reference", "chunked"):
         config = ex.mLSTMBackendAttentionConfig(
-            context_length=16, activation_function="sigmoid", implementation=implementation)
+            context_length=16, activation_function="sigmoid", implementation=implementation
+        )
         outs.append(ex.mLSTMBackendAttention(config, qk_head_dim=8)(q, k, v))
     np.testing.assert_allclose(outs[0], outs[1], atol=2e-5)
     with pytest.raises(ValueError, match="implementation"):
@@ -97,8 +104,19 @@ def test_backend_config_selects_implementation(small_blocks):
 
 def test_default_selection():
     select = lambda **kw: dispatch.select_implementation(  # noqa: E731
-        None, **({"activation": "softmax", "causal": True, "dtype": jnp.dtype("float32"),
-                  "seq_len": 4096, "dqk": 64, "dv": 64} | kw))
+        None,
+        **(
+            {
+                "activation": "softmax",
+                "causal": True,
+                "dtype": jnp.dtype("float32"),
+                "seq_len": 4096,
+                "dqk": 64,
+                "dv": 64,
+            }
+            | kw
+        ),
+    )
     if jax.default_backend() == "cpu":
         assert select() == "chunked"
         assert select(seq_len=dispatch.BLOCK) == "reference"
@@ -114,8 +132,17 @@ def test_cudnn_refusals(monkeypatch):
             ex.attention(q, k, v, implementation="cudnn")
     monkeypatch.setattr(dispatch.jax, "default_backend", lambda: "gpu")
     why = lambda **kw: dispatch.cudnn_unsupported(  # noqa: E731
-        **({"activation": "softmax", "causal": True, "dtype": jnp.dtype("bfloat16"),
-            "dqk": 64, "dv": 64} | kw))
+        **(
+            {
+                "activation": "softmax",
+                "causal": True,
+                "dtype": jnp.dtype("bfloat16"),
+                "dqk": 64,
+                "dv": 64,
+            }
+            | kw
+        )
+    )
     assert why() is None
     assert "softmax only" in why(activation="sigmoid")
     assert "causal" in why(causal=False)
@@ -128,7 +155,8 @@ def test_chunked_memory_grows_linearly():
     def temp_bytes(implementation, seq):
         q = jax.ShapeDtypeStruct((1, seq, 64), jnp.float32)
         loss = lambda q, k, v: jnp.sum(  # noqa: E731
-            ex.attention(q, k, v, implementation=implementation))
+            ex.attention(q, k, v, implementation=implementation)
+        )
         grad = jax.jit(jax.grad(loss, argnums=(0, 1, 2)))
         return grad.lower(q, q, q).compile().memory_analysis().temp_size_in_bytes
 
@@ -137,3 +165,19 @@ def test_chunked_memory_grows_linearly():
         assert large / small < 6, (small, large)
     ref_small, ref_large = temp_bytes("reference", 1024), temp_bytes("reference", 4096)
     assert ref_large / ref_small > 10  # the test can tell quadratic from linear
+
+
+@pytest.mark.skipif(jax.default_backend() != "gpu", reason="cuDNN needs an NVIDIA GPU")
+@pytest.mark.parametrize("pre", ["none", "swish"])
+@pytest.mark.parametrize("seq", [1, 100, 256])
+def test_cudnn_matches_reference_on_gpu(seq, pre):
+    q, k, v, g = inputs(seq, dqk=64, dv=64, dtype=jnp.bfloat16)
+    expected = out_and_grads("reference", q, k, v, g, None, "softmax", pre)
+    got = out_and_grads("cudnn", q, k, v, g, None, "softmax", pre)
+    assert got[0].dtype == np.float32  # compared in f32; the call itself returned bf16
+    for name, a, b in zip(("out", "dq", "dk", "dv"), got, expected):
+        np.testing.assert_allclose(a, b, atol=3e-2, rtol=2e-2, err_msg=name)
+    default = ex.attention(q, k, v, qk_pre_activation_function=pre)
+    np.testing.assert_allclose(
+        np.asarray(default, np.float32), got[0], atol=1e-6, err_msg="default is cudnn"
+    )

@@ -2,9 +2,9 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
+from helpers import naive_rope
 
 import eqx_xlstm as ex
-from helpers import naive_rope
 
 
 def rand(shape, seed=0, dtype=jnp.float32):
