@@ -1,0 +1,168 @@
+"""Layers built around an mLSTM backend: a multi-head mixer, a block, a language model."""
+
+import dataclasses
+from typing import Any
+
+import equinox as eqx
+import jax
+import jax.numpy as jnp
+from jaxtyping import Array, Float, Int, PRNGKeyArray
+
+from ._backend import mLSTMBackend
+from ._registry import backend_class
+from ._typecheck import typechecked
+
+
+@dataclasses.dataclass(frozen=True)
+class ModelConfig:
+    """A small xLSTM-style causal language model.
+
+    `backend_config` is the backend's config (for "attention", an
+    `mLSTMBackendAttentionConfig`); its `context_length` is filled in from this config
+    by `assign_model_config_params`. Omitted, the backend's defaults are used.
+    """
+
+    vocab_size: int
+    context_length: int
+    embedding_dim: int = 128
+    num_heads: int = 4
+    num_blocks: int = 2
+    qk_head_dim: int | None = None
+    """Per-head query/key size; default embedding_dim // num_heads."""
+    v_head_dim: int | None = None
+    """Per-head value size; default embedding_dim // num_heads."""
+    ffn_factor: int = 4
+    backend: str = "attention"
+    backend_config: Any = None
+
+    def __post_init__(self):
+        for name in ("vocab_size", "context_length", "embedding_dim", "num_heads", "num_blocks"):
+            value = getattr(self, name)
+            if not isinstance(value, int) or value < 1:
+                raise ValueError(f"`{name}` must be a positive int, got {value!r}.")
+        if self.embedding_dim % self.num_heads and None in (self.qk_head_dim, self.v_head_dim):
+            raise ValueError(
+                f"embedding_dim={self.embedding_dim} is not divisible by num_heads="
+                f"{self.num_heads}; set qk_head_dim and v_head_dim explicitly."
+            )
+        cls = backend_class(self.backend)
+        if self.backend_config is not None and not isinstance(
+            self.backend_config, cls.config_class
+        ):
+            raise TypeError(
+                f"`backend_config` for backend {self.backend!r} must be a "
+                f"{cls.config_class.__name__}, got {type(self.backend_config).__name__}."
+            )
+
+    @property
+    def head_dims(self) -> tuple[int, int]:
+        default = self.embedding_dim // self.num_heads
+        return self.qk_head_dim or default, self.v_head_dim or default
+
+    def make_backend(self) -> mLSTMBackend:
+        """The configured backend, with context_length taken from this config."""
+        cls = backend_class(self.backend)
+        config = self.backend_config if self.backend_config is not None else cls.config_class()
+        config = config.assign_model_config_params(self)
+        return cls(config, qk_head_dim=self.head_dims[0])
+
+
+def _linear_seq(layer: eqx.nn.Linear, x: Array) -> Array:
+    return jax.vmap(layer)(x)
+
+
+class MultiHeadMixer(eqx.Module):
+    """Projects a sequence to per-head q, k, v and gates, mixes each head with the
+    backend (vmapped over heads when the backend allows), and projects back."""
+
+    q_proj: eqx.nn.Linear
+    k_proj: eqx.nn.Linear
+    v_proj: eqx.nn.Linear
+    gate_proj: eqx.nn.Linear
+    out_proj: eqx.nn.Linear
+    backend: mLSTMBackend
+    num_heads: int = eqx.field(static=True)
+
+    def __init__(self, config: ModelConfig, *, key: PRNGKeyArray):
+        dqk, dv = config.head_dims
+        nh, emb = config.num_heads, config.embedding_dim
+        kq, kk, kv, kg, ko = jax.random.split(key, 5)
+        self.q_proj = eqx.nn.Linear(emb, nh * dqk, use_bias=False, key=kq)
+        self.k_proj = eqx.nn.Linear(emb, nh * dqk, use_bias=False, key=kk)
+        self.v_proj = eqx.nn.Linear(emb, nh * dv, use_bias=False, key=kv)
+        self.gate_proj = eqx.nn.Linear(emb, 2 * nh, key=kg)
+        self.out_proj = eqx.nn.Linear(nh * dv, emb, use_bias=False, key=ko)
+        self.backend = config.make_backend()
+        self.num_heads = nh
+
+    @typechecked
+    def __call__(self, x: Float[Array, "seq embed"]) -> Float[Array, "seq embed"]:
+        seq_len = x.shape[0]
+
+        def heads(layer):  # (seq, nh * d) -> (nh, seq, d)
+            y = _linear_seq(layer, x)
+            return y.reshape(seq_len, self.num_heads, -1).transpose(1, 0, 2)
+
+        q, k, v = heads(self.q_proj), heads(self.k_proj), heads(self.v_proj)
+        i, f = jnp.moveaxis(_linear_seq(self.gate_proj, x).reshape(seq_len, 2, -1), 0, -1)
+        if self.backend.can_vmap_over_heads:
+            h = eqx.filter_vmap(lambda q, k, v, i, f: self.backend(q, k, v, i, f))(q, k, v, i, f)
+        else:
+            h = self.backend(q, k, v, i, f)
+        return _linear_seq(self.out_proj, h.transpose(1, 0, 2).reshape(seq_len, -1))
+
+
+class Block(eqx.Module):
+    """Pre-norm residual block: x + mixer(norm(x)), then x + ffn(norm(x))."""
+
+    mixer_norm: eqx.nn.LayerNorm
+    mixer: MultiHeadMixer
+    ffn_norm: eqx.nn.LayerNorm
+    ffn_up: eqx.nn.Linear
+    ffn_down: eqx.nn.Linear
+
+    def __init__(self, config: ModelConfig, *, key: PRNGKeyArray):
+        km, ku, kd = jax.random.split(key, 3)
+        emb = config.embedding_dim
+        self.mixer_norm = eqx.nn.LayerNorm(emb)
+        self.mixer = MultiHeadMixer(config, key=km)
+        self.ffn_norm = eqx.nn.LayerNorm(emb)
+        self.ffn_up = eqx.nn.Linear(emb, config.ffn_factor * emb, key=ku)
+        self.ffn_down = eqx.nn.Linear(config.ffn_factor * emb, emb, key=kd)
+
+    @typechecked
+    def __call__(self, x: Float[Array, "seq embed"]) -> Float[Array, "seq embed"]:
+        x = x + self.mixer(jax.vmap(self.mixer_norm)(x))
+        hidden = jax.nn.gelu(_linear_seq(self.ffn_up, jax.vmap(self.ffn_norm)(x)))
+        return x + _linear_seq(self.ffn_down, hidden)
+
+
+class LanguageModel(eqx.Module):
+    """Embedding -> blocks -> norm -> vocabulary head, on one token sequence."""
+
+    embedding: eqx.nn.Embedding
+    blocks: tuple[Block, ...]
+    norm: eqx.nn.LayerNorm
+    head: eqx.nn.Linear
+    config: ModelConfig = eqx.field(static=True)
+
+    def __init__(self, config: ModelConfig, *, key: PRNGKeyArray):
+        ke, kh, *kb = jax.random.split(key, 2 + config.num_blocks)
+        self.embedding = eqx.nn.Embedding(config.vocab_size, config.embedding_dim, key=ke)
+        self.blocks = tuple(Block(config, key=k) for k in kb)
+        self.norm = eqx.nn.LayerNorm(config.embedding_dim)
+        self.head = eqx.nn.Linear(config.embedding_dim, config.vocab_size, use_bias=False, key=kh)
+        self.config = config
+
+    @typechecked
+    def __call__(self, tokens: Int[Array, " seq"]) -> Float[Array, "seq vocab"]:
+        """Next-token logits for every position of `tokens` (length <= context_length)."""
+        if tokens.shape[0] > self.config.context_length:
+            raise ValueError(
+                f"tokens has {tokens.shape[0]} positions, more than the model's "
+                f"context_length={self.config.context_length}."
+            )
+        x = jax.vmap(self.embedding)(tokens)
+        for block in self.blocks:
+            x = block(x)
+        return _linear_seq(self.head, jax.vmap(self.norm)(x))
