@@ -23,22 +23,39 @@ CHECKPOINT = "checkpoint.eqx"
 
 def add_training_args(parser: argparse.ArgumentParser, **defaults) -> None:
     """The options both scripts take; `defaults` sets each script's own values."""
-    parser.add_argument("--steps", type=int, default=defaults["steps"],
-                        help="total optimizer steps (the schedule spans these)")
+    parser.add_argument(
+        "--steps",
+        type=int,
+        default=defaults["steps"],
+        help="total optimizer steps (the schedule spans these)",
+    )
     parser.add_argument("--seed", type=int, default=0)
-    parser.add_argument("--out", default=defaults["out"],
-                        help="folder for the checkpoint, loss curve and log")
-    parser.add_argument("--resume", action="store_true",
-                        help="continue from the checkpoint in --out")
-    parser.add_argument("--overwrite", action="store_true",
-                        help="start afresh even if --out holds a checkpoint")
-    parser.add_argument("--stop-after", type=int, default=None, metavar="N",
-                        help="end after step N as an interruption would (checkpoint saved)")
-    parser.add_argument("--activation", default="softmax",
-                        help="attention activation: softmax, sigmoid or none")
+    parser.add_argument(
+        "--out", default=defaults["out"], help="folder for the checkpoint, loss curve and log"
+    )
+    parser.add_argument(
+        "--resume", action="store_true", help="continue from the checkpoint in --out"
+    )
+    parser.add_argument(
+        "--overwrite", action="store_true", help="start afresh even if --out holds a checkpoint"
+    )
+    parser.add_argument(
+        "--stop-after",
+        type=int,
+        default=None,
+        metavar="N",
+        help="end after step N as an interruption would (checkpoint saved)",
+    )
+    parser.add_argument(
+        "--activation", default="softmax", help="attention activation: softmax, sigmoid or none"
+    )
     parser.add_argument("--backend", default="attention", help="mLSTM backend name")
-    parser.add_argument("--devices", type=int, default=1,
-                        help="shard the batch over this many devices (jax.sharding)")
+    parser.add_argument(
+        "--devices",
+        type=int,
+        default=1,
+        help="shard the batch over this many devices (jax.sharding)",
+    )
     parser.add_argument("--batch-size", type=int, default=defaults["batch_size"])
     parser.add_argument("--lr", type=float, default=defaults["lr"])
     parser.add_argument("--no-progress", action="store_true", help="hide the progress bar")
@@ -58,8 +75,10 @@ def check_args(args) -> None:
     if args.steps < 1:
         fail(f"--steps must be >= 1, got {args.steps}")
     if args.devices < 1 or args.devices > len(jax.devices()):
-        fail(f"--devices {args.devices} but {len(jax.devices())} device(s) are visible; on a "
-             "CPU set XLA_FLAGS=--xla_force_host_platform_device_count=N first")
+        fail(
+            f"--devices {args.devices} but {len(jax.devices())} device(s) are visible; on a "
+            "CPU set XLA_FLAGS=--xla_force_host_platform_device_count=N first"
+        )
     if args.batch_size % args.devices:
         fail(f"--batch-size {args.batch_size} is not divisible by --devices {args.devices}")
     if args.stop_after is not None and not 1 <= args.stop_after <= args.steps:
@@ -73,9 +92,11 @@ def check_args(args) -> None:
 
 def make_optimizer(lr: float, steps: int) -> optax.GradientTransformation:
     schedule = optax.warmup_cosine_decay_schedule(
-        0.0, lr, warmup_steps=max(1, steps // 10), decay_steps=steps, end_value=lr / 10)
-    return optax.chain(optax.clip_by_global_norm(1.0),
-                       optax.adamw(schedule, b2=0.98, weight_decay=0.1))
+        0.0, lr, warmup_steps=max(1, steps // 10), decay_steps=steps, end_value=lr / 10
+    )
+    return optax.chain(
+        optax.clip_by_global_norm(1.0), optax.adamw(schedule, b2=0.98, weight_decay=0.1)
+    )
 
 
 def masked_cross_entropy(logits, targets, weights):
@@ -109,16 +130,25 @@ def train(args, config: ex.ModelConfig, make_batch: Callable, *, data_settings: 
     params, static = eqx.partition(model, ex.trainable_filter(model))
     optimizer = make_optimizer(args.lr, args.steps)
     run = Run(params, static, optimizer.init(params), 0, [])
-    identity = {"config": repr(config), "steps": args.steps, "lr": args.lr,
-                "seed": args.seed, "batch_size": args.batch_size, "data": data_settings}
+    identity = {
+        "config": repr(config),
+        "steps": args.steps,
+        "lr": args.lr,
+        "seed": args.seed,
+        "batch_size": args.batch_size,
+        "data": data_settings,
+    }
     if args.resume:
         stored = ex.read_checkpoint_metadata(checkpoint)
         if stored["identity"] != identity:
             diff = [k for k in identity if stored["identity"].get(k) != identity[k]]
-            fail(f"the checkpoint in {out} is from a different run ({', '.join(diff)} differ); "
-                 "use the same settings or another --out")
+            fail(
+                f"the checkpoint in {out} is from a different run ({', '.join(diff)} differ); "
+                "use the same settings or another --out"
+            )
         (run.params, run.opt_state), stored = ex.load_checkpoint(
-            checkpoint, (run.params, run.opt_state))
+            checkpoint, (run.params, run.opt_state)
+        )
         run.step, run.losses = stored["step"], stored["losses"]
 
     mesh = Mesh(np.array(jax.devices()[: args.devices]), ("data",))
@@ -149,8 +179,11 @@ def train(args, config: ex.ModelConfig, make_batch: Callable, *, data_settings: 
         progress.update(1)
         progress.set_postfix(loss=f"{run.losses[-1]:.4f}", tok_s=f"{rate:,.0f}")
     progress.close()
-    ex.save_checkpoint(checkpoint, (run.params, run.opt_state),
-                       {"identity": identity, "step": run.step, "losses": run.losses})
+    ex.save_checkpoint(
+        checkpoint,
+        (run.params, run.opt_state),
+        {"identity": identity, "step": run.step, "losses": run.losses},
+    )
     plot_losses(out / "loss.png", run.losses, title=out.name)
     return run, eqx.combine(run.params, static)
 

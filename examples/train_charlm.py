@@ -23,8 +23,16 @@ import common  # noqa: E402
 import eqx_xlstm as ex  # noqa: E402
 
 # Settings: data and model.
-STDLIB_MODULES = ["textwrap.py", "argparse.py", "dataclasses.py", "functools.py",
-                  "heapq.py", "bisect.py", "fractions.py", "statistics.py"]
+STDLIB_MODULES = [
+    "textwrap.py",
+    "argparse.py",
+    "dataclasses.py",
+    "functools.py",
+    "heapq.py",
+    "bisect.py",
+    "fractions.py",
+    "statistics.py",
+]
 VOCAB_SIZE = 128  # ASCII
 CONTEXT_LENGTH = 128
 EMBEDDING_DIM = 128
@@ -41,13 +49,18 @@ args = parser.parse_args()
 common.check_args(args)
 
 stdlib = pathlib.Path(sysconfig.get_paths()["stdlib"])
-text = "\n".join((stdlib / name).read_text(encoding="utf-8") for name in STDLIB_MODULES
-                 if (stdlib / name).is_file())
+text = "\n".join(
+    (stdlib / name).read_text(encoding="utf-8")
+    for name in STDLIB_MODULES
+    if (stdlib / name).is_file()
+)
 data = np.frombuffer(text.encode("ascii", errors="replace"), np.uint8).astype(np.int32)
 split = int(0.9 * len(data))
 train_data, val_data = jnp.asarray(data[:split]), jnp.asarray(data[split:])
-print(f"text: {len(data):,} characters from {len(STDLIB_MODULES)} stdlib modules; "
-      f"train {split:,}, validation {len(data) - split:,}")
+print(
+    f"text: {len(data):,} characters from {len(STDLIB_MODULES)} stdlib modules; "
+    f"train {split:,}, validation {len(data) - split:,}"
+)
 
 
 def windows(source, starts):
@@ -58,9 +71,17 @@ def windows(source, starts):
 
 
 data_key = jax.random.fold_in(jax.random.key(args.seed), 1)
-make_batch = jax.jit(lambda step: windows(train_data, jax.random.randint(
-    jax.random.fold_in(data_key, step), (args.batch_size,), 0,
-    len(train_data) - CONTEXT_LENGTH - 1)))
+make_batch = jax.jit(
+    lambda step: windows(
+        train_data,
+        jax.random.randint(
+            jax.random.fold_in(data_key, step),
+            (args.batch_size,),
+            0,
+            len(train_data) - CONTEXT_LENGTH - 1,
+        ),
+    )
+)
 
 config = ex.ModelConfig(
     vocab_size=VOCAB_SIZE,
@@ -72,11 +93,15 @@ config = ex.ModelConfig(
     backend_config=ex.BACKENDS[args.backend].config_class(activation_function=args.activation),
 )
 run, model = common.train(
-    args, config, make_batch, data_settings={"modules": STDLIB_MODULES, "chars": len(data)})
+    args, config, make_batch, data_settings={"modules": STDLIB_MODULES, "chars": len(data)}
+)
 
 val_starts = jnp.linspace(0, len(val_data) - CONTEXT_LENGTH - 1, VALIDATION_WINDOWS).astype(int)
-val_loss = float(jax.jit(lambda m, *b: common.masked_cross_entropy(jax.vmap(m)(b[0]), *b[1:]))(
-    model, *windows(val_data, val_starts)))
+val_loss = float(
+    jax.jit(lambda m, *b: common.masked_cross_entropy(jax.vmap(m)(b[0]), *b[1:]))(
+        model, *windows(val_data, val_starts)
+    )
+)
 print(f"validation loss: {val_loss:.4f} nats/char")
 
 
@@ -95,10 +120,14 @@ def sample(model, prompt, key):
     return buffer
 
 
-prompt = jnp.zeros(CONTEXT_LENGTH, jnp.int32).at[: len(SAMPLE_PROMPT)].set(
-    jnp.asarray(list(SAMPLE_PROMPT.encode())))
+prompt = (
+    jnp.zeros(CONTEXT_LENGTH, jnp.int32)
+    .at[: len(SAMPLE_PROMPT)]
+    .set(jnp.asarray(list(SAMPLE_PROMPT.encode())))
+)
 generated = sample(model, prompt, jax.random.key(args.seed + 7))
-sample_text = bytes(np.asarray(generated[: len(SAMPLE_PROMPT) + SAMPLE_LENGTH],
-                               np.uint8)).decode("ascii", errors="replace")
+sample_text = bytes(np.asarray(generated[: len(SAMPLE_PROMPT) + SAMPLE_LENGTH], np.uint8)).decode(
+    "ascii", errors="replace"
+)
 print("sample:\n" + sample_text)
 common.print_final(step=run.step, loss=run.losses[-1], val_loss=val_loss, out=args.out)

@@ -40,8 +40,9 @@ parser.add_argument("--seq-len", type=int, default=SEQ_LEN)
 args = parser.parse_args()
 common.check_args(args)
 if args.vocab_size < 4 or args.vocab_size // 2 - 1 < args.num_pairs:
-    common.fail(f"--vocab-size {args.vocab_size} leaves too few keys for "
-                f"--num-pairs {args.num_pairs}")
+    common.fail(
+        f"--vocab-size {args.vocab_size} leaves too few keys for --num-pairs {args.num_pairs}"
+    )
 if args.seq_len < 2 * args.num_pairs + 2 or args.seq_len % 2:
     common.fail("--seq-len must be even and leave room for at least one query")
 
@@ -53,7 +54,8 @@ def mqar_batch(key, batch_size):
     k_keys, k_vals, k_query = jax.random.split(key, 3)
     # n distinct keys from 1 .. half-1 (0 is never used), values from the upper half.
     keys = jax.vmap(lambda k: jax.random.permutation(k, jnp.arange(1, half))[:n])(
-        jax.random.split(k_keys, batch_size))
+        jax.random.split(k_keys, batch_size)
+    )
     values = jax.random.randint(k_vals, (batch_size, n), half, args.vocab_size)
     which = jax.random.randint(k_query, (batch_size, n_queries), 0, n)
     queries = jnp.take_along_axis(keys, which, axis=1)
@@ -67,8 +69,7 @@ def mqar_batch(key, batch_size):
 
 
 data_key = jax.random.fold_in(jax.random.key(args.seed), 1)
-make_batch = jax.jit(lambda step: mqar_batch(jax.random.fold_in(data_key, step),
-                                             args.batch_size))
+make_batch = jax.jit(lambda step: mqar_batch(jax.random.fold_in(data_key, step), args.batch_size))
 
 config = ex.ModelConfig(
     vocab_size=args.vocab_size,
@@ -79,8 +80,7 @@ config = ex.ModelConfig(
     backend=args.backend,
     backend_config=ex.BACKENDS[args.backend].config_class(activation_function=args.activation),
 )
-run, model = common.train(
-    args, config, make_batch, data_settings={"num_pairs": args.num_pairs})
+run, model = common.train(args, config, make_batch, data_settings={"num_pairs": args.num_pairs})
 
 
 @jax.jit

@@ -16,15 +16,20 @@ def run(script, *args, devices=None):
     env = {**os.environ, "JAX_PLATFORMS": "cpu"}
     if devices:
         env["XLA_FLAGS"] = f"--xla_force_host_platform_device_count={devices}"
-    return subprocess.run([sys.executable, str(EXAMPLES / script), *args],
-                          capture_output=True, text=True, env=env, timeout=300)
+    return subprocess.run(
+        [sys.executable, str(EXAMPLES / script), *args],
+        capture_output=True,
+        text=True,
+        env=env,
+        timeout=300,
+    )
 
 
 def final(result):
     assert result.returncode == 0, result.stderr[-3000:]
     lines = [line for line in result.stdout.splitlines() if line.startswith("final: ")]
     assert len(lines) == 1, result.stdout[-2000:]
-    return json.loads(lines[0][len("final: "):])
+    return json.loads(lines[0][len("final: ") :])
 
 
 def test_mqar_smoke(tmp_path):
@@ -36,8 +41,18 @@ def test_mqar_smoke(tmp_path):
 
 
 def test_charlm_smoke(tmp_path):
-    result = run("train_charlm.py", "--steps", "3", "--batch-size", "4", "--out",
-                 str(tmp_path), "--activation", "sigmoid", "--no-progress")
+    result = run(
+        "train_charlm.py",
+        "--steps",
+        "3",
+        "--batch-size",
+        "4",
+        "--out",
+        str(tmp_path),
+        "--activation",
+        "sigmoid",
+        "--no-progress",
+    )
     values = final(result)
     assert values["step"] == 3 and values["val_loss"] > 0
     assert "validation loss" in result.stdout and "sample:\ndef " in result.stdout
@@ -51,13 +66,23 @@ def test_help():
 
 
 def test_resume_is_exact(tmp_path):
-    one_go = final(run("train_mqar.py", "--steps", "8", "--out", str(tmp_path / "a"),
-                       *MQAR_SMALL))
-    first = final(run("train_mqar.py", "--steps", "8", "--stop-after", "4",
-                      "--out", str(tmp_path / "b"), *MQAR_SMALL))
+    one_go = final(run("train_mqar.py", "--steps", "8", "--out", str(tmp_path / "a"), *MQAR_SMALL))
+    first = final(
+        run(
+            "train_mqar.py",
+            "--steps",
+            "8",
+            "--stop-after",
+            "4",
+            "--out",
+            str(tmp_path / "b"),
+            *MQAR_SMALL,
+        )
+    )
     assert first["step"] == 4
-    resumed = final(run("train_mqar.py", "--steps", "8", "--resume",
-                        "--out", str(tmp_path / "b"), *MQAR_SMALL))
+    resumed = final(
+        run("train_mqar.py", "--steps", "8", "--resume", "--out", str(tmp_path / "b"), *MQAR_SMALL)
+    )
     assert resumed["step"] == 8
     assert resumed["loss"] == one_go["loss"]
     assert resumed["accuracy"] == one_go["accuracy"]
@@ -66,21 +91,24 @@ def test_resume_is_exact(tmp_path):
 def test_sharded_run_matches_single_device(tmp_path):
     args = ["--steps", "4", "--activation", "none", *MQAR_SMALL]
     single = final(run("train_mqar.py", *args, "--out", str(tmp_path / "one"), devices=4))
-    sharded = final(run("train_mqar.py", *args, "--devices", "4",
-                        "--out", str(tmp_path / "four"), devices=4))
+    sharded = final(
+        run("train_mqar.py", *args, "--devices", "4", "--out", str(tmp_path / "four"), devices=4)
+    )
     assert sharded["loss"] == pytest.approx(single["loss"], rel=1e-5)
 
 
-@pytest.mark.parametrize("args,message", [
-    (["--backend", "slstm"], "unknown --backend 'slstm'; valid: attention"),
-    (["--activation", "relu"], "unknown --activation 'relu'"),
-    (["--devices", "3", "--batch-size", "8"], "not divisible by --devices 3"),
-    (["--devices", "64"], "xla_force_host_platform_device_count"),
-    (["--resume"], "no checkpoint"),
-])
+@pytest.mark.parametrize(
+    "args,message",
+    [
+        (["--backend", "slstm"], "unknown --backend 'slstm'; valid: attention"),
+        (["--activation", "relu"], "unknown --activation 'relu'"),
+        (["--devices", "3", "--batch-size", "8"], "not divisible by --devices 3"),
+        (["--devices", "64"], "xla_force_host_platform_device_count"),
+        (["--resume"], "no checkpoint"),
+    ],
+)
 def test_bad_input_fails_clearly(tmp_path, args, message):
-    result = run("train_mqar.py", "--steps", "2", "--out", str(tmp_path / "x"), *args,
-                 devices=4)
+    result = run("train_mqar.py", "--steps", "2", "--out", str(tmp_path / "x"), *args, devices=4)
     assert result.returncode != 0
     assert message in result.stderr
     assert not (tmp_path / "x").exists()  # nothing was written
@@ -91,8 +119,9 @@ def test_resume_with_other_config_fails_and_keeps_checkpoint(tmp_path):
     checkpoint = tmp_path / "checkpoint.eqx"
     before = checkpoint.read_bytes()
     for other in (["--vocab-size", "96"], ["--num-pairs", "9"], ["--lr", "0.1"]):
-        result = run("train_mqar.py", "--steps", "2", "--resume", *other,
-                     "--out", str(tmp_path), *MQAR_SMALL)
+        result = run(
+            "train_mqar.py", "--steps", "2", "--resume", *other, "--out", str(tmp_path), *MQAR_SMALL
+        )
         assert result.returncode != 0 and "different run" in result.stderr
     again = run("train_mqar.py", "--steps", "2", "--out", str(tmp_path), *MQAR_SMALL)
     assert again.returncode != 0 and "--overwrite" in again.stderr

@@ -24,7 +24,8 @@ def tokens(n=12, seed=0):
 @pytest.mark.parametrize("activation", ["softmax", "sigmoid", "none"])
 def test_model_shapes_jit_and_batch_vmap(activation):
     config = small_config(
-        backend_config=ex.mLSTMBackendAttentionConfig(activation_function=activation))
+        backend_config=ex.mLSTMBackendAttentionConfig(activation_function=activation)
+    )
     model = ex.LanguageModel(config, key=jax.random.key(0))
     logits = model(tokens())
     assert logits.shape == (12, 32) and logits.dtype == jnp.float32
@@ -77,8 +78,9 @@ def test_model_config_errors():
 
 
 def test_registry():
-    backend = ex.create_mlstm_backend("attention", qk_head_dim=8, context_length=10,
-                                      activation_function="none")
+    backend = ex.create_mlstm_backend(
+        "attention", qk_head_dim=8, context_length=10, activation_function="none"
+    )
     assert isinstance(backend, ex.mLSTMBackendAttention)
     assert backend.config.activation_function == "none"
     config = ex.mLSTMBackendAttentionConfig(context_length=6)
@@ -110,10 +112,8 @@ def test_training_steps_leave_buffers_bit_identical():
             params, state = step(params, state)
     trained = eqx.combine(params, static)
     for before, after in zip(model.blocks, trained.blocks):
-        np.testing.assert_array_equal(before.mixer.backend.freqs_sin,
-                                      after.mixer.backend.freqs_sin)
-        np.testing.assert_array_equal(before.mixer.backend.freqs_cos,
-                                      after.mixer.backend.freqs_cos)
+        np.testing.assert_array_equal(before.mixer.backend.freqs_sin, after.mixer.backend.freqs_sin)
+        np.testing.assert_array_equal(before.mixer.backend.freqs_cos, after.mixer.backend.freqs_cos)
     assert not np.allclose(trained.head.weight, model.head.weight)
 
 
