@@ -10,6 +10,7 @@ from jaxtyping import Array, Float, Shaped
 
 from ._attention import attention_core, resolve_dtype
 from ._backend import mLSTMBackend
+from ._decoding import check_state, decode, prompt_state
 from ._dispatch import check_implementation
 from ._options import ACTIVATIONS, PRE_ACTIVATIONS, check_option
 from ._rope import _check_even, _check_theta, precompute_freqs
@@ -63,7 +64,8 @@ class mLSTMBackendAttentionConfig:  # noqa: N801 (upstream name)
         return dataclasses.replace(self, context_length=context_length)
 
 
-def _check_states(c_initial, n_initial, m_initial, return_last_states: bool) -> None:
+def _given_states(c_initial, n_initial, m_initial) -> bool:
+    """Whether initial states were passed; a ValueError for a partial set."""
     given = [s is not None for s in (c_initial, n_initial, m_initial)]
     if any(given) and not all(given):
         raise ValueError(
@@ -74,19 +76,19 @@ def _check_states(c_initial, n_initial, m_initial, return_last_states: bool) -> 
             )
             + "."
         )
-    if all(given) or return_last_states:
-        raise NotImplementedError(
-            "The attention backend does not decode yet: initial states and "
-            "return_last_states=True are not supported. Run the full sequence in one "
-            "call instead."
-        )
+    return all(given)
 
 
 class mLSTMBackendAttention(mLSTMBackend):  # noqa: N801 (upstream name)
     """Causal attention with rotary embeddings, as an mLSTM backend.
 
     Runs `eqx_xlstm.attention` with the config's options on sequences of any length
-    S <= `context_length`. The RoPE tables are precomputed buffers of shape
+    S <= `context_length`, and decodes incrementally: with `return_last_states=True`
+    it also returns a state `(c, n, m)`; passing it back as `c_initial, n_initial,
+    m_initial` continues the sequence, one position or a chunk at a time, with the
+    same outputs as one parallel call (see `eqx_xlstm._decoding` for what the arrays
+    hold: a key/value cache for softmax and sigmoid, the constant-size state sum k v^T
+    for 'none'). The RoPE tables are precomputed buffers of shape
     `(context_length, qk_head_dim // 2)`; they receive no gradient (keep them out of
     the optimizer with `eqx_xlstm.trainable_filter`). The sigmoid bias is fixed at
     -log(context_length), so the output on a prefix is the prefix of the output.
@@ -142,21 +144,26 @@ class mLSTMBackendAttention(mLSTMBackend):  # noqa: N801 (upstream name)
         n_initial: Shaped[Array, "..."] | None = None,
         m_initial: Shaped[Array, "..."] | None = None,
         return_last_states: bool = False,
-    ) -> Float[Array, "*batch seq dv"]:
+    ) -> (
+        Float[Array, "*batch seq dv"]
+        | tuple[Float[Array, "*batch seq dv"], tuple[Array, Array, Array]]
+    ):
         """**Arguments:**
 
-        - `q`, `k`: `(*batch, S, qk_head_dim)` with `S <= context_length`.
+        - `q`, `k`: `(*batch, S, qk_head_dim)`; S plus the positions already in the
+            state must not exceed `context_length`.
         - `v`: `(*batch, S, DV)`, same dtype as `q` and `k`.
         - `i`, `f`: gate pre-activations, ignored.
-        - `c_initial`, `n_initial`, `m_initial`, `return_last_states`: decoding
-            states; not supported yet (a NotImplementedError).
+        - `c_initial`, `n_initial`, `m_initial`: a state returned by this backend, to
+            continue from (all three or none).
+        - `return_last_states`: also return the state after these positions.
 
         **Returns:**
 
-        `(*batch, S, DV)` in the dtype of the inputs.
+        `h` of shape `(*batch, S, DV)` in the inputs' dtype, or `(h, (c, n, m))`.
         """
-        _check_states(c_initial, n_initial, m_initial, return_last_states)
-        seq_len, head_dim = q.shape[-2:]
+        decoding = _given_states(c_initial, n_initial, m_initial)
+        *batch_shape, seq_len, head_dim = q.shape
         context_length = self.config.context_length
         if seq_len > context_length:
             raise ValueError(
@@ -169,18 +176,53 @@ class mLSTMBackendAttention(mLSTMBackend):  # noqa: N801 (upstream name)
                 f"with qk_head_dim={self.qk_head_dim}."
             )
         dtype = resolve_dtype(q, k, v, None)
-        sin = jax.lax.stop_gradient(self.freqs_sin[:seq_len])
-        cos = jax.lax.stop_gradient(self.freqs_cos[:seq_len])
-        return attention_core(
+        options = dict(
+            activation=self.config.activation_function,
+            pre_activation=self.config.qk_pre_activation_function,
+        )
+        freqs_sin = jax.lax.stop_gradient(self.freqs_sin)
+        freqs_cos = jax.lax.stop_gradient(self.freqs_cos)
+        if decoding:
+            state = (c_initial, n_initial, m_initial)
+            check_state(
+                state,
+                tuple(batch_shape),
+                options["activation"],
+                context_length,
+                head_dim,
+                v.shape[-1],
+            )
+            h, state = decode(
+                q,
+                k,
+                v,
+                state,
+                freqs_sin=freqs_sin,
+                freqs_cos=freqs_cos,
+                sigmoid_bias=self.sigmoid_bias,
+                dtype=dtype,
+                **options,
+            )
+            return (h, state) if return_last_states else h
+        sin, cos = freqs_sin[:seq_len], freqs_cos[:seq_len]
+        h = attention_core(
             q,
             k,
             v,
             None,
             dtype=dtype,
-            activation_function=self.config.activation_function,
-            qk_pre_activation_function=self.config.qk_pre_activation_function,
+            activation_function=options["activation"],
+            qk_pre_activation_function=options["pre_activation"],
             sin=sin,
             cos=cos,
-            sigmoid_bias=-math.log(context_length),
+            sigmoid_bias=self.sigmoid_bias,
             implementation=self.config.implementation,
         )
+        if not return_last_states:
+            return h
+        return h, prompt_state(k, v, sin=sin, cos=cos, context_length=context_length, **options)
+
+    @property
+    def sigmoid_bias(self) -> float:
+        """-log(context_length): fixed, so chunks and prefixes agree with the whole."""
+        return -math.log(self.config.context_length)

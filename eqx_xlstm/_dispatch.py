@@ -84,12 +84,17 @@ def cudnn_attention(q, k, v):
     return out.reshape(v.shape)
 
 
-def prepare_qk(q, k, pre_activation, sin, cos):
+def rotate_keys(x, pre_activation, sin, cos):
     """Swish (optional) then RoPE, in float32; XLA fuses it into one elementwise pass."""
-    q, k = q.astype(jnp.float32), k.astype(jnp.float32)
+    x = x.astype(jnp.float32)
     if pre_activation != "none":
-        q, k = jax.nn.silu(q), jax.nn.silu(k)
-    return rotate_pairs(q, sin, cos), rotate_pairs(k, sin, cos)
+        x = jax.nn.silu(x)
+    return rotate_pairs(x, sin, cos)
+
+
+def prepare_qk(q, k, pre_activation, sin, cos):
+    """`rotate_keys` on queries and keys."""
+    return rotate_keys(q, pre_activation, sin, cos), rotate_keys(k, pre_activation, sin, cos)
 
 
 def run_implementation(

@@ -97,6 +97,17 @@ class MultiHeadMixer(eqx.Module):
 
     @typechecked
     def __call__(self, x: Float[Array, "seq embed"]) -> Float[Array, "seq embed"]:
+        return self._mix(x, None, want_state=False)
+
+    @typechecked
+    def decode(
+        self, x: Float[Array, "seq embed"], state: tuple | None = None
+    ) -> tuple[Float[Array, "seq embed"], tuple]:
+        """Like `__call__`, continuing from the backend `state` of every head (None to
+        start); returns the output and the new state."""
+        return self._mix(x, state, want_state=True)
+
+    def _mix(self, x, state, want_state):
         seq_len = x.shape[0]
 
         def heads(layer):  # (seq, nh * d) -> (nh, seq, d)
@@ -105,11 +116,18 @@ class MultiHeadMixer(eqx.Module):
 
         q, k, v = heads(self.q_proj), heads(self.k_proj), heads(self.v_proj)
         i, f = jnp.moveaxis(_linear_seq(self.gate_proj, x).reshape(seq_len, 2, -1), 0, -1)
+
+        def run(q, k, v, i, f, state):
+            initial = (None, None, None) if state is None else state
+            return self.backend(q, k, v, i, f, *initial, return_last_states=want_state)
+
         if self.backend.can_vmap_over_heads:
-            h = eqx.filter_vmap(lambda q, k, v, i, f: self.backend(q, k, v, i, f))(q, k, v, i, f)
+            out = eqx.filter_vmap(run)(q, k, v, i, f, state)
         else:
-            h = self.backend(q, k, v, i, f)
-        return _linear_seq(self.out_proj, h.transpose(1, 0, 2).reshape(seq_len, -1))
+            out = run(q, k, v, i, f, state)
+        h, state = out if want_state else (out, None)
+        y = _linear_seq(self.out_proj, h.transpose(1, 0, 2).reshape(seq_len, -1))
+        return (y, state) if want_state else y
 
 
 class Block(eqx.Module):
@@ -132,7 +150,17 @@ class Block(eqx.Module):
 
     @typechecked
     def __call__(self, x: Float[Array, "seq embed"]) -> Float[Array, "seq embed"]:
-        x = x + self.mixer(jax.vmap(self.mixer_norm)(x))
+        return self._feed_forward(x + self.mixer(jax.vmap(self.mixer_norm)(x)))
+
+    @typechecked
+    def decode(
+        self, x: Float[Array, "seq embed"], state: tuple | None = None
+    ) -> tuple[Float[Array, "seq embed"], tuple]:
+        """`__call__` continuing from the mixer's `state`; returns `(y, new_state)`."""
+        mixed, state = self.mixer.decode(jax.vmap(self.mixer_norm)(x), state)
+        return self._feed_forward(x + mixed), state
+
+    def _feed_forward(self, x):
         hidden = jax.nn.gelu(_linear_seq(self.ffn_up, jax.vmap(self.ffn_norm)(x)))
         return x + _linear_seq(self.ffn_down, hidden)
 
@@ -157,12 +185,75 @@ class LanguageModel(eqx.Module):
     @typechecked
     def __call__(self, tokens: Int[Array, " seq"]) -> Float[Array, "seq vocab"]:
         """Next-token logits for every position of `tokens` (length <= context_length)."""
-        if tokens.shape[0] > self.config.context_length:
-            raise ValueError(
-                f"tokens has {tokens.shape[0]} positions, more than the model's "
-                f"context_length={self.config.context_length}."
-            )
+        self._check_length(tokens.shape[0], "tokens")
         x = jax.vmap(self.embedding)(tokens)
         for block in self.blocks:
             x = block(x)
+        return self._logits(x)
+
+    @typechecked
+    def decode(
+        self, tokens: Int[Array, " seq"], states: tuple | None = None
+    ) -> tuple[Float[Array, "seq vocab"], tuple]:
+        """Logits for `tokens` that continue the sequence held in `states` (one state
+        per block, as returned by the previous call; None to start)."""
+        x = jax.vmap(self.embedding)(tokens)
+        states = (None,) * len(self.blocks) if states is None else states
+        new_states = []
+        for block, state in zip(self.blocks, states, strict=True):
+            x, state = block.decode(x, state)
+            new_states.append(state)
+        return self._logits(x), tuple(new_states)
+
+    def generate(
+        self,
+        prompt: Int[Array, " prompt"],
+        n_tokens: int,
+        key: PRNGKeyArray,
+        temperature: float = 1.0,
+        top_k: int | None = None,
+    ) -> Int[Array, " n_tokens"]:
+        """Sample `n_tokens` tokens after `prompt`, reusing the decoding state (each
+        step costs one position, not the whole sequence). Jittable with `n_tokens`,
+        `temperature` and `top_k` static (`eqx.filter_jit` does this).
+
+        `temperature=0` is greedy; `top_k` keeps the k most likely tokens.
+        """
+        if not isinstance(n_tokens, int) or n_tokens < 1:
+            raise ValueError(f"`n_tokens` must be a positive int, got {n_tokens!r}.")
+        if temperature < 0:
+            raise ValueError(f"`temperature` must be >= 0, got {temperature}.")
+        if top_k is not None and not 1 <= top_k <= self.config.vocab_size:
+            raise ValueError(f"`top_k` must be in 1..{self.config.vocab_size}, got {top_k}.")
+        self._check_length(prompt.shape[0] + n_tokens - 1, "prompt plus n_tokens - 1")
+
+        def sample(logits, key):
+            if temperature == 0:
+                return jnp.argmax(logits).astype(prompt.dtype)
+            logits = logits / temperature
+            if top_k is not None:
+                kth = jnp.sort(logits)[-top_k]
+                logits = jnp.where(logits >= kth, logits, -jnp.inf)
+            return jax.random.categorical(key, logits).astype(prompt.dtype)
+
+        keys = jax.random.split(key, n_tokens)
+        logits, states = self.decode(prompt)
+        first = sample(logits[-1], keys[0])
+
+        def step(carry, key):
+            token, states = carry
+            logits, states = self.decode(token[None], states)
+            return (sample(logits[0], key), states), token
+
+        (last, _), tokens = jax.lax.scan(step, (first, states), keys[1:])
+        return jnp.concatenate([tokens, last[None]])
+
+    def _check_length(self, length: int, what: str) -> None:
+        if length > self.config.context_length:
+            raise ValueError(
+                f"{what} has {length} positions, more than the model's "
+                f"context_length={self.config.context_length}."
+            )
+
+    def _logits(self, x):
         return _linear_seq(self.head, jax.vmap(self.norm)(x))

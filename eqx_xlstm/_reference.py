@@ -11,11 +11,11 @@ def causal_mask(seq_len: int) -> Bool[Array, "seq seq"]:
 
 
 def masked_weights(
-    logits: Float[Array, "*batch seq seq"],
-    mask: Bool[Array, "seq seq"],
+    logits: Float[Array, "*batch queries keys"],
+    mask: Bool[Array, "queries keys"],
     activation: str,
     sigmoid_bias: float,
-) -> Float[Array, "*batch seq seq"]:
+) -> Float[Array, "*batch queries keys"]:
     """Attention weights from float32 logits; masked entries are exactly 0.
 
     A fully masked row has all-zero weights for every activation (never NaN), and

@@ -13,6 +13,7 @@ import pathlib
 import sys
 import sysconfig
 
+import equinox as eqx
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -44,7 +45,8 @@ SAMPLE_LENGTH = 120
 
 parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
 common.add_training_args(parser, steps=400, out="runs/charlm", batch_size=32, lr=2e-3)
-parser.add_argument("--temperature", type=float, default=0.8)
+parser.add_argument("--temperature", type=float, default=0.8, help="sampling temperature")
+parser.add_argument("--top-k", type=int, default=None, help="sample from the k likeliest")
 args = parser.parse_args()
 common.check_args(args)
 
@@ -105,28 +107,16 @@ val_loss = float(
 print(f"validation loss: {val_loss:.4f} nats/char")
 
 
-@jax.jit
-def sample(model, prompt, key):
-    """Extend `prompt` (padded to the context) one character at a time."""
-    start = len(SAMPLE_PROMPT)
-
-    def step(position, carry):
-        buffer, key = carry
-        key, sub = jax.random.split(key)
-        logits = model(buffer)[position - 1] / args.temperature
-        return buffer.at[position].set(jax.random.categorical(sub, logits)), key
-
-    buffer, _ = jax.lax.fori_loop(start, start + SAMPLE_LENGTH, step, (prompt, key))
-    return buffer
-
-
-prompt = (
-    jnp.zeros(CONTEXT_LENGTH, jnp.int32)
-    .at[: len(SAMPLE_PROMPT)]
-    .set(jnp.asarray(list(SAMPLE_PROMPT.encode())))
+prompt = jnp.asarray(list(SAMPLE_PROMPT.encode()), jnp.int32)
+generate = eqx.filter_jit(model.generate)  # decodes with the attention key/value cache
+generated = generate(
+    prompt,
+    SAMPLE_LENGTH,
+    jax.random.key(args.seed + 7),
+    temperature=args.temperature,
+    top_k=args.top_k,
 )
-generated = sample(model, prompt, jax.random.key(args.seed + 7))
-sample_text = bytes(np.asarray(generated[: len(SAMPLE_PROMPT) + SAMPLE_LENGTH], np.uint8)).decode(
+sample_text = SAMPLE_PROMPT + bytes(np.asarray(generated, np.uint8)).decode(
     "ascii", errors="replace"
 )
 print("sample:\n" + sample_text)

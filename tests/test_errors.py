@@ -150,9 +150,7 @@ def test_backend_call_errors(call):
     state = arr(2, 8, 6)
     with pytest.raises(ValueError, match="n_initial=None"):
         call(q4, q4, v4, c_initial=state)
-    with pytest.raises(NotImplementedError, match="return_last_states"):
-        call(q4, q4, v4, return_last_states=True)
-    with pytest.raises(NotImplementedError, match="initial states"):
+    with pytest.raises(ValueError, match="c_initial"):  # not this backend's state shape
         call(q4, q4, v4, c_initial=state, n_initial=state, m_initial=state)
 
 
