@@ -35,33 +35,34 @@ def _weights(scores, allowed, activation, bias, lse=None):
     return jnp.where(allowed, scores, 0.0)
 
 
-def _scores(q_block, k_block, scale):
-    return jnp.einsum("nqd,nkd->nqk", q_block, k_block) * scale
+def _scores(q_block, k_block, scale, einsum):
+    return einsum("nqd,nkd->nqk", q_block, k_block) * scale
 
 
-def _forward(q, k, v, mask, activation, causal, bias, seq_len):
+def _forward(q, k, v, mask, activation, causal, bias, seq_len, precision):
     """q, k: (nb, N, C, D); v: (nb, N, C, DV). Returns out (nb, N, C, DV), lse (nb, N, C)."""
     n_blocks, batch, block, _ = q.shape
     scale = q.shape[-1] ** -0.5
     dv = v.shape[-1]
+    einsum = functools.partial(jnp.einsum, precision=precision)
 
     def query_block(i):
         q_i = q[i]
 
         def step(j, carry):
-            scores = _scores(q_i, k[j], scale)
+            scores = _scores(q_i, k[j], scale, einsum)
             allowed = _block_allowed(i, j, block, seq_len, mask)
             if activation != "softmax":
                 acc = carry
                 p = _weights(scores, allowed, activation, bias)
-                return acc + jnp.einsum("nqk,nkd->nqd", p, v[j])
+                return acc + einsum("nqk,nkd->nqd", p, v[j])
             row_max, row_sum, acc = carry
             new_max = jnp.maximum(row_max, jnp.max(jnp.where(allowed, scores, -jnp.inf), -1))
             shift = jnp.where(jnp.isfinite(new_max), new_max, 0.0)
             p = _weights(scores, allowed, activation, bias, lse=shift)
             decay = jnp.where(jnp.isfinite(row_max), jnp.exp(row_max - shift), 0.0)
             row_sum = decay * row_sum + jnp.sum(p, -1)
-            acc = decay[..., None] * acc + jnp.einsum("nqk,nkd->nqd", p, v[j])
+            acc = decay[..., None] * acc + einsum("nqk,nkd->nqd", p, v[j])
             return new_max, row_sum, acc
 
         acc0 = jnp.zeros((batch, block, dv), jnp.float32)
@@ -83,9 +84,10 @@ def _forward(q, k, v, mask, activation, causal, bias, seq_len):
     return lax.map(query_block, jnp.arange(n_blocks))
 
 
-def _backward(q, k, v, mask, out, lse, d_out, activation, causal, bias, seq_len):
+def _backward(q, k, v, mask, out, lse, d_out, activation, causal, bias, seq_len, precision):
     n_blocks, batch, block, _ = q.shape
     scale = q.shape[-1] ** -0.5
+    einsum = functools.partial(jnp.einsum, precision=precision)
     if activation == "softmax":
         delta = jnp.sum(d_out * out, axis=-1)  # (nb, N, C)
 
@@ -95,12 +97,12 @@ def _backward(q, k, v, mask, out, lse, d_out, activation, causal, bias, seq_len)
         def step(i, carry):
             dq, dk_j, dv_j = carry
             q_i, do_i = q[i], d_out[i]
-            scores = _scores(q_i, k_j, scale)
+            scores = _scores(q_i, k_j, scale, einsum)
             allowed = _block_allowed(i, j, block, seq_len, mask)
             row_lse = lse[i] if activation == "softmax" else None
             p = _weights(scores, allowed, activation, bias, lse=row_lse)
-            dv_j = dv_j + jnp.einsum("nqk,nqd->nkd", p, do_i)
-            dp = jnp.einsum("nqd,nkd->nqk", do_i, v_j)
+            dv_j = dv_j + einsum("nqk,nqd->nkd", p, do_i)
+            dp = einsum("nqd,nkd->nqk", do_i, v_j)
             if activation == "softmax":
                 ds = p * (dp - delta[i][..., None])
             elif activation == "sigmoid":
@@ -108,8 +110,8 @@ def _backward(q, k, v, mask, out, lse, d_out, activation, causal, bias, seq_len)
             else:
                 ds = jnp.where(allowed, dp, 0.0)
             ds = ds * scale
-            dq = dq.at[i].add(jnp.einsum("nqk,nkd->nqd", ds, k_j))
-            dk_j = dk_j + jnp.einsum("nqk,nqd->nkd", ds, q_i)
+            dq = dq.at[i].add(einsum("nqk,nkd->nqd", ds, k_j))
+            dk_j = dk_j + einsum("nqk,nqd->nkd", ds, q_i)
             return dq, dk_j, dv_j
 
         start = j if causal else 0
@@ -122,19 +124,21 @@ def _backward(q, k, v, mask, out, lse, d_out, activation, causal, bias, seq_len)
     return dq, dk, dv
 
 
-@functools.partial(jax.custom_vjp, nondiff_argnums=(4, 5, 6, 7))
-def _blockwise(q, k, v, mask, activation, causal, bias, seq_len):
-    return _forward(q, k, v, mask, activation, causal, bias, seq_len)[0]
+@functools.partial(jax.custom_vjp, nondiff_argnums=(4, 5, 6, 7, 8))
+def _blockwise(q, k, v, mask, activation, causal, bias, seq_len, precision):
+    return _forward(q, k, v, mask, activation, causal, bias, seq_len, precision)[0]
 
 
-def _blockwise_fwd(q, k, v, mask, activation, causal, bias, seq_len):
-    out, lse = _forward(q, k, v, mask, activation, causal, bias, seq_len)
+def _blockwise_fwd(q, k, v, mask, activation, causal, bias, seq_len, precision):
+    out, lse = _forward(q, k, v, mask, activation, causal, bias, seq_len, precision)
     return out, (q, k, v, mask, out, lse)
 
 
-def _blockwise_bwd(activation, causal, bias, seq_len, residuals, d_out):
+def _blockwise_bwd(activation, causal, bias, seq_len, precision, residuals, d_out):
     q, k, v, mask, out, lse = residuals
-    dq, dk, dv = _backward(q, k, v, mask, out, lse, d_out, activation, causal, bias, seq_len)
+    dq, dk, dv = _backward(
+        q, k, v, mask, out, lse, d_out, activation, causal, bias, seq_len, precision
+    )
     return dq, dk, dv, None
 
 
@@ -148,7 +152,7 @@ def _to_blocks(x, n_blocks, block):
     return x.reshape(batch, n_blocks, block, dim).transpose(1, 0, 2, 3)
 
 
-def chunked_attention(q, k, v, mask, activation, sigmoid_bias, block=512):
+def chunked_attention(q, k, v, mask, activation, sigmoid_bias, block=512, precision=None):
     """Blockwise attention on `(*batch, S, D)` float arrays; returns float32.
 
     `mask=None` is causal (and skips blocks above the diagonal); an explicit bool
@@ -163,6 +167,8 @@ def chunked_attention(q, k, v, mask, activation, sigmoid_bias, block=512):
     if mask is not None:
         pad = n_blocks * block - seq_len
         mask = jnp.pad(mask, ((0, pad), (0, pad)))
-    out = _blockwise(qb, kb, vb, mask, activation, mask is None, float(sigmoid_bias), seq_len)
+    out = _blockwise(
+        qb, kb, vb, mask, activation, mask is None, float(sigmoid_bias), seq_len, precision
+    )
     out = out.transpose(1, 0, 2, 3).reshape(-1, n_blocks * block, dv)[:, :seq_len]
     return out.reshape(*batch_shape, seq_len, dv)

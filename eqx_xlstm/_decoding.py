@@ -17,6 +17,7 @@ A step takes T >= 1 new positions. Shapes never depend on how many positions are
 filled, so one compiled step serves every position.
 """
 
+import functools
 import math
 
 import equinox as eqx
@@ -24,7 +25,7 @@ import jax
 import jax.numpy as jnp
 from jax.core import Tracer
 
-from ._dispatch import prepare_qk, rotate_keys
+from ._dispatch import matmul_precision, prepare_qk, rotate_keys
 from ._reference import masked_weights
 
 
@@ -96,7 +97,8 @@ def prompt_state(k, v, *, sin, cos, activation, pre_activation, context_length):
     if _uses_cache(activation):
         pad = [(0, 0)] * (k.ndim - 2) + [(0, context_length - seq_len), (0, 0)]
         return jnp.pad(k, pad), jnp.pad(v, pad), m
-    kv = jnp.einsum("...sd,...sv->...dv", k, v.astype(jnp.float32))
+    kv = jnp.einsum("...sd,...sv->...dv", k, v.astype(jnp.float32),
+                    precision=matmul_precision(v.dtype))
     return kv, jnp.sum(k, axis=-2), m
 
 
@@ -111,6 +113,7 @@ def decode(
     context_length = freqs_sin.shape[0]
     c, n, m = state
     m = _check_room(m, new, context_length)
+    mm = functools.partial(jnp.matmul, precision=matmul_precision(dtype))
     flat = lambda x: x.reshape(-1, *x.shape[len(batch_shape) :])  # noqa: E731
 
     def one_row(q, k, v, c, n, m):
@@ -121,14 +124,15 @@ def decode(
         scale = 1.0 / math.sqrt(dqk)
         if not _uses_cache(activation):
             causal = jnp.tril(jnp.ones((new, new), bool))
-            intra = jnp.where(causal, q @ k.T, 0.0) @ v.astype(jnp.float32)
-            h = scale * (q @ c + intra)
-            return h, (c + k.T @ v.astype(jnp.float32), n + jnp.sum(k, 0), m + new)
+            v = v.astype(jnp.float32)
+            intra = mm(jnp.where(causal, mm(q, k.T), 0.0), v)
+            h = scale * (mm(q, c) + intra)
+            return h, (c + mm(k.T, v), n + jnp.sum(k, 0), m + new)
         c = jax.lax.dynamic_update_slice(c, k, (m, 0))
         n = jax.lax.dynamic_update_slice(n, v.astype(n.dtype), (m, 0))
         visible = jnp.arange(context_length)[None, :] <= positions[:, None]
-        weights = masked_weights(scale * (q @ c.T), visible, activation, sigmoid_bias)
-        return weights @ n.astype(jnp.float32), (c, n, m + new)
+        weights = masked_weights(scale * mm(q, c.T), visible, activation, sigmoid_bias)
+        return mm(weights, n.astype(jnp.float32)), (c, n, m + new)
 
     h, (c, n, m) = jax.vmap(one_row)(*map(flat, (q, k, v, c, n, m)))
     unflat = lambda x: x.reshape(*batch_shape, *x.shape[1:])  # noqa: E731

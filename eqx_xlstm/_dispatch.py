@@ -32,6 +32,14 @@ def linear_chunk() -> int:
     return LINEAR_CHUNK.get(jax.default_backend(), LINEAR_CHUNK_DEFAULT)
 
 
+def matmul_precision(dtype) -> jax.lax.Precision:
+    """Full float32 matmuls for float32 (and wider) inputs: a GPU would otherwise use
+    TF32 and lose about three digits. 16-bit inputs keep the fast default."""
+    if jnp.dtype(dtype).itemsize >= 4:
+        return jax.lax.Precision.HIGHEST
+    return jax.lax.Precision.DEFAULT
+
+
 def check_implementation(implementation: str | None) -> str | None:
     """`implementation` if it is None or a known name, else a ValueError."""
     if implementation is None:
@@ -70,9 +78,20 @@ def select_implementation(requested, *, activation, causal, dtype, seq_len, dqk,
 
 
 def cudnn_attention(q, k, v):
-    """cuDNN fused causal softmax attention; heads ride in the batch axis."""
+    """cuDNN fused causal softmax attention; heads ride in the batch axis.
+
+    cuDNN's backward pass refuses odd sequence lengths, so an odd S is padded with one
+    zero position at the end. That is exact under the causal mask: no real query sees
+    the extra key, and the extra query's output is dropped.
+    """
     seq_len, dqk = q.shape[-2:]
-    as_btnh = lambda x: x.reshape(-1, seq_len, 1, x.shape[-1])  # noqa: E731
+    padded = seq_len + seq_len % 2
+
+    def as_btnh(x):
+        x = x.reshape(-1, seq_len, x.shape[-1])
+        x = jnp.pad(x, ((0, 0), (0, padded - seq_len), (0, 0)))
+        return x[:, :, None, :]
+
     out = jax.nn.dot_product_attention(
         as_btnh(q),
         as_btnh(k),
@@ -81,7 +100,7 @@ def cudnn_attention(q, k, v):
         is_causal=True,
         implementation="cudnn",
     )
-    return out.reshape(v.shape)
+    return out[:, :seq_len, 0, :].reshape(v.shape)
 
 
 def rotate_keys(x, pre_activation, sin, cos):
@@ -138,12 +157,15 @@ def _run(
     linear_chunk,
 ):
     q, k = prepare_qk(q, k, pre_activation, sin, cos)
+    precision = matmul_precision(dtype)
     if name == "cudnn":
         out = cudnn_attention(q.astype(dtype), k.astype(dtype), v)
     elif name == "chunked" and activation == "none" and mask is None:
-        out = linear_causal_attention(q.astype(dtype), k.astype(dtype), v, linear_chunk)
+        out = linear_causal_attention(
+            q.astype(dtype), k.astype(dtype), v, linear_chunk, precision
+        )
     elif name == "chunked":
-        out = chunked_attention(q, k, v, mask, activation, sigmoid_bias, block)
+        out = chunked_attention(q, k, v, mask, activation, sigmoid_bias, block, precision)
     else:
-        out = reference_attention(q, k, v, mask, activation, sigmoid_bias)
+        out = reference_attention(q, k, v, mask, activation, sigmoid_bias, precision)
     return out.astype(dtype)

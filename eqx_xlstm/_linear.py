@@ -10,10 +10,12 @@ are computed in parallel; cost O(S * C * D + S * D^2) instead of O(S^2 * D), mem
 O(S * C + S * D^2 / C). Exact, not an approximation: only the summation order differs.
 """
 
+import functools
+
 import jax.numpy as jnp
 
 
-def linear_causal_attention(q, k, v, chunk=64):
+def linear_causal_attention(q, k, v, chunk=64, precision=None):
     """'none'-activation causal attention on `(*batch, S, D)`; returns float32.
 
     Matmul operands keep the input dtype (bf16 stays bf16), accumulation is float32.
@@ -31,14 +33,16 @@ def linear_causal_attention(q, k, v, chunk=64):
         return x.reshape(x.shape[0], n_chunks, chunk, x.shape[-1])
 
     qc, kc, vc = chunks(q), chunks(k), chunks(v)
-    f32 = jnp.float32
-    kv = jnp.einsum("nckd,nckv->ncdv", kc, vc, preferred_element_type=f32)
+    einsum = functools.partial(
+        jnp.einsum, precision=precision, preferred_element_type=jnp.float32
+    )
+    kv = einsum("nckd,nckv->ncdv", kc, vc)
     # Exclusive cumulative sum: the state before each chunk.
     states = jnp.cumsum(jnp.pad(kv[:, :-1], ((0, 0), (1, 0), (0, 0), (0, 0))), axis=1)
-    inter = jnp.einsum("ncqd,ncdv->ncqv", qc, states.astype(qc.dtype), preferred_element_type=f32)
-    scores = jnp.einsum("ncqd,nckd->ncqk", qc, kc, preferred_element_type=f32)
+    inter = einsum("ncqd,ncdv->ncqv", qc, states.astype(qc.dtype))
+    scores = einsum("ncqd,nckd->ncqk", qc, kc)
     scores = jnp.where(jnp.tril(jnp.ones((chunk, chunk), bool)), scores, 0.0)
-    intra = jnp.einsum("ncqk,nckv->ncqv", scores.astype(vc.dtype), vc, preferred_element_type=f32)
+    intra = einsum("ncqk,nckv->ncqv", scores.astype(vc.dtype), vc)
     out = (inter + intra) * scale
     out = out.reshape(-1, n_chunks * chunk, dv)[:, :seq_len]
     return out.reshape(*batch_shape, seq_len, dv)

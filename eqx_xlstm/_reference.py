@@ -40,13 +40,18 @@ def reference_attention(
     mask: Bool[Array, "seq seq"] | None,
     activation: str,
     sigmoid_bias: float,
+    precision=None,
 ) -> Float[Array, "*batch seq dv"]:
     """Attention with S x S logits in float32; returns float32."""
     seq_len, head_dim = q.shape[-2], q.shape[-1]
     if mask is None:
         mask = causal_mask(seq_len)
-    logits = jnp.einsum("...qd,...kd->...qk", q, k, preferred_element_type=jnp.float32) / jnp.sqrt(
+    logits = jnp.einsum(
+        "...qd,...kd->...qk", q, k, preferred_element_type=jnp.float32, precision=precision
+    ) / jnp.sqrt(
         jnp.float32(head_dim)
     )
     weights = masked_weights(logits, mask, activation, sigmoid_bias)
-    return jnp.einsum("...qk,...kd->...qd", weights, v.astype(jnp.float32))
+    return jnp.einsum(
+        "...qk,...kd->...qd", weights, v.astype(jnp.float32), precision=precision
+    )

@@ -163,13 +163,14 @@ def test_chunked_memory_grows_linearly():
     for activation_impl in ("chunked",):
         small, large = temp_bytes(activation_impl, 2048), temp_bytes(activation_impl, 8192)
         assert large / small < 6, (small, large)
-    ref_small, ref_large = temp_bytes("reference", 1024), temp_bytes("reference", 4096)
-    assert ref_large / ref_small > 10  # the test can tell quadratic from linear
+    if jax.default_backend() == "cpu":  # XLA:GPU plans the reference's S x S buffers apart
+        ref_small, ref_large = temp_bytes("reference", 2048), temp_bytes("reference", 8192)
+        assert ref_large / ref_small > 10  # the test can tell quadratic from linear
 
 
 @pytest.mark.skipif(jax.default_backend() != "gpu", reason="cuDNN needs an NVIDIA GPU")
 @pytest.mark.parametrize("pre", ["none", "swish"])
-@pytest.mark.parametrize("seq", [1, 100, 256])
+@pytest.mark.parametrize("seq", [1, 37, 100, 256])
 def test_cudnn_matches_reference_on_gpu(seq, pre):
     q, k, v, g = inputs(seq, dqk=64, dv=64, dtype=jnp.bfloat16)
     expected = out_and_grads("reference", q, k, v, g, None, "softmax", pre)

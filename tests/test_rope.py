@@ -32,7 +32,7 @@ def test_dot_product_depends_only_on_relative_position():
     q, k = rand((d,), 0), rand((d,), 1)
     # Put the same q and k at every position; q_i . k_j must depend on i - j only.
     xq, xk = ex.apply_rotary_emb(jnp.tile(q, (seq, 1)), jnp.tile(k, (seq, 1)))
-    scores = np.asarray(xq @ xk.T)
+    scores = np.asarray(xq, np.float64) @ np.asarray(xk, np.float64).T
     for offset in range(-seq + 1, seq):
         diagonal = np.diagonal(scores, offset)
         np.testing.assert_allclose(diagonal, diagonal[0], atol=1e-4)
