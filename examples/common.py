@@ -112,6 +112,7 @@ class Run:
     params: object
     static: object
     opt_state: object
+    key: object  # the run's base PRNG key (as raw key data); batches fold in the step
     step: int
     losses: list
 
@@ -119,17 +120,19 @@ class Run:
 def train(args, config: ex.ModelConfig, make_batch: Callable, *, data_settings: dict):
     """Build or resume the model, train to `--steps` (or `--stop-after`), checkpoint.
 
-    `make_batch(step)` returns `(tokens, targets, weights)`, each `(batch, length)`,
-    the same for the same step, so a resumed run sees the data it would have seen.
+    `make_batch(key, step)` returns `(tokens, targets, weights)`, each `(batch, length)`,
+    the same for the same key and step; the key is the run's, kept in the checkpoint, so
+    a resumed run sees the data it would have seen.
     `data_settings` joins the model config in identifying the run: a checkpoint from
     other settings is refused. Returns the `Run` and the model.
     """
     out = pathlib.Path(args.out)
     checkpoint = out / CHECKPOINT
-    model = ex.LanguageModel(config, key=jax.random.key(args.seed))
+    key = jax.random.key(args.seed)
+    model = ex.LanguageModel(config, key=key)
     params, static = eqx.partition(model, ex.trainable_filter(model))
     optimizer = make_optimizer(args.lr, args.steps)
-    run = Run(params, static, optimizer.init(params), 0, [])
+    run = Run(params, static, optimizer.init(params), jax.random.key_data(key), 0, [])
     identity = {
         "config": repr(config),
         "steps": args.steps,
@@ -146,8 +149,8 @@ def train(args, config: ex.ModelConfig, make_batch: Callable, *, data_settings: 
                 f"the checkpoint in {out} is from a different run ({', '.join(diff)} differ); "
                 "use the same settings or another --out"
             )
-        (run.params, run.opt_state), stored = ex.load_checkpoint(
-            checkpoint, (run.params, run.opt_state)
+        (run.params, run.opt_state, run.key), stored = ex.load_checkpoint(
+            checkpoint, (run.params, run.opt_state, run.key)
         )
         run.step, run.losses = stored["step"], stored["losses"]
 
@@ -170,7 +173,8 @@ def train(args, config: ex.ModelConfig, make_batch: Callable, *, data_settings: 
     progress = _progress(run.step, last, args.no_progress)
     start, tokens_seen = time.perf_counter(), 0
     while run.step < last:
-        batch = jax.device_put(make_batch(run.step), by_batch)
+        data_key = jax.random.fold_in(jax.random.wrap_key_data(run.key), 1)
+        batch = jax.device_put(make_batch(data_key, run.step), by_batch)
         run.params, run.opt_state, loss = train_step(run.params, run.opt_state, *batch)
         run.step += 1
         run.losses.append(float(loss))
@@ -181,7 +185,7 @@ def train(args, config: ex.ModelConfig, make_batch: Callable, *, data_settings: 
     progress.close()
     ex.save_checkpoint(
         checkpoint,
-        (run.params, run.opt_state),
+        (run.params, run.opt_state, run.key),
         {"identity": identity, "step": run.step, "losses": run.losses},
     )
     plot_losses(out / "loss.png", run.losses, title=out.name)

@@ -72,18 +72,15 @@ def windows(source, starts):
     return chunk[:, :-1], chunk[:, 1:], jnp.ones(chunk[:, 1:].shape, jnp.float32)
 
 
-data_key = jax.random.fold_in(jax.random.key(args.seed), 1)
-make_batch = jax.jit(
-    lambda step: windows(
-        train_data,
-        jax.random.randint(
-            jax.random.fold_in(data_key, step),
-            (args.batch_size,),
-            0,
-            len(train_data) - CONTEXT_LENGTH - 1,
-        ),
-    )
-)
+
+
+@jax.jit
+def make_batch(key, step):
+    """The batch of a step: random windows of the training text."""
+    limit = len(train_data) - CONTEXT_LENGTH - 1
+    starts = jax.random.randint(jax.random.fold_in(key, step), (args.batch_size,), 0, limit)
+    return windows(train_data, starts)
+
 
 config = ex.ModelConfig(
     vocab_size=VOCAB_SIZE,

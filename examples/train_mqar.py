@@ -68,8 +68,9 @@ def mqar_batch(key, batch_size):
     return tokens, targets, jnp.broadcast_to(weights, tokens.shape)
 
 
-data_key = jax.random.fold_in(jax.random.key(args.seed), 1)
-make_batch = jax.jit(lambda step: mqar_batch(jax.random.fold_in(data_key, step), args.batch_size))
+make_batch = jax.jit(  # the batch of a step: a function of the run's key and the step
+    lambda key, step: mqar_batch(jax.random.fold_in(key, step), args.batch_size)
+)
 
 config = ex.ModelConfig(
     vocab_size=args.vocab_size,

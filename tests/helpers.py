@@ -4,6 +4,8 @@ import json
 import os
 import pathlib
 
+import jax
+import jax.numpy as jnp
 import numpy as np
 import pytest
 
@@ -80,3 +82,13 @@ def naive_attention(
             w = logits
         out[..., i, :] = np.einsum("...k,...kd->...d", w, v[..., keys, :])
     return out
+
+
+def random_qkv(shape=(2, 3, 9, 8), dv=6, seed=0, dtype=jnp.float32):
+    """Random queries and keys of `shape`, values with last axis `dv`."""
+    kq, kk, kv = jax.random.split(jax.random.key(seed), 3)
+    return (
+        jax.random.normal(kq, shape, dtype),
+        jax.random.normal(kk, shape, dtype),
+        jax.random.normal(kv, (*shape[:-1], dv), dtype),
+    )

@@ -5,7 +5,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
-from helpers import naive_attention
+from helpers import naive_attention, random_qkv
 
 import eqx_xlstm as ex
 
@@ -14,12 +14,7 @@ PRE = ["none", "swish"]
 
 
 def qkv(shape=(2, 3, 9, 8), dv=6, seed=0, dtype=jnp.float32):
-    kq, kk, kv = jax.random.split(jax.random.key(seed), 3)
-    return (
-        jax.random.normal(kq, shape, dtype),
-        jax.random.normal(kk, shape, dtype),
-        jax.random.normal(kv, (*shape[:-1], dv), dtype),
-    )
+    return random_qkv(shape, dv, seed, dtype)
 
 
 def random_mask(seq, seed=0, p=0.5):

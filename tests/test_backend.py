@@ -7,7 +7,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
-from helpers import naive_attention
+from helpers import naive_attention, random_qkv
 
 import eqx_xlstm as ex
 
@@ -18,12 +18,7 @@ def make(context_length=16, head_dim=8, **kwargs):
 
 
 def qkv(shape=(2, 3, 10, 8), dv=6, seed=0, dtype=jnp.float32):
-    kq, kk, kv = jax.random.split(jax.random.key(seed), 3)
-    return (
-        jax.random.normal(kq, shape, dtype),
-        jax.random.normal(kk, shape, dtype),
-        jax.random.normal(kv, (*shape[:-1], dv), dtype),
-    )
+    return random_qkv(shape, dv, seed, dtype)
 
 
 def test_is_a_backend_with_buffers():

@@ -5,6 +5,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
+from helpers import random_qkv
 
 import eqx_xlstm as ex
 
@@ -21,12 +22,7 @@ def make(activation="softmax", pre="none", context_length=24, head_dim=8):
 
 
 def qkv(shape=(2, 3, 20, 8), dv=6, seed=0):
-    kq, kk, kv = jax.random.split(jax.random.key(seed), 3)
-    return (
-        jax.random.normal(kq, shape),
-        jax.random.normal(kk, shape),
-        jax.random.normal(kv, (*shape[:-1], dv)),
-    )
+    return random_qkv(shape, dv, seed)
 
 
 def in_pieces(backend, q, k, v, pieces, step=None):
