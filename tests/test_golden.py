@@ -90,3 +90,23 @@ def test_apply_rotary_emb_golden(case):
     assert xq.shape == tuple(case["x_shape"])
     np.testing.assert_allclose(xq, archive[prefix + "xq_out"], **ROPE)
     np.testing.assert_allclose(xk, archive[prefix + "xk_out"], **ROPE)
+
+
+def _cudnn_cases():
+    return [
+        p
+        for p in golden_cases("attn")
+        if p.values[0] is None
+        or (
+            p.values[0]["input_dtype"] == "bfloat16"
+            and p.values[0]["activation_function"] == "softmax"
+            and p.values[0]["mask"] == "causal"
+        )
+    ]
+
+
+@pytest.mark.skipif(jax.default_backend() != "gpu", reason="cuDNN needs an NVIDIA GPU")
+@pytest.mark.parametrize("case", _cudnn_cases())
+def test_attention_golden_cudnn_path(case):
+    archive, _ = load_golden()
+    check_case(case, archive, implementation="cudnn")
