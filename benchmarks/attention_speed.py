@@ -7,7 +7,7 @@ Compares, for each activation, sequence length and pass (fwd, fwd+bwd):
                softmax, no RoPE (a peer for every activation);
 - `cudnn dpa`: the same with implementation="cudnn" (GPU, fp16/bf16 only);
 - `ours`:      eqx_xlstm.attention with the default implementation, and each forced
-               path that can serve (`chunked`, `cudnn`).
+               path that can serve (`chunked`, `cudnn`, and `pallas` on a GPU).
 
 All "ours" and "reference" rows include swish (with --pre swish) and RoPE. Time is the
 median of --repeats jitted calls. TFLOP/s uses the nominal causal count
@@ -27,7 +27,7 @@ import jax
 import jax.numpy as jnp
 
 import eqx_xlstm as ex
-from eqx_xlstm._dispatch import cudnn_unsupported
+from eqx_xlstm._dispatch import cudnn_unsupported, pallas_unsupported
 
 parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
 parser.add_argument("--batch", type=int, default=1)
@@ -127,6 +127,8 @@ for seq in [int(s) for s in args.seqs.split(",")]:
             entries.append(("ours chunked", activation, ours(activation, "chunked"), qkv))
             if can_cudnn(activation):
                 entries.append(("ours cudnn", activation, ours(activation, "cudnn"), qkv))
+            if platform == "gpu" and pallas_unsupported(activation, True, dtype, D, D) is None:
+                entries.append(("ours pallas", activation, ours(activation, "pallas"), qkv))
         for name, activation, fn, inputs in entries:
             if args.only and name not in args.only.split(","):
                 continue

@@ -5,6 +5,8 @@
   with the causal mask, the chunkwise linear-attention form (O(S * D^2)).
 - `"cudnn"`: `jax.nn.dot_product_attention(..., is_causal=True, implementation="cudnn")`,
   for softmax, causal, fp16/bf16 on an NVIDIA GPU.
+- `"pallas"`: flash-style Pallas kernels for causal sigmoid and 'none' (fp16/bf16 on
+  an NVIDIA GPU; Pallas interpret mode, slow but exact, elsewhere).
 - `None` picks: cudnn where it can serve, else the linear form for causal 'none', else
   chunked for sequences longer than one block, else reference.
 """
@@ -16,11 +18,12 @@ import jax.numpy as jnp
 
 from ._chunked import chunked_attention
 from ._linear import linear_causal_attention
+from ._pallas import pallas_attention
 from ._options import check_option
 from ._reference import reference_attention
 from ._rope import rotate_pairs
 
-IMPLEMENTATIONS = ("reference", "chunked", "cudnn")
+IMPLEMENTATIONS = ("reference", "chunked", "cudnn", "pallas")
 BLOCK = 512  # query/key block of the chunked path
 LINEAR_CHUNK = {"gpu": 256}  # chunk of the linear 'none' path, by platform
 LINEAR_CHUNK_DEFAULT = 64  # best on CPU
@@ -62,13 +65,30 @@ def cudnn_unsupported(activation, causal, dtype, dqk, dv) -> str | None:
     return None
 
 
+def pallas_unsupported(activation, causal, dtype, dqk, dv) -> str | None:
+    """Why the Pallas kernels cannot serve these inputs, or None if they can."""
+    if activation not in ("sigmoid", "none"):
+        return f"they cover sigmoid and 'none', not {activation!r} (softmax: use cudnn)"
+    if not causal:
+        return "they are used with the causal mask only (attention_mask=None)"
+    if dqk % 16 or dv % 16 or max(dqk, dv) > 256:
+        return f"they need head dims that are multiples of 16 and <= 256, got {dqk}/{dv}"
+    on_gpu = jax.default_backend() == "gpu"
+    if on_gpu and dtype not in (jnp.dtype(jnp.bfloat16), jnp.dtype(jnp.float16)):
+        return f"on a GPU they need float16 or bfloat16 inputs, got {dtype}"
+    return None
+
+
 def select_implementation(requested, *, activation, causal, dtype, seq_len, dqk, dv) -> str:
     """The implementation to run; a ValueError if a forced one cannot serve."""
     if check_implementation(requested) is not None:
-        if requested == "cudnn":
-            reason = cudnn_unsupported(activation, causal, dtype, dqk, dv)
+        unsupported = {"cudnn": cudnn_unsupported, "pallas": pallas_unsupported}
+        if requested in unsupported:
+            reason = unsupported[requested](activation, causal, dtype, dqk, dv)
             if reason is not None:
-                raise ValueError(f'implementation="cudnn" cannot serve these inputs: {reason}.')
+                raise ValueError(
+                    f"implementation={requested!r} cannot serve these inputs: {reason}."
+                )
         return requested
     if cudnn_unsupported(activation, causal, dtype, dqk, dv) is None:
         return "cudnn"
@@ -160,6 +180,8 @@ def _run(
     precision = matmul_precision(dtype)
     if name == "cudnn":
         out = cudnn_attention(q.astype(dtype), k.astype(dtype), v)
+    elif name == "pallas":
+        out = pallas_attention(q.astype(dtype), k.astype(dtype), v, activation, sigmoid_bias)
     elif name == "chunked" and activation == "none" and mask is None:
         out = linear_causal_attention(
             q.astype(dtype), k.astype(dtype), v, linear_chunk, precision

@@ -110,3 +110,22 @@ def _cudnn_cases():
 def test_attention_golden_cudnn_path(case):
     archive, _ = load_golden()
     check_case(case, archive, implementation="cudnn")
+
+
+def _pallas_cases():
+    from eqx_xlstm._dispatch import pallas_unsupported
+
+    def eligible(case):
+        dqk, dv = case["q_shape"][-1], case["v_shape"][-1]
+        dtype = jnp.dtype(case["input_dtype"])
+        causal = case["mask"] == "causal"
+        return pallas_unsupported(case["activation_function"], causal, dtype, dqk, dv) is None
+
+    return [p for p in golden_cases("attn") if p.values[0] is None or eligible(p.values[0])]
+
+
+@pytest.mark.parametrize("case", _pallas_cases())
+def test_attention_golden_pallas_path(case):
+    # Pallas interpret mode on a CPU, the Triton kernels on a GPU.
+    archive, _ = load_golden()
+    check_case(case, archive, implementation="pallas")

@@ -102,6 +102,32 @@ def test_backend_config_selects_implementation(small_blocks):
         ex.mLSTMBackendAttentionConfig(implementation="flash")
 
 
+@pytest.mark.parametrize("activation", ["sigmoid", "none"])
+@pytest.mark.parametrize("seq", [1, 50, 150])
+@pytest.mark.parametrize("pre", ["none", "swish"])
+def test_pallas_matches_reference(activation, seq, pre):
+    # On a CPU this runs the kernels in Pallas interpret mode.
+    dtype = jnp.bfloat16 if jax.default_backend() == "gpu" else jnp.float32
+    tol = dict(atol=3e-2, rtol=2e-2) if dtype == jnp.bfloat16 else dict(atol=2e-5, rtol=2e-5)
+    q, k, v, g = inputs(seq, shape=(2,), dqk=16, dv=32, dtype=dtype)
+    expected = out_and_grads("reference", q, k, v, g, None, activation, pre)
+    got = out_and_grads("pallas", q, k, v, g, None, activation, pre)
+    for name, a, b in zip(("out", "dq", "dk", "dv"), got, expected):
+        np.testing.assert_allclose(a, b, err_msg=name, **tol)
+
+
+def test_pallas_refusals():
+    q, k, v, _ = inputs(8, dqk=16, dv=16)
+    with pytest.raises(ValueError, match="'pallas'.*softmax: use cudnn"):
+        ex.attention(q, k, v, implementation="pallas")
+    with pytest.raises(ValueError, match="causal mask only"):
+        ex.attention(q, k, v, jnp.ones((8, 8), bool), activation_function="sigmoid",
+                     implementation="pallas")
+    q8, k8, v8, _ = inputs(8, dqk=8, dv=8)
+    with pytest.raises(ValueError, match="multiples of 16"):
+        ex.attention(q8, k8, v8, activation_function="none", implementation="pallas")
+
+
 def test_default_selection():
     select = lambda **kw: dispatch.select_implementation(  # noqa: E731
         None,
