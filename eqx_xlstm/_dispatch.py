@@ -18,8 +18,8 @@ import jax.numpy as jnp
 
 from ._chunked import chunked_attention
 from ._linear import linear_causal_attention
-from ._pallas import pallas_attention
 from ._options import check_option
+from ._pallas import pallas_attention
 from ._reference import reference_attention
 from ._rope import rotate_pairs
 
