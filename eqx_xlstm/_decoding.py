@@ -97,8 +97,9 @@ def prompt_state(k, v, *, sin, cos, activation, pre_activation, context_length):
     if _uses_cache(activation):
         pad = [(0, 0)] * (k.ndim - 2) + [(0, context_length - seq_len), (0, 0)]
         return jnp.pad(k, pad), jnp.pad(v, pad), m
-    kv = jnp.einsum("...sd,...sv->...dv", k, v.astype(jnp.float32),
-                    precision=matmul_precision(v.dtype))
+    kv = jnp.einsum(
+        "...sd,...sv->...dv", k, v.astype(jnp.float32), precision=matmul_precision(v.dtype)
+    )
     return kv, jnp.sum(k, axis=-2), m
 
 

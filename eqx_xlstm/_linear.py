@@ -33,9 +33,7 @@ def linear_causal_attention(q, k, v, chunk=64, precision=None):
         return x.reshape(x.shape[0], n_chunks, chunk, x.shape[-1])
 
     qc, kc, vc = chunks(q), chunks(k), chunks(v)
-    einsum = functools.partial(
-        jnp.einsum, precision=precision, preferred_element_type=jnp.float32
-    )
+    einsum = functools.partial(jnp.einsum, precision=precision, preferred_element_type=jnp.float32)
     kv = einsum("nckd,nckv->ncdv", kc, vc)
     # Exclusive cumulative sum: the state before each chunk.
     states = jnp.cumsum(jnp.pad(kv[:, :-1], ((0, 0), (1, 0), (0, 0), (0, 0))), axis=1)

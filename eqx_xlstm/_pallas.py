@@ -51,8 +51,7 @@ def _fwd_kernel(q_ref, k_ref, v_ref, o_ref, *, activation, bias, scale, block, s
     o_ref[...] = acc.astype(o_ref.dtype)
 
 
-def _dq_kernel(q_ref, k_ref, v_ref, do_ref, dq_ref, *, activation, bias, scale, block,
-               seq_len):
+def _dq_kernel(q_ref, k_ref, v_ref, do_ref, dq_ref, *, activation, bias, scale, block, seq_len):
     i = pl.program_id(1)
     q, do = q_ref[...], do_ref[...]
 
@@ -69,8 +68,21 @@ def _dq_kernel(q_ref, k_ref, v_ref, do_ref, dq_ref, *, activation, bias, scale, 
     dq_ref[...] = dq.astype(dq_ref.dtype)
 
 
-def _dkv_kernel(q_ref, k_ref, v_ref, do_ref, dk_ref, dv_ref, *, activation, bias, scale,
-                block, seq_len, n_blocks):
+def _dkv_kernel(
+    q_ref,
+    k_ref,
+    v_ref,
+    do_ref,
+    dk_ref,
+    dv_ref,
+    *,
+    activation,
+    bias,
+    scale,
+    block,
+    seq_len,
+    n_blocks,
+):
     j = pl.program_id(1)
     k, v = k_ref[...], v_ref[...]
 
@@ -105,8 +117,15 @@ def _call(kernel, grid, in_specs, out_specs, out_shape, interpret):
         from jax.experimental.pallas import triton as plgpu
 
         params = plgpu.CompilerParams(num_warps=4, num_stages=2)
-    return pl.pallas_call(kernel, out_shape=out_shape, grid=grid, in_specs=in_specs,
-                          out_specs=out_specs, interpret=interpret, compiler_params=params)
+    return pl.pallas_call(
+        kernel,
+        out_shape=out_shape,
+        grid=grid,
+        in_specs=in_specs,
+        out_specs=out_specs,
+        interpret=interpret,
+        compiler_params=params,
+    )
 
 
 @functools.partial(jax.custom_vjp, nondiff_argnums=(3, 4, 5, 6))
@@ -119,10 +138,17 @@ def _flash_fwd(q, k, v, activation, bias, seq_len, interpret):
     dv = v.shape[-1]
     n_blocks = padded // BLOCK
     row, whole = _specs(padded, BLOCK, None)
-    kernel = functools.partial(_fwd_kernel, activation=activation, bias=bias,
-                               scale=dqk**-0.5, block=BLOCK, seq_len=seq_len)
-    out = _call(kernel, (n, n_blocks), [row(dqk), whole(dqk), whole(dv)], row(dv),
-                jax.ShapeDtypeStruct((n, padded, dv), v.dtype), interpret)(q, k, v)
+    kernel = functools.partial(
+        _fwd_kernel, activation=activation, bias=bias, scale=dqk**-0.5, block=BLOCK, seq_len=seq_len
+    )
+    out = _call(
+        kernel,
+        (n, n_blocks),
+        [row(dqk), whole(dqk), whole(dv)],
+        row(dv),
+        jax.ShapeDtypeStruct((n, padded, dv), v.dtype),
+        interpret,
+    )(q, k, v)
     return out, (q, k, v)
 
 
@@ -132,16 +158,23 @@ def _flash_bwd(activation, bias, seq_len, interpret, residuals, d_out):
     dv = v.shape[-1]
     n_blocks = padded // BLOCK
     row, whole = _specs(padded, BLOCK, None)
-    options = dict(activation=activation, bias=bias, scale=dqk**-0.5, block=BLOCK,
-                   seq_len=seq_len)
-    dq = _call(functools.partial(_dq_kernel, **options), (n, n_blocks),
-               [row(dqk), whole(dqk), whole(dv), row(dv)], row(dqk),
-               jax.ShapeDtypeStruct(q.shape, q.dtype), interpret)(q, k, v, d_out)
-    dk, dvv = _call(functools.partial(_dkv_kernel, n_blocks=n_blocks, **options),
-                    (n, n_blocks), [whole(dqk), row(dqk), row(dv), whole(dv)],
-                    [row(dqk), row(dv)],
-                    [jax.ShapeDtypeStruct(k.shape, k.dtype),
-                     jax.ShapeDtypeStruct(v.shape, v.dtype)], interpret)(q, k, v, d_out)
+    options = dict(activation=activation, bias=bias, scale=dqk**-0.5, block=BLOCK, seq_len=seq_len)
+    dq = _call(
+        functools.partial(_dq_kernel, **options),
+        (n, n_blocks),
+        [row(dqk), whole(dqk), whole(dv), row(dv)],
+        row(dqk),
+        jax.ShapeDtypeStruct(q.shape, q.dtype),
+        interpret,
+    )(q, k, v, d_out)
+    dk, dvv = _call(
+        functools.partial(_dkv_kernel, n_blocks=n_blocks, **options),
+        (n, n_blocks),
+        [whole(dqk), row(dqk), row(dv), whole(dv)],
+        [row(dqk), row(dv)],
+        [jax.ShapeDtypeStruct(k.shape, k.dtype), jax.ShapeDtypeStruct(v.shape, v.dtype)],
+        interpret,
+    )(q, k, v, d_out)
     return dq, dk, dvv
 
 
@@ -160,6 +193,7 @@ def pallas_attention(q, k, v, activation, sigmoid_bias, interpret=None):
         x = x.reshape(-1, seq_len, x.shape[-1])
         return jnp.pad(x, ((0, 0), (0, padded - seq_len), (0, 0)))
 
-    out = _flash(prep(q), prep(k), prep(v), activation, float(sigmoid_bias), seq_len,
-                 bool(interpret))
+    out = _flash(
+        prep(q), prep(k), prep(v), activation, float(sigmoid_bias), seq_len, bool(interpret)
+    )
     return out[:, :seq_len].reshape(*batch_shape, seq_len, v.shape[-1])

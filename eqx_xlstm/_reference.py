@@ -48,10 +48,6 @@ def reference_attention(
         mask = causal_mask(seq_len)
     logits = jnp.einsum(
         "...qd,...kd->...qk", q, k, preferred_element_type=jnp.float32, precision=precision
-    ) / jnp.sqrt(
-        jnp.float32(head_dim)
-    )
+    ) / jnp.sqrt(jnp.float32(head_dim))
     weights = masked_weights(logits, mask, activation, sigmoid_bias)
-    return jnp.einsum(
-        "...qk,...kd->...qd", weights, v.astype(jnp.float32), precision=precision
-    )
+    return jnp.einsum("...qk,...kd->...qd", weights, v.astype(jnp.float32), precision=precision)
