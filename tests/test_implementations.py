@@ -113,7 +113,9 @@ def test_pallas_matches_reference(activation, seq, pre):
     expected = out_and_grads("reference", q, k, v, g, None, activation, pre)
     got = out_and_grads("pallas", q, k, v, g, None, activation, pre)
     for name, a, b in zip(("out", "dq", "dk", "dv"), got, expected):
-        np.testing.assert_allclose(a, b, err_msg=name, **tol)
+        # bf16 weights carry ~2^-8 relative error each; 'none' outputs are unbounded sums.
+        scale = max(1.0, float(np.abs(b).max())) if dtype == jnp.bfloat16 else 1.0
+        np.testing.assert_allclose(a, b, err_msg=name, atol=tol["atol"] * scale, rtol=tol["rtol"])
 
 
 def test_pallas_refusals():
@@ -121,8 +123,9 @@ def test_pallas_refusals():
     with pytest.raises(ValueError, match="'pallas'.*softmax: use cudnn"):
         ex.attention(q, k, v, implementation="pallas")
     with pytest.raises(ValueError, match="causal mask only"):
-        ex.attention(q, k, v, jnp.ones((8, 8), bool), activation_function="sigmoid",
-                     implementation="pallas")
+        ex.attention(
+            q, k, v, jnp.ones((8, 8), bool), activation_function="sigmoid", implementation="pallas"
+        )
     q8, k8, v8, _ = inputs(8, dqk=8, dv=8)
     with pytest.raises(ValueError, match="multiples of 16"):
         ex.attention(q8, k8, v8, activation_function="none", implementation="pallas")
