@@ -13,7 +13,7 @@ from ._backend import mLSTMBackend
 from ._decoding import check_state, decode, prompt_state
 from ._dispatch import check_implementation
 from ._options import ACTIVATIONS, PRE_ACTIVATIONS, check_option
-from ._rope import _check_even, _check_theta, precompute_freqs
+from ._rope import check_even, check_theta, precompute_freqs
 from ._typecheck import typechecked
 
 
@@ -37,12 +37,12 @@ class mLSTMBackendAttentionConfig:  # noqa: N801 (upstream name)
     """RoPE wavelength base."""
     implementation: str | None = None
     """Attention implementation, as `eqx_xlstm.attention`'s `implementation`: None
-    (best for the inputs), "reference", "chunked" or "cudnn"."""
+    (best for the inputs), "reference", "chunked", "cudnn" or "pallas"."""
 
     def __post_init__(self):
         check_option(self.activation_function, ACTIVATIONS, "activation_function")
         check_option(self.qk_pre_activation_function, PRE_ACTIVATIONS, "qk_pre_activation_function")
-        _check_theta(self.theta)
+        check_theta(self.theta)
         check_implementation(self.implementation)
         if not isinstance(self.context_length, int) or not (
             self.context_length == -1 or self.context_length >= 1
@@ -121,7 +121,7 @@ class mLSTMBackendAttention(mLSTMBackend):  # noqa: N801 (upstream name)
             )
         if not isinstance(qk_head_dim, int) or qk_head_dim < 2:
             raise ValueError(f"`qk_head_dim` must be an int >= 2, got {qk_head_dim!r}.")
-        _check_even(qk_head_dim, "`qk_head_dim`")
+        check_even(qk_head_dim, "`qk_head_dim`")
         self.config = config
         self.qk_head_dim = qk_head_dim
         self.freqs_sin, self.freqs_cos = precompute_freqs(

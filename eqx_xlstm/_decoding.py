@@ -33,22 +33,6 @@ def _uses_cache(activation: str) -> bool:
     return activation != "none"
 
 
-def empty_state(batch_shape, activation, context_length, dqk, dv, v_dtype):
-    """The state before any position: zeros and m = 0."""
-    m = jnp.zeros(batch_shape, jnp.int32)
-    if _uses_cache(activation):
-        return (
-            jnp.zeros((*batch_shape, context_length, dqk), jnp.float32),
-            jnp.zeros((*batch_shape, context_length, dv), v_dtype),
-            m,
-        )
-    return (
-        jnp.zeros((*batch_shape, dqk, dv), jnp.float32),
-        jnp.zeros((*batch_shape, dqk), jnp.float32),
-        m,
-    )
-
-
 def check_state(state, batch_shape, activation, context_length, dqk, dv):
     """A ValueError if `state` does not belong to a backend with these settings."""
     c, n, m = state

@@ -16,12 +16,12 @@ from jaxtyping import Array, Float
 from ._typecheck import typechecked
 
 
-def _check_theta(theta: float, name: str = "theta") -> None:
+def check_theta(theta: float, name: str = "theta") -> None:
     if not (isinstance(theta, (int, float)) and math.isfinite(theta) and theta > 0):
         raise ValueError(f"`{name}` must be a finite number > 0, got {theta!r}.")
 
 
-def _check_even(dim: int, name: str) -> None:
+def check_even(dim: int, name: str) -> None:
     if dim % 2:
         raise ValueError(
             f"{name} must be even for rotary embeddings (pairs 2i, 2i+1 are "
@@ -52,7 +52,7 @@ def precompute_freqs(
         raise ValueError(f"`feat_dim` must be >= 1, got {feat_dim}.")
     if max_length < 0:
         raise ValueError(f"`max_length` must be >= 0, got {max_length}.")
-    _check_theta(theta)
+    check_theta(theta)
     exponents = np.arange(0, feat_dim, 2, dtype=np.float64)[: feat_dim // 2] / feat_dim
     inv_wavelength = 1.0 / (float(theta) ** exponents)
     angles = np.outer(np.arange(max_length, dtype=np.float64), inv_wavelength)
@@ -93,11 +93,11 @@ def rope_tables(
 ) -> tuple[Array, Array]:
     """Return `(sin, cos)` of shape `(seq_len, dim // 2)`: the given tables' first
     rows, or fresh tables from `theta`. Raises a ValueError naming what is wrong."""
-    _check_even(dim, "The head dimension (last axis of queries and keys)")
+    check_even(dim, "The head dimension (last axis of queries and keys)")
     if (freqs_sin is None) != (freqs_cos is None):
         raise ValueError("Pass both `freqs_sin` and `freqs_cos`, or neither.")
     if freqs_sin is None:
-        _check_theta(theta)
+        check_theta(theta)
         return precompute_freqs(dim, seq_len, theta)
     if freqs_sin.shape != freqs_cos.shape:
         raise ValueError(
