@@ -25,7 +25,7 @@ import jax
 import jax.numpy as jnp
 from jax.core import Tracer
 
-from ._dispatch import matmul_precision, prepare_qk, rotate_keys
+from ._dispatch import matmul_precision, prepare_qk, swish_and_rotate
 from ._reference import masked_weights
 
 
@@ -75,7 +75,7 @@ def _check_room(m, new, context_length):
 
 def prompt_state(k, v, *, sin, cos, activation, pre_activation, context_length):
     """The state after the positions of a parallel call (k: `(*batch, S, DQK)`)."""
-    k = rotate_keys(k, pre_activation, sin, cos)
+    k = swish_and_rotate(k, pre_activation, sin, cos)
     seq_len = k.shape[-2]
     m = jnp.full(k.shape[:-2], seq_len, jnp.int32)
     if _uses_cache(activation):

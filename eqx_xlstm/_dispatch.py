@@ -28,6 +28,7 @@ IMPLEMENTATIONS = ("reference", "chunked", "cudnn", "pallas")
 BLOCK = 512  # query/key block of the chunked path
 LINEAR_CHUNK = {"gpu": 256}  # chunk of the linear 'none' path, by platform
 LINEAR_CHUNK_DEFAULT = 64  # best on CPU
+HALF_DTYPES = (jnp.dtype(jnp.bfloat16), jnp.dtype(jnp.float16))  # what the GPU kernels take
 
 
 def linear_chunk() -> int:
@@ -59,7 +60,7 @@ def cudnn_unsupported(activation, causal, dtype, dqk, dv) -> str | None:
         return f"it computes softmax only, not activation_function={activation!r}"
     if not causal:
         return "it is used with the causal mask only (attention_mask=None)"
-    if dtype not in (jnp.dtype(jnp.bfloat16), jnp.dtype(jnp.float16)):
+    if dtype not in HALF_DTYPES:
         return f"it needs float16 or bfloat16 inputs, got {dtype}"
     if dqk != dv or dqk % 8 or dqk > 128:
         return f"it needs equal q/k/v head dims, a multiple of 8 and <= 128, got {dqk}/{dv}"
@@ -75,7 +76,7 @@ def pallas_unsupported(activation, causal, dtype, dqk, dv) -> str | None:
     if dqk % 16 or dv % 16 or max(dqk, dv) > 256:
         return f"they need head dims that are multiples of 16 and <= 256, got {dqk}/{dv}"
     on_gpu = jax.default_backend() == "gpu"
-    if on_gpu and dtype not in (jnp.dtype(jnp.bfloat16), jnp.dtype(jnp.float16)):
+    if on_gpu and dtype not in HALF_DTYPES:
         return f"on a GPU they need float16 or bfloat16 inputs, got {dtype}"
     return None
 
@@ -131,7 +132,7 @@ def cudnn_attention(q, k, v):
     return out[:, :seq_len, 0, :].reshape(v.shape)
 
 
-def rotate_keys(x, pre_activation, sin, cos):
+def swish_and_rotate(x, pre_activation, sin, cos):
     """Swish (optional) then RoPE, in float32; XLA fuses it into one elementwise pass."""
     x = x.astype(jnp.float32)
     if pre_activation != "none":
@@ -140,8 +141,11 @@ def rotate_keys(x, pre_activation, sin, cos):
 
 
 def prepare_qk(q, k, pre_activation, sin, cos):
-    """`rotate_keys` on queries and keys."""
-    return rotate_keys(q, pre_activation, sin, cos), rotate_keys(k, pre_activation, sin, cos)
+    """`swish_and_rotate` on queries and keys."""
+    return (
+        swish_and_rotate(q, pre_activation, sin, cos),
+        swish_and_rotate(k, pre_activation, sin, cos),
+    )
 
 
 def run_implementation(
