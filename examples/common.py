@@ -170,10 +170,10 @@ def train(args, config: ex.ModelConfig, make_batch: Callable, *, data_settings: 
         return eqx.apply_updates(params, updates), opt_state, loss
 
     last = args.stop_after or args.steps
+    data_key = jax.random.fold_in(jax.random.wrap_key_data(run.key), 1)
     progress = _progress(run.step, last, args.no_progress)
     start, tokens_seen = time.perf_counter(), 0
     while run.step < last:
-        data_key = jax.random.fold_in(jax.random.wrap_key_data(run.key), 1)
         batch = jax.device_put(make_batch(data_key, run.step), by_batch)
         run.params, run.opt_state, loss = train_step(run.params, run.opt_state, *batch)
         run.step += 1
