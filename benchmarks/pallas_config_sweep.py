@@ -1,13 +1,18 @@
-"""Sweep the Pallas kernel configuration (blocks, warps, stages, fast sigmoid) on a GPU.
+"""Sweep the Pallas kernels' configuration on a GPU, next to the peers.
 
-Sets the module-level settings of `eqx_xlstm._pallas`, clears the jit caches, and prints
-fwd and fwd+bwd times of causal sigmoid attention (bf16, B=4, NH=16, D=128, S=8192,
-swish + RoPE) next to bare cuDNN softmax, with the largest error against the reference
-path at S=300. A configuration that does not fit the GPU's shared memory is reported.
+Sets the module-level settings of `eqx_xlstm._pallas` (forward and backward block
+sizes, warps, stages; swish + RoPE inside the kernels or in an XLA pass in front),
+clears the jit caches, and prints fwd and fwd+bwd times of causal attention (bf16,
+B=4, NH=16, D=128, swish + RoPE) for each activation, with the largest error against
+the reference path at S=300. Peers in the same run: bare cuDNN softmax (no RoPE), our
+cuDNN path (swish + RoPE by XLA in front), and jax's own Mosaic GPU flash attention
+(`jax.experimental.pallas.ops.gpu.attention_mgpu`, softmax, no RoPE) where it runs.
+A configuration that does not fit the GPU's shared memory is reported as failed.
 
-    python benchmarks/pallas_config_sweep.py     # GPU only
+    python benchmarks/pallas_config_sweep.py --seq 8192     # GPU only
 """
 
+import argparse
 import statistics
 import time
 
@@ -17,25 +22,40 @@ import jax.numpy as jnp
 import eqx_xlstm as ex
 import eqx_xlstm._pallas as pallas
 
-B, H, D, S = 4, 16, 128, 8192
-# (BLOCK_Q, BLOCK_K, NUM_WARPS, NUM_STAGES, FAST_SIGMOID)
-CONFIGS = [
-    (64, 64, 4, 2, False),
-    (128, 64, 4, 2, False),
-    (128, 64, 8, 3, False),
-    (128, 128, 8, 3, False),
-    (64, 128, 4, 3, False),
-    (128, 64, 4, 3, True),
-    (128, 64, 8, 3, True),
-    (64, 64, 4, 2, True),
+parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+parser.add_argument("--seq", type=int, default=8192)
+parser.add_argument("--activations", default="sigmoid,softmax")
+parser.add_argument("--repeats", type=int, default=10)
+parser.add_argument("--no-sweep", action="store_true", help="defaults and peers only")
+args = parser.parse_args()
+
+B, H, D, S = 4, 16, 128, args.seq
+# (query block, key block, warps, stages)
+FWD_CONFIGS = [
+    (64, 64, 4, 2),
+    (128, 64, 4, 2),
+    (128, 64, 8, 2),
+    (128, 128, 8, 2),
+    (128, 64, 4, 3),
+    (128, 32, 4, 3),
+    (64, 128, 4, 2),
+]
+BWD_CONFIGS = [
+    (64, 64, 4, 2),
+    (32, 64, 4, 2),
+    (64, 32, 4, 2),
+    (64, 64, 8, 2),
+    (64, 64, 4, 3),
+    (128, 64, 8, 2),
+    (64, 128, 8, 2),
 ]
 
 
-def bench(fn, *xs, repeats=10):
+def bench(fn, *xs):
     compiled = jax.jit(fn).lower(*xs).compile()
     jax.block_until_ready(compiled(*xs))
     times = []
-    for _ in range(repeats):
+    for _ in range(args.repeats):
         start = time.perf_counter()
         jax.block_until_ready(compiled(*xs))
         times.append(time.perf_counter() - start)
@@ -46,12 +66,12 @@ def grad(fn):
     return jax.grad(lambda *x: jnp.sum(fn(*x).astype(jnp.float32)), argnums=(0, 1, 2))
 
 
-def sigmoid_attention(implementation):
+def ours(activation, implementation):
     return lambda q, k, v: ex.attention(
         q,
         k,
         v,
-        activation_function="sigmoid",
+        activation_function=activation,
         qk_pre_activation_function="swish",
         implementation=implementation,
     )
@@ -61,33 +81,80 @@ def cudnn(q, k, v):
     return jax.nn.dot_product_attention(q, k, v, is_causal=True, implementation="cudnn")
 
 
+def mosaic_peer():
+    from jax.experimental.pallas.ops.gpu import attention_mgpu as mgpu
+
+    config = mgpu.TuningConfig(
+        block_q=64,
+        block_kv=128,
+        max_concurrent_steps=2,
+        causal=True,
+        block_q_dkv=64,
+        block_kv_dkv=64,
+        block_q_dq=64,
+        block_kv_dq=64,
+    )
+    return lambda q, k, v: mgpu.attention(q, k, v, config)
+
+
+def both_passes(label, fn, xs):
+    try:
+        fwd = bench(fn, *xs)
+        full = bench(grad(fn), *xs)
+        print(f"{label}: fwd {fwd:.2f} ms, fwd+bwd {full:.2f} ms", flush=True)
+        return fwd, full
+    except Exception as err:  # noqa: BLE001 - report and go on
+        print(f"{label}: failed: {type(err).__name__}: {str(err).splitlines()[0][:150]}")
+        return None
+
+
+def configure(fwd=None, bwd=None, fuse=None):
+    pallas.FWD_CONFIG = fwd or DEFAULTS[0]
+    pallas.BWD_CONFIG = bwd or DEFAULTS[1]
+    pallas.FUSE_ROPE = DEFAULTS[2] if fuse is None else fuse
+    jax.clear_caches()
+
+
+def max_error(activation):
+    small = [jax.random.normal(key, (2, 3, 300, D), jnp.bfloat16) for key in keys]
+    got = ours(activation, "pallas")(*small).astype(jnp.float32)
+    want = ours(activation, "reference")(*small).astype(jnp.float32)
+    return float(jnp.max(jnp.abs(got - want)))
+
+
+DEFAULTS = (pallas.FWD_CONFIG, pallas.BWD_CONFIG, pallas.FUSE_ROPE)
 keys = jax.random.split(jax.random.key(0), 3)
 qkv = [jax.random.normal(key, (B, H, S, D), jnp.bfloat16) for key in keys]
-small = [jax.random.normal(key, (2, 3, 300, D), jnp.bfloat16) for key in keys]
 bshd = [x.transpose(0, 2, 1, 3) for x in qkv]
-print(f"device: {jax.devices()[0].device_kind}; bf16 B={B} NH={H} D={D} S={S}")
 print(
-    f"bare cuDNN softmax: fwd {bench(cudnn, *bshd):.2f} ms, "
-    f"fwd+bwd {bench(grad(cudnn), *bshd):.2f} ms"
+    f"device: {jax.devices()[0].device_kind}; bf16 B={B} NH={H} D={D} S={S}; jax {jax.__version__}"
 )
-for config in CONFIGS:
-    (pallas.BLOCK_Q, pallas.BLOCK_K, pallas.NUM_WARPS, pallas.NUM_STAGES, pallas.FAST_SIGMOID) = (
-        config
-    )
-    jax.clear_caches()
-    label = "bq={} bk={} warps={} stages={} fast={}".format(*config)
-    kernel, reference = sigmoid_attention("pallas"), sigmoid_attention("reference")
-    try:
-        out, vjp = jax.vjp(kernel, *small)
-        expected, vjp_ref = jax.vjp(reference, *small)
-        ones = jnp.ones_like(out)
-        pairs = zip((out, *vjp(ones)), (expected, *vjp_ref(ones)))
-        err = max(
-            float(jnp.abs(a.astype(jnp.float32) - b.astype(jnp.float32)).max()) for a, b in pairs
-        )
-        print(
-            f"{label}: fwd {bench(kernel, *qkv):.2f} ms, "
-            f"fwd+bwd {bench(grad(kernel), *qkv):.2f} ms, max error {err:.3f}"
-        )
-    except Exception as err:  # noqa: BLE001 - e.g. shared memory exceeded
-        print(f"{label}: failed: {type(err).__name__}: {str(err)[:160]}")
+both_passes("bare cuDNN softmax (no RoPE)", cudnn, bshd)
+both_passes("ours cudnn softmax (swish+RoPE)", ours("softmax", "cudnn"), qkv)
+try:
+    both_passes("jax Mosaic GPU flash softmax (no RoPE)", mosaic_peer(), bshd)
+except Exception as err:  # noqa: BLE001
+    print(f"jax Mosaic GPU flash softmax: unavailable: {type(err).__name__}: {err}")
+for activation in args.activations.split(","):
+    fn = ours(activation, "pallas")
+    for fuse in (True, False):
+        configure(fuse=fuse)
+        where = "in kernel" if fuse else "XLA in front"
+        both_passes(f"{activation} pallas defaults, swish+RoPE {where}", fn, qkv)
+    configure()
+    print(f"{activation} max error vs reference (S=300): {max_error(activation):.4f}")
+    if args.no_sweep:
+        continue
+    for config in FWD_CONFIGS:
+        configure(fwd=config)
+        try:
+            print(f"{activation} fwd {config}: {bench(fn, *qkv):.2f} ms", flush=True)
+        except Exception as err:  # noqa: BLE001
+            print(f"{activation} fwd {config}: failed: {str(err).splitlines()[0][:150]}")
+    for config in BWD_CONFIGS:
+        configure(bwd=config)
+        try:
+            print(f"{activation} fwd+bwd, bwd {config}: {bench(grad(fn), *qkv):.2f} ms", flush=True)
+        except Exception as err:  # noqa: BLE001
+            print(f"{activation} fwd+bwd, bwd {config}: failed: {str(err).splitlines()[0][:150]}")
+    configure()

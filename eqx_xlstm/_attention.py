@@ -115,8 +115,10 @@ def attention(
     - `sigmoid_bias`: the bias $b$ of `"sigmoid"`; default $-\log S$.
     - `implementation`: `None` (the best path for platform, dtype and shape),
         `"reference"` (S x S weights, like the upstream), `"chunked"` (memory linear
-        in S; for causal 'none' the chunkwise linear form) or `"cudnn"` (causal
-        softmax in fp16/bf16 on an NVIDIA GPU). A forced path that cannot serve the
+        in S; for causal 'none' the chunkwise linear form), `"cudnn"` (causal
+        softmax in fp16/bf16 on an NVIDIA GPU) or `"pallas"` (causal flash kernels
+        for every activation with swish and RoPE fused in; fp16/bf16 on an NVIDIA
+        GPU, interpret mode elsewhere). A forced path that cannot serve the
         inputs raises a ValueError saying why.
 
     **Returns:**

@@ -5,8 +5,9 @@
   with the causal mask, the chunkwise linear-attention form (O(S * D^2)).
 - `"cudnn"`: `jax.nn.dot_product_attention(..., is_causal=True, implementation="cudnn")`,
   for softmax, causal, fp16/bf16 on an NVIDIA GPU.
-- `"pallas"`: flash-style Pallas kernels for causal sigmoid and 'none' (fp16/bf16 on
-  an NVIDIA GPU; Pallas interpret mode, slow but exact, elsewhere).
+- `"pallas"`: flash-style Pallas kernels for causal softmax, sigmoid and 'none', with
+  swish and RoPE inside the kernels (fp16/bf16 on an NVIDIA GPU; Pallas interpret mode,
+  slow but exact, elsewhere).
 - `None` picks: cudnn where it can serve; on a GPU, pallas for causal 16-bit sigmoid;
   else the linear form for causal 'none', else chunked for sequences longer than one
   block, else reference.
@@ -17,6 +18,7 @@ import functools
 import jax
 import jax.numpy as jnp
 
+from . import _pallas
 from ._chunked import chunked_attention
 from ._linear import linear_causal_attention
 from ._options import check_option
@@ -69,15 +71,15 @@ def cudnn_unsupported(activation, causal, dtype, dqk, dv) -> str | None:
 
 def pallas_unsupported(activation, causal, dtype, dqk, dv) -> str | None:
     """Why the Pallas kernels cannot serve these inputs, or None if they can."""
-    if activation not in ("sigmoid", "none"):
-        return f"they cover sigmoid and 'none', not {activation!r} (softmax: use cudnn)"
     if not causal:
         return "they are used with the causal mask only (attention_mask=None)"
     if dqk % 16 or dv % 16 or max(dqk, dv) > 256:
         return f"they need head dims that are multiples of 16 and <= 256, got {dqk}/{dv}"
-    on_gpu = jax.default_backend() == "gpu"
-    if on_gpu and dtype not in HALF_DTYPES:
-        return f"on a GPU they need float16 or bfloat16 inputs, got {dtype}"
+    if jax.default_backend() == "gpu":
+        if dtype not in HALF_DTYPES:
+            return f"on a GPU they need float16 or bfloat16 inputs, got {dtype}"
+        if dqk & (dqk - 1) or dv & (dv - 1):
+            return f"on a GPU they need power-of-two head dims, got {dqk}/{dv}"
     return None
 
 
@@ -169,10 +171,11 @@ def run_implementation(
         jnp.dtype(dtype),
         BLOCK,
         linear_chunk(),
+        _pallas.FUSE_ROPE,
     )
 
 
-@functools.partial(jax.jit, static_argnums=range(6, 13))
+@functools.partial(jax.jit, static_argnums=range(6, 14))
 def _run(
     q,
     k,
@@ -187,7 +190,21 @@ def _run(
     dtype,
     block,
     linear_chunk,
+    fuse_rope,
 ):
+    if name == "pallas" and fuse_rope:
+        swish = pre_activation != "none"
+        out = pallas_attention(
+            q.astype(dtype),
+            k.astype(dtype),
+            v,
+            activation,
+            sigmoid_bias,
+            swish=swish,
+            sin=sin,
+            cos=cos,
+        )
+        return out.astype(dtype)
     q, k = prepare_qk(q, k, pre_activation, sin, cos)
     precision = matmul_precision(dtype)
     if name == "cudnn":

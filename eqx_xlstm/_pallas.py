@@ -1,249 +1,280 @@
-"""Flash-style causal attention kernels in Pallas (Triton lowering) for sigmoid and 'none'.
+"""Flash-style causal attention kernels in Pallas (Triton lowering): softmax, sigmoid
+and 'none', with swish and RoPE applied to the q/k tiles inside the kernels.
 
-Sigmoid attention needs no running max or row sum (Ramapuram et al. 2024,
-"Theory, Analysis, and Best Practices for Sigmoid Self-Attention"), so each query block
-simply accumulates sigmoid(q k^T * scale + bias) v over the key blocks on or below the
-diagonal; 'none' accumulates (q k^T * scale) v. Key blocks wholly below the diagonal
-skip the mask. The backward pass recomputes the weights block by block in two kernels
-(dq over key blocks; dk, dv over query blocks), so memory stays linear in S. Swish and
-RoPE run in front of the kernel, fused by XLA.
+Each query block walks the key blocks on or below the diagonal; key blocks wholly below
+it skip the mask. Softmax keeps a running max and sum (in log2 units, so the kernel uses
+exp2) and saves each row's log-sum-exp for the backward pass. Sigmoid attention needs
+no running statistics (Ramapuram et al. 2024, "Theory, Analysis, and Best Practices for
+Sigmoid Self-Attention"): it just accumulates sigmoid(q k^T * scale + bias) v; 'none'
+accumulates (q k^T * scale) v. The backward pass recomputes the weights block by block
+in two kernels (dq over key blocks; dk, dv over query blocks), so memory stays linear
+in S. With `rope`/`swish` on, the kernels read raw q and k plus the RoPE tables, and
+their dq, dk are gradients w.r.t. the raw inputs; RoPE tables are constants (no
+gradient flows to them).
 
 On a machine without a GPU the same kernels run in Pallas interpret mode (slow, exact).
 """
 
 import functools
+import math
 
 import jax
 import jax.numpy as jnp
 from jax.experimental import pallas as pl
 
-# Chosen by a sweep on an H200 (benchmarks/results/h200_pallas_config_sweep.txt);
-# the kernels take any multiples of 16.
-BLOCK_Q = 64
-BLOCK_K = 64
-NUM_WARPS = 4
-NUM_STAGES = 2
+from ._pallas_tiles import (
+    LOG2E,
+    KernelOptions,
+    allowed,
+    dot,
+    masked_then_full,
+    prepare,
+    prepare_grad,
+    score_grad,
+    weights,
+)
+
+# (query block, key block, warps, pipeline stages), chosen by a sweep on an H200
+# (benchmarks/pallas_config_sweep.py); blocks may be any powers of two >= 16.
+FWD_CONFIG = (64, 64, 4, 2)
+BWD_CONFIG = (64, 64, 4, 2)
 FAST_SIGMOID = True  # sigmoid via the GPU's approximate tanh (GPU only)
+FUSE_ROPE = True  # swish + RoPE inside the kernels; False: an XLA pass in front
 
 
-def _sigmoid(x, fast):
-    if fast:
-        from jax.experimental.pallas import triton as plgpu
-
-        return 0.5 + 0.5 * plgpu.approx_tanh(0.5 * x)
-    return jax.nn.sigmoid(x)
+def _take(refs, count):
+    return (tuple(refs[:count]) if count else None), refs[count:]
 
 
-def _weights(scores, allowed, activation, bias, fast):
-    p = _sigmoid(scores + bias, fast) if activation == "sigmoid" else scores
-    return p if allowed is None else jnp.where(allowed, p, 0.0)
+def _angles(tables, start, size):
+    """Rows `start .. start + size` of the (sin, cos) table refs, or None."""
+    if tables is None:
+        return None
+    return tuple(ref[pl.ds(start, size), :] for ref in tables)
 
 
-def _allowed(q_start, k_start, shape, seq_len):
-    q_pos = q_start + jax.lax.broadcasted_iota(jnp.int32, shape, 0)
-    k_pos = k_start + jax.lax.broadcasted_iota(jnp.int32, shape, 1)
-    return (k_pos <= q_pos) & (k_pos < seq_len)
-
-
-def _dot(a, b, trans_b=False):
-    dims = (((1,), (1,)), ((), ())) if trans_b else (((1,), (0,)), ((), ()))
-    return jax.lax.dot_general(a, b, dims, preferred_element_type=jnp.float32)
-
-
-def _grad_scores(dp, p, allowed, activation):
-    if activation == "sigmoid":
-        return dp * p * (1.0 - p)  # p is 0 where not allowed
-    return dp if allowed is None else jnp.where(allowed, dp, 0.0)
-
-
-def _masked_then_full(lo_masked, hi_masked, lo_full, hi_full, body, init):
-    """Run `body(j, carry, masked)` over two index ranges, masked and not."""
-    carry = jax.lax.fori_loop(lo_full, hi_full, lambda j, c: body(j, c, False), init)
-    return jax.lax.fori_loop(lo_masked, hi_masked, lambda j, c: body(j, c, True), carry)
-
-
-def _fwd_kernel(q_ref, k_ref, v_ref, o_ref, *, activation, bias, scale, bq, bk, seq_len, fast):
+def _fwd_kernel(*refs, o: KernelOptions):
+    bq, bk = o.fwd[:2]
+    (q_ref, k_ref, v_ref), rest = _take(refs, 3)
+    tables, (out_ref, *lse_ref) = _take(rest, 2 if o.rope else 0)
     i = pl.program_id(1)
-    q = q_ref[...]
+    q = prepare(q_ref[...], _angles(tables, i * bq, bq), o)
 
-    def body(j, acc, masked):
-        k = k_ref[pl.ds(j * bk, bk), :]
+    def body(j, carry, masked):
+        k = prepare(k_ref[pl.ds(j * bk, bk), :], _angles(tables, j * bk, bk), o)
         v = v_ref[pl.ds(j * bk, bk), :]
-        allowed = _allowed(i * bq, j * bk, (bq, bk), seq_len) if masked else None
-        p = _weights(_dot(q, k, trans_b=True) * scale, allowed, activation, bias, fast)
-        return acc + _dot(p.astype(v.dtype), v)
+        mask = allowed(i * bq, j * bk, (bq, bk), o.seq_len) if masked else None
+        if o.activation != "softmax":
+            return carry + dot(weights(q, k, mask, o).astype(v.dtype), v)
+        acc, m, total = carry
+        scores = dot(q, k, trans_b=True) * (o.scale * LOG2E)
+        if mask is not None:
+            scores = jnp.where(mask, scores, -jnp.inf)
+        m_new = jnp.maximum(m, scores.max(axis=1))
+        rescale = jnp.exp2(m - m_new)
+        p = jnp.exp2(scores - m_new[:, None])
+        acc = acc * rescale[:, None] + dot(p.astype(v.dtype), v)
+        return acc, m_new, total * rescale + p.sum(axis=1)
 
+    acc = jnp.zeros(out_ref.shape, jnp.float32)
+    if o.activation == "softmax":  # every causal row sees key 0, so m turns finite at once
+        acc = (acc, jnp.full((bq,), -1e30, jnp.float32), jnp.zeros((bq,), jnp.float32))
     n_full, n_all = (i * bq) // bk, pl.cdiv((i + 1) * bq, bk)
-    acc = _masked_then_full(n_full, n_all, 0, n_full, body, jnp.zeros(o_ref.shape, jnp.float32))
-    o_ref[...] = acc.astype(o_ref.dtype)
+    acc = masked_then_full(n_full, n_all, 0, n_full, body, acc)
+    if o.activation == "softmax":
+        acc, m, total = acc
+        lse_ref[0][...] = m + jnp.log2(total)
+        acc = acc / total[:, None]
+    out_ref[...] = acc.astype(out_ref.dtype)
 
 
-def _dq_kernel(
-    q_ref, k_ref, v_ref, do_ref, dq_ref, *, activation, bias, scale, bq, bk, seq_len, fast
-):
+def _dq_kernel(*refs, o: KernelOptions):
+    bq, bk = o.bwd[:2]
+    (q_ref, k_ref, v_ref, do_ref), rest = _take(refs, 4)
+    stats, rest = _take(rest, 2 if o.activation == "softmax" else 0)
+    tables, (dq_ref,) = _take(rest, 2 if o.rope else 0)
     i = pl.program_id(1)
-    q, do = q_ref[...], do_ref[...]
+    q_raw, q_angles = q_ref[...], _angles(tables, i * bq, bq)
+    q, do = prepare(q_raw, q_angles, o), do_ref[...]
+    lse, delta = (stats[0][...], stats[1][...]) if stats else (None, None)
 
     def body(j, dq, masked):
-        k = k_ref[pl.ds(j * bk, bk), :]
+        k = prepare(k_ref[pl.ds(j * bk, bk), :], _angles(tables, j * bk, bk), o)
         v = v_ref[pl.ds(j * bk, bk), :]
-        allowed = _allowed(i * bq, j * bk, (bq, bk), seq_len) if masked else None
-        p = _weights(_dot(q, k, trans_b=True) * scale, allowed, activation, bias, fast)
-        ds = _grad_scores(_dot(do, v, trans_b=True), p, allowed, activation)
-        return dq + _dot((ds * scale).astype(k.dtype), k)
+        mask = allowed(i * bq, j * bk, (bq, bk), o.seq_len) if masked else None
+        p = weights(q, k, mask, o, lse)
+        ds = score_grad(dot(do, v, trans_b=True), p, mask, o, delta)
+        return dq + dot((ds * o.scale).astype(k.dtype), k)
 
     n_full, n_all = (i * bq) // bk, pl.cdiv((i + 1) * bq, bk)
-    dq = _masked_then_full(n_full, n_all, 0, n_full, body, jnp.zeros(dq_ref.shape, jnp.float32))
-    dq_ref[...] = dq.astype(dq_ref.dtype)
+    dq = masked_then_full(n_full, n_all, 0, n_full, body, jnp.zeros(q_raw.shape, jnp.float32))
+    dq_ref[...] = prepare_grad(dq, q_raw, q_angles, o).astype(dq_ref.dtype)
 
 
-def _dkv_kernel(
-    q_ref,
-    k_ref,
-    v_ref,
-    do_ref,
-    dk_ref,
-    dv_ref,
-    *,
-    activation,
-    bias,
-    scale,
-    bq,
-    bk,
-    seq_len,
-    fast,
-    n_q_blocks,
-):
+def _dkv_kernel(*refs, o: KernelOptions, n_q_blocks: int):
+    bq, bk = o.bwd[:2]
+    (q_ref, k_ref, v_ref, do_ref), rest = _take(refs, 4)
+    stats, rest = _take(rest, 2 if o.activation == "softmax" else 0)
+    tables, (dk_ref, dv_ref) = _take(rest, 2 if o.rope else 0)
     j = pl.program_id(1)
-    k, v = k_ref[...], v_ref[...]
+    k_raw, k_angles = k_ref[...], _angles(tables, j * bk, bk)
+    k, v = prepare(k_raw, k_angles, o), v_ref[...]
 
     def body(i, carry, masked):
         dk, dv = carry
-        q = q_ref[pl.ds(i * bq, bq), :]
+        q = prepare(q_ref[pl.ds(i * bq, bq), :], _angles(tables, i * bq, bq), o)
         do = do_ref[pl.ds(i * bq, bq), :]
-        allowed = _allowed(i * bq, j * bk, (bq, bk), seq_len) if masked else None
-        p = _weights(_dot(q, k, trans_b=True) * scale, allowed, activation, bias, fast)
-        dv = dv + _dot(p.T.astype(do.dtype), do)
-        ds = _grad_scores(_dot(do, v, trans_b=True), p, allowed, activation)
-        return dk + _dot((ds * scale).T.astype(q.dtype), q), dv
+        lse, delta = (ref[pl.ds(i * bq, bq)] for ref in stats) if stats else (None, None)
+        mask = allowed(i * bq, j * bk, (bq, bk), o.seq_len) if masked else None
+        p = weights(q, k, mask, o, lse)
+        dv = dv + dot(p.T.astype(do.dtype), do)
+        ds = score_grad(dot(do, v, trans_b=True), p, mask, o, delta)
+        return dk + dot((ds * o.scale).T.astype(q.dtype), q), dv
 
     # Query blocks that straddle the diagonal (or this key block's padding) need the
     # mask; those wholly after it do not.
     first, first_full = (j * bk) // bq, pl.cdiv((j + 1) * bk, bq)
-    first_full = jnp.where((j + 1) * bk > seq_len, n_q_blocks, first_full)
-    zeros = (jnp.zeros(dk_ref.shape, jnp.float32), jnp.zeros(dv_ref.shape, jnp.float32))
-    dk, dv = _masked_then_full(first, first_full, first_full, n_q_blocks, body, zeros)
-    dk_ref[...] = dk.astype(dk_ref.dtype)
+    first_full = jnp.where((j + 1) * bk > o.seq_len, n_q_blocks, first_full)
+    zeros = (jnp.zeros(k_raw.shape, jnp.float32), jnp.zeros(dv_ref.shape, jnp.float32))
+    dk, dv = masked_then_full(first, first_full, first_full, n_q_blocks, body, zeros)
+    dk_ref[...] = prepare_grad(dk, k_raw, k_angles, o).astype(dk_ref.dtype)
     dv_ref[...] = dv.astype(dv_ref.dtype)
 
 
-def _call(kernel, grid, in_specs, out_specs, out_shape, interpret):
+def _rows(block, dim=None):
+    """The program's own block of rows of an (N, S, dim) or (N, S) array."""
+    if dim is None:
+        return pl.BlockSpec((None, block), lambda b, i: (b, i))
+    return pl.BlockSpec((None, block, dim), lambda b, i: (b, i, 0))
+
+
+def _whole(padded, dim=None):
+    """The whole sequence of an (N, S, dim) or (N, S) array."""
+    if dim is None:
+        return pl.BlockSpec((None, padded), lambda b, i: (b, 0))
+    return pl.BlockSpec((None, padded, dim), lambda b, i: (b, 0, 0))
+
+
+def _table(padded, half):
+    """A (S, D/2) RoPE table, shared by every program."""
+    return pl.BlockSpec((padded, half), lambda b, i: (0, 0))
+
+
+def _call(kernel, config, o, n_blocks, in_specs, out_specs, out_shape):
     params = None
-    if not interpret:
+    if not o.interpret:
         from jax.experimental.pallas import triton as plgpu
 
-        params = plgpu.CompilerParams(num_warps=NUM_WARPS, num_stages=NUM_STAGES)
+        params = plgpu.CompilerParams(num_warps=config[2], num_stages=config[3])
     return pl.pallas_call(
-        kernel,
+        functools.partial(kernel, o=o),
         out_shape=out_shape,
-        grid=grid,
+        grid=(out_shape[0].shape[0], n_blocks),
         in_specs=in_specs,
         out_specs=out_specs,
-        interpret=interpret,
+        interpret=o.interpret,
         compiler_params=params,
     )
 
 
-def _rows(block, dim):
-    """The program's own block of rows of an (N, S, dim) array."""
-    return pl.BlockSpec((None, block, dim), lambda b, i: (b, i, 0))
-
-
-def _whole(padded, dim):
-    """The whole sequence of an (N, S, dim) array."""
-    return pl.BlockSpec((None, padded, dim), lambda b, i: (b, 0, 0))
-
-
-@functools.partial(jax.custom_vjp, nondiff_argnums=(3, 4, 5, 6))
-def _flash(q, k, v, activation, bias, seq_len, config):
-    return _flash_fwd(q, k, v, activation, bias, seq_len, config)[0]
-
-
-def _options(q, activation, bias, seq_len, config):
-    bq, bk, interpret = config
-    fast = FAST_SIGMOID and not interpret and activation == "sigmoid"
-    return dict(
-        activation=activation,
-        bias=bias,
-        scale=q.shape[-1] ** -0.5,
-        bq=bq,
-        bk=bk,
-        seq_len=seq_len,
-        fast=fast,
+def _forward(q, k, v, tables, o: KernelOptions):
+    (n, padded, dqk), dv = q.shape, v.shape[-1]
+    bq = o.fwd[0]
+    in_specs = [_rows(bq, dqk), _whole(padded, dqk), _whole(padded, dv)]
+    in_specs += [_table(padded, dqk // 2)] * len(tables)
+    out_specs, out_shape = [_rows(bq, dv)], [jax.ShapeDtypeStruct((n, padded, dv), v.dtype)]
+    if o.activation == "softmax":
+        out_specs.append(_rows(bq))
+        out_shape.append(jax.ShapeDtypeStruct((n, padded), jnp.float32))
+    outs = _call(_fwd_kernel, o.fwd, o, padded // bq, in_specs, out_specs, out_shape)(
+        q, k, v, *tables
     )
+    return outs[0], (outs[1] if len(outs) > 1 else None)
 
 
-def _flash_fwd(q, k, v, activation, bias, seq_len, config):
-    (n, padded, dqk), dv = q.shape, v.shape[-1]
-    bq, bk, interpret = config
-    kernel = functools.partial(_fwd_kernel, **_options(q, activation, bias, seq_len, config))
-    out = _call(
-        kernel,
-        (n, padded // bq),
-        [_rows(bq, dqk), _whole(padded, dqk), _whole(padded, dv)],
-        _rows(bq, dv),
-        jax.ShapeDtypeStruct((n, padded, dv), v.dtype),
-        interpret,
-    )(q, k, v)
-    return out, (q, k, v)
+@functools.partial(jax.custom_vjp, nondiff_argnums=(4,))
+def _flash(q, k, v, tables, o):
+    return _forward(q, k, v, tables, o)[0]
 
 
-def _flash_bwd(activation, bias, seq_len, config, residuals, d_out):
-    q, k, v = residuals
-    (n, padded, dqk), dv = q.shape, v.shape[-1]
-    bq, bk, interpret = config
-    options = _options(q, activation, bias, seq_len, config)
+def _flash_fwd(q, k, v, tables, o):
+    out, lse = _forward(q, k, v, tables, o)
+    return out, (q, k, v, tables, out, lse)
+
+
+def _flash_bwd(o, residuals, d_out):
+    q, k, v, tables, out, lse = residuals
+    (_, padded, dqk), dv = q.shape, v.shape[-1]
+    bq, bk = o.bwd[:2]
+    stats, stat_rows, stat_whole = [], [], []
+    if o.activation == "softmax":
+        delta = jnp.sum(d_out.astype(jnp.float32) * out.astype(jnp.float32), axis=-1)
+        stats, stat_rows, stat_whole = [lse, delta], [_rows(bq)] * 2, [_whole(padded)] * 2
+    table_specs = [_table(padded, dqk // 2)] * len(tables)
     dq = _call(
-        functools.partial(_dq_kernel, **options),
-        (n, padded // bq),
-        [_rows(bq, dqk), _whole(padded, dqk), _whole(padded, dv), _rows(bq, dv)],
-        _rows(bq, dqk),
-        jax.ShapeDtypeStruct(q.shape, q.dtype),
-        interpret,
-    )(q, k, v, d_out)
+        _dq_kernel,
+        o.bwd,
+        o,
+        padded // bq,
+        [_rows(bq, dqk), _whole(padded, dqk), _whole(padded, dv), _rows(bq, dv)]
+        + stat_rows
+        + table_specs,
+        [_rows(bq, dqk)],
+        [jax.ShapeDtypeStruct(q.shape, q.dtype)],
+    )(q, k, v, d_out, *stats, *tables)[0]
     dk, dvv = _call(
-        functools.partial(_dkv_kernel, n_q_blocks=padded // bq, **options),
-        (n, padded // bk),
-        [_whole(padded, dqk), _rows(bk, dqk), _rows(bk, dv), _whole(padded, dv)],
+        functools.partial(_dkv_kernel, n_q_blocks=padded // bq),
+        o.bwd,
+        o,
+        padded // bk,
+        [_whole(padded, dqk), _rows(bk, dqk), _rows(bk, dv), _whole(padded, dv)]
+        + stat_whole
+        + table_specs,
         [_rows(bk, dqk), _rows(bk, dv)],
         [jax.ShapeDtypeStruct(k.shape, k.dtype), jax.ShapeDtypeStruct(v.shape, v.dtype)],
-        interpret,
-    )(q, k, v, d_out)
-    return dq, dk, dvv
+    )(q, k, v, d_out, *stats, *tables)
+    return dq, dk, dvv, tuple(jnp.zeros_like(t) for t in tables)
 
 
 _flash.defvjp(_flash_fwd, _flash_bwd)
 
 
-def pallas_attention(q, k, v, activation, sigmoid_bias, interpret=None):
-    """Causal sigmoid or 'none' attention on `(*batch, S, D)` (RoPE already applied);
-    returns the dtype of `v`. `interpret=None` interprets where there is no GPU."""
+def pallas_attention(
+    q, k, v, activation, sigmoid_bias, *, swish=False, sin=None, cos=None, interpret=None
+):
+    """Causal attention on `(*batch, S, D)` through the Pallas kernels.
+
+    `swish` and RoPE tables `sin`, `cos` (`(S, D // 2)`, float32) are applied to q and
+    k inside the kernels; leave them off for inputs already prepared. Returns the dtype
+    of `v`. `interpret=None` interprets where there is no GPU.
+    """
     if interpret is None:
         interpret = jax.default_backend() != "gpu"
     *batch_shape, seq_len, dqk = q.shape
-    step = BLOCK_Q * BLOCK_K // _gcd(BLOCK_Q, BLOCK_K)
+    step = math.lcm(*FWD_CONFIG[:2], *BWD_CONFIG[:2])
     padded = -(-seq_len // step) * step
 
-    def prep(x):
+    def pad(x):
         x = x.reshape(-1, seq_len, x.shape[-1])
         return jnp.pad(x, ((0, 0), (0, padded - seq_len), (0, 0)))
 
-    config = (BLOCK_Q, BLOCK_K, bool(interpret))
-    out = _flash(prep(q), prep(k), prep(v), activation, float(sigmoid_bias), seq_len, config)
+    tables = ()
+    if sin is not None:
+        tables = tuple(
+            jnp.pad(jax.lax.stop_gradient(t).astype(jnp.float32), ((0, padded - seq_len), (0, 0)))
+            for t in (sin, cos)
+        )
+    options = KernelOptions(
+        activation=activation,
+        bias=float(sigmoid_bias),
+        scale=dqk**-0.5,
+        seq_len=seq_len,
+        swish=bool(swish),
+        rope=bool(tables),
+        fast=FAST_SIGMOID and not interpret,
+        fwd=tuple(FWD_CONFIG),
+        bwd=tuple(BWD_CONFIG),
+        interpret=bool(interpret),
+    )
+    out = _flash(pad(q), pad(k), pad(v), tables, options)
     return out[:, :seq_len].reshape(*batch_shape, seq_len, v.shape[-1])
-
-
-def _gcd(a, b):
-    while b:
-        a, b = b, a % b
-    return a

@@ -102,7 +102,7 @@ def test_backend_config_selects_implementation(small_blocks):
         ex.mLSTMBackendAttentionConfig(implementation="flash")
 
 
-@pytest.mark.parametrize("activation", ["sigmoid", "none"])
+@pytest.mark.parametrize("activation", ACTIVATIONS)
 @pytest.mark.parametrize("seq", [1, 50, 150])
 @pytest.mark.parametrize("pre", ["none", "swish"])
 def test_pallas_matches_reference(activation, seq, pre):
@@ -118,10 +118,24 @@ def test_pallas_matches_reference(activation, seq, pre):
         np.testing.assert_allclose(a, b, err_msg=name, atol=tol["atol"] * scale, rtol=tol["rtol"])
 
 
-def test_pallas_refusals():
+@pytest.mark.parametrize("activation", ACTIVATIONS)
+def test_pallas_bf16_and_xla_rope_match_reference(activation, monkeypatch):
+    # bf16 through the kernels (interpret mode on a CPU), with swish + RoPE done once in
+    # the kernels and once by XLA in front of them (FUSE_ROPE=False).
+    import eqx_xlstm._pallas as pallas
+
+    q, k, v, g = inputs(70, shape=(2,), dqk=32, dv=16, dtype=jnp.bfloat16, seed=3)
+    expected = out_and_grads("reference", q, k, v, g, None, activation, "swish")
+    for fuse in (True, False):
+        monkeypatch.setattr(pallas, "FUSE_ROPE", fuse)
+        got = out_and_grads("pallas", q, k, v, g, None, activation, "swish")
+        for name, a, b in zip(("out", "dq", "dk", "dv"), got, expected):
+            scale = max(1.0, float(np.abs(b).max()))
+            np.testing.assert_allclose(a, b, atol=3e-2 * scale, rtol=2e-2, err_msg=f"{name} {fuse}")
+
+
+def test_pallas_refusals(monkeypatch):
     q, k, v, _ = inputs(8, dqk=16, dv=16)
-    with pytest.raises(ValueError, match="'pallas'.*softmax: use cudnn"):
-        ex.attention(q, k, v, implementation="pallas")
     with pytest.raises(ValueError, match="causal mask only"):
         ex.attention(
             q, k, v, jnp.ones((8, 8), bool), activation_function="sigmoid", implementation="pallas"
@@ -129,6 +143,13 @@ def test_pallas_refusals():
     q8, k8, v8, _ = inputs(8, dqk=8, dv=8)
     with pytest.raises(ValueError, match="multiples of 16"):
         ex.attention(q8, k8, v8, activation_function="none", implementation="pallas")
+    on_gpu = lambda **kw: dispatch.pallas_unsupported(  # noqa: E731
+        **({"activation": "softmax", "causal": True, "dtype": jnp.dtype("bfloat16")} | kw)
+    )
+    monkeypatch.setattr(dispatch.jax, "default_backend", lambda: "gpu")
+    assert on_gpu(dqk=128, dv=64) is None
+    assert "power-of-two" in on_gpu(dqk=48, dv=48)
+    assert "bfloat16" in on_gpu(dqk=64, dv=64, dtype=jnp.dtype("float32"))
 
 
 def test_default_selection():
