@@ -171,7 +171,7 @@ def run_implementation(
         jnp.dtype(dtype),
         BLOCK,
         linear_chunk(),
-        _pallas.FUSE_ROPE,
+        _pallas.FUSE,
     )
 
 
@@ -190,9 +190,9 @@ def _run(
     dtype,
     block,
     linear_chunk,
-    fuse_rope,
+    pallas_fuse,
 ):
-    if name == "pallas" and fuse_rope:
+    if name == "pallas" and pallas_fuse != "none":
         swish = pre_activation != "none"
         out = pallas_attention(
             q.astype(dtype),

@@ -8,9 +8,14 @@ no running statistics (Ramapuram et al. 2024, "Theory, Analysis, and Best Practi
 Sigmoid Self-Attention"): it just accumulates sigmoid(q k^T * scale + bias) v; 'none'
 accumulates (q k^T * scale) v. The backward pass recomputes the weights block by block
 in two kernels (dq over key blocks; dk, dv over query blocks), so memory stays linear
-in S. With `rope`/`swish` on, the kernels read raw q and k plus the RoPE tables, and
-their dq, dk are gradients w.r.t. the raw inputs; RoPE tables are constants (no
-gradient flows to them).
+in S.
+
+With swish/RoPE on, each program applies them to its own q (or k) block inside the
+kernel and writes dq (dk) w.r.t. the raw inputs, un-rotating in the kernel too; RoPE
+tables are constants (no gradient flows to them). The tiles streamed in the inner loop
+come either raw and are prepared per tile (`FUSE="all"`), or already prepared
+(`FUSE="outer"`: keys by one XLA pass, queries written out by the forward kernel,
+which has them at hand). `FUSE="none"` leaves all of it to XLA in front.
 
 On a machine without a GPU the same kernels run in Pallas interpret mode (slow, exact).
 """
@@ -39,7 +44,8 @@ from ._pallas_tiles import (
 FWD_CONFIG = (64, 64, 4, 2)
 BWD_CONFIG = (64, 64, 4, 2)
 FAST_SIGMOID = True  # sigmoid via the GPU's approximate tanh (GPU only)
-FUSE_ROPE = True  # swish + RoPE inside the kernels; False: an XLA pass in front
+FUSE = "outer"  # where swish + RoPE run: "all", "outer" or "none" (see above)
+FUSE_MODES = ("all", "outer", "none")
 
 
 def _take(refs, count):
@@ -53,15 +59,23 @@ def _angles(tables, start, size):
     return tuple(ref[pl.ds(start, size), :] for ref in tables)
 
 
-def _fwd_kernel(*refs, o: KernelOptions):
+def _inner(ref, start, size, tables, o):
+    """An inner-loop q/k tile, prepared here unless it comes prepared."""
+    tile = ref[pl.ds(start, size), :]
+    return prepare(tile, _angles(tables, start, size), o) if o.inner_fused else tile
+
+
+def _fwd_kernel(*refs, o: KernelOptions, emit_q: bool):
     bq, bk = o.fwd[:2]
     (q_ref, k_ref, v_ref), rest = _take(refs, 3)
-    tables, (out_ref, *lse_ref) = _take(rest, 2 if o.rope else 0)
+    tables, (out_ref, *extra) = _take(rest, 2 if o.rope else 0)
     i = pl.program_id(1)
     q = prepare(q_ref[...], _angles(tables, i * bq, bq), o)
+    if emit_q:  # the prepared queries, for the backward pass
+        extra.pop()[...] = q
 
     def body(j, carry, masked):
-        k = prepare(k_ref[pl.ds(j * bk, bk), :], _angles(tables, j * bk, bk), o)
+        k = _inner(k_ref, j * bk, bk, tables, o)
         v = v_ref[pl.ds(j * bk, bk), :]
         mask = allowed(i * bq, j * bk, (bq, bk), o.seq_len) if masked else None
         if o.activation != "softmax":
@@ -83,7 +97,7 @@ def _fwd_kernel(*refs, o: KernelOptions):
     acc = masked_then_full(n_full, n_all, 0, n_full, body, acc)
     if o.activation == "softmax":
         acc, m, total = acc
-        lse_ref[0][...] = m + jnp.log2(total)
+        extra[0][...] = m + jnp.log2(total)
         acc = acc / total[:, None]
     out_ref[...] = acc.astype(out_ref.dtype)
 
@@ -99,7 +113,7 @@ def _dq_kernel(*refs, o: KernelOptions):
     lse, delta = (stats[0][...], stats[1][...]) if stats else (None, None)
 
     def body(j, dq, masked):
-        k = prepare(k_ref[pl.ds(j * bk, bk), :], _angles(tables, j * bk, bk), o)
+        k = _inner(k_ref, j * bk, bk, tables, o)
         v = v_ref[pl.ds(j * bk, bk), :]
         mask = allowed(i * bq, j * bk, (bq, bk), o.seq_len) if masked else None
         p = weights(q, k, mask, o, lse)
@@ -122,7 +136,7 @@ def _dkv_kernel(*refs, o: KernelOptions, n_q_blocks: int):
 
     def body(i, carry, masked):
         dk, dv = carry
-        q = prepare(q_ref[pl.ds(i * bq, bq), :], _angles(tables, i * bq, bq), o)
+        q = _inner(q_ref, i * bq, bq, tables, o)
         do = do_ref[pl.ds(i * bq, bq), :]
         lse, delta = (ref[pl.ds(i * bq, bq)] for ref in stats) if stats else (None, None)
         mask = allowed(i * bq, j * bk, (bq, bk), o.seq_len) if masked else None
@@ -177,33 +191,47 @@ def _call(kernel, config, o, n_blocks, in_specs, out_specs, out_shape):
     )
 
 
-def _forward(q, k, v, tables, o: KernelOptions):
+def _pre_rotated(o):
+    """Whether the inner-loop operands must be prepared before the kernels run."""
+    return not o.inner_fused and (o.rope or o.swish)
+
+
+def _forward(q, k, v, tables, o: KernelOptions, for_grad: bool):
+    """Output, softmax log-sum-exp (or None), and the inner operands of the backward
+    kernels: prepared queries and keys, or the raw ones when they are prepared there."""
     (n, padded, dqk), dv = q.shape, v.shape[-1]
     bq = o.fwd[0]
+    emit_q = for_grad and _pre_rotated(o)
+    k_inner = prepare(k, tables or None, o, fast=False) if _pre_rotated(o) else k
     in_specs = [_rows(bq, dqk), _whole(padded, dqk), _whole(padded, dv)]
     in_specs += [_table(padded, dqk // 2)] * len(tables)
     out_specs, out_shape = [_rows(bq, dv)], [jax.ShapeDtypeStruct((n, padded, dv), v.dtype)]
     if o.activation == "softmax":
         out_specs.append(_rows(bq))
         out_shape.append(jax.ShapeDtypeStruct((n, padded), jnp.float32))
-    outs = _call(_fwd_kernel, o.fwd, o, padded // bq, in_specs, out_specs, out_shape)(
-        q, k, v, *tables
+    if emit_q:
+        out_specs.append(_rows(bq, dqk))
+        out_shape.append(jax.ShapeDtypeStruct(q.shape, q.dtype))
+    kernel = functools.partial(_fwd_kernel, emit_q=emit_q)
+    outs = _call(kernel, o.fwd, o, padded // bq, in_specs, out_specs, out_shape)(
+        q, k_inner, v, *tables
     )
-    return outs[0], (outs[1] if len(outs) > 1 else None)
+    lse = outs[1] if o.activation == "softmax" else None
+    return outs[0], lse, (outs[-1] if emit_q else q), k_inner
 
 
 @functools.partial(jax.custom_vjp, nondiff_argnums=(4,))
 def _flash(q, k, v, tables, o):
-    return _forward(q, k, v, tables, o)[0]
+    return _forward(q, k, v, tables, o, for_grad=False)[0]
 
 
 def _flash_fwd(q, k, v, tables, o):
-    out, lse = _forward(q, k, v, tables, o)
-    return out, (q, k, v, tables, out, lse)
+    out, lse, q_inner, k_inner = _forward(q, k, v, tables, o, for_grad=True)
+    return out, (q, k, v, tables, out, lse, q_inner, k_inner)
 
 
 def _flash_bwd(o, residuals, d_out):
-    q, k, v, tables, out, lse = residuals
+    q, k, v, tables, out, lse, q_inner, k_inner = residuals
     (_, padded, dqk), dv = q.shape, v.shape[-1]
     bq, bk = o.bwd[:2]
     stats, stat_rows, stat_whole = [], [], []
@@ -221,7 +249,7 @@ def _flash_bwd(o, residuals, d_out):
         + table_specs,
         [_rows(bq, dqk)],
         [jax.ShapeDtypeStruct(q.shape, q.dtype)],
-    )(q, k, v, d_out, *stats, *tables)[0]
+    )(q, k_inner, v, d_out, *stats, *tables)[0]
     dk, dvv = _call(
         functools.partial(_dkv_kernel, n_q_blocks=padded // bq),
         o.bwd,
@@ -232,7 +260,7 @@ def _flash_bwd(o, residuals, d_out):
         + table_specs,
         [_rows(bk, dqk), _rows(bk, dv)],
         [jax.ShapeDtypeStruct(k.shape, k.dtype), jax.ShapeDtypeStruct(v.shape, v.dtype)],
-    )(q, k, v, d_out, *stats, *tables)
+    )(q_inner, k, v, d_out, *stats, *tables)
     return dq, dk, dvv, tuple(jnp.zeros_like(t) for t in tables)
 
 
@@ -245,8 +273,8 @@ def pallas_attention(
     """Causal attention on `(*batch, S, D)` through the Pallas kernels.
 
     `swish` and RoPE tables `sin`, `cos` (`(S, D // 2)`, float32) are applied to q and
-    k inside the kernels; leave them off for inputs already prepared. Returns the dtype
-    of `v`. `interpret=None` interprets where there is no GPU.
+    k as `FUSE` says; leave them off for inputs already prepared. Returns the dtype of
+    `v`. `interpret=None` interprets where there is no GPU.
     """
     if interpret is None:
         interpret = jax.default_backend() != "gpu"
@@ -271,6 +299,7 @@ def pallas_attention(
         seq_len=seq_len,
         swish=bool(swish),
         rope=bool(tables),
+        inner_fused=FUSE == "all",
         fast=FAST_SIGMOID and not interpret,
         fwd=tuple(FWD_CONFIG),
         bwd=tuple(BWD_CONFIG),

@@ -24,8 +24,9 @@ class KernelOptions(NamedTuple):
     bias: float  # added to the scaled scores before sigmoid
     scale: float  # 1 / sqrt(D)
     seq_len: int  # real (unpadded) sequence length
-    swish: bool  # swish on q and k inside the kernel
-    rope: bool  # RoPE on q and k inside the kernel (tables are kernel inputs)
+    swish: bool  # swish on q and k inside the kernels
+    rope: bool  # RoPE on q and k inside the kernels (tables are kernel inputs)
+    inner_fused: bool  # also on the tiles streamed in the inner loop (else pre-rotated)
     fast: bool  # sigmoid through the GPU's approximate tanh (GPU only)
     fwd: tuple[int, int, int, int]  # (query block, key block, warps, stages): forward
     bwd: tuple[int, int, int, int]  # the same for the two backward kernels
@@ -46,24 +47,25 @@ def dot(a, b, trans_b=False):
 
 
 def rotate(x, sin, cos, inverse=False):
-    """Rotate the interleaved pairs of a float32 `(rows, D)` tile by per-row angles
-    (`sin`, `cos`: `(rows, D // 2)`); `inverse` rotates back (the transpose)."""
-    rows, dim = x.shape
-    even, odd = jax.lax.unstack(x.reshape(rows, dim // 2, 2), axis=2)
+    """Rotate the interleaved pairs of a float32 `(..., rows, D)` array by per-row
+    angles (`sin`, `cos`: `(rows, D // 2)`); `inverse` rotates back (the transpose)."""
+    *lead, dim = x.shape
+    even, odd = jax.lax.unstack(x.reshape(*lead, dim // 2, 2), axis=x.ndim)
     if inverse:
         sin = -sin
     pair = (even * cos - odd * sin, even * sin + odd * cos)
-    return jax.lax.stack(pair, axis=2).reshape(rows, dim)
+    return jax.lax.stack(pair, axis=x.ndim).reshape(x.shape)
 
 
-def prepare(x, angles, o: KernelOptions):
-    """Swish (if `o.swish`) then RoPE (if `angles` is a `(sin, cos)` pair) on a raw
-    q/k tile, computed in float32 and returned in the tile's dtype."""
+def prepare(x, angles, o: KernelOptions, fast=None):
+    """Swish (if `o.swish`) then RoPE (if `angles` is a `(sin, cos)` pair) on raw
+    queries or keys, computed in float32 and returned in their dtype. Serves tiles
+    inside a kernel and, with `fast=False`, whole arrays outside one."""
     if angles is None and not o.swish:
         return x
     y = x.astype(jnp.float32)
     if o.swish:
-        y = y * sigmoid(y, o.fast)
+        y = y * sigmoid(y, o.fast if fast is None else fast)
     if angles is not None:
         y = rotate(y, *angles)
     return y.astype(x.dtype)

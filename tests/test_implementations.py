@@ -120,14 +120,14 @@ def test_pallas_matches_reference(activation, seq, pre):
 
 @pytest.mark.parametrize("activation", ACTIVATIONS)
 def test_pallas_bf16_and_xla_rope_match_reference(activation, monkeypatch):
-    # bf16 through the kernels (interpret mode on a CPU), with swish + RoPE done once in
-    # the kernels and once by XLA in front of them (FUSE_ROPE=False).
+    # bf16 through the kernels (interpret mode on a CPU), with swish + RoPE on every
+    # tile in the kernels, on the kernels' own blocks only, and by XLA in front.
     import eqx_xlstm._pallas as pallas
 
     q, k, v, g = inputs(70, shape=(2,), dqk=32, dv=16, dtype=jnp.bfloat16, seed=3)
     expected = out_and_grads("reference", q, k, v, g, None, activation, "swish")
-    for fuse in (True, False):
-        monkeypatch.setattr(pallas, "FUSE_ROPE", fuse)
+    for fuse in pallas.FUSE_MODES:
+        monkeypatch.setattr(pallas, "FUSE", fuse)
         got = out_and_grads("pallas", q, k, v, g, None, activation, "swish")
         for name, a, b in zip(("out", "dq", "dk", "dv"), got, expected):
             scale = max(1.0, float(np.abs(b).max()))
