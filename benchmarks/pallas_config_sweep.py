@@ -1,12 +1,13 @@
 """Sweep the Pallas kernels' configuration on a GPU, next to the peers.
 
 Sets the module-level settings of `eqx_xlstm._pallas` (forward and backward block
-sizes, warps, stages; swish + RoPE inside the kernels or in an XLA pass in front),
+sizes, warps, stages; where swish + RoPE run: `FUSE`),
 clears the jit caches, and prints fwd and fwd+bwd times of causal attention (bf16,
 B=4, NH=16, D=128, swish + RoPE) for each activation, with the largest error against
 the reference path at S=300. Peers in the same run: bare cuDNN softmax (no RoPE), our
 cuDNN path (swish + RoPE by XLA in front), and jax's own Mosaic GPU flash attention
-(`jax.experimental.pallas.ops.gpu.attention_mgpu`, softmax, no RoPE) where it runs.
+(`jax.experimental.pallas.ops.gpu.attention_mgpu`, softmax, fp16, no RoPE) where it
+runs (jax 0.11.2: forward only under the causal mask).
 A configuration that does not fit the GPU's shared memory is reported as failed.
 
     python benchmarks/pallas_config_sweep.py --seq 8192     # GPU only
@@ -98,14 +99,11 @@ def mosaic_peer():
 
 
 def both_passes(label, fn, xs):
-    try:
-        fwd = bench(fn, *xs)
-        full = bench(grad(fn), *xs)
-        print(f"{label}: fwd {fwd:.2f} ms, fwd+bwd {full:.2f} ms", flush=True)
-        return fwd, full
-    except Exception as err:  # noqa: BLE001 - report and go on
-        print(f"{label}: failed: {type(err).__name__}: {str(err).splitlines()[0][:150]}")
-        return None
+    for name, run in (("fwd", fn), ("fwd+bwd", grad(fn))):
+        try:
+            print(f"{label}: {name} {bench(run, *xs):.2f} ms", flush=True)
+        except Exception as err:  # noqa: BLE001 - report and go on
+            print(f"{label}: {name} failed: {type(err).__name__}: {str(err).splitlines()[0][:150]}")
 
 
 def configure(fwd=None, bwd=None, fuse=None):

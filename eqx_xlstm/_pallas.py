@@ -41,7 +41,7 @@ from ._pallas_tiles import (
 
 # (query block, key block, warps, pipeline stages), chosen by a sweep on an H200
 # (benchmarks/pallas_config_sweep.py); blocks may be any powers of two >= 16.
-FWD_CONFIG = (64, 64, 4, 2)
+FWD_CONFIG = (128, 64, 8, 3)
 BWD_CONFIG = (64, 64, 4, 2)
 FAST_SIGMOID = True  # sigmoid via the GPU's approximate tanh (GPU only)
 FUSE = "outer"  # where swish + RoPE run: "all", "outer" or "none" (see above)
@@ -108,8 +108,7 @@ def _dq_kernel(*refs, o: KernelOptions):
     stats, rest = _take(rest, 2 if o.activation == "softmax" else 0)
     tables, (dq_ref,) = _take(rest, 2 if o.rope else 0)
     i = pl.program_id(1)
-    q_raw, q_angles = q_ref[...], _angles(tables, i * bq, bq)
-    q, do = prepare(q_raw, q_angles, o), do_ref[...]
+    q, do = prepare(q_ref[...], _angles(tables, i * bq, bq), o), do_ref[...]
     lse, delta = (stats[0][...], stats[1][...]) if stats else (None, None)
 
     def body(j, dq, masked):
@@ -121,8 +120,10 @@ def _dq_kernel(*refs, o: KernelOptions):
         return dq + dot((ds * o.scale).astype(k.dtype), k)
 
     n_full, n_all = (i * bq) // bk, pl.cdiv((i + 1) * bq, bk)
-    dq = masked_then_full(n_full, n_all, 0, n_full, body, jnp.zeros(q_raw.shape, jnp.float32))
-    dq_ref[...] = prepare_grad(dq, q_raw, q_angles, o).astype(dq_ref.dtype)
+    dq = masked_then_full(n_full, n_all, 0, n_full, body, jnp.zeros(q.shape, jnp.float32))
+    # Raw queries and angles are loaded again rather than kept live through the loop.
+    dq = prepare_grad(dq, q_ref[...], _angles(tables, i * bq, bq), o)
+    dq_ref[...] = dq.astype(dq_ref.dtype)
 
 
 def _dkv_kernel(*refs, o: KernelOptions, n_q_blocks: int):
@@ -131,8 +132,7 @@ def _dkv_kernel(*refs, o: KernelOptions, n_q_blocks: int):
     stats, rest = _take(rest, 2 if o.activation == "softmax" else 0)
     tables, (dk_ref, dv_ref) = _take(rest, 2 if o.rope else 0)
     j = pl.program_id(1)
-    k_raw, k_angles = k_ref[...], _angles(tables, j * bk, bk)
-    k, v = prepare(k_raw, k_angles, o), v_ref[...]
+    k, v = prepare(k_ref[...], _angles(tables, j * bk, bk), o), v_ref[...]
 
     def body(i, carry, masked):
         dk, dv = carry
@@ -149,9 +149,10 @@ def _dkv_kernel(*refs, o: KernelOptions, n_q_blocks: int):
     # mask; those wholly after it do not.
     first, first_full = (j * bk) // bq, pl.cdiv((j + 1) * bk, bq)
     first_full = jnp.where((j + 1) * bk > o.seq_len, n_q_blocks, first_full)
-    zeros = (jnp.zeros(k_raw.shape, jnp.float32), jnp.zeros(dv_ref.shape, jnp.float32))
+    zeros = (jnp.zeros(k.shape, jnp.float32), jnp.zeros(v.shape, jnp.float32))
     dk, dv = masked_then_full(first, first_full, first_full, n_q_blocks, body, zeros)
-    dk_ref[...] = prepare_grad(dk, k_raw, k_angles, o).astype(dk_ref.dtype)
+    dk = prepare_grad(dk, k_ref[...], _angles(tables, j * bk, bk), o)
+    dk_ref[...] = dk.astype(dk_ref.dtype)
     dv_ref[...] = dv.astype(dv_ref.dtype)
 
 
