@@ -44,7 +44,7 @@ from ._pallas_tiles import (
 FWD_CONFIG = (128, 64, 8, 3)
 BWD_CONFIG = (64, 64, 4, 2)
 FAST_SIGMOID = True  # sigmoid via the GPU's approximate tanh (GPU only)
-FUSE = "outer"  # where swish + RoPE run: "all", "outer" or "none" (see above)
+FUSE = "none"  # where swish + RoPE run: "all", "outer" or "none" (see above and docs)
 FUSE_MODES = ("all", "outer", "none")
 
 
