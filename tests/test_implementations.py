@@ -119,6 +119,25 @@ def test_pallas_matches_reference(activation, seq, pre):
 
 
 @pytest.mark.parametrize("activation", ACTIVATIONS)
+@pytest.mark.parametrize("fuse", ["all", "outer"])
+def test_pallas_rope_in_kernel_matches_reference(activation, fuse, monkeypatch):
+    # Swish + RoPE inside the kernels: on every tile, or on each program's own block.
+    import eqx_xlstm._pallas as pallas
+
+    monkeypatch.setattr(pallas, "FUSE", fuse)
+    dtype = jnp.bfloat16 if jax.default_backend() == "gpu" else jnp.float32
+    q, k, v, g = inputs(150, shape=(2,), dqk=16, dv=32, dtype=dtype, seed=1)
+    expected = out_and_grads("reference", q, k, v, g, None, activation, "swish")
+    got = out_and_grads("pallas", q, k, v, g, None, activation, "swish")
+    for name, a, b in zip(("out", "dq", "dk", "dv"), got, expected):
+        if dtype == jnp.bfloat16:
+            scale = max(1.0, float(np.abs(b).max()))
+            np.testing.assert_allclose(a, b, atol=3e-2 * scale, rtol=2e-2, err_msg=name)
+        else:
+            np.testing.assert_allclose(a, b, atol=2e-5, rtol=2e-5, err_msg=name)
+
+
+@pytest.mark.parametrize("activation", ACTIVATIONS)
 def test_pallas_bf16_and_xla_rope_match_reference(activation, monkeypatch):
     # bf16 through the kernels (interpret mode on a CPU), with swish + RoPE on every
     # tile in the kernels, on the kernels' own blocks only, and by XLA in front.
