@@ -27,6 +27,7 @@ import jax
 import jax.numpy as jnp
 from jax.experimental import pallas as pl
 
+from . import _mosaic
 from ._pallas_tiles import (
     LOG2E,
     KernelOptions,
@@ -46,6 +47,7 @@ BWD_CONFIG = (64, 64, 4, 2)
 FAST_SIGMOID = True  # sigmoid via the GPU's approximate tanh (GPU only)
 FUSE = "none"  # where swish + RoPE run: "all", "outer" or "none" (see above and docs)
 FUSE_MODES = ("all", "outer", "none")
+MOSAIC_FORWARD = True  # sigmoid/'none' forward by the Mosaic GPU kernel where it serves
 
 
 def _take(refs, count):
@@ -204,6 +206,9 @@ def _forward(q, k, v, tables, o: KernelOptions, for_grad: bool):
     bq = o.fwd[0]
     emit_q = for_grad and _pre_rotated(o)
     k_inner = prepare(k, tables or None, o, fast=False) if _pre_rotated(o) else k
+    if o.mosaic:
+        out = _mosaic.mosaic_forward(q, jnp.swapaxes(k, 1, 2), v, o.activation, o.bias, o.interpret)
+        return out, None, q, k
     in_specs = [_rows(bq, dqk), _whole(padded, dqk), _whole(padded, dv)]
     in_specs += [_table(padded, dqk // 2)] * len(tables)
     out_specs, out_shape = [_rows(bq, dv)], [jax.ShapeDtypeStruct((n, padded, dv), v.dtype)]
@@ -280,7 +285,13 @@ def pallas_attention(
     if interpret is None:
         interpret = jax.default_backend() != "gpu"
     *batch_shape, seq_len, dqk = q.shape
-    step = math.lcm(*FWD_CONFIG[:2], *BWD_CONFIG[:2])
+    mosaic = (
+        MOSAIC_FORWARD
+        and not swish
+        and sin is None
+        and _mosaic.unsupported(activation, q.dtype, dqk, v.shape[-1], interpret) is None
+    )
+    step = math.lcm(*FWD_CONFIG[:2], *BWD_CONFIG[:2], 2 * _mosaic.BLOCK_Q, _mosaic.BLOCK_K)
     padded = -(-seq_len // step) * step
 
     def pad(x):
@@ -301,6 +312,7 @@ def pallas_attention(
         swish=bool(swish),
         rope=bool(tables),
         inner_fused=FUSE == "all",
+        mosaic=mosaic,
         fast=FAST_SIGMOID and not interpret,
         fwd=tuple(FWD_CONFIG),
         bwd=tuple(BWD_CONFIG),

@@ -153,6 +153,26 @@ def test_pallas_bf16_and_xla_rope_match_reference(activation, monkeypatch):
             np.testing.assert_allclose(a, b, atol=3e-2 * scale, rtol=2e-2, err_msg=f"{name} {fuse}")
 
 
+@pytest.mark.parametrize("activation", ["sigmoid", "none"])
+def test_pallas_mosaic_forward_matches_reference(activation, monkeypatch):
+    # bf16, head dim 64: the forward runs the Mosaic GPU kernel (its interpret mode on a
+    # CPU), the backward the Triton kernels. S=200 pads to the kernel's blocks.
+    import eqx_xlstm._mosaic as mosaic
+
+    if mosaic.unsupported(activation, jnp.bfloat16, 64, 64, jax.default_backend() != "gpu"):
+        pytest.skip("no Mosaic GPU kernel here (not a Hopper GPU, or no interpret mode)")
+    calls = []
+    real = mosaic.mosaic_forward
+    monkeypatch.setattr(mosaic, "mosaic_forward", lambda *a: calls.append(1) or real(*a))
+    q, k, v, g = inputs(200, shape=(2,), dqk=64, dv=64, dtype=jnp.bfloat16, seed=4)
+    expected = out_and_grads("reference", q, k, v, g, None, activation, "swish")
+    got = out_and_grads("pallas", q, k, v, g, None, activation, "swish")
+    assert calls, "the Mosaic kernel was not used"
+    for name, a, b in zip(("out", "dq", "dk", "dv"), got, expected):
+        scale = max(1.0, float(np.abs(b).max()))
+        np.testing.assert_allclose(a, b, atol=3e-2 * scale, rtol=2e-2, err_msg=name)
+
+
 def test_pallas_refusals(monkeypatch):
     q, k, v, _ = inputs(8, dqk=16, dv=16)
     with pytest.raises(ValueError, match="causal mask only"):

@@ -1,0 +1,275 @@
+"""Causal sigmoid / 'none' attention forward kernel in Pallas on Mosaic GPU (Hopper).
+
+One CUDA block handles two query blocks of `BLOCK_Q` rows with three warpgroups: two
+compute warpgroups (one query block each) and one that only streams key/value tiles
+into a ring of `STAGES` shared-memory slots with TMA. A compute warpgroup waits for a
+slot, multiplies its queries by the key tile on the tensor cores (wgmma), applies the
+weights in registers, multiplies by the value tile, and marks the slot consumed; the
+streaming warpgroup refills a slot once both compute warpgroups are done with it.
+Sigmoid needs no running max or row sum, so nothing is rescaled between tiles.
+
+Keys come transposed, `(N, D, S)`, so both matmuls read their right operand as stored;
+the transpose fuses into the XLA pass that applies swish and RoPE. The same kernel runs
+in Mosaic GPU interpret mode on a machine without a GPU.
+"""
+
+import functools
+
+import jax
+import jax.numpy as jnp
+from jax.experimental import pallas as pl
+from jax.experimental.pallas import mosaic_gpu as plgpu
+
+BLOCK_Q = 64  # query rows per compute warpgroup (the wgmma M)
+BLOCK_K = 128  # key rows per tile
+STAGES = 3  # key/value slots in flight
+PINGPONG = True  # the two compute warpgroups take turns on the tensor cores
+
+
+def _smem(shape, dtype):
+    transforms = (plgpu.TilingTransform((8, 64)), plgpu.SwizzleTransform(128))
+    return plgpu.SMEM(shape, dtype, transforms=transforms)
+
+
+def _interpret_params():
+    # Mosaic GPU interpret mode (jax >= 0.10) is not public API yet.
+    from jax._src.pallas.mosaic_gpu.interpret.params import InterpretGPUParams
+
+    return InterpretGPUParams()
+
+
+def unsupported(activation, dtype, dqk, dv, interpret) -> str | None:
+    """Why this kernel cannot serve, or None if it can."""
+    if activation not in ("sigmoid", "none"):
+        return f"it covers sigmoid and 'none', not {activation!r}"
+    if jnp.dtype(dtype) not in (jnp.dtype(jnp.bfloat16), jnp.dtype(jnp.float16)):
+        return f"it needs float16 or bfloat16, got {jnp.dtype(dtype)}"
+    if dqk != dv or dqk not in (64, 128):
+        return f"it needs q/k/v head dims of 64 or 128, got {dqk}/{dv}"
+    if interpret:
+        try:
+            _interpret_params()
+        except ImportError:
+            return "this jax has no Mosaic GPU interpret mode"
+        return None
+    capability = getattr(jax.devices()[0], "compute_capability", "")
+    if not str(capability).startswith("9"):
+        return f"it needs a Hopper GPU (compute capability 9.x), got {capability!r}"
+    return None
+
+
+SIGMOID = "tanh"  # sigmoid(x) as 0.5 + 0.5 tanh(x / 2) ("tanh") or 1 / (1 + exp(-x))
+
+
+def _weights(scores, activation, scale, bias):
+    """Weights from raw q k^T: sigmoid(scores * scale + bias) or scores * scale."""
+    if activation != "sigmoid":
+        return scores * scale
+    if SIGMOID == "tanh":  # two fused multiply-adds around one tanh
+        return 0.5 * jnp.tanh(scores * (0.5 * scale) + 0.5 * bias) + 0.5
+    return 1.0 / (1.0 + jnp.exp(-(scores * scale + bias)))
+
+
+def _iota(shape, axis, interpret):
+    if interpret:  # the interpreter has no layouts
+        return jax.lax.broadcasted_iota(jnp.int32, shape, axis)
+    return plgpu.broadcasted_iota(jnp.int32, shape, axis, layout=plgpu.Layout.WGMMA)
+
+
+def _kernel(
+    q_ref, kt_ref, v_ref, out_ref, scratch, *, activation, bias, scale, n_blocks, interpret
+):
+    q_smem, k_smem, v_smem, q_bar, k_bar, v_bar, k_free, v_free, turn, *p_smem = scratch
+    bq, bk, stages = BLOCK_Q, BLOCK_K, STAGES
+    n = jax.lax.axis_index("n")
+    pair = n_blocks - 1 - jax.lax.axis_index("q")  # the longest rows start first
+    wg = jax.lax.axis_index("wg")
+    # Key tiles this block needs: up to the diagonal of its second query block.
+    block_steps = pl.cdiv((pair + 1) * 2 * bq, bk)
+
+    @pl.when(wg < 2)
+    def _compute():
+        plgpu.set_max_registers(232, action="increase")
+        row0 = pair * 2 * bq + wg * bq
+        own = q_smem.at[wg]
+        plgpu.copy_gmem_to_smem(q_ref.at[n, pl.ds(row0, bq)], own, q_bar.at[wg])
+        plgpu.barrier_wait(q_bar.at[wg])
+        steps = pl.cdiv(row0 + bq, bk)
+        full = row0 // bk
+        dv = v_ref.shape[-1]
+
+        def weights(scores, t, masked):
+            p = _weights(scores, activation, scale, bias)
+            if masked:
+                rows = _iota((bq, bk), 0, interpret) + row0
+                cols = _iota((bq, bk), 1, interpret) + t * bk
+                p = jnp.where(cols <= rows, p, 0.0)
+            return p.astype(v_smem.dtype)
+
+        def operand(p):
+            if not p_smem:
+                return p
+            p_smem[0].at[wg][...] = p  # the interpreter's wgmma reads shared memory only
+            return p_smem[0].at[wg]
+
+        def step(t, o_acc, masked):
+            slot = jax.lax.rem(t, stages)
+            plgpu.barrier_wait(k_bar.at[slot])
+
+            def qk(s_acc):
+                plgpu.wgmma(s_acc, own, k_smem.at[slot])
+                return s_acc[...]
+
+            scores = pl.run_scoped(qk, plgpu.ACC((bq, bk), jnp.float32))
+            plgpu.barrier_arrive(k_free.at[slot])
+            p = weights(scores, t, masked)
+            plgpu.barrier_wait(v_bar.at[slot])
+            plgpu.wgmma(o_acc, operand(p), v_smem.at[slot])
+            plgpu.wgmma_wait(0)  # done reading the value slot
+            plgpu.barrier_arrive(v_free.at[slot])
+
+        def pingpong_step(t, p_prev, o_acc, masked):
+            """My turn: p @ v of tile t - 1, then the scores of tile t; hand the tensor
+            cores to the other warpgroup and compute the weights of tile t meanwhile."""
+            slot, prev = jax.lax.rem(t, stages), jax.lax.rem(t + stages - 1, stages)
+            plgpu.barrier_wait(turn.at[wg])
+
+            @pl.when(t > 0)
+            def _():
+                plgpu.barrier_wait(v_bar.at[prev])
+                plgpu.wgmma(o_acc, operand(p_prev), v_smem.at[prev])
+
+            plgpu.barrier_wait(k_bar.at[slot])
+
+            def qk(s_acc):
+                plgpu.wgmma(s_acc, own, k_smem.at[slot])
+                return s_acc[...]  # waits for both matmuls
+
+            scores = pl.run_scoped(qk, plgpu.ACC((bq, bk), jnp.float32))
+            plgpu.barrier_arrive(turn.at[1 - wg])
+            plgpu.barrier_arrive(k_free.at[slot])
+            pl.when(t > 0)(lambda: plgpu.barrier_arrive(v_free.at[prev]))
+            return weights(scores, t, masked)
+
+        def accumulate_pingpong(o_acc):
+            # Both warpgroups walk the same number of tiles (BLOCK_K == 2 * BLOCK_Q), so
+            # the turns pair up: warpgroup 0 goes first.
+            pl.when(wg == 1)(lambda: plgpu.barrier_arrive(turn.at[0]))
+            p = jnp.zeros((bq, bk), v_smem.dtype)
+            if not interpret:
+                p = plgpu.layout_cast(p, plgpu.Layout.WGMMA)
+            for lo, hi, masked in ((0, full, False), (full, steps, True)):
+                body = functools.partial(pingpong_step, o_acc=o_acc, masked=masked)
+                p = jax.lax.fori_loop(lo, hi, body, p)
+            last = jax.lax.rem(steps - 1, stages)
+            plgpu.barrier_wait(turn.at[wg])
+            plgpu.barrier_wait(v_bar.at[last])
+            plgpu.wgmma(o_acc, operand(p), v_smem.at[last])
+            pl.when(wg == 0)(lambda: plgpu.barrier_arrive(turn.at[1]))
+            out = o_acc[...]
+            plgpu.barrier_arrive(v_free.at[last])
+            return out
+
+        def accumulate(o_acc):
+            for lo, hi, masked in ((0, full, False), (full, steps, True)):
+                body = functools.partial(step, o_acc=o_acc, masked=masked)
+                jax.lax.fori_loop(lo, hi, lambda t, c, body=body: body(t) or c, None)
+            return o_acc[...]
+
+        def drain(t, carry):
+            # Tiles the other warpgroup still needs: keep the slot phases in step.
+            slot = jax.lax.rem(t, stages)
+            plgpu.barrier_wait(k_bar.at[slot])
+            plgpu.barrier_arrive(k_free.at[slot])
+            plgpu.barrier_wait(v_bar.at[slot])
+            plgpu.barrier_arrive(v_free.at[slot])
+            return carry
+
+        pingpong = PINGPONG and bk == 2 * bq
+        acc = pl.run_scoped(
+            accumulate_pingpong if pingpong else accumulate, plgpu.ACC((bq, dv), jnp.float32)
+        )
+        jax.lax.fori_loop(steps, block_steps, drain, None)
+        own_out = q_smem.at[wg] if dv == q_smem.shape[-1] else None
+        if own_out is None:
+            raise NotImplementedError("value head dim must equal the query head dim")
+        own_out[...] = acc.astype(own_out.dtype)
+        plgpu.commit_smem()
+        plgpu.copy_smem_to_gmem(own_out, out_ref.at[n, pl.ds(row0, bq)])
+        plgpu.wait_smem_to_gmem(0)
+
+    @pl.when(wg == 2)
+    def _stream():
+        plgpu.set_max_registers(40, action="decrease")
+
+        def load(t, slot):
+            cols = pl.ds(t * bk, bk)
+            plgpu.copy_gmem_to_smem(kt_ref.at[n, :, cols], k_smem.at[slot], k_bar.at[slot])
+            plgpu.copy_gmem_to_smem(v_ref.at[n, cols], v_smem.at[slot], v_bar.at[slot])
+
+        for slot in range(stages):
+            pl.when(slot < block_steps)(functools.partial(load, slot, slot))
+
+        def refill(t, carry):
+            slot = jax.lax.rem(t, stages)
+            plgpu.barrier_wait(k_free.at[slot])
+            plgpu.barrier_wait(v_free.at[slot])
+            load(t, slot)
+            return carry
+
+        def settle(u, carry):
+            # Wait out the last slots' release too, so no barrier phase goes unobserved.
+            slot = jax.lax.rem(u, stages)
+            plgpu.barrier_wait(k_free.at[slot])
+            plgpu.barrier_wait(v_free.at[slot])
+            return carry
+
+        jax.lax.fori_loop(stages, block_steps, refill, None)
+        jax.lax.fori_loop(jnp.maximum(block_steps - stages, 0), block_steps, settle, None)
+
+
+def mosaic_forward(q, kt, v, activation, bias, interpret):
+    """Causal attention output for `q`, `v`: `(N, S, D)` and transposed keys `kt`:
+    `(N, D, S)`, S a multiple of `2 * BLOCK_Q` and of `BLOCK_K`."""
+    n, seq, dqk = q.shape
+    dv = v.shape[-1]
+    n_blocks = seq // (2 * BLOCK_Q)
+    kernel = functools.partial(
+        _kernel,
+        activation=activation,
+        bias=bias,
+        scale=dqk**-0.5,
+        n_blocks=n_blocks,
+        interpret=interpret,
+    )
+
+    def entry(q_ref, kt_ref, v_ref, out_ref):
+        scratch = (
+            _smem((2, BLOCK_Q, dqk), q.dtype),
+            _smem((STAGES, dqk, BLOCK_K), q.dtype),
+            _smem((STAGES, BLOCK_K, dv), v.dtype),
+            plgpu.Barrier(num_barriers=2),
+            plgpu.Barrier(num_barriers=STAGES),
+            plgpu.Barrier(num_barriers=STAGES),
+            plgpu.Barrier(num_arrivals=2, num_barriers=STAGES),
+            plgpu.Barrier(num_arrivals=2, num_barriers=STAGES),
+            plgpu.Barrier(num_barriers=2),  # whose turn on the tensor cores (PINGPONG)
+        )
+        if interpret:
+            scratch += (_smem((2, BLOCK_Q, BLOCK_K), v.dtype),)
+        pl.run_scoped(
+            lambda *refs: kernel(q_ref, kt_ref, v_ref, out_ref, refs),
+            *scratch,
+            collective_axes="wg",
+        )
+
+    return plgpu.kernel(
+        entry,
+        out_type=jax.ShapeDtypeStruct((n, seq, dv), v.dtype),
+        grid=(n_blocks, n),
+        grid_names=("q", "n"),
+        num_threads=3,
+        thread_name="wg",
+        compiler_params=plgpu.CompilerParams(approx_math=True),
+        interpret=_interpret_params() if interpret else None,
+    )(q, kt, v)
