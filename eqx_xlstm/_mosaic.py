@@ -8,9 +8,10 @@ weights in registers, multiplies by the value tile, and marks the slot consumed;
 streaming warpgroup refills a slot once both compute warpgroups are done with it.
 Sigmoid needs no running max or row sum, so nothing is rescaled between tiles.
 
-Keys come transposed, `(N, D, S)`, so both matmuls read their right operand as stored;
-the transpose fuses into the XLA pass that applies swish and RoPE. The same kernel runs
-in Mosaic GPU interpret mode on a machine without a GPU.
+On a GPU, q k^T reads each key tile through a transposed view of shared memory (wgmma
+takes either major order). On a machine without a GPU the same kernel runs in Mosaic
+GPU interpret mode, which cannot transpose a shared-memory view; there the keys are
+transposed in front, `(N, D, S)`, and tiles are loaded as `(D, BLOCK_K)`.
 """
 
 import functools
@@ -38,20 +39,28 @@ def _interpret_params():
     return InterpretGPUParams()
 
 
-def unsupported(activation, dtype, dqk, dv, interpret) -> str | None:
-    """Why this kernel cannot serve, or None if it can."""
+def interpret_available() -> bool:
+    try:
+        _interpret_params()
+    except ImportError:
+        return False
+    return True
+
+
+def unsupported(activation, dtype, dqk, dv) -> str | None:
+    """Why `implementation="pallas"` cannot use this kernel, or None if it can.
+
+    Only on a Hopper GPU: on a CPU the Triton kernels serve. Mosaic GPU interpret mode
+    (private jax API) runs this kernel under `jax.jit` (tests do), but deadlocks under
+    `jax.vjp` of a jitted call on a 2-core CPU, which is how `attention` runs."""
     if activation not in ("sigmoid", "none"):
         return f"it covers sigmoid and 'none', not {activation!r}"
     if jnp.dtype(dtype) not in (jnp.dtype(jnp.bfloat16), jnp.dtype(jnp.float16)):
         return f"it needs float16 or bfloat16, got {jnp.dtype(dtype)}"
     if dqk != dv or dqk not in (64, 128):
         return f"it needs q/k/v head dims of 64 or 128, got {dqk}/{dv}"
-    if interpret:
-        try:
-            _interpret_params()
-        except ImportError:
-            return "this jax has no Mosaic GPU interpret mode"
-        return None
+    if jax.default_backend() != "gpu":
+        return "it runs on a GPU only"
     capability = getattr(jax.devices()[0], "compute_capability", "")
     if not str(capability).startswith("9"):
         return f"it needs a Hopper GPU (compute capability 9.x), got {capability!r}"
@@ -76,9 +85,7 @@ def _iota(shape, axis, interpret):
     return plgpu.broadcasted_iota(jnp.int32, shape, axis, layout=plgpu.Layout.WGMMA)
 
 
-def _kernel(
-    q_ref, kt_ref, v_ref, out_ref, scratch, *, activation, bias, scale, n_blocks, interpret
-):
+def _kernel(q_ref, k_ref, v_ref, out_ref, scratch, *, activation, bias, scale, n_blocks, interpret):
     q_smem, k_smem, v_smem, q_bar, k_bar, v_bar, k_free, v_free, turn, *p_smem = scratch
     bq, bk, stages = BLOCK_Q, BLOCK_K, STAGES
     n = jax.lax.axis_index("n")
@@ -97,6 +104,10 @@ def _kernel(
         steps = pl.cdiv(row0 + bq, bk)
         full = row0 // bk
         dv = v_ref.shape[-1]
+
+        def key_tile(slot):
+            tile = k_smem.at[slot]
+            return tile if interpret else tile.transpose((1, 0))
 
         def weights(scores, t, masked):
             p = _weights(scores, activation, scale, bias)
@@ -117,7 +128,7 @@ def _kernel(
             plgpu.barrier_wait(k_bar.at[slot])
 
             def qk(s_acc):
-                plgpu.wgmma(s_acc, own, k_smem.at[slot])
+                plgpu.wgmma(s_acc, own, key_tile(slot))
                 return s_acc[...]
 
             scores = pl.run_scoped(qk, plgpu.ACC((bq, bk), jnp.float32))
@@ -142,7 +153,7 @@ def _kernel(
             plgpu.barrier_wait(k_bar.at[slot])
 
             def qk(s_acc):
-                plgpu.wgmma(s_acc, own, k_smem.at[slot])
+                plgpu.wgmma(s_acc, own, key_tile(slot))
                 return s_acc[...]  # waits for both matmuls
 
             scores = pl.run_scoped(qk, plgpu.ACC((bq, bk), jnp.float32))
@@ -204,10 +215,11 @@ def _kernel(
 
         def load(t, slot):
             cols = pl.ds(t * bk, bk)
-            plgpu.copy_gmem_to_smem(kt_ref.at[n, :, cols], k_smem.at[slot], k_bar.at[slot])
+            keys = k_ref.at[n, :, cols] if interpret else k_ref.at[n, cols]
+            plgpu.copy_gmem_to_smem(keys, k_smem.at[slot], k_bar.at[slot])
             plgpu.copy_gmem_to_smem(v_ref.at[n, cols], v_smem.at[slot], v_bar.at[slot])
 
-        for slot in range(stages):
+        for slot in range(min(stages, n_blocks * 2 * bq // bk)):  # static: stay in bounds
             pl.when(slot < block_steps)(functools.partial(load, slot, slot))
 
         def refill(t, carry):
@@ -228,9 +240,9 @@ def _kernel(
         jax.lax.fori_loop(jnp.maximum(block_steps - stages, 0), block_steps, settle, None)
 
 
-def mosaic_forward(q, kt, v, activation, bias, interpret):
-    """Causal attention output for `q`, `v`: `(N, S, D)` and transposed keys `kt`:
-    `(N, D, S)`, S a multiple of `2 * BLOCK_Q` and of `BLOCK_K`."""
+def mosaic_forward(q, k, v, activation, bias, interpret):
+    """Causal attention output for `q`, `k`, `v`: `(N, S, D)`, S a multiple of
+    `2 * BLOCK_Q` and of `BLOCK_K`."""
     n, seq, dqk = q.shape
     dv = v.shape[-1]
     n_blocks = seq // (2 * BLOCK_Q)
@@ -243,10 +255,10 @@ def mosaic_forward(q, kt, v, activation, bias, interpret):
         interpret=interpret,
     )
 
-    def entry(q_ref, kt_ref, v_ref, out_ref):
+    def entry(q_ref, k_ref, v_ref, out_ref):
         scratch = (
             _smem((2, BLOCK_Q, dqk), q.dtype),
-            _smem((STAGES, dqk, BLOCK_K), q.dtype),
+            _smem((STAGES, *((dqk, BLOCK_K) if interpret else (BLOCK_K, dqk))), q.dtype),
             _smem((STAGES, BLOCK_K, dv), v.dtype),
             plgpu.Barrier(num_barriers=2),
             plgpu.Barrier(num_barriers=STAGES),
@@ -258,7 +270,7 @@ def mosaic_forward(q, kt, v, activation, bias, interpret):
         if interpret:
             scratch += (_smem((2, BLOCK_Q, BLOCK_K), v.dtype),)
         pl.run_scoped(
-            lambda *refs: kernel(q_ref, kt_ref, v_ref, out_ref, refs),
+            lambda *refs: kernel(q_ref, k_ref, v_ref, out_ref, refs),
             *scratch,
             collective_axes="wg",
         )
@@ -272,4 +284,4 @@ def mosaic_forward(q, kt, v, activation, bias, interpret):
         thread_name="wg",
         compiler_params=plgpu.CompilerParams(approx_math=True),
         interpret=_interpret_params() if interpret else None,
-    )(q, kt, v)
+    )(q, jnp.swapaxes(k, 1, 2) if interpret else k, v)

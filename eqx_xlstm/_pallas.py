@@ -207,7 +207,7 @@ def _forward(q, k, v, tables, o: KernelOptions, for_grad: bool):
     emit_q = for_grad and _pre_rotated(o)
     k_inner = prepare(k, tables or None, o, fast=False) if _pre_rotated(o) else k
     if o.mosaic:
-        out = _mosaic.mosaic_forward(q, jnp.swapaxes(k, 1, 2), v, o.activation, o.bias, o.interpret)
+        out = _mosaic.mosaic_forward(q, k, v, o.activation, o.bias, o.interpret)
         return out, None, q, k
     in_specs = [_rows(bq, dqk), _whole(padded, dqk), _whole(padded, dv)]
     in_specs += [_table(padded, dqk // 2)] * len(tables)
@@ -289,7 +289,8 @@ def pallas_attention(
         MOSAIC_FORWARD
         and not swish
         and sin is None
-        and _mosaic.unsupported(activation, q.dtype, dqk, v.shape[-1], interpret) is None
+        and not interpret
+        and _mosaic.unsupported(activation, q.dtype, dqk, v.shape[-1]) is None
     )
     step = math.lcm(*FWD_CONFIG[:2], *BWD_CONFIG[:2], 2 * _mosaic.BLOCK_Q, _mosaic.BLOCK_K)
     padded = -(-seq_len // step) * step
