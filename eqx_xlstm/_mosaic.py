@@ -203,12 +203,9 @@ def _kernel(q_ref, k_ref, v_ref, out_ref, scratch, *, activation, bias, scale, n
             accumulate_pingpong if pingpong else accumulate, plgpu.ACC((bq, dv), jnp.float32)
         )
         jax.lax.fori_loop(steps, block_steps, drain, None)
-        own_out = q_smem.at[wg] if dv == q_smem.shape[-1] else None
-        if own_out is None:
-            raise NotImplementedError("value head dim must equal the query head dim")
-        own_out[...] = acc.astype(own_out.dtype)
+        own[...] = acc.astype(own.dtype)  # the queries' slot takes the output (dqk == dv)
         plgpu.commit_smem()
-        plgpu.copy_smem_to_gmem(own_out, out_ref.at[n, pl.ds(row0, bq)])
+        plgpu.copy_smem_to_gmem(own, out_ref.at[n, pl.ds(row0, bq)])
         plgpu.wait_smem_to_gmem(0)
 
     @pl.when(wg == 2)
