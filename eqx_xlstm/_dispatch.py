@@ -5,9 +5,10 @@
   with the causal mask, the chunkwise linear-attention form (O(S * D^2)).
 - `"cudnn"`: `jax.nn.dot_product_attention(..., is_causal=True, implementation="cudnn")`,
   for softmax, causal, fp16/bf16 on an NVIDIA GPU.
-- `"pallas"`: flash-style Pallas kernels for causal softmax, sigmoid and 'none', with
-  swish and RoPE inside the kernels (fp16/bf16 on an NVIDIA GPU; Pallas interpret mode,
-  slow but exact, elsewhere).
+- `"pallas"`: flash-style Pallas kernels for causal softmax, sigmoid and 'none' (Triton;
+  on Hopper a Mosaic GPU forward for sigmoid/'none'); fp16/bf16 on an NVIDIA GPU, Pallas
+  interpret mode, slow but exact, elsewhere. Swish + RoPE run in front, or inside the
+  Triton kernels with `_pallas.FUSE`.
 - `None` picks: cudnn where it can serve; on a GPU, pallas for causal 16-bit sigmoid;
   else the linear form for causal 'none', else chunked for sequences longer than one
   block, else reference.
