@@ -18,8 +18,9 @@ come either raw and are prepared per tile (`FUSE="all"`), or already prepared
 which has them at hand). `FUSE="none"` (the default, measured fastest) leaves all of
 it to XLA in front.
 
-On a Hopper GPU the sigmoid/'none' forward goes to the Mosaic GPU kernel of `_mosaic`
-instead (`MOSAIC_FORWARD`, with swish/RoPE in front); the backward always runs here.
+On a Hopper GPU the sigmoid/'none' forward and dK/dV go to the Mosaic GPU kernels of
+`_mosaic` and `_mosaic_backward` instead (`MOSAIC_FORWARD`, with swish/RoPE in front);
+dQ always runs here.
 On a machine without a GPU the kernels here run in Pallas interpret mode (slow, exact).
 """
 
@@ -30,7 +31,7 @@ import jax
 import jax.numpy as jnp
 from jax.experimental import pallas as pl
 
-from . import _mosaic
+from . import _mosaic, _mosaic_backward
 from ._pallas_tiles import (
     LOG2E,
     KernelOptions,
@@ -50,7 +51,7 @@ BWD_CONFIG = (64, 64, 4, 2)
 FAST_SIGMOID = True  # sigmoid via the GPU's approximate tanh (GPU only)
 FUSE = "none"  # where swish + RoPE run: "all", "outer" or "none" (see above and docs)
 FUSE_MODES = ("all", "outer", "none")
-MOSAIC_FORWARD = True  # sigmoid/'none' forward by the Mosaic GPU kernel where it serves
+MOSAIC_FORWARD = True  # sigmoid/'none' forward and dK/dV by Mosaic GPU kernels where they serve
 
 
 def _take(refs, count):
@@ -259,6 +260,9 @@ def _flash_bwd(o, residuals, d_out):
         [_rows(bq, dqk)],
         [jax.ShapeDtypeStruct(q.shape, q.dtype)],
     )(q, k_inner, v, d_out, *stats, *tables)[0]
+    if o.mosaic:
+        dk, dvv = _mosaic_backward.mosaic_dkv(q, k, v, d_out, o.activation, o.bias, o.interpret)
+        return dq, dk, dvv, ()
     dk, dvv = _call(
         functools.partial(_dkv_kernel, n_q_blocks=padded // bq),
         o.bwd,

@@ -1,0 +1,194 @@
+"""dK and dV of causal sigmoid / 'none' attention in Pallas on Mosaic GPU (Hopper).
+
+One CUDA block owns 128 keys: two compute warpgroups hold 64 keys (and their values)
+each, and a third warpgroup streams 64-row tiles of queries and output gradients dO
+through `STAGES` shared-memory slots with TMA. Per tile a compute warpgroup forms the
+transposed weights P^T = w(K Q^T), accumulates dV += P^T dO, forms dP^T = V dO^T and
+dS^T, and accumulates dK += dS^T Q, all on the tensor cores (wgmma).
+
+As in the forward kernel, the GPU reads Q^T and dO^T through transposed shared-memory
+views; Mosaic GPU interpret mode cannot, so there they come transposed from memory.
+"""
+
+import functools
+
+import jax
+import jax.numpy as jnp
+from jax.experimental import pallas as pl
+from jax.experimental.pallas import mosaic_gpu as plgpu
+
+from ._mosaic import _interpret_params, _iota, _smem, _weights
+
+ROWS = 64  # keys per compute warpgroup and query rows per streamed tile
+STAGES = 2
+
+
+def _kernel(*refs, activation, bias, scale, n_tiles, interpret):
+    n_in = 6 if interpret else 4
+    (q_ref, k_ref, v_ref, do_ref, *transposed), (dk_ref, dv_ref) = refs[:n_in], refs[n_in:-1]
+    k_smem, v_smem, q_smem, do_smem, k_bar, v_bar, q_bar, do_bar, free, *extra = refs[-1]
+    qt_smem, dot_smem, qt_bar, dot_bar, *p_smem = extra if interpret else (None,) * 4
+    rows, stages = ROWS, STAGES
+    n = jax.lax.axis_index("n")
+    block = jax.lax.axis_index("k")
+    wg = jax.lax.axis_index("wg")
+    first = 2 * block  # the first query tile this block needs (warpgroup 0's diagonal)
+    block_steps = n_tiles - first
+
+    @pl.when(wg < 2)
+    def _compute():
+        plgpu.set_max_registers(232, action="increase")
+        key0 = (first + wg) * rows
+        own_k, own_v = k_smem.at[wg], v_smem.at[wg]
+        plgpu.copy_gmem_to_smem(k_ref.at[n, pl.ds(key0, rows)], own_k, k_bar.at[wg])
+        plgpu.copy_gmem_to_smem(v_ref.at[n, pl.ds(key0, rows)], own_v, v_bar.at[wg])
+        plgpu.barrier_wait(k_bar.at[wg])
+        plgpu.barrier_wait(v_bar.at[wg])
+
+        def wait_tiles(slot):
+            for bar in (q_bar, do_bar, qt_bar, dot_bar):
+                if bar is not None:
+                    plgpu.barrier_wait(bar.at[slot])
+
+        def view(tiles, tiles_t, slot):
+            """A tile's transpose: a view on the GPU, loaded transposed when interpreting."""
+            return tiles_t.at[slot] if interpret else tiles.at[slot].transpose((1, 0))
+
+        def operand(x, which):
+            if not p_smem:
+                return x
+            p_smem[0].at[wg, which][...] = x  # the interpreter's wgmma reads shared memory
+            return p_smem[0].at[wg, which]
+
+        def matmul(a, b, shape):
+            def run(acc):
+                plgpu.wgmma(acc, a, b)
+                return acc[...]
+
+            return pl.run_scoped(run, plgpu.ACC(shape, jnp.float32))
+
+        def step(t, dk_acc, dv_acc, masked):
+            slot = jax.lax.rem(t, stages)
+            wait_tiles(slot)
+            scores_t = matmul(own_k, view(q_smem, qt_smem, slot), (rows, rows))
+            p_t = _weights(scores_t, activation, scale, bias)
+            if masked:
+                keys = _iota((rows, rows), 0, interpret) + key0
+                queries = _iota((rows, rows), 1, interpret) + (first + t) * rows
+                allowed = keys <= queries
+                p_t = jnp.where(allowed, p_t, 0.0)
+            plgpu.wgmma(dv_acc, operand(p_t.astype(k_smem.dtype), 0), do_smem.at[slot])
+            dp_t = matmul(own_v, view(do_smem, dot_smem, slot), (rows, rows))
+            if activation == "sigmoid":
+                ds_t = dp_t * p_t * (1.0 - p_t)  # zero where masked: p_t is
+            else:
+                ds_t = jnp.where(allowed, dp_t, 0.0) if masked else dp_t
+            ds_t = (ds_t * scale).astype(k_smem.dtype)
+            plgpu.wgmma(dk_acc, operand(ds_t, 1), q_smem.at[slot])
+            plgpu.wgmma_wait(0)
+            plgpu.barrier_arrive(free.at[slot])
+
+        def skip(t, carry):  # a tile wholly before this warpgroup's keys
+            slot = jax.lax.rem(t, stages)
+            wait_tiles(slot)
+            plgpu.barrier_arrive(free.at[slot])
+            return carry
+
+        def accumulate(dk_acc, dv_acc):
+            jax.lax.fori_loop(0, wg, skip, None)
+            for lo, hi, masked in ((wg, wg + 1, True), (wg + 1, block_steps, False)):
+                body = functools.partial(step, dk_acc=dk_acc, dv_acc=dv_acc, masked=masked)
+                jax.lax.fori_loop(lo, hi, lambda t, c, body=body: body(t) or c, None)
+            return dk_acc[...], dv_acc[...]
+
+        dv_dim = v_smem.shape[-1]
+        dk, dv = pl.run_scoped(
+            accumulate,
+            plgpu.ACC((rows, k_smem.shape[-1]), jnp.float32),
+            plgpu.ACC((rows, dv_dim), jnp.float32),
+        )
+        own_k[...] = dk.astype(own_k.dtype)
+        own_v[...] = dv.astype(own_v.dtype)
+        plgpu.commit_smem()
+        plgpu.copy_smem_to_gmem(own_k, dk_ref.at[n, pl.ds(key0, rows)])
+        plgpu.copy_smem_to_gmem(own_v, dv_ref.at[n, pl.ds(key0, rows)])
+        plgpu.wait_smem_to_gmem(0)
+
+    @pl.when(wg == 2)
+    def _stream():
+        plgpu.set_max_registers(40, action="decrease")
+
+        def load(t, slot):
+            tile = pl.ds((first + t) * rows, rows)
+            plgpu.copy_gmem_to_smem(q_ref.at[n, tile], q_smem.at[slot], q_bar.at[slot])
+            plgpu.copy_gmem_to_smem(do_ref.at[n, tile], do_smem.at[slot], do_bar.at[slot])
+            if interpret:
+                qt_ref, dot_ref = transposed
+                plgpu.copy_gmem_to_smem(qt_ref.at[n, :, tile], qt_smem.at[slot], qt_bar.at[slot])
+                plgpu.copy_gmem_to_smem(dot_ref.at[n, :, tile], dot_smem.at[slot], dot_bar.at[slot])
+
+        for slot in range(stages):
+            pl.when(slot < block_steps)(functools.partial(load, slot, slot))
+
+        def refill(t, carry):
+            slot = jax.lax.rem(t, stages)
+            plgpu.barrier_wait(free.at[slot])
+            load(t, slot)
+            return carry
+
+        def settle(u, carry):
+            plgpu.barrier_wait(free.at[jax.lax.rem(u, stages)])
+            return carry
+
+        jax.lax.fori_loop(stages, block_steps, refill, None)
+        jax.lax.fori_loop(jnp.maximum(block_steps - stages, 0), block_steps, settle, None)
+
+
+def mosaic_dkv(q, k, v, d_out, activation, bias, interpret):
+    """dK, dV for `q`, `k`, `v`, `d_out`: `(N, S, D)`, S a multiple of 128."""
+    n, seq, dim = q.shape
+    n_tiles = seq // ROWS
+    kernel = functools.partial(
+        _kernel,
+        activation=activation,
+        bias=bias,
+        scale=dim**-0.5,
+        n_tiles=n_tiles,
+        interpret=interpret,
+    )
+
+    def entry(*refs):
+        scratch = [
+            _smem((2, ROWS, dim), k.dtype),
+            _smem((2, ROWS, dim), v.dtype),
+            _smem((STAGES, ROWS, dim), q.dtype),
+            _smem((STAGES, ROWS, dim), d_out.dtype),
+            plgpu.Barrier(num_barriers=2),  # own keys
+            plgpu.Barrier(num_barriers=2),  # own values
+            plgpu.Barrier(num_barriers=STAGES),  # query tiles
+            plgpu.Barrier(num_barriers=STAGES),  # dO tiles
+            plgpu.Barrier(num_arrivals=2, num_barriers=STAGES),  # slot released
+        ]
+        if interpret:  # transposed tiles and the wgmma operands staged in shared memory
+            scratch += [
+                _smem((STAGES, dim, ROWS), q.dtype),
+                _smem((STAGES, dim, ROWS), d_out.dtype),
+                plgpu.Barrier(num_barriers=STAGES),
+                plgpu.Barrier(num_barriers=STAGES),
+                _smem((2, 2, ROWS, ROWS), q.dtype),
+            ]
+        pl.run_scoped(lambda *s: kernel(*refs, s), *scratch, collective_axes="wg")
+
+    inputs = [q, k, v, d_out]
+    if interpret:
+        inputs += [jnp.swapaxes(q, 1, 2), jnp.swapaxes(d_out, 1, 2)]
+    return plgpu.kernel(
+        entry,
+        out_type=(jax.ShapeDtypeStruct(k.shape, k.dtype), jax.ShapeDtypeStruct(v.shape, v.dtype)),
+        grid=(seq // (2 * ROWS), n),
+        grid_names=("k", "n"),
+        num_threads=3,
+        thread_name="wg",
+        compiler_params=plgpu.CompilerParams(approx_math=True),
+        interpret=_interpret_params() if interpret else None,
+    )(*inputs)
