@@ -68,9 +68,9 @@ def cudnn(q, k, v):
     )
 
 
-pallas.MOSAIC_FORWARD = False
+pallas.MOSAIC = False
 triton = bench(lambda q, k, v: pallas.pallas_attention(q, k, v, "sigmoid", bias), q, k, v)
-pallas.MOSAIC_FORWARD = True
+pallas.MOSAIC = True
 times = {"bare cuDNN softmax": bench(cudnn, q, k, v), "Triton sigmoid": triton}
 for label, setting in [
     ("Mosaic sigmoid (ping-pong, tanh form)", dict(PINGPONG=True, SIGMOID="tanh")),

@@ -1,13 +1,18 @@
-"""dK and dV of causal sigmoid / 'none' attention in Pallas on Mosaic GPU (Hopper).
+"""Backward of causal sigmoid / 'none' attention in Pallas on Mosaic GPU (Hopper).
 
-One CUDA block owns 128 keys: two compute warpgroups hold 64 keys (and their values)
-each, and a third warpgroup streams 64-row tiles of queries and output gradients dO
-through `STAGES` shared-memory slots with TMA. Per tile a compute warpgroup forms the
-transposed weights P^T = w(K Q^T), accumulates dV += P^T dO, forms dP^T = V dO^T and
-dS^T, and accumulates dK += dS^T Q, all on the tensor cores (wgmma).
+`mosaic_dkv`: one CUDA block owns 128 keys: two compute warpgroups hold 64 keys (and
+their values) each, and a third warpgroup streams 64-row tiles of queries and output
+gradients dO through `STAGES` shared-memory slots with TMA. Per tile a compute
+warpgroup forms the transposed weights P^T = w(K Q^T), accumulates dV += P^T dO, forms
+dP^T = V dO^T and dS^T, and accumulates dK += dS^T Q, all on the tensor cores (wgmma).
 
-As in the forward kernel, the GPU reads Q^T and dO^T through transposed shared-memory
-views; Mosaic GPU interpret mode cannot, so there they come transposed from memory.
+`mosaic_dq`: the mirror image, laid out like the forward kernel: two compute
+warpgroups own 64 query rows (and their dO) each and walk 128-key tiles up to the
+diagonal: P = w(Q K^T), dP = dO V^T, dQ += dS K.
+
+As in the forward kernel, the GPU reads transposed operands through transposed
+shared-memory views; Mosaic GPU interpret mode cannot, so there they come transposed
+from memory.
 """
 
 import functools
@@ -187,6 +192,157 @@ def mosaic_dkv(q, k, v, d_out, activation, bias, interpret):
         out_type=(jax.ShapeDtypeStruct(k.shape, k.dtype), jax.ShapeDtypeStruct(v.shape, v.dtype)),
         grid=(seq // (2 * ROWS), n),
         grid_names=("k", "n"),
+        num_threads=3,
+        thread_name="wg",
+        compiler_params=plgpu.CompilerParams(approx_math=True),
+        interpret=_interpret_params() if interpret else None,
+    )(*inputs)
+
+
+def _dq_kernel(*refs, activation, bias, scale, n_pairs, interpret):
+    n_in = 6 if interpret else 4
+    (q_ref, k_ref, v_ref, do_ref, *transposed), (dq_ref,) = refs[:n_in], refs[n_in:-1]
+    q_smem, do_smem, k_smem, vt_smem, q_bar, do_bar, k_bar, v_bar, free, *extra = refs[-1]
+    kt_smem, kt_bar, *p_smem = extra if interpret else (None, None)
+    rows, bk, stages = ROWS, 2 * ROWS, STAGES
+    n = jax.lax.axis_index("n")
+    pair = n_pairs - 1 - jax.lax.axis_index("q")  # the longest rows start first
+    wg = jax.lax.axis_index("wg")
+    steps = pair + 1  # key tiles of 128 up to this pair's diagonal (both warpgroups)
+
+    @pl.when(wg < 2)
+    def _compute():
+        plgpu.set_max_registers(232, action="increase")
+        row0 = (2 * pair + wg) * rows
+        own_q, own_do = q_smem.at[wg], do_smem.at[wg]
+        plgpu.copy_gmem_to_smem(q_ref.at[n, pl.ds(row0, rows)], own_q, q_bar.at[wg])
+        plgpu.copy_gmem_to_smem(do_ref.at[n, pl.ds(row0, rows)], own_do, do_bar.at[wg])
+        plgpu.barrier_wait(q_bar.at[wg])
+        plgpu.barrier_wait(do_bar.at[wg])
+
+        def operand(x):
+            if not p_smem:
+                return x
+            p_smem[0].at[wg][...] = x  # the interpreter's wgmma reads shared memory only
+            return p_smem[0].at[wg]
+
+        def matmul(a, b, shape):
+            def run(acc):
+                plgpu.wgmma(acc, a, b)
+                return acc[...]
+
+            return pl.run_scoped(run, plgpu.ACC(shape, jnp.float32))
+
+        def step(t, dq_acc, masked):
+            slot = jax.lax.rem(t, stages)
+            plgpu.barrier_wait(k_bar.at[slot])
+            plgpu.barrier_wait(v_bar.at[slot])
+            if interpret:
+                plgpu.barrier_wait(kt_bar.at[slot])
+                keys_t, values_t = kt_smem.at[slot], vt_smem.at[slot]
+            else:
+                keys_t = k_smem.at[slot].transpose((1, 0))
+                values_t = vt_smem.at[slot].transpose((1, 0))
+            p = _weights(matmul(own_q, keys_t, (rows, bk)), activation, scale, bias)
+            dp = matmul(own_do, values_t, (rows, bk))
+            if masked:
+                queries = _iota((rows, bk), 0, interpret) + row0
+                keys = _iota((rows, bk), 1, interpret) + t * bk
+                allowed = keys <= queries
+                p = jnp.where(allowed, p, 0.0)
+            if activation == "sigmoid":
+                ds = dp * p * (1.0 - p)
+            else:
+                ds = jnp.where(allowed, dp, 0.0) if masked else dp
+            plgpu.wgmma(dq_acc, operand((ds * scale).astype(k_smem.dtype)), k_smem.at[slot])
+            plgpu.wgmma_wait(0)
+            plgpu.barrier_arrive(free.at[slot])
+
+        def accumulate(dq_acc):
+            for lo, hi, masked in ((0, steps - 1, False), (steps - 1, steps, True)):
+                body = functools.partial(step, dq_acc=dq_acc, masked=masked)
+                jax.lax.fori_loop(lo, hi, lambda t, c, body=body: body(t) or c, None)
+            return dq_acc[...]
+
+        dq = pl.run_scoped(accumulate, plgpu.ACC((rows, q_smem.shape[-1]), jnp.float32))
+        own_q[...] = dq.astype(own_q.dtype)
+        plgpu.commit_smem()
+        plgpu.copy_smem_to_gmem(own_q, dq_ref.at[n, pl.ds(row0, rows)])
+        plgpu.wait_smem_to_gmem(0)
+
+    @pl.when(wg == 2)
+    def _stream():
+        plgpu.set_max_registers(40, action="decrease")
+
+        def load(t, slot):
+            tile = pl.ds(t * bk, bk)
+            plgpu.copy_gmem_to_smem(k_ref.at[n, tile], k_smem.at[slot], k_bar.at[slot])
+            if interpret:
+                kt_ref, vt_ref = transposed
+                plgpu.copy_gmem_to_smem(kt_ref.at[n, :, tile], kt_smem.at[slot], kt_bar.at[slot])
+                plgpu.copy_gmem_to_smem(vt_ref.at[n, :, tile], vt_smem.at[slot], v_bar.at[slot])
+            else:
+                plgpu.copy_gmem_to_smem(v_ref.at[n, tile], vt_smem.at[slot], v_bar.at[slot])
+
+        for slot in range(min(stages, n_pairs)):  # static: stay in bounds
+            pl.when(slot < steps)(functools.partial(load, slot, slot))
+
+        def refill(t, carry):
+            slot = jax.lax.rem(t, stages)
+            plgpu.barrier_wait(free.at[slot])
+            load(t, slot)
+            return carry
+
+        def settle(u, carry):
+            plgpu.barrier_wait(free.at[jax.lax.rem(u, stages)])
+            return carry
+
+        jax.lax.fori_loop(stages, steps, refill, None)
+        jax.lax.fori_loop(jnp.maximum(steps - stages, 0), steps, settle, None)
+
+
+def mosaic_dq(q, k, v, d_out, activation, bias, interpret):
+    """dQ for `q`, `k`, `v`, `d_out`: `(N, S, D)`, S a multiple of 128."""
+    n, seq, dim = q.shape
+    n_pairs = seq // (2 * ROWS)
+    kernel = functools.partial(
+        _dq_kernel,
+        activation=activation,
+        bias=bias,
+        scale=dim**-0.5,
+        n_pairs=n_pairs,
+        interpret=interpret,
+    )
+    value_tile = (STAGES, dim, 2 * ROWS) if interpret else (STAGES, 2 * ROWS, dim)
+
+    def entry(*refs):
+        scratch = [
+            _smem((2, ROWS, dim), q.dtype),
+            _smem((2, ROWS, dim), d_out.dtype),
+            _smem((STAGES, 2 * ROWS, dim), k.dtype),
+            _smem(value_tile, v.dtype),
+            plgpu.Barrier(num_barriers=2),  # own queries
+            plgpu.Barrier(num_barriers=2),  # own dO
+            plgpu.Barrier(num_barriers=STAGES),  # key tiles
+            plgpu.Barrier(num_barriers=STAGES),  # value tiles
+            plgpu.Barrier(num_arrivals=2, num_barriers=STAGES),  # slot released
+        ]
+        if interpret:  # transposed keys and the wgmma operand staged in shared memory
+            scratch += [
+                _smem((STAGES, dim, 2 * ROWS), k.dtype),
+                plgpu.Barrier(num_barriers=STAGES),
+                _smem((2, ROWS, 2 * ROWS), q.dtype),
+            ]
+        pl.run_scoped(lambda *s: kernel(*refs, s), *scratch, collective_axes="wg")
+
+    inputs = [q, k, v, d_out]
+    if interpret:
+        inputs += [jnp.swapaxes(k, 1, 2), jnp.swapaxes(v, 1, 2)]
+    return plgpu.kernel(
+        entry,
+        out_type=jax.ShapeDtypeStruct(q.shape, q.dtype),
+        grid=(n_pairs, n),
+        grid_names=("q", "n"),
         num_threads=3,
         thread_name="wg",
         compiler_params=plgpu.CompilerParams(approx_math=True),

@@ -18,9 +18,8 @@ come either raw and are prepared per tile (`FUSE="all"`), or already prepared
 which has them at hand). `FUSE="none"` (the default, measured fastest) leaves all of
 it to XLA in front.
 
-On a Hopper GPU the sigmoid/'none' forward and dK/dV go to the Mosaic GPU kernels of
-`_mosaic` and `_mosaic_backward` instead (`MOSAIC_FORWARD`, with swish/RoPE in front);
-dQ always runs here.
+On a Hopper GPU the sigmoid/'none' forward and backward go to the Mosaic GPU kernels
+of `_mosaic` and `_mosaic_backward` instead (`MOSAIC`, with swish/RoPE in front).
 On a machine without a GPU the kernels here run in Pallas interpret mode (slow, exact).
 """
 
@@ -51,7 +50,7 @@ BWD_CONFIG = (64, 64, 4, 2)
 FAST_SIGMOID = True  # sigmoid via the GPU's approximate tanh (GPU only)
 FUSE = "none"  # where swish + RoPE run: "all", "outer" or "none" (see above and docs)
 FUSE_MODES = ("all", "outer", "none")
-MOSAIC_FORWARD = True  # sigmoid/'none' forward and dK/dV by Mosaic GPU kernels where they serve
+MOSAIC = True  # sigmoid/'none' forward and backward by Mosaic GPU kernels where they serve
 
 
 def _take(refs, count):
@@ -242,6 +241,11 @@ def _flash_fwd(q, k, v, tables, o):
 
 def _flash_bwd(o, residuals, d_out):
     q, k, v, tables, out, lse, q_inner, k_inner = residuals
+    if o.mosaic:
+        args = (q, k, v, d_out, o.activation, o.bias, o.interpret)
+        dq = _mosaic_backward.mosaic_dq(*args)
+        dk, dvv = _mosaic_backward.mosaic_dkv(*args)
+        return dq, dk, dvv, ()
     (_, padded, dqk), dv = q.shape, v.shape[-1]
     bq, bk = o.bwd[:2]
     stats, stat_rows, stat_whole = [], [], []
@@ -260,9 +264,6 @@ def _flash_bwd(o, residuals, d_out):
         [_rows(bq, dqk)],
         [jax.ShapeDtypeStruct(q.shape, q.dtype)],
     )(q, k_inner, v, d_out, *stats, *tables)[0]
-    if o.mosaic:
-        dk, dvv = _mosaic_backward.mosaic_dkv(q, k, v, d_out, o.activation, o.bias, o.interpret)
-        return dq, dk, dvv, ()
     dk, dvv = _call(
         functools.partial(_dkv_kernel, n_q_blocks=padded // bq),
         o.bwd,
@@ -293,7 +294,7 @@ def pallas_attention(
         interpret = jax.default_backend() != "gpu"
     *batch_shape, seq_len, dqk = q.shape
     mosaic = (
-        MOSAIC_FORWARD
+        MOSAIC
         and not swish
         and sin is None
         and not interpret

@@ -27,7 +27,7 @@ class KernelOptions(NamedTuple):
     swish: bool  # swish on q and k inside the kernels
     rope: bool  # RoPE on q and k inside the kernels (tables are kernel inputs)
     inner_fused: bool  # also on the tiles streamed in the inner loop (else pre-rotated)
-    mosaic: bool  # forward and dK/dV by Mosaic GPU kernels (sigmoid/'none', RoPE in front)
+    mosaic: bool  # forward and backward by Mosaic GPU kernels (sigmoid/'none', RoPE in front)
     fast: bool  # sigmoid through the GPU's approximate tanh (GPU only)
     fwd: tuple[int, int, int, int]  # (query block, key block, warps, stages): forward
     bwd: tuple[int, int, int, int]  # the same for the two backward kernels

@@ -183,11 +183,11 @@ def test_mosaic_kernel_matches_reference(activation, seq, dim, pingpong, monkeyp
 
 
 @pytest.mark.parametrize("activation, seq, dim", [("sigmoid", 256, 128), ("none", 384, 64)])
-def test_mosaic_dkv_kernel_matches_reference(activation, seq, dim):
-    # The Mosaic GPU dK/dV kernel itself (interpret mode on a CPU) against autodiff of
-    # a float32 reference.
+def test_mosaic_backward_kernels_match_reference(activation, seq, dim):
+    # The Mosaic GPU dQ and dK/dV kernels themselves (interpret mode on a CPU) against
+    # autodiff of a float32 reference.
     import eqx_xlstm._mosaic as mosaic
-    from eqx_xlstm._mosaic_backward import mosaic_dkv
+    from eqx_xlstm._mosaic_backward import mosaic_dkv, mosaic_dq
 
     interpret = jax.default_backend() != "gpu"
     if interpret and not mosaic.interpret_available():
@@ -203,16 +203,21 @@ def test_mosaic_dkv_kernel_matches_reference(activation, seq, dim):
         return jnp.tril(w) @ v
 
     f32 = [x.astype(jnp.float32) for x in (q, k, v, g)]
-    _, dk_want, dv_want = jax.vjp(reference, *f32[:3])[1](f32[3])
-    kernel = jax.jit(lambda *a: mosaic_dkv(*a, activation, bias, interpret))
-    for got, want in zip(kernel(q, k, v, g), (dk_want, dv_want)):
+    wanted = jax.vjp(reference, *f32[:3])[1](f32[3])
+    kernels = jax.jit(
+        lambda *a: (
+            (mosaic_dq(*a, activation, bias, interpret),)
+            + mosaic_dkv(*a, activation, bias, interpret)
+        )
+    )
+    for got, want in zip(kernels(q, k, v, g), wanted, strict=True):
         scale = max(1.0, float(jnp.abs(want).max()))
         np.testing.assert_allclose(got.astype(jnp.float32), want, atol=2e-2 * scale, rtol=2e-2)
 
 
 @pytest.mark.parametrize("activation", ["sigmoid", "none"])
 def test_pallas_uses_mosaic_forward_on_hopper(activation, monkeypatch):
-    # Mosaic forward and dK/dV + Triton dQ through `attention`, on a Hopper GPU.
+    # Mosaic forward and backward kernels through `attention`, on a Hopper GPU.
     import eqx_xlstm._mosaic as mosaic
 
     reason = mosaic.unsupported(activation, jnp.bfloat16, 64, 64)
