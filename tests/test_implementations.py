@@ -125,7 +125,7 @@ def test_pallas_matches_reference(activation, seq, pre):
     assert_kernel_close(got, expected, dtype)
 
 
-@pytest.mark.parametrize("activation", ACTIVATIONS)
+@pytest.mark.parametrize("activation", ["softmax", "sigmoid"])  # 'none' shares the RoPE code
 @pytest.mark.parametrize("fuse", ["all", "outer"])
 def test_pallas_rope_in_kernel_matches_reference(activation, fuse, monkeypatch):
     # Swish + RoPE inside the kernels: on every tile, or on each program's own block.
@@ -171,7 +171,7 @@ def test_mosaic_kernel_matches_reference(activation, seq, dim, pingpong, monkeyp
         pytest.skip("this jax has no Mosaic GPU interpret mode")
     if not interpret and mosaic.unsupported(activation, jnp.bfloat16, dim, dim):
         pytest.skip(mosaic.unsupported(activation, jnp.bfloat16, dim, dim))
-    q, k, v, _ = inputs(seq, shape=(2,), dqk=dim, dv=dim, dtype=jnp.bfloat16, seed=5)
+    q, k, v, _ = inputs(seq, shape=(1,), dqk=dim, dv=dim, dtype=jnp.bfloat16, seed=5)
     bias = -float(np.log(seq))
     kernel = jax.jit(lambda q, k, v: mosaic.mosaic_forward(q, k, v, activation, bias, interpret))
     got = np.asarray(kernel(q, k, v).astype(jnp.float32))
@@ -182,7 +182,7 @@ def test_mosaic_kernel_matches_reference(activation, seq, dim, pingpong, monkeyp
     np.testing.assert_allclose(got, want, atol=2e-2 * max(1.0, np.abs(want).max()), rtol=2e-2)
 
 
-@pytest.mark.parametrize("activation, seq, dim", [("sigmoid", 256, 128), ("none", 384, 64)])
+@pytest.mark.parametrize("activation, seq, dim", [("sigmoid", 256, 128), ("none", 256, 64)])
 def test_mosaic_backward_kernels_match_reference(activation, seq, dim):
     # The Mosaic GPU dQ and dK/dV kernels themselves (interpret mode on a CPU) against
     # autodiff of a float32 reference.
@@ -194,7 +194,7 @@ def test_mosaic_backward_kernels_match_reference(activation, seq, dim):
         pytest.skip("this jax has no Mosaic GPU interpret mode")
     if not interpret and mosaic.unsupported(activation, jnp.bfloat16, dim, dim):
         pytest.skip(mosaic.unsupported(activation, jnp.bfloat16, dim, dim))
-    q, k, v, g = inputs(seq, shape=(2,), dqk=dim, dv=dim, dtype=jnp.bfloat16, seed=6)
+    q, k, v, g = inputs(seq, shape=(1,), dqk=dim, dv=dim, dtype=jnp.bfloat16, seed=6)
     bias = -float(np.log(seq))
 
     def reference(q, k, v):
