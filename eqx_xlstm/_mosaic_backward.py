@@ -202,7 +202,8 @@ def mosaic_dkv(q, k, v, d_out, activation, bias, interpret):
 def _dq_kernel(*refs, activation, bias, scale, n_pairs, interpret):
     n_in = 6 if interpret else 4
     (q_ref, k_ref, v_ref, do_ref, *transposed), (dq_ref,) = refs[:n_in], refs[n_in:-1]
-    q_smem, do_smem, k_smem, vt_smem, q_bar, do_bar, k_bar, v_bar, free, *extra = refs[-1]
+    # v_tiles: value tiles (128, D) on a GPU, transposed (D, 128) when interpreting.
+    q_smem, do_smem, k_smem, v_tiles, q_bar, do_bar, k_bar, v_bar, free, *extra = refs[-1]
     kt_smem, kt_bar, *p_smem = extra if interpret else (None, None)
     rows, bk, stages = ROWS, 2 * ROWS, STAGES
     n = jax.lax.axis_index("n")
@@ -239,10 +240,10 @@ def _dq_kernel(*refs, activation, bias, scale, n_pairs, interpret):
             plgpu.barrier_wait(v_bar.at[slot])
             if interpret:
                 plgpu.barrier_wait(kt_bar.at[slot])
-                keys_t, values_t = kt_smem.at[slot], vt_smem.at[slot]
+                keys_t, values_t = kt_smem.at[slot], v_tiles.at[slot]
             else:
                 keys_t = k_smem.at[slot].transpose((1, 0))
-                values_t = vt_smem.at[slot].transpose((1, 0))
+                values_t = v_tiles.at[slot].transpose((1, 0))
             p = _weights(matmul(own_q, keys_t, (rows, bk)), activation, scale, bias)
             dp = matmul(own_do, values_t, (rows, bk))
             if masked:
@@ -280,9 +281,9 @@ def _dq_kernel(*refs, activation, bias, scale, n_pairs, interpret):
             if interpret:
                 kt_ref, vt_ref = transposed
                 plgpu.copy_gmem_to_smem(kt_ref.at[n, :, tile], kt_smem.at[slot], kt_bar.at[slot])
-                plgpu.copy_gmem_to_smem(vt_ref.at[n, :, tile], vt_smem.at[slot], v_bar.at[slot])
+                plgpu.copy_gmem_to_smem(vt_ref.at[n, :, tile], v_tiles.at[slot], v_bar.at[slot])
             else:
-                plgpu.copy_gmem_to_smem(v_ref.at[n, tile], vt_smem.at[slot], v_bar.at[slot])
+                plgpu.copy_gmem_to_smem(v_ref.at[n, tile], v_tiles.at[slot], v_bar.at[slot])
 
         for slot in range(min(stages, n_pairs)):  # static: stay in bounds
             pl.when(slot < steps)(functools.partial(load, slot, slot))
