@@ -87,6 +87,44 @@ def _iota(shape, axis, interpret):
     return plgpu.broadcasted_iota(jnp.int32, shape, axis, layout=plgpu.Layout.WGMMA)
 
 
+def stream_tiles(load, steps, stages, free_bars, max_prefill):
+    """The streaming warpgroup: `load(t, slot)` tiles 0 .. `steps` - 1 into a ring of
+    `stages` slots. The first slots are filled at once (at most `max_prefill`, a static
+    bound that keeps addresses in range); slot t % stages is refilled with tile t once
+    every barrier of `free_bars` says the consumers released it. Finally the last
+    releases are waited out, so that no barrier phase goes unobserved."""
+    plgpu.set_max_registers(40, action="decrease")
+    for slot in range(min(stages, max_prefill)):
+        pl.when(slot < steps)(functools.partial(load, slot, slot))
+
+    def wait_free(t, carry=None):
+        for bar in free_bars:
+            plgpu.barrier_wait(bar.at[jax.lax.rem(t, stages)])
+        return carry
+
+    def refill(t, carry):
+        wait_free(t)
+        load(t, jax.lax.rem(t, stages))
+        return carry
+
+    jax.lax.fori_loop(stages, steps, refill, None)
+    jax.lax.fori_loop(jnp.maximum(steps - stages, 0), steps, wait_free, None)
+
+
+def launch(entry, out_type, grid, grid_names, interpret, *inputs):
+    """Run `entry` as a Mosaic GPU kernel: two compute warpgroups and one streaming."""
+    return plgpu.kernel(
+        entry,
+        out_type=out_type,
+        grid=grid,
+        grid_names=grid_names,
+        num_threads=3,
+        thread_name="wg",
+        compiler_params=plgpu.CompilerParams(approx_math=True),
+        interpret=_interpret_params() if interpret else None,
+    )(*inputs)
+
+
 def _kernel(q_ref, k_ref, v_ref, out_ref, scratch, *, activation, bias, scale, n_blocks, interpret):
     q_smem, k_smem, v_smem, q_bar, k_bar, v_bar, k_free, v_free, turn, *p_smem = scratch
     bq, bk, stages = BLOCK_Q, BLOCK_K, STAGES
@@ -210,33 +248,13 @@ def _kernel(q_ref, k_ref, v_ref, out_ref, scratch, *, activation, bias, scale, n
 
     @pl.when(wg == 2)
     def _stream():
-        plgpu.set_max_registers(40, action="decrease")
-
         def load(t, slot):
             cols = pl.ds(t * bk, bk)
             keys = k_ref.at[n, :, cols] if interpret else k_ref.at[n, cols]
             plgpu.copy_gmem_to_smem(keys, k_smem.at[slot], k_bar.at[slot])
             plgpu.copy_gmem_to_smem(v_ref.at[n, cols], v_smem.at[slot], v_bar.at[slot])
 
-        for slot in range(min(stages, n_blocks * 2 * bq // bk)):  # static: stay in bounds
-            pl.when(slot < block_steps)(functools.partial(load, slot, slot))
-
-        def refill(t, carry):
-            slot = jax.lax.rem(t, stages)
-            plgpu.barrier_wait(k_free.at[slot])
-            plgpu.barrier_wait(v_free.at[slot])
-            load(t, slot)
-            return carry
-
-        def settle(u, carry):
-            # Wait out the last slots' release too, so no barrier phase goes unobserved.
-            slot = jax.lax.rem(u, stages)
-            plgpu.barrier_wait(k_free.at[slot])
-            plgpu.barrier_wait(v_free.at[slot])
-            return carry
-
-        jax.lax.fori_loop(stages, block_steps, refill, None)
-        jax.lax.fori_loop(jnp.maximum(block_steps - stages, 0), block_steps, settle, None)
+        stream_tiles(load, block_steps, stages, (k_free, v_free), n_blocks * 2 * bq // bk)
 
 
 def mosaic_forward(q, k, v, activation, bias, interpret):
@@ -274,13 +292,6 @@ def mosaic_forward(q, k, v, activation, bias, interpret):
             collective_axes="wg",
         )
 
-    return plgpu.kernel(
-        entry,
-        out_type=jax.ShapeDtypeStruct((n, seq, dv), v.dtype),
-        grid=(n_blocks, n),
-        grid_names=("q", "n"),
-        num_threads=3,
-        thread_name="wg",
-        compiler_params=plgpu.CompilerParams(approx_math=True),
-        interpret=_interpret_params() if interpret else None,
-    )(q, jnp.swapaxes(k, 1, 2) if interpret else k, v)
+    out_type = jax.ShapeDtypeStruct((n, seq, dv), v.dtype)
+    keys = jnp.swapaxes(k, 1, 2) if interpret else k
+    return launch(entry, out_type, (n_blocks, n), ("q", "n"), interpret, q, keys, v)

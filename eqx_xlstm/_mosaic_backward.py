@@ -22,7 +22,7 @@ import jax.numpy as jnp
 from jax.experimental import pallas as pl
 from jax.experimental.pallas import mosaic_gpu as plgpu
 
-from ._mosaic import _interpret_params, _iota, _smem, _weights
+from ._mosaic import _iota, _smem, _weights, launch, stream_tiles
 
 ROWS = 64  # keys per compute warpgroup and query rows per streamed tile
 STAGES = 2
@@ -121,8 +121,6 @@ def _kernel(*refs, activation, bias, scale, n_tiles, interpret):
 
     @pl.when(wg == 2)
     def _stream():
-        plgpu.set_max_registers(40, action="decrease")
-
         def load(t, slot):
             tile = pl.ds((first + t) * rows, rows)
             plgpu.copy_gmem_to_smem(q_ref.at[n, tile], q_smem.at[slot], q_bar.at[slot])
@@ -132,21 +130,7 @@ def _kernel(*refs, activation, bias, scale, n_tiles, interpret):
                 plgpu.copy_gmem_to_smem(qt_ref.at[n, :, tile], qt_smem.at[slot], qt_bar.at[slot])
                 plgpu.copy_gmem_to_smem(dot_ref.at[n, :, tile], dot_smem.at[slot], dot_bar.at[slot])
 
-        for slot in range(stages):
-            pl.when(slot < block_steps)(functools.partial(load, slot, slot))
-
-        def refill(t, carry):
-            slot = jax.lax.rem(t, stages)
-            plgpu.barrier_wait(free.at[slot])
-            load(t, slot)
-            return carry
-
-        def settle(u, carry):
-            plgpu.barrier_wait(free.at[jax.lax.rem(u, stages)])
-            return carry
-
-        jax.lax.fori_loop(stages, block_steps, refill, None)
-        jax.lax.fori_loop(jnp.maximum(block_steps - stages, 0), block_steps, settle, None)
+        stream_tiles(load, block_steps, stages, (free,), n_tiles)
 
 
 def mosaic_dkv(q, k, v, d_out, activation, bias, interpret):
@@ -187,16 +171,9 @@ def mosaic_dkv(q, k, v, d_out, activation, bias, interpret):
     inputs = [q, k, v, d_out]
     if interpret:
         inputs += [jnp.swapaxes(q, 1, 2), jnp.swapaxes(d_out, 1, 2)]
-    return plgpu.kernel(
-        entry,
-        out_type=(jax.ShapeDtypeStruct(k.shape, k.dtype), jax.ShapeDtypeStruct(v.shape, v.dtype)),
-        grid=(seq // (2 * ROWS), n),
-        grid_names=("k", "n"),
-        num_threads=3,
-        thread_name="wg",
-        compiler_params=plgpu.CompilerParams(approx_math=True),
-        interpret=_interpret_params() if interpret else None,
-    )(*inputs)
+    out_type = (jax.ShapeDtypeStruct(k.shape, k.dtype), jax.ShapeDtypeStruct(v.shape, v.dtype))
+    grid = (seq // (2 * ROWS), n)
+    return launch(entry, out_type, grid, ("k", "n"), interpret, *inputs)
 
 
 def _dq_kernel(*refs, activation, bias, scale, n_pairs, interpret):
@@ -273,8 +250,6 @@ def _dq_kernel(*refs, activation, bias, scale, n_pairs, interpret):
 
     @pl.when(wg == 2)
     def _stream():
-        plgpu.set_max_registers(40, action="decrease")
-
         def load(t, slot):
             tile = pl.ds(t * bk, bk)
             plgpu.copy_gmem_to_smem(k_ref.at[n, tile], k_smem.at[slot], k_bar.at[slot])
@@ -285,21 +260,7 @@ def _dq_kernel(*refs, activation, bias, scale, n_pairs, interpret):
             else:
                 plgpu.copy_gmem_to_smem(v_ref.at[n, tile], v_tiles.at[slot], v_bar.at[slot])
 
-        for slot in range(min(stages, n_pairs)):  # static: stay in bounds
-            pl.when(slot < steps)(functools.partial(load, slot, slot))
-
-        def refill(t, carry):
-            slot = jax.lax.rem(t, stages)
-            plgpu.barrier_wait(free.at[slot])
-            load(t, slot)
-            return carry
-
-        def settle(u, carry):
-            plgpu.barrier_wait(free.at[jax.lax.rem(u, stages)])
-            return carry
-
-        jax.lax.fori_loop(stages, steps, refill, None)
-        jax.lax.fori_loop(jnp.maximum(steps - stages, 0), steps, settle, None)
+        stream_tiles(load, steps, stages, (free,), n_pairs)
 
 
 def mosaic_dq(q, k, v, d_out, activation, bias, interpret):
@@ -339,13 +300,5 @@ def mosaic_dq(q, k, v, d_out, activation, bias, interpret):
     inputs = [q, k, v, d_out]
     if interpret:
         inputs += [jnp.swapaxes(k, 1, 2), jnp.swapaxes(v, 1, 2)]
-    return plgpu.kernel(
-        entry,
-        out_type=jax.ShapeDtypeStruct(q.shape, q.dtype),
-        grid=(n_pairs, n),
-        grid_names=("q", "n"),
-        num_threads=3,
-        thread_name="wg",
-        compiler_params=plgpu.CompilerParams(approx_math=True),
-        interpret=_interpret_params() if interpret else None,
-    )(*inputs)
+    out_type = jax.ShapeDtypeStruct(q.shape, q.dtype)
+    return launch(entry, out_type, (n_pairs, n), ("q", "n"), interpret, *inputs)
