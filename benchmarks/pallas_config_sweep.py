@@ -1,6 +1,8 @@
 """Sweep the Pallas kernels' configuration on a GPU, next to the peers.
 
-Sets the module-level settings of `eqx_xlstm._pallas` (forward and backward block
+Sweeps the Triton kernels (the Mosaic GPU ones are switched off, see
+benchmarks/mosaic_forward.py for those). Sets the module-level settings of
+`eqx_xlstm._pallas` (forward and backward block
 sizes, warps, stages; where swish + RoPE run: `FUSE`),
 clears the jit caches, and prints fwd and fwd+bwd times of causal attention (bf16,
 B=4, NH=16, D=128, swish + RoPE) for each activation, with the largest error against
@@ -107,6 +109,7 @@ def both_passes(label, fn, xs):
 
 
 def configure(fwd=None, bwd=None, fuse=None):
+    pallas.MOSAIC = False  # this sweeps the Triton kernels (Hopper would use Mosaic ones)
     pallas.FWD_CONFIG = fwd or DEFAULTS[0]
     pallas.BWD_CONFIG = bwd or DEFAULTS[1]
     pallas.FUSE = fuse or DEFAULTS[2]
