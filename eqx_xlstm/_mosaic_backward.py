@@ -28,6 +28,16 @@ ROWS = 64  # keys per compute warpgroup and query rows per streamed tile
 STAGES = 2
 
 
+def _matmul(a, b, shape):
+    """a @ b on the tensor cores into a fresh float32 accumulator, waited for."""
+
+    def run(acc):
+        plgpu.wgmma(acc, a, b)
+        return acc[...]
+
+    return pl.run_scoped(run, plgpu.ACC(shape, jnp.float32))
+
+
 def _kernel(*refs, activation, bias, scale, n_tiles, interpret):
     n_in = 6 if interpret else 4
     (q_ref, k_ref, v_ref, do_ref, *transposed), (dk_ref, dv_ref) = refs[:n_in], refs[n_in:-1]
@@ -65,17 +75,10 @@ def _kernel(*refs, activation, bias, scale, n_tiles, interpret):
             p_smem[0].at[wg, which][...] = x  # the interpreter's wgmma reads shared memory
             return p_smem[0].at[wg, which]
 
-        def matmul(a, b, shape):
-            def run(acc):
-                plgpu.wgmma(acc, a, b)
-                return acc[...]
-
-            return pl.run_scoped(run, plgpu.ACC(shape, jnp.float32))
-
         def step(t, dk_acc, dv_acc, masked):
             slot = jax.lax.rem(t, stages)
             wait_tiles(slot)
-            scores_t = matmul(own_k, view(q_smem, qt_smem, slot), (rows, rows))
+            scores_t = _matmul(own_k, view(q_smem, qt_smem, slot), (rows, rows))
             p_t = _weights(scores_t, activation, scale, bias)
             if masked:
                 keys = _iota((rows, rows), 0, interpret) + key0
@@ -83,7 +86,7 @@ def _kernel(*refs, activation, bias, scale, n_tiles, interpret):
                 allowed = keys <= queries
                 p_t = jnp.where(allowed, p_t, 0.0)
             plgpu.wgmma(dv_acc, operand(p_t.astype(k_smem.dtype), 0), do_smem.at[slot])
-            dp_t = matmul(own_v, view(do_smem, dot_smem, slot), (rows, rows))
+            dp_t = _matmul(own_v, view(do_smem, dot_smem, slot), (rows, rows))
             if activation == "sigmoid":
                 ds_t = dp_t * p_t * (1.0 - p_t)  # zero where masked: p_t is
             else:
@@ -204,13 +207,6 @@ def _dq_kernel(*refs, activation, bias, scale, n_pairs, interpret):
             p_smem[0].at[wg][...] = x  # the interpreter's wgmma reads shared memory only
             return p_smem[0].at[wg]
 
-        def matmul(a, b, shape):
-            def run(acc):
-                plgpu.wgmma(acc, a, b)
-                return acc[...]
-
-            return pl.run_scoped(run, plgpu.ACC(shape, jnp.float32))
-
         def step(t, dq_acc, masked):
             slot = jax.lax.rem(t, stages)
             plgpu.barrier_wait(k_bar.at[slot])
@@ -221,8 +217,8 @@ def _dq_kernel(*refs, activation, bias, scale, n_pairs, interpret):
             else:
                 keys_t = k_smem.at[slot].transpose((1, 0))
                 values_t = v_tiles.at[slot].transpose((1, 0))
-            p = _weights(matmul(own_q, keys_t, (rows, bk)), activation, scale, bias)
-            dp = matmul(own_do, values_t, (rows, bk))
+            p = _weights(_matmul(own_q, keys_t, (rows, bk)), activation, scale, bias)
+            dp = _matmul(own_do, values_t, (rows, bk))
             if masked:
                 queries = _iota((rows, bk), 0, interpret) + row0
                 keys = _iota((rows, bk), 1, interpret) + t * bk

@@ -153,6 +153,19 @@ def test_pallas_bf16_and_xla_rope_match_reference(activation, monkeypatch):
         assert_kernel_close(got, expected, jnp.bfloat16, f" FUSE={fuse}")
 
 
+def mosaic_interpret_or_skip(activation, dim):
+    """Whether the Mosaic kernels run interpreted here (no GPU); skips where they can run
+    neither compiled nor interpreted."""
+    import eqx_xlstm._mosaic as mosaic
+
+    interpret = jax.default_backend() != "gpu"
+    if interpret and not mosaic.interpret_available():
+        pytest.skip("this jax has no Mosaic GPU interpret mode")
+    if not interpret and mosaic.unsupported(activation, jnp.bfloat16, dim, dim):
+        pytest.skip(mosaic.unsupported(activation, jnp.bfloat16, dim, dim))
+    return interpret
+
+
 @pytest.mark.parametrize(
     "activation, seq, dim, pingpong",
     [
@@ -166,11 +179,7 @@ def test_mosaic_kernel_matches_reference(activation, seq, dim, pingpong, monkeyp
     import eqx_xlstm._mosaic as mosaic
 
     monkeypatch.setattr(mosaic, "PINGPONG", pingpong)
-    interpret = jax.default_backend() != "gpu"
-    if interpret and not mosaic.interpret_available():
-        pytest.skip("this jax has no Mosaic GPU interpret mode")
-    if not interpret and mosaic.unsupported(activation, jnp.bfloat16, dim, dim):
-        pytest.skip(mosaic.unsupported(activation, jnp.bfloat16, dim, dim))
+    interpret = mosaic_interpret_or_skip(activation, dim)
     q, k, v, _ = inputs(seq, shape=(1,), dqk=dim, dv=dim, dtype=jnp.bfloat16, seed=5)
     bias = -float(np.log(seq))
     kernel = jax.jit(lambda q, k, v: mosaic.mosaic_forward(q, k, v, activation, bias, interpret))
@@ -186,14 +195,9 @@ def test_mosaic_kernel_matches_reference(activation, seq, dim, pingpong, monkeyp
 def test_mosaic_backward_kernels_match_reference(activation, seq, dim):
     # The Mosaic GPU dQ and dK/dV kernels themselves (interpret mode on a CPU) against
     # autodiff of a float32 reference.
-    import eqx_xlstm._mosaic as mosaic
     from eqx_xlstm._mosaic_backward import mosaic_dkv, mosaic_dq
 
-    interpret = jax.default_backend() != "gpu"
-    if interpret and not mosaic.interpret_available():
-        pytest.skip("this jax has no Mosaic GPU interpret mode")
-    if not interpret and mosaic.unsupported(activation, jnp.bfloat16, dim, dim):
-        pytest.skip(mosaic.unsupported(activation, jnp.bfloat16, dim, dim))
+    interpret = mosaic_interpret_or_skip(activation, dim)
     q, k, v, g = inputs(seq, shape=(1,), dqk=dim, dv=dim, dtype=jnp.bfloat16, seed=6)
     bias = -float(np.log(seq))
 
