@@ -22,7 +22,7 @@ import jax.numpy as jnp
 from jax.experimental import pallas as pl
 from jax.experimental.pallas import mosaic_gpu as plgpu
 
-from ._mosaic import _iota, _smem, _weights, launch, stream_tiles
+from ._mosaic import _iota, _smem, _weights, launch, stream_tiles, write_back
 
 ROWS = 64  # keys per compute warpgroup and query rows per streamed tile
 STAGES = 2
@@ -115,12 +115,8 @@ def _kernel(*refs, activation, bias, scale, n_tiles, interpret):
             plgpu.ACC((rows, k_smem.shape[-1]), jnp.float32),
             plgpu.ACC((rows, dv_dim), jnp.float32),
         )
-        own_k[...] = dk.astype(own_k.dtype)
-        own_v[...] = dv.astype(own_v.dtype)
-        plgpu.commit_smem()
-        plgpu.copy_smem_to_gmem(own_k, dk_ref.at[n, pl.ds(key0, rows)])
-        plgpu.copy_smem_to_gmem(own_v, dv_ref.at[n, pl.ds(key0, rows)])
-        plgpu.wait_smem_to_gmem(0)
+        own_rows = pl.ds(key0, rows)
+        write_back((dk, own_k, dk_ref.at[n, own_rows]), (dv, own_v, dv_ref.at[n, own_rows]))
 
     @pl.when(wg == 2)
     def _stream():
@@ -239,10 +235,7 @@ def _dq_kernel(*refs, activation, bias, scale, n_pairs, interpret):
             return dq_acc[...]
 
         dq = pl.run_scoped(accumulate, plgpu.ACC((rows, q_smem.shape[-1]), jnp.float32))
-        own_q[...] = dq.astype(own_q.dtype)
-        plgpu.commit_smem()
-        plgpu.copy_smem_to_gmem(own_q, dq_ref.at[n, pl.ds(row0, rows)])
-        plgpu.wait_smem_to_gmem(0)
+        write_back((dq, own_q, dq_ref.at[n, pl.ds(row0, rows)]))
 
     @pl.when(wg == 2)
     def _stream():

@@ -72,8 +72,6 @@ def windows(source, starts):
     return chunk[:, :-1], chunk[:, 1:], jnp.ones(chunk[:, 1:].shape, jnp.float32)
 
 
-
-
 @jax.jit
 def make_batch(key, step):
     """The batch of a step: random windows of the training text."""

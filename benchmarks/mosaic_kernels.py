@@ -1,11 +1,14 @@
-"""The Mosaic GPU sigmoid forward kernel on its own, next to its peers (Hopper GPU only).
+"""The Mosaic GPU sigmoid kernels on their own, next to their peers (Hopper GPU only).
 
 Checks the kernel against a float32 reference at small shapes, then times forward
 calls at bf16, B*NH=64, S=8192, D=128, causal, without RoPE (kernels only): bare cuDNN
 softmax, our Triton sigmoid forward, and the Mosaic kernel with and without ping-pong
-turns and with the exp form of the sigmoid, plus the 'none' activation.
+turns (passed when the matmuls are issued or done), with the exp form of the sigmoid
+and with two key/value slots, plus the 'none' activation. Then the backward pass: the
+Mosaic dQ and dK/dV kernels against cuDNN's softmax backward (its fwd+bwd time less its
+forward time; fwd+bwd as `value_and_grad`, so nothing is dropped).
 
-    python benchmarks/mosaic_forward.py
+    python benchmarks/mosaic_kernels.py
 """
 
 import statistics
@@ -16,6 +19,7 @@ import jax.numpy as jnp
 import numpy as np
 
 import eqx_xlstm._mosaic as mosaic
+import eqx_xlstm._mosaic_backward as mosaic_backward
 import eqx_xlstm._pallas as pallas
 
 N, S, D = 64, 8192, 128
@@ -72,16 +76,46 @@ pallas.MOSAIC = False
 triton = bench(lambda q, k, v: pallas.pallas_attention(q, k, v, "sigmoid", bias), q, k, v)
 pallas.MOSAIC = True
 times = {"bare cuDNN softmax": bench(cudnn, q, k, v), "Triton sigmoid": triton}
-for label, setting in [
-    ("Mosaic sigmoid (ping-pong, tanh form)", dict(PINGPONG=True, SIGMOID="tanh")),
-    ("Mosaic sigmoid (no ping-pong)", dict(PINGPONG=False, SIGMOID="tanh")),
-    ("Mosaic sigmoid (exp form)", dict(PINGPONG=True, SIGMOID="exp")),
+default = {name: getattr(mosaic, name) for name in ("PINGPONG", "HANDOFF", "SIGMOID", "STAGES")}
+for label, change in [
+    ("Mosaic sigmoid (ping-pong, tanh form)", {}),
+    ("Mosaic sigmoid (turn passed when issued)", dict(HANDOFF="issued")),
+    ("Mosaic sigmoid (no ping-pong)", dict(PINGPONG=False)),
+    ("Mosaic sigmoid (exp form)", dict(SIGMOID="exp")),
+    ("Mosaic sigmoid (2 key/value slots)", dict(STAGES=2)),
 ]:
-    for name, value in setting.items():
+    for name, value in {**default, **change}.items():
         setattr(mosaic, name, value)
     times[label] = bench(mosaic_call("sigmoid", bias), q, k, v)
-mosaic.PINGPONG, mosaic.SIGMOID = True, "tanh"
+for name, value in default.items():
+    setattr(mosaic, name, value)
 times["Mosaic 'none'"] = bench(mosaic_call("none", bias), q, k, v)
 base = times["bare cuDNN softmax"]
 for label, ms in times.items():
     print(f"{label:40s} {ms:7.2f} ms   {ms / base:5.2f} x cuDNN")
+
+print(f"bf16 N={N} S={S} D={D}, causal, backward kernels, no RoPE")
+
+
+def cudnn_fwd_bwd(q, k, v):
+    loss = lambda *x: jnp.sum(cudnn(*x).astype(jnp.float32))  # noqa: E731
+    return jax.value_and_grad(loss, argnums=(0, 1, 2))(q, k, v)
+
+
+d_out = qkv(N, S, D)[0] * 0.1
+backward = {
+    "cuDNN softmax fwd+bwd": bench(cudnn_fwd_bwd, q, k, v),
+    "Mosaic dQ": bench(
+        lambda *a: mosaic_backward.mosaic_dq(*a, "sigmoid", bias, False), q, k, v, d_out
+    ),
+    "Mosaic dK/dV": bench(
+        lambda *a: mosaic_backward.mosaic_dkv(*a, "sigmoid", bias, False), q, k, v, d_out
+    ),
+}
+cudnn_bwd = backward["cuDNN softmax fwd+bwd"] - base
+mosaic_bwd = backward["Mosaic dQ"] + backward["Mosaic dK/dV"]
+for label, ms in backward.items():
+    print(f"{label:40s} {ms:7.2f} ms")
+print(f"{'cuDNN softmax backward (fwd+bwd - fwd)':40s} {cudnn_bwd:7.2f} ms")
+ratio = mosaic_bwd / cudnn_bwd
+print(f"{'Mosaic backward (dQ + dK/dV)':40s} {mosaic_bwd:7.2f} ms   {ratio:5.2f} x cuDNN")

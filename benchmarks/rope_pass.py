@@ -1,0 +1,79 @@
+"""What the swish + RoPE pass in front of an attention kernel costs (GPU).
+
+Times, for bf16 queries and keys of shape (B, NH, S, D): the pass `attention` runs in
+front of cuDNN and the Mosaic kernels (swish, RoPE, cast back to bf16; one XLA fusion
+per tensor), a plain elementwise pass over the same bytes (`2 * x`, the memory-bound
+floor), and the bare cuDNN causal softmax forward for scale. GB/s counts the bytes read
+and written (q and k, each read once and written once).
+
+    python benchmarks/rope_pass.py --seqs 4096,8192,16384
+"""
+
+import argparse
+import statistics
+import time
+
+import jax
+import jax.numpy as jnp
+
+from eqx_xlstm._dispatch import prepare_qk
+from eqx_xlstm._rope import precompute_freqs
+
+parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+parser.add_argument("--batch", type=int, default=4)
+parser.add_argument("--heads", type=int, default=16)
+parser.add_argument("--head-dim", type=int, default=128)
+parser.add_argument("--seqs", default="4096,8192,16384")
+parser.add_argument("--repeats", type=int, default=20)
+args = parser.parse_args()
+
+
+def bench(fn, *xs):
+    compiled = jax.jit(fn).lower(*xs).compile()
+    jax.block_until_ready(compiled(*xs))
+    times = []
+    for _ in range(args.repeats):
+        start = time.perf_counter()
+        jax.block_until_ready(compiled(*xs))
+        times.append(time.perf_counter() - start)
+    return statistics.median(times)
+
+
+def rope_pass(q, k, sin, cos):
+    q, k = prepare_qk(q, k, "swish", sin, cos)
+    return q.astype(jnp.bfloat16), k.astype(jnp.bfloat16)
+
+
+def plain_pass(q, k):
+    return 2 * q, 2 * k
+
+
+def cudnn(q, k, v):
+    def as_btnh(x):
+        return x.reshape(-1, *x.shape[-2:])[:, :, None, :]
+
+    return jax.nn.dot_product_attention(
+        as_btnh(q), as_btnh(k), as_btnh(v), is_causal=True, implementation="cudnn"
+    )
+
+
+B, H, D = args.batch, args.heads, args.head_dim
+print(f"device: {jax.devices()[0].device_kind}; jax {jax.__version__}; bf16 B={B} NH={H} D={D}")
+header = (
+    "| S | swish+RoPE pass | plain pass (floor) | pass / floor | pass GB/s | cuDNN fwd "
+    "| pass / cuDNN fwd |"
+)
+print(header)
+print("|---" * (header.count("|") - 1) + "|")
+for seq in (int(s) for s in args.seqs.split(",")):
+    keys = jax.random.split(jax.random.key(0), 3)
+    q, k, v = (jax.random.normal(key, (B, H, seq, D), jnp.bfloat16) for key in keys)
+    sin, cos = precompute_freqs(D, seq)
+    t_rope = bench(rope_pass, q, k, sin, cos)
+    t_plain = bench(plain_pass, q, k)
+    t_cudnn = bench(cudnn, q, k, v)
+    moved = 2 * 2 * q.size * q.dtype.itemsize
+    print(
+        f"| {seq} | {t_rope * 1e3:.3f} ms | {t_plain * 1e3:.3f} ms | {t_rope / t_plain:.2f} "
+        f"| {moved / t_rope / 1e9:.0f} | {t_cudnn * 1e3:.3f} ms | {t_rope / t_cudnn:.3f} |"
+    )
