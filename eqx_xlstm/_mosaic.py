@@ -127,16 +127,15 @@ def write_back(*outputs):
 
 
 def launch(entry, out_type, grid, grid_names, interpret, *inputs):
-    """Run `entry` as a Mosaic GPU kernel: two compute warpgroups and one streaming."""
-    return plgpu.kernel(
+    """Run `entry` as a Mosaic GPU kernel: two compute warpgroups and one streaming.
+    An input may be a `jax.new_ref` in GMEM, which the kernel updates in place."""
+    mesh = plgpu.Mesh(grid=grid, grid_names=grid_names, num_threads=3, thread_name="wg")
+    return pl.kernel(
         entry,
         out_type=out_type,
-        grid=grid,
-        grid_names=grid_names,
-        num_threads=3,
-        thread_name="wg",
+        mesh=mesh,
         compiler_params=plgpu.CompilerParams(approx_math=True),
-        interpret=_interpret_params() if interpret else None,
+        interpret=_interpret_params() if interpret else False,
     )(*inputs)
 
 

@@ -6,9 +6,14 @@ gradients dO through `STAGES` shared-memory slots with TMA. Per tile a compute
 warpgroup forms the transposed weights P^T = w(K Q^T), accumulates dV += P^T dO, forms
 dP^T = V dO^T and dS^T, and accumulates dK += dS^T Q, all on the tensor cores (wgmma).
 
-`mosaic_dq`: the mirror image, laid out like the forward kernel: two compute
-warpgroups own 64 query rows (and their dO) each and walk 128-key tiles up to the
-diagonal: P = w(Q K^T), dP = dO V^T, dQ += dS K.
+With `fused=True` (the default for attention, `FUSED`) the same kernel also forms each
+tile's dQ share dS K over its keys and adds it into a float32 dQ in global memory with a
+TMA reduce-add, so the weights and dP are computed once rather than again by a dQ
+kernel: five S x S matmuls instead of seven.
+
+`mosaic_dq`: the dQ kernel of the unfused pair, laid out like the forward kernel: two
+compute warpgroups own 64 query rows (and their dO) each and walk 128-key tiles up to
+the diagonal: P = w(Q K^T), dP = dO V^T, dQ += dS K.
 
 As in the forward kernel, the GPU reads transposed operands through transposed
 shared-memory views; Mosaic GPU interpret mode cannot, so there they come transposed
@@ -26,6 +31,7 @@ from ._mosaic import _iota, _smem, _weights, launch, stream_tiles, write_back
 
 ROWS = 64  # keys per compute warpgroup and query rows per streamed tile
 STAGES = 2
+FUSED = True  # dQ by the dK/dV kernel (a float32 sum across blocks), not a kernel of its own
 
 
 def _matmul(a, b, shape):
@@ -38,10 +44,13 @@ def _matmul(a, b, shape):
     return pl.run_scoped(run, plgpu.ACC(shape, jnp.float32))
 
 
-def _kernel(*refs, activation, bias, scale, n_tiles, interpret):
-    n_in = 6 if interpret else 4
-    (q_ref, k_ref, v_ref, do_ref, *transposed), (dk_ref, dv_ref) = refs[:n_in], refs[n_in:-1]
+def _kernel(*refs, activation, bias, scale, n_tiles, interpret, fused):
+    n_in = (6 if interpret else 4) + fused
+    (q_ref, k_ref, v_ref, do_ref, *rest), (dk_ref, dv_ref) = refs[:n_in], refs[n_in:-1]
+    transposed, dq_ref = (rest[:-1], rest[-1]) if fused else (rest, None)
     k_smem, v_smem, q_smem, do_smem, k_bar, v_bar, q_bar, do_bar, free, *extra = refs[-1]
+    if fused:
+        *extra, ds_smem, dq_smem, dq_bar = extra
     qt_smem, dot_smem, qt_bar, dot_bar, *p_smem = extra if interpret else (None,) * 4
     rows, stages = ROWS, STAGES
     n = jax.lax.axis_index("n")
@@ -95,6 +104,29 @@ def _kernel(*refs, activation, bias, scale, n_tiles, interpret):
             plgpu.wgmma(dk_acc, operand(ds_t, 1), q_smem.at[slot])
             plgpu.wgmma_wait(0)
             plgpu.barrier_arrive(free.at[slot])
+            if fused:
+                add_dq(ds_t, (first + t) * rows)
+
+        def add_dq(ds_t, row0):
+            """dQ of the tile's rows += dS K over my keys, added into the float32 sum in
+            memory: by a TMA reduce-add on a GPU; by read, add, write in interpret mode,
+            where each warpgroup keeps its own sum and the blocks run one at a time."""
+            own_ds = ds_smem.at[wg]
+            own_ds[...] = ds_t.T if interpret else ds_t  # interpret: no transposed views
+            plgpu.commit_smem()
+            dq = _matmul(own_ds if interpret else own_ds.transpose((1, 0)), own_k, dq_shape)
+            own_dq, dst = dq_smem.at[wg], dq_ref.at[wg if interpret else 0, n, pl.ds(row0, rows)]
+            if interpret:
+                plgpu.copy_gmem_to_smem(dst, own_dq, dq_bar.at[wg])
+                plgpu.barrier_wait(dq_bar.at[wg])
+                dq = dq + own_dq[...]
+            else:
+                plgpu.wait_smem_to_gmem(0, wait_read_only=True)  # the last tile's add read it
+            own_dq[...] = dq
+            plgpu.commit_smem()
+            plgpu.copy_smem_to_gmem(own_dq, dst, reduction_op=None if interpret else "add")
+            if interpret:
+                plgpu.wait_smem_to_gmem(0)
 
         def skip(t, carry):  # a tile wholly before this warpgroup's keys
             slot = jax.lax.rem(t, stages)
@@ -110,6 +142,7 @@ def _kernel(*refs, activation, bias, scale, n_tiles, interpret):
             return dk_acc[...], dv_acc[...]
 
         dv_dim = v_smem.shape[-1]
+        dq_shape = (rows, k_smem.shape[-1])
         dk, dv = pl.run_scoped(
             accumulate,
             plgpu.ACC((rows, k_smem.shape[-1]), jnp.float32),
@@ -132,8 +165,10 @@ def _kernel(*refs, activation, bias, scale, n_tiles, interpret):
         stream_tiles(load, block_steps, stages, (free,), n_tiles)
 
 
-def mosaic_dkv(q, k, v, d_out, activation, bias, interpret):
-    """dK, dV for `q`, `k`, `v`, `d_out`: `(N, S, D)`, S a multiple of 128."""
+def mosaic_dkv(q, k, v, d_out, activation, bias, interpret, fused=False):
+    """dK, dV for `q`, `k`, `v`, `d_out`: `(N, S, D)`, S a multiple of 128. With
+    `fused`, dQ too, `(dq, dk, dv)`: the same kernel adds each tile's dS K into a
+    float32 sum across CUDA blocks, so the weights are computed once, not twice."""
     n, seq, dim = q.shape
     n_tiles = seq // ROWS
     kernel = functools.partial(
@@ -143,6 +178,7 @@ def mosaic_dkv(q, k, v, d_out, activation, bias, interpret):
         scale=dim**-0.5,
         n_tiles=n_tiles,
         interpret=interpret,
+        fused=fused,
     )
 
     def entry(*refs):
@@ -165,14 +201,26 @@ def mosaic_dkv(q, k, v, d_out, activation, bias, interpret):
                 plgpu.Barrier(num_barriers=STAGES),
                 _smem((2, 2, ROWS, ROWS), q.dtype),
             ]
+        if fused:  # dS (transposed in interpret mode) and the float32 dQ of a tile
+            scratch += [
+                _smem((2, ROWS, ROWS), q.dtype),
+                plgpu.SMEM((2, ROWS, dim), jnp.float32),
+                plgpu.Barrier(num_barriers=2),
+            ]
         pl.run_scoped(lambda *s: kernel(*refs, s), *scratch, collective_axes="wg")
 
     inputs = [q, k, v, d_out]
     if interpret:
         inputs += [jnp.swapaxes(q, 1, 2), jnp.swapaxes(d_out, 1, 2)]
+    if fused:  # the float32 dQ sum, zeroed, updated in place (one per warpgroup interpreted)
+        dq_sum = jnp.zeros((2 if interpret else 1, *q.shape), jnp.float32)
+        inputs.append(jax.new_ref(dq_sum, memory_space=plgpu.GMEM))
     out_type = (jax.ShapeDtypeStruct(k.shape, k.dtype), jax.ShapeDtypeStruct(v.shape, v.dtype))
     grid = (seq // (2 * ROWS), n)
-    return launch(entry, out_type, grid, ("k", "n"), interpret, *inputs)
+    dk, dv = launch(entry, out_type, grid, ("k", "n"), interpret, *inputs)
+    if not fused:
+        return dk, dv
+    return jax.freeze(inputs[-1]).sum(0).astype(q.dtype), dk, dv
 
 
 def _dq_kernel(*refs, activation, bias, scale, n_pairs, interpret):

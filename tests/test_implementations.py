@@ -192,10 +192,13 @@ def test_mosaic_kernel_matches_reference(activation, seq, dim, pingpong, monkeyp
 
 
 # S=384: up to 3 key tiles (dQ) and 6 query tiles (dK/dV) through 2 slots: slots refill.
-@pytest.mark.parametrize("activation, seq, dim", [("sigmoid", 256, 128), ("none", 384, 64)])
-def test_mosaic_backward_kernels_match_reference(activation, seq, dim):
-    # The Mosaic GPU dQ and dK/dV kernels themselves (interpret mode on a CPU) against
-    # autodiff of a float32 reference.
+@pytest.mark.parametrize(
+    "activation, seq, dim, fused",
+    [("sigmoid", 256, 128, True), ("none", 256, 64, True), ("none", 384, 64, False)],
+)
+def test_mosaic_backward_kernels_match_reference(activation, seq, dim, fused):
+    # The Mosaic GPU backward kernels themselves (interpret mode on a CPU) against
+    # autodiff of a float32 reference: dK/dV with dQ fused in, or dQ and dK/dV apart.
     from eqx_xlstm._mosaic_backward import mosaic_dkv, mosaic_dq
 
     interpret = mosaic_interpret_or_skip(activation, dim)
@@ -209,12 +212,15 @@ def test_mosaic_backward_kernels_match_reference(activation, seq, dim):
 
     f32 = [x.astype(jnp.float32) for x in (q, k, v, g)]
     wanted = jax.vjp(reference, *f32[:3])[1](f32[3])
-    kernels = jax.jit(
-        lambda *a: (
-            (mosaic_dq(*a, activation, bias, interpret),)
-            + mosaic_dkv(*a, activation, bias, interpret)
+
+    def kernels(*a):
+        if fused:
+            return mosaic_dkv(*a, activation, bias, interpret, fused=True)
+        return (mosaic_dq(*a, activation, bias, interpret),) + mosaic_dkv(
+            *a, activation, bias, interpret
         )
-    )
+
+    kernels = jax.jit(kernels)
     for got, want in zip(kernels(q, k, v, g), wanted, strict=True):
         scale = max(1.0, float(jnp.abs(want).max()))
         np.testing.assert_allclose(got.astype(jnp.float32), want, atol=2e-2 * scale, rtol=2e-2)
