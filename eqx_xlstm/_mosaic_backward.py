@@ -6,10 +6,14 @@ gradients dO through `STAGES` shared-memory slots with TMA. Per tile a compute
 warpgroup forms the transposed weights P^T = w(K Q^T), accumulates dV += P^T dO, forms
 dP^T = V dO^T and dS^T, and accumulates dK += dS^T Q, all on the tensor cores (wgmma).
 
-With `fused=True` (the default for attention, `FUSED`) the same kernel also forms each
-tile's dQ share dS K over its keys and adds it into a float32 dQ in global memory with a
-TMA reduce-add, so the weights and dP are computed once rather than again by a dQ
-kernel: five S x S matmuls instead of seven.
+With `fused=True` the same kernel also forms each tile's dQ share dS K over its keys and
+adds it into a float32 dQ in global memory with a TMA reduce-add, so the weights and dP
+are computed once rather than again by a dQ kernel: five S x S matmuls instead of
+seven. Measured on an H200 (bf16, N=64, S=8192, D=128) it is slower, 10.2 ms against
+6.2 ms for the dQ and dK/dV pair: its matmuls take 4.0 ms, but staging each float32
+share through shared memory costs about 2 ms and the reduce-adds (17 GB at that size)
+about 4 ms; adding from registers (`plgpu.atomic_add`) took 18.8 ms. So attention uses
+the pair (`FUSED = False`); the fused kernel stays, tested, for that experiment.
 
 `mosaic_dq`: the dQ kernel of the unfused pair, laid out like the forward kernel: two
 compute warpgroups own 64 query rows (and their dO) each and walk 128-key tiles up to
@@ -31,7 +35,9 @@ from ._mosaic import _iota, _smem, _weights, launch, stream_tiles, write_back
 
 ROWS = 64  # keys per compute warpgroup and query rows per streamed tile
 STAGES = 2
-FUSED = True  # dQ by the dK/dV kernel (a float32 sum across blocks), not a kernel of its own
+# dQ by the dK/dV kernel (a float32 sum across blocks) rather than a kernel of its own:
+# 10.2 vs 6.2 ms on an H200 (S=8192), so off; see the module docstring.
+FUSED = False
 
 
 def _matmul(a, b, shape):
