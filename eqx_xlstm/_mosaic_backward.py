@@ -56,7 +56,7 @@ def _kernel(*refs, activation, bias, scale, n_tiles, interpret, fused):
     transposed, dq_ref = (rest[:-1], rest[-1]) if fused else (rest, None)
     k_smem, v_smem, q_smem, do_smem, k_bar, v_bar, q_bar, do_bar, free, *extra = refs[-1]
     if fused:
-        *extra, ds_smem, dq_smem, dq_bar = extra
+        *extra, ds_smem, dq_smem, ds_full, ds_free, dq_bar = extra
     qt_smem, dot_smem, qt_bar, dot_bar, *p_smem = extra if interpret else (None,) * 4
     rows, stages = ROWS, STAGES
     n = jax.lax.axis_index("n")
@@ -111,23 +111,40 @@ def _kernel(*refs, activation, bias, scale, n_tiles, interpret, fused):
             plgpu.wgmma_wait(0)
             plgpu.barrier_arrive(free.at[slot])
             if fused:
-                add_dq(ds_t, (first + t) * rows)
+                share_ds(ds_t, t)
 
-        def add_dq(ds_t, row0):
-            """dQ of the tile's rows += dS K over my keys, added into the float32 sum in
-            memory: by a TMA reduce-add on a GPU; by read, add, write in interpret mode,
-            where each warpgroup keeps its own sum and the blocks run one at a time."""
-            own_ds = ds_smem.at[wg]
-            own_ds[...] = ds_t.T if interpret else ds_t  # interpret: no transposed views
+        def share_ds(ds_t, t):
+            """Put my dS^T of tile t in shared memory; the warpgroup that owns the tile's
+            dQ (t % 2) adds both halves' dS K to it."""
+            parity = jax.lax.rem(t, 2)
+            # The owner of tile t - 2 must be done reading this buffer.
+            pl.when(t >= 2)(lambda: plgpu.barrier_wait(ds_free.at[parity]))
+            ds_smem.at[parity, wg][...] = ds_t.T if interpret else ds_t  # interpret: no views
             plgpu.commit_smem()
-            dq = _matmul(own_ds if interpret else own_ds.transpose((1, 0)), own_k, dq_shape)
+            plgpu.barrier_arrive(ds_full.at[parity])
+            pl.when(parity == wg)(lambda: add_dq(parity, (first + t) * rows))
+
+        def add_dq(parity, row0):
+            """dQ of the tile's rows += dS K over the block's 128 keys, added into the
+            float32 sum in memory: by a TMA reduce-add on a GPU; by read, add, write in
+            interpret mode, where each warpgroup keeps its own sum and blocks run in turn."""
+            plgpu.barrier_wait(ds_full.at[parity])
+
+            def run(acc):
+                for half in range(2):
+                    ds = ds_smem.at[parity, half]
+                    plgpu.wgmma(acc, ds if interpret else ds.transpose((1, 0)), k_smem.at[half])
+                return acc[...]
+
+            dq = pl.run_scoped(run, plgpu.ACC(dq_shape, jnp.float32))
+            plgpu.barrier_arrive(ds_free.at[parity])
             own_dq, dst = dq_smem.at[wg], dq_ref.at[wg if interpret else 0, n, pl.ds(row0, rows)]
             if interpret:
                 plgpu.copy_gmem_to_smem(dst, own_dq, dq_bar.at[wg])
                 plgpu.barrier_wait(dq_bar.at[wg])
                 dq = dq + own_dq[...]
             else:
-                plgpu.wait_smem_to_gmem(0, wait_read_only=True)  # the last tile's add read it
+                plgpu.wait_smem_to_gmem(0, wait_read_only=True)  # my last add has read it
             own_dq[...] = dq
             plgpu.commit_smem()
             plgpu.copy_smem_to_gmem(own_dq, dst, reduction_op=None if interpret else "add")
@@ -138,6 +155,9 @@ def _kernel(*refs, activation, bias, scale, n_tiles, interpret, fused):
             slot = jax.lax.rem(t, stages)
             wait_tiles(slot)
             plgpu.barrier_arrive(free.at[slot])
+            if fused:  # my share of its dQ is zero
+                zeros = jnp.zeros((rows, rows), k_smem.dtype)
+                share_ds(zeros if interpret else plgpu.layout_cast(zeros, plgpu.Layout.WGMMA), t)
             return carry
 
         def accumulate(dk_acc, dv_acc):
@@ -145,6 +165,9 @@ def _kernel(*refs, activation, bias, scale, n_tiles, interpret, fused):
             for lo, hi, masked in ((wg, wg + 1, True), (wg + 1, block_steps, False)):
                 body = functools.partial(step, dk_acc=dk_acc, dv_acc=dv_acc, masked=masked)
                 jax.lax.fori_loop(lo, hi, lambda t, c, body=body: body(t) or c, None)
+            if fused:  # the last tile of each parity (every block has >= 2 tiles) was read
+                for parity in range(2):
+                    plgpu.barrier_wait(ds_free.at[parity])
             return dk_acc[...], dv_acc[...]
 
         dv_dim = v_smem.shape[-1]
@@ -207,10 +230,12 @@ def mosaic_dkv(q, k, v, d_out, activation, bias, interpret, fused=False):
                 plgpu.Barrier(num_barriers=STAGES),
                 _smem((2, 2, ROWS, ROWS), q.dtype),
             ]
-        if fused:  # dS (transposed in interpret mode) and the float32 dQ of a tile
+        if fused:  # dS^T of both warpgroups for two tiles, the float32 dQ of a tile
             scratch += [
-                _smem((2, ROWS, ROWS), q.dtype),
+                _smem((2, 2, ROWS, ROWS), q.dtype),  # (tile parity, warpgroup)
                 plgpu.SMEM((2, ROWS, dim), jnp.float32),
+                plgpu.Barrier(num_arrivals=2, num_barriers=2),  # both dS^T written
+                plgpu.Barrier(num_barriers=2),  # the owner has read them
                 plgpu.Barrier(num_barriers=2),
             ]
         pl.run_scoped(lambda *s: kernel(*refs, s), *scratch, collective_axes="wg")
