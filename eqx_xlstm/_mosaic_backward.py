@@ -6,14 +6,15 @@ gradients dO through `STAGES` shared-memory slots with TMA. Per tile a compute
 warpgroup forms the transposed weights P^T = w(K Q^T), accumulates dV += P^T dO, forms
 dP^T = V dO^T and dS^T, and accumulates dK += dS^T Q, all on the tensor cores (wgmma).
 
-With `fused=True` the same kernel also forms each tile's dQ share dS K over its keys and
-adds it into a float32 dQ in global memory with a TMA reduce-add, so the weights and dP
-are computed once rather than again by a dQ kernel: five S x S matmuls instead of
-seven. Measured on an H200 (bf16, N=64, S=8192, D=128) it is slower, 10.2 ms against
-6.2 ms for the dQ and dK/dV pair: its matmuls take 4.0 ms, but staging each float32
-share through shared memory costs about 2 ms and the reduce-adds (17 GB at that size)
-about 4 ms; adding from registers (`plgpu.atomic_add`) took 18.8 ms. So attention uses
-the pair (`FUSED = False`); the fused kernel stays, tested, for that experiment.
+With `fused=True` the same kernel also computes dQ, so the weights and dP are formed
+once rather than again by a dQ kernel: five S x S matmuls instead of seven. The two
+warpgroups put their dS^T of a query tile in shared memory; the tile's owner (tiles
+alternate between them) forms dS K over the block's 128 keys and adds it into a float32
+dQ in global memory with a TMA reduce-add. Measured on an H200 (bf16, N=64, S=8192,
+D=128) it is slower than the dQ and dK/dV pair, 8.6 ms against 6.7 ms: its matmuls take
+4.2 ms, but handing dS over, staging the float32 share in shared memory and the
+reduce-adds cost the rest (docs/benchmarks.md). So attention uses the pair
+(`FUSED = False`); the fused kernel stays, tested, for that experiment.
 
 `mosaic_dq`: the dQ kernel of the unfused pair, laid out like the forward kernel: two
 compute warpgroups own 64 query rows (and their dO) each and walk 128-key tiles up to
@@ -36,7 +37,7 @@ from ._mosaic import _iota, _smem, _weights, launch, stream_tiles, write_back
 ROWS = 64  # keys per compute warpgroup and query rows per streamed tile
 STAGES = 2
 # dQ by the dK/dV kernel (a float32 sum across blocks) rather than a kernel of its own:
-# 10.2 vs 6.2 ms on an H200 (S=8192), so off; see the module docstring.
+# 8.6 vs 6.7 ms on an H200 (S=8192), so off; see the module docstring.
 FUSED = False
 
 
