@@ -10,8 +10,8 @@ Sigmoid needs no running max or row sum, so nothing is rescaled between tiles. W
 `PINGPONG` the two compute warpgroups take turns issuing their matmuls, so one computes
 weights while the other's matmuls run (measured 5-7% faster on an H200). A warpgroup
 passes the turn once its matmuls are done (`HANDOFF`); passing it as soon as they are
-issued, so that the other's queue right behind them, measured no faster (2.23 vs
-2.08 ms, H200, benchmarks/mosaic_kernels.py).
+issued, so that the other's queue right behind them, measured 7% slower in one H200
+run and 11% faster in another (benchmarks/mosaic_kernels.py): no clear gain.
 
 On a GPU, q k^T reads each key tile through a transposed view of shared memory (wgmma
 takes either major order). On a machine without a GPU the same kernel runs in Mosaic
