@@ -91,8 +91,10 @@ def check_args(args) -> None:
 
 
 def make_optimizer(lr: float, steps: int) -> optax.GradientTransformation:
+    """AdamW under a 10% linear warmup, then cosine decay to lr / 10 at `steps`."""
+    warmup = max(1, steps // 10)
     schedule = optax.warmup_cosine_decay_schedule(
-        0.0, lr, warmup_steps=max(1, steps // 10), decay_steps=steps, end_value=lr / 10
+        0.0, lr, warmup_steps=warmup, decay_steps=max(steps, warmup + 1), end_value=lr / 10
     )
     return optax.chain(
         optax.clip_by_global_norm(1.0), optax.adamw(schedule, b2=0.98, weight_decay=0.1)

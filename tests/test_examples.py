@@ -44,7 +44,7 @@ def test_charlm_smoke(tmp_path):
     result = run(
         "train_charlm.py",
         "--steps",
-        "3",
+        "1",  # the shortest run (its schedule is all warmup)
         "--batch-size",
         "4",
         "--out",
@@ -54,7 +54,7 @@ def test_charlm_smoke(tmp_path):
         "--no-progress",
     )
     values = final(result)
-    assert values["step"] == 3 and values["val_loss"] > 0
+    assert values["step"] == 1 and values["val_loss"] > 0
     assert "validation loss" in result.stdout and "sample:\ndef " in result.stdout
     assert (tmp_path / "loss.png").is_file()
 
