@@ -10,10 +10,24 @@ import pytest
 
 EXAMPLES = pathlib.Path(__file__).resolve().parents[1] / "examples"
 MQAR_SMALL = ["--batch-size", "8", "--no-progress"]
+CACHE_ENV = {}  # set by shared_compilation_cache
+
+
+@pytest.fixture(scope="module", autouse=True)
+def shared_compilation_cache(tmp_path_factory):
+    """The example runs share a persistent compilation cache: most compile the same
+    training step, and a cache hit halves a run's time on a 2-core CPU."""
+    CACHE_ENV.update(
+        JAX_COMPILATION_CACHE_DIR=str(tmp_path_factory.mktemp("jax_cache")),
+        JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS="0",
+        JAX_PERSISTENT_CACHE_MIN_ENTRY_SIZE_BYTES="0",
+    )
+    yield
+    CACHE_ENV.clear()
 
 
 def run(script, *args, devices=None):
-    env = {**os.environ, "JAX_PLATFORMS": "cpu"}
+    env = {**os.environ, **CACHE_ENV, "JAX_PLATFORMS": "cpu"}
     if devices:
         env["XLA_FLAGS"] = f"--xla_force_host_platform_device_count={devices}"
     return subprocess.run(
