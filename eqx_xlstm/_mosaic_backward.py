@@ -237,7 +237,7 @@ def mosaic_dkv(q, k, v, d_out, activation, bias, interpret, fused=False):
                 plgpu.SMEM((2, ROWS, dim), jnp.float32),
                 plgpu.Barrier(num_arrivals=2, num_barriers=2),  # both dS^T written
                 plgpu.Barrier(num_barriers=2),  # the owner has read them
-                plgpu.Barrier(num_barriers=2),
+                plgpu.Barrier(num_barriers=2),  # dQ read back (interpret mode)
             ]
         pl.run_scoped(lambda *s: kernel(*refs, s), *scratch, collective_axes="wg")
 
