@@ -12,12 +12,10 @@ nothing is dropped).
     python benchmarks/mosaic_kernels.py
 """
 
-import statistics
-import time
-
 import jax
 import jax.numpy as jnp
 import numpy as np
+from timing import median_ms
 
 import eqx_xlstm._mosaic as mosaic
 import eqx_xlstm._mosaic_backward as mosaic_backward
@@ -26,15 +24,7 @@ import eqx_xlstm._pallas as pallas
 N, S, D = 64, 8192, 128
 
 
-def bench(fn, *xs, repeats=10):
-    compiled = jax.jit(fn).lower(*xs).compile()
-    jax.block_until_ready(compiled(*xs))
-    times = []
-    for _ in range(repeats):
-        start = time.perf_counter()
-        jax.block_until_ready(compiled(*xs))
-        times.append(time.perf_counter() - start)
-    return statistics.median(times) * 1e3
+bench = median_ms
 
 
 def reference(q, k, v, activation, bias):

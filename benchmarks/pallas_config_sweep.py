@@ -16,11 +16,10 @@ A configuration that does not fit the GPU's shared memory is reported as failed.
 """
 
 import argparse
-import statistics
-import time
 
 import jax
 import jax.numpy as jnp
+from timing import median_ms
 
 import eqx_xlstm as ex
 import eqx_xlstm._pallas as pallas
@@ -55,14 +54,7 @@ BWD_CONFIGS = [
 
 
 def bench(fn, *xs):
-    compiled = jax.jit(fn).lower(*xs).compile()
-    jax.block_until_ready(compiled(*xs))
-    times = []
-    for _ in range(args.repeats):
-        start = time.perf_counter()
-        jax.block_until_ready(compiled(*xs))
-        times.append(time.perf_counter() - start)
-    return statistics.median(times) * 1e3
+    return median_ms(fn, *xs, repeats=args.repeats)
 
 
 def fwd_and_bwd(fn):

@@ -10,11 +10,10 @@ and written (q and k, each read once and written once).
 """
 
 import argparse
-import statistics
-import time
 
 import jax
 import jax.numpy as jnp
+from timing import median_ms
 
 from eqx_xlstm._dispatch import prepare_qk
 from eqx_xlstm._rope import precompute_freqs
@@ -29,14 +28,7 @@ args = parser.parse_args()
 
 
 def bench(fn, *xs):
-    compiled = jax.jit(fn).lower(*xs).compile()
-    jax.block_until_ready(compiled(*xs))
-    times = []
-    for _ in range(args.repeats):
-        start = time.perf_counter()
-        jax.block_until_ready(compiled(*xs))
-        times.append(time.perf_counter() - start)
-    return statistics.median(times)
+    return median_ms(fn, *xs, repeats=args.repeats)
 
 
 def rope_pass(q, k, sin, cos):
@@ -74,6 +66,6 @@ for seq in (int(s) for s in args.seqs.split(",")):
     t_cudnn = bench(cudnn, q, k, v)
     moved = 2 * 2 * q.size * q.dtype.itemsize
     print(
-        f"| {seq} | {t_rope * 1e3:.3f} ms | {t_plain * 1e3:.3f} ms | {t_rope / t_plain:.2f} "
-        f"| {moved / t_rope / 1e9:.0f} | {t_cudnn * 1e3:.3f} ms | {t_rope / t_cudnn:.3f} |"
+        f"| {seq} | {t_rope:.3f} ms | {t_plain:.3f} ms | {t_rope / t_plain:.2f} "
+        f"| {moved / t_rope / 1e6:.0f} | {t_cudnn:.3f} ms | {t_rope / t_cudnn:.3f} |"
     )

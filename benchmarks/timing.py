@@ -1,0 +1,19 @@
+"""Timing shared by the benchmark scripts (run them from the repository root)."""
+
+import statistics
+import time
+
+import jax
+
+
+def median_ms(fn, *xs, repeats=10):
+    """Median wall time in ms of `repeats` calls of `jax.jit(fn)(*xs)`; compiled and
+    run once beforehand, so neither compilation nor the first call is timed."""
+    compiled = jax.jit(fn).lower(*xs).compile()
+    jax.block_until_ready(compiled(*xs))
+    times = []
+    for _ in range(repeats):
+        start = time.perf_counter()
+        jax.block_until_ready(compiled(*xs))
+        times.append(time.perf_counter() - start)
+    return statistics.median(times) * 1e3
