@@ -115,6 +115,16 @@ def stream_tiles(load, steps, stages, free_bars, max_prefill):
     jax.lax.fori_loop(jnp.maximum(steps - stages, 0), steps, wait_free, None)
 
 
+def staged(x, buffers, index):
+    """`x` as a wgmma operand: itself on a GPU; in Mosaic GPU interpret mode, whose wgmma
+    reads shared memory only, copied into `buffers.at[index]` (`buffers` is None on a
+    GPU)."""
+    if buffers is None:
+        return x
+    buffers.at[index][...] = x
+    return buffers.at[index]
+
+
 def write_back(*outputs):
     """Each `(value, smem, dst)`: cast the accumulator `value` into its shared-memory
     buffer, then copy every buffer out to its global-memory slice `dst`."""
@@ -172,10 +182,7 @@ def _kernel(q_ref, k_ref, v_ref, out_ref, scratch, *, activation, bias, scale, n
             return p.astype(v_smem.dtype)
 
         def operand(p):
-            if not p_smem:
-                return p
-            p_smem[0].at[wg][...] = p  # the interpreter's wgmma reads shared memory only
-            return p_smem[0].at[wg]
+            return staged(p, p_smem[0] if p_smem else None, wg)
 
         def step(t, o_acc, masked):
             slot = jax.lax.rem(t, stages)

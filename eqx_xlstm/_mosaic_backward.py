@@ -32,7 +32,7 @@ import jax.numpy as jnp
 from jax.experimental import pallas as pl
 from jax.experimental.pallas import mosaic_gpu as plgpu
 
-from ._mosaic import _iota, _smem, _weights, launch, stream_tiles, write_back
+from ._mosaic import _iota, _smem, _weights, launch, staged, stream_tiles, write_back
 
 ROWS = 64  # keys per compute warpgroup and query rows per streamed tile
 STAGES = 2
@@ -86,10 +86,7 @@ def _kernel(*refs, activation, bias, scale, n_tiles, interpret, fused):
             return tiles_t.at[slot] if interpret else tiles.at[slot].transpose((1, 0))
 
         def operand(x, which):
-            if not p_smem:
-                return x
-            p_smem[0].at[wg, which][...] = x  # the interpreter's wgmma reads shared memory
-            return p_smem[0].at[wg, which]
+            return staged(x, p_smem[0] if p_smem else None, (wg, which))
 
         def step(t, dk_acc, dv_acc, masked):
             slot = jax.lax.rem(t, stages)
@@ -278,10 +275,7 @@ def _dq_kernel(*refs, activation, bias, scale, n_pairs, interpret):
         plgpu.barrier_wait(do_bar.at[wg])
 
         def operand(x):
-            if not p_smem:
-                return x
-            p_smem[0].at[wg][...] = x  # the interpreter's wgmma reads shared memory only
-            return p_smem[0].at[wg]
+            return staged(x, p_smem[0] if p_smem else None, wg)
 
         def step(t, dq_acc, masked):
             slot = jax.lax.rem(t, stages)
