@@ -5,9 +5,9 @@ calls at bf16, B*NH=64, S=8192, D=128, causal, without RoPE (kernels only): bare
 softmax, our Triton sigmoid forward, and the Mosaic kernel with and without ping-pong
 turns (passed when the matmuls are issued or done), with the exp form of the sigmoid
 and with two key/value slots, plus the 'none' activation. Then the backward pass: the
-Mosaic dQ and dK/dV kernels (with and without ping-pong turns), and dK/dV with dQ
-fused in, against cuDNN's softmax backward (its fwd+bwd time less its forward time;
-fwd+bwd as `value_and_grad`, so nothing is dropped).
+Mosaic dQ and dK/dV kernels, and dK/dV with dQ fused in, against cuDNN's softmax
+backward (its fwd+bwd time less its forward time; fwd+bwd as `value_and_grad`, so
+nothing is dropped).
 
     python benchmarks/mosaic_kernels.py
 """
@@ -94,36 +94,28 @@ def cudnn_fwd_bwd(q, k, v):
 
 
 d_out = qkv(N, S, D)[0] * 0.1
-
-
-def dq_kernel(*a):
-    return mosaic_backward.mosaic_dq(*a, "sigmoid", bias, False)
-
-
-def dkv_kernel(*a, fused=False):
-    return mosaic_backward.mosaic_dkv(*a, "sigmoid", bias, False, fused=fused)
-
-
-backward = {"cuDNN softmax fwd+bwd": bench(cudnn_fwd_bwd, q, k, v)}
-for pingpong in (True, False):  # the turns of the dQ and dK/dV kernels
-    mosaic_backward.PINGPONG = pingpong
-    suffix = "" if pingpong else " (no ping-pong)"
-    backward["Mosaic dQ" + suffix] = bench(dq_kernel, q, k, v, d_out)
-    backward["Mosaic dK/dV" + suffix] = bench(dkv_kernel, q, k, v, d_out)
-mosaic_backward.PINGPONG = True
-backward["Mosaic dK/dV with dQ fused"] = bench(
-    lambda *a: dkv_kernel(*a, fused=True), q, k, v, d_out
-)
+backward = {
+    "cuDNN softmax fwd+bwd": bench(cudnn_fwd_bwd, q, k, v),
+    "Mosaic dQ": bench(
+        lambda *a: mosaic_backward.mosaic_dq(*a, "sigmoid", bias, False), q, k, v, d_out
+    ),
+    "Mosaic dK/dV": bench(
+        lambda *a: mosaic_backward.mosaic_dkv(*a, "sigmoid", bias, False), q, k, v, d_out
+    ),
+    "Mosaic dK/dV with dQ fused": bench(
+        lambda *a: mosaic_backward.mosaic_dkv(*a, "sigmoid", bias, False, fused=True),
+        q,
+        k,
+        v,
+        d_out,
+    ),
+}
 cudnn_bwd = backward["cuDNN softmax fwd+bwd"] - base
 for label, ms in backward.items():
     print(f"{label:40s} {ms:7.2f} ms")
 print(f"{'cuDNN softmax backward (fwd+bwd - fwd)':40s} {cudnn_bwd:7.2f} ms")
 for label, ms in [
     ("Mosaic backward (dQ + dK/dV)", backward["Mosaic dQ"] + backward["Mosaic dK/dV"]),
-    (
-        "Mosaic backward, no ping-pong",
-        backward["Mosaic dQ (no ping-pong)"] + backward["Mosaic dK/dV (no ping-pong)"],
-    ),
     ("Mosaic backward (fused)", backward["Mosaic dK/dV with dQ fused"]),
 ]:
     print(f"{label:40s} {ms:7.2f} ms   {ms / cudnn_bwd:5.2f} x cuDNN")

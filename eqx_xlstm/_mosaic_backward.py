@@ -20,9 +20,6 @@ reduce-adds cost the rest (docs/benchmarks.md). So attention uses the pair
 compute warpgroups own 64 query rows (and their dO) each and walk 128-key tiles up to
 the diagonal: P = w(Q K^T), dP = dO V^T, dQ += dS K.
 
-With `PINGPONG` the two compute warpgroups of either kernel take turns issuing their
-matmuls, as in the forward kernel, so one computes weights while the other's run.
-
 As in the forward kernel, the GPU reads transposed operands through transposed
 shared-memory views; Mosaic GPU interpret mode cannot, so there they come transposed
 from memory.
@@ -42,7 +39,6 @@ STAGES = 2
 # dQ by the dK/dV kernel (a float32 sum across blocks) rather than a kernel of its own:
 # 8.6 vs 6.7 ms on an H200 (S=8192), so off; see the module docstring.
 FUSED = False
-PINGPONG = True  # the two compute warpgroups take turns on the tensor cores (not fused)
 
 
 def _matmul(a, b, shape):
@@ -55,35 +51,11 @@ def _matmul(a, b, shape):
     return pl.run_scoped(run, plgpu.ACC(shape, jnp.float32))
 
 
-class _Turns:
-    """Ping-pong turns of two compute warpgroups on the tensor cores (when `on`): `take`
-    waits until the turn is mine, `give` hands it to the other warpgroup. Both walk the
-    same number of turns; `start` lets warpgroup 0 go first and `finish` has it take the
-    turn handed back last, so that every barrier phase is observed."""
-
-    def __init__(self, bars, wg, on):
-        self.bars, self.wg, self.on = bars, wg, on
-
-    def take(self):
-        if self.on:
-            plgpu.barrier_wait(self.bars.at[self.wg])
-
-    def give(self):
-        if self.on:
-            plgpu.barrier_arrive(self.bars.at[1 - self.wg])
-
-    def start(self):
-        pl.when(self.wg == 1)(self.give)
-
-    def finish(self):
-        pl.when(self.wg == 0)(self.take)
-
-
 def _kernel(*refs, activation, bias, scale, n_tiles, interpret, fused):
     n_in = (6 if interpret else 4) + fused
     (q_ref, k_ref, v_ref, do_ref, *rest), (dk_ref, dv_ref) = refs[:n_in], refs[n_in:-1]
     transposed, dq_ref = (rest[:-1], rest[-1]) if fused else (rest, None)
-    k_smem, v_smem, q_smem, do_smem, k_bar, v_bar, q_bar, do_bar, free, turn, *extra = refs[-1]
+    k_smem, v_smem, q_smem, do_smem, k_bar, v_bar, q_bar, do_bar, free, *extra = refs[-1]
     if fused:
         *extra, ds_smem, dq_smem, ds_full, ds_free, dq_bar = extra
     qt_smem, dot_smem, qt_bar, dot_bar, *p_smem = extra if interpret else (None,) * 4
@@ -116,35 +88,25 @@ def _kernel(*refs, activation, bias, scale, n_tiles, interpret, fused):
         def operand(x, which):
             return staged(x, p_smem[0] if p_smem else None, (wg, which))
 
-        turns = _Turns(turn, wg, PINGPONG and not fused)
-
         def step(t, dk_acc, dv_acc, masked):
             slot = jax.lax.rem(t, stages)
             wait_tiles(slot)
-            turns.take()
             scores_t = _matmul(own_k, view(q_smem, qt_smem, slot), (rows, rows))
-            turns.give()
             p_t = _weights(scores_t, activation, scale, bias)
             if masked:
                 keys = _iota((rows, rows), 0, interpret) + key0
                 queries = _iota((rows, rows), 1, interpret) + (first + t) * rows
                 allowed = keys <= queries
                 p_t = jnp.where(allowed, p_t, 0.0)
-            p_t16 = operand(p_t.astype(k_smem.dtype), 0)
-            turns.take()
-            plgpu.wgmma(dv_acc, p_t16, do_smem.at[slot])
-            dp_t = _matmul(own_v, view(do_smem, dot_smem, slot), (rows, rows))  # waits for both
-            turns.give()
+            plgpu.wgmma(dv_acc, operand(p_t.astype(k_smem.dtype), 0), do_smem.at[slot])
+            dp_t = _matmul(own_v, view(do_smem, dot_smem, slot), (rows, rows))
             if activation == "sigmoid":
                 ds_t = dp_t * p_t * (1.0 - p_t)  # zero where masked: p_t is
             else:
                 ds_t = jnp.where(allowed, dp_t, 0.0) if masked else dp_t
             ds_t = (ds_t * scale).astype(k_smem.dtype)
-            ds_t16 = operand(ds_t, 1)
-            turns.take()
-            plgpu.wgmma(dk_acc, ds_t16, q_smem.at[slot])
+            plgpu.wgmma(dk_acc, operand(ds_t, 1), q_smem.at[slot])
             plgpu.wgmma_wait(0)
-            turns.give()
             plgpu.barrier_arrive(free.at[slot])
             if fused:
                 share_ds(ds_t, t)
@@ -191,21 +153,16 @@ def _kernel(*refs, activation, bias, scale, n_tiles, interpret, fused):
             slot = jax.lax.rem(t, stages)
             wait_tiles(slot)
             plgpu.barrier_arrive(free.at[slot])
-            for _ in range(3):  # the turns a step takes, to keep them paired
-                turns.take()
-                turns.give()
             if fused:  # my share of its dQ is zero
                 zeros = jnp.zeros((rows, rows), k_smem.dtype)
                 share_ds(zeros if interpret else plgpu.layout_cast(zeros, plgpu.Layout.WGMMA), t)
             return carry
 
         def accumulate(dk_acc, dv_acc):
-            turns.start()
             jax.lax.fori_loop(0, wg, skip, None)
             for lo, hi, masked in ((wg, wg + 1, True), (wg + 1, block_steps, False)):
                 body = functools.partial(step, dk_acc=dk_acc, dv_acc=dv_acc, masked=masked)
                 jax.lax.fori_loop(lo, hi, lambda t, c, body=body: body(t) or c, None)
-            turns.finish()
             if fused:  # the last tile of each parity (every block has >= 2 tiles) was read
                 for parity in range(2):
                     plgpu.barrier_wait(ds_free.at[parity])
@@ -262,7 +219,6 @@ def mosaic_dkv(q, k, v, d_out, activation, bias, interpret, fused=False):
             plgpu.Barrier(num_barriers=STAGES),  # query tiles
             plgpu.Barrier(num_barriers=STAGES),  # dO tiles
             plgpu.Barrier(num_arrivals=2, num_barriers=STAGES),  # slot released
-            plgpu.Barrier(num_barriers=2),  # whose turn on the tensor cores (PINGPONG)
         ]
         if interpret:  # transposed tiles and the wgmma operands staged in shared memory
             scratch += [
@@ -300,7 +256,7 @@ def _dq_kernel(*refs, activation, bias, scale, n_pairs, interpret):
     n_in = 6 if interpret else 4
     (q_ref, k_ref, v_ref, do_ref, *transposed), (dq_ref,) = refs[:n_in], refs[n_in:-1]
     # v_tiles: value tiles (128, D) on a GPU, transposed (D, 128) when interpreting.
-    q_smem, do_smem, k_smem, v_tiles, q_bar, do_bar, k_bar, v_bar, free, turn, *extra = refs[-1]
+    q_smem, do_smem, k_smem, v_tiles, q_bar, do_bar, k_bar, v_bar, free, *extra = refs[-1]
     kt_smem, kt_bar, *p_smem = extra if interpret else (None, None)
     rows, bk, stages = ROWS, 2 * ROWS, STAGES
     n = jax.lax.axis_index("n")
@@ -331,17 +287,8 @@ def _dq_kernel(*refs, activation, bias, scale, n_pairs, interpret):
             else:
                 keys_t = k_smem.at[slot].transpose((1, 0))
                 values_t = v_tiles.at[slot].transpose((1, 0))
-            turns.take()
-
-            def scores_and_dp(s_acc, dp_acc):  # both issued, then waited for together
-                plgpu.wgmma(s_acc, own_q, keys_t)
-                plgpu.wgmma(dp_acc, own_do, values_t)
-                return s_acc[...], dp_acc[...]
-
-            tile_acc = plgpu.ACC((rows, bk), jnp.float32)
-            scores, dp = pl.run_scoped(scores_and_dp, tile_acc, tile_acc)
-            turns.give()
-            p = _weights(scores, activation, scale, bias)
+            p = _weights(_matmul(own_q, keys_t, (rows, bk)), activation, scale, bias)
+            dp = _matmul(own_do, values_t, (rows, bk))
             if masked:
                 queries = _iota((rows, bk), 0, interpret) + row0
                 keys = _iota((rows, bk), 1, interpret) + t * bk
@@ -351,21 +298,14 @@ def _dq_kernel(*refs, activation, bias, scale, n_pairs, interpret):
                 ds = dp * p * (1.0 - p)
             else:
                 ds = jnp.where(allowed, dp, 0.0) if masked else dp
-            ds = operand((ds * scale).astype(k_smem.dtype))
-            turns.take()
-            plgpu.wgmma(dq_acc, ds, k_smem.at[slot])
+            plgpu.wgmma(dq_acc, operand((ds * scale).astype(k_smem.dtype)), k_smem.at[slot])
             plgpu.wgmma_wait(0)
-            turns.give()
             plgpu.barrier_arrive(free.at[slot])
 
-        turns = _Turns(turn, wg, PINGPONG)  # both warpgroups walk the same tiles
-
         def accumulate(dq_acc):
-            turns.start()
             for lo, hi, masked in ((0, steps - 1, False), (steps - 1, steps, True)):
                 body = functools.partial(step, dq_acc=dq_acc, masked=masked)
                 jax.lax.fori_loop(lo, hi, lambda t, c, body=body: body(t) or c, None)
-            turns.finish()
             return dq_acc[...]
 
         dq = pl.run_scoped(accumulate, plgpu.ACC((rows, q_smem.shape[-1]), jnp.float32))
@@ -411,7 +351,6 @@ def mosaic_dq(q, k, v, d_out, activation, bias, interpret):
             plgpu.Barrier(num_barriers=STAGES),  # key tiles
             plgpu.Barrier(num_barriers=STAGES),  # value tiles
             plgpu.Barrier(num_arrivals=2, num_barriers=STAGES),  # slot released
-            plgpu.Barrier(num_barriers=2),  # whose turn on the tensor cores (PINGPONG)
         ]
         if interpret:  # transposed keys and the wgmma operand staged in shared memory
             scratch += [
