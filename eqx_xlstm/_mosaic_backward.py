@@ -35,7 +35,7 @@ from jax.experimental.pallas import mosaic_gpu as plgpu
 from ._mosaic import _iota, _smem, _weights, launch, staged, stream_tiles, write_back
 
 ROWS = 64  # keys per compute warpgroup and query rows per streamed tile
-STAGES = 2
+STAGES = 2  # streamed-tile slots: dK/dV measured slower with 3 or 4; dQ fits only 2 at D=128
 # dQ by the dK/dV kernel (a float32 sum across blocks) rather than a kernel of its own:
 # 8.6 vs 6.7 ms on an H200 (S=8192), so off; see the module docstring.
 FUSED = False
