@@ -136,9 +136,15 @@ def write_back(*outputs):
     plgpu.wait_smem_to_gmem(0)
 
 
-def launch(entry, out_type, grid, grid_names, interpret, *inputs):
-    """Run `entry` as a Mosaic GPU kernel: two compute warpgroups and one streaming.
-    An input may be a `jax.new_ref` in GMEM, which the kernel updates in place."""
+def launch(kernel, scratch, out_type, grid, grid_names, interpret, *inputs):
+    """Run `kernel(*input_and_output_refs, scratch_refs)` as a Mosaic GPU kernel with
+    two compute warpgroups and one streaming, `scratch` allocated in shared memory for
+    all three. An input may be a `jax.new_ref` in GMEM, which the kernel updates in
+    place."""
+
+    def entry(*refs):
+        pl.run_scoped(lambda *s: kernel(*refs, s), *scratch, collective_axes="wg")
+
     mesh = plgpu.Mesh(grid=grid, grid_names=grid_names, num_threads=3, thread_name="wg")
     return pl.kernel(
         entry,
@@ -294,26 +300,20 @@ def mosaic_forward(q, k, v, activation, bias, interpret):
         interpret=interpret,
     )
 
-    def entry(q_ref, k_ref, v_ref, out_ref):
-        scratch = (
-            _smem((2, BLOCK_Q, dqk), q.dtype),
-            _smem((STAGES, *((dqk, BLOCK_K) if interpret else (BLOCK_K, dqk))), q.dtype),
-            _smem((STAGES, BLOCK_K, dv), v.dtype),
-            plgpu.Barrier(num_barriers=2),
-            plgpu.Barrier(num_barriers=STAGES),
-            plgpu.Barrier(num_barriers=STAGES),
-            plgpu.Barrier(num_arrivals=2, num_barriers=STAGES),
-            plgpu.Barrier(num_arrivals=2, num_barriers=STAGES),
-            plgpu.Barrier(num_barriers=2),  # whose turn on the tensor cores (PINGPONG)
-        )
-        if interpret:
-            scratch += (_smem((2, BLOCK_Q, BLOCK_K), v.dtype),)
-        pl.run_scoped(
-            lambda *refs: kernel(q_ref, k_ref, v_ref, out_ref, refs),
-            *scratch,
-            collective_axes="wg",
-        )
-
+    scratch = (
+        _smem((2, BLOCK_Q, dqk), q.dtype),
+        _smem((STAGES, *((dqk, BLOCK_K) if interpret else (BLOCK_K, dqk))), q.dtype),
+        _smem((STAGES, BLOCK_K, dv), v.dtype),
+        plgpu.Barrier(num_barriers=2),
+        plgpu.Barrier(num_barriers=STAGES),
+        plgpu.Barrier(num_barriers=STAGES),
+        plgpu.Barrier(num_arrivals=2, num_barriers=STAGES),
+        plgpu.Barrier(num_arrivals=2, num_barriers=STAGES),
+        plgpu.Barrier(num_barriers=2),  # whose turn on the tensor cores (PINGPONG)
+    )
+    if interpret:
+        scratch += (_smem((2, BLOCK_Q, BLOCK_K), v.dtype),)
     out_type = jax.ShapeDtypeStruct((n, seq, dv), v.dtype)
     keys = jnp.swapaxes(k, 1, 2) if interpret else k
-    return launch(entry, out_type, (n_blocks, n), ("q", "n"), interpret, q, keys, v)
+    grid = (n_blocks, n)
+    return launch(kernel, scratch, out_type, grid, ("q", "n"), interpret, q, keys, v)

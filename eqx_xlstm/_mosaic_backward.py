@@ -208,35 +208,33 @@ def mosaic_dkv(q, k, v, d_out, activation, bias, interpret, fused=False):
         fused=fused,
     )
 
-    def entry(*refs):
-        scratch = [
-            _smem((2, ROWS, dim), k.dtype),
-            _smem((2, ROWS, dim), v.dtype),
-            _smem((STAGES, ROWS, dim), q.dtype),
-            _smem((STAGES, ROWS, dim), d_out.dtype),
-            plgpu.Barrier(num_barriers=2),  # own keys
-            plgpu.Barrier(num_barriers=2),  # own values
-            plgpu.Barrier(num_barriers=STAGES),  # query tiles
-            plgpu.Barrier(num_barriers=STAGES),  # dO tiles
-            plgpu.Barrier(num_arrivals=2, num_barriers=STAGES),  # slot released
+    scratch = [
+        _smem((2, ROWS, dim), k.dtype),
+        _smem((2, ROWS, dim), v.dtype),
+        _smem((STAGES, ROWS, dim), q.dtype),
+        _smem((STAGES, ROWS, dim), d_out.dtype),
+        plgpu.Barrier(num_barriers=2),  # own keys
+        plgpu.Barrier(num_barriers=2),  # own values
+        plgpu.Barrier(num_barriers=STAGES),  # query tiles
+        plgpu.Barrier(num_barriers=STAGES),  # dO tiles
+        plgpu.Barrier(num_arrivals=2, num_barriers=STAGES),  # slot released
+    ]
+    if interpret:  # transposed tiles and the wgmma operands staged in shared memory
+        scratch += [
+            _smem((STAGES, dim, ROWS), q.dtype),
+            _smem((STAGES, dim, ROWS), d_out.dtype),
+            plgpu.Barrier(num_barriers=STAGES),
+            plgpu.Barrier(num_barriers=STAGES),
+            _smem((2, 2, ROWS, ROWS), q.dtype),
         ]
-        if interpret:  # transposed tiles and the wgmma operands staged in shared memory
-            scratch += [
-                _smem((STAGES, dim, ROWS), q.dtype),
-                _smem((STAGES, dim, ROWS), d_out.dtype),
-                plgpu.Barrier(num_barriers=STAGES),
-                plgpu.Barrier(num_barriers=STAGES),
-                _smem((2, 2, ROWS, ROWS), q.dtype),
-            ]
-        if fused:  # dS^T of both warpgroups for two tiles, the float32 dQ of a tile
-            scratch += [
-                _smem((2, 2, ROWS, ROWS), q.dtype),  # (tile parity, warpgroup)
-                plgpu.SMEM((2, ROWS, dim), jnp.float32),
-                plgpu.Barrier(num_arrivals=2, num_barriers=2),  # both dS^T written
-                plgpu.Barrier(num_barriers=2),  # the owner has read them
-                plgpu.Barrier(num_barriers=2),  # dQ read back (interpret mode)
-            ]
-        pl.run_scoped(lambda *s: kernel(*refs, s), *scratch, collective_axes="wg")
+    if fused:  # dS^T of both warpgroups for two tiles, the float32 dQ of a tile
+        scratch += [
+            _smem((2, 2, ROWS, ROWS), q.dtype),  # (tile parity, warpgroup)
+            plgpu.SMEM((2, ROWS, dim), jnp.float32),
+            plgpu.Barrier(num_arrivals=2, num_barriers=2),  # both dS^T written
+            plgpu.Barrier(num_barriers=2),  # the owner has read them
+            plgpu.Barrier(num_barriers=2),  # dQ read back (interpret mode)
+        ]
 
     inputs = [q, k, v, d_out]
     if interpret:
@@ -246,7 +244,7 @@ def mosaic_dkv(q, k, v, d_out, activation, bias, interpret, fused=False):
         inputs.append(jax.new_ref(dq_sum, memory_space=plgpu.GMEM))
     out_type = (jax.ShapeDtypeStruct(k.shape, k.dtype), jax.ShapeDtypeStruct(v.shape, v.dtype))
     grid = (seq // (2 * ROWS), n)
-    dk, dv = launch(entry, out_type, grid, ("k", "n"), interpret, *inputs)
+    dk, dv = launch(kernel, scratch, out_type, grid, ("k", "n"), interpret, *inputs)
     if not fused:
         return dk, dv
     return jax.freeze(inputs[-1]).sum(0).astype(q.dtype), dk, dv
@@ -340,28 +338,27 @@ def mosaic_dq(q, k, v, d_out, activation, bias, interpret):
     )
     value_tile = (STAGES, dim, 2 * ROWS) if interpret else (STAGES, 2 * ROWS, dim)
 
-    def entry(*refs):
-        scratch = [
-            _smem((2, ROWS, dim), q.dtype),
-            _smem((2, ROWS, dim), d_out.dtype),
-            _smem((STAGES, 2 * ROWS, dim), k.dtype),
-            _smem(value_tile, v.dtype),
-            plgpu.Barrier(num_barriers=2),  # own queries
-            plgpu.Barrier(num_barriers=2),  # own dO
-            plgpu.Barrier(num_barriers=STAGES),  # key tiles
-            plgpu.Barrier(num_barriers=STAGES),  # value tiles
-            plgpu.Barrier(num_arrivals=2, num_barriers=STAGES),  # slot released
+    scratch = [
+        _smem((2, ROWS, dim), q.dtype),
+        _smem((2, ROWS, dim), d_out.dtype),
+        _smem((STAGES, 2 * ROWS, dim), k.dtype),
+        _smem(value_tile, v.dtype),
+        plgpu.Barrier(num_barriers=2),  # own queries
+        plgpu.Barrier(num_barriers=2),  # own dO
+        plgpu.Barrier(num_barriers=STAGES),  # key tiles
+        plgpu.Barrier(num_barriers=STAGES),  # value tiles
+        plgpu.Barrier(num_arrivals=2, num_barriers=STAGES),  # slot released
+    ]
+    if interpret:  # transposed keys and the wgmma operand staged in shared memory
+        scratch += [
+            _smem((STAGES, dim, 2 * ROWS), k.dtype),
+            plgpu.Barrier(num_barriers=STAGES),
+            _smem((2, ROWS, 2 * ROWS), q.dtype),
         ]
-        if interpret:  # transposed keys and the wgmma operand staged in shared memory
-            scratch += [
-                _smem((STAGES, dim, 2 * ROWS), k.dtype),
-                plgpu.Barrier(num_barriers=STAGES),
-                _smem((2, ROWS, 2 * ROWS), q.dtype),
-            ]
-        pl.run_scoped(lambda *s: kernel(*refs, s), *scratch, collective_axes="wg")
 
     inputs = [q, k, v, d_out]
     if interpret:
         inputs += [jnp.swapaxes(k, 1, 2), jnp.swapaxes(v, 1, 2)]
     out_type = jax.ShapeDtypeStruct(q.shape, q.dtype)
-    return launch(entry, out_type, (n_pairs, n), ("q", "n"), interpret, *inputs)
+    grid = (n_pairs, n)
+    return launch(kernel, scratch, out_type, grid, ("q", "n"), interpret, *inputs)
