@@ -94,12 +94,17 @@ def mosaic_peer():
     return lambda q, k, v: mgpu.attention(q, k, v, config)
 
 
+def report(label, run, xs):
+    """Print `label` with the time of `run(*xs)`, or why it failed."""
+    try:
+        print(f"{label}: {bench(run, *xs):.2f} ms", flush=True)
+    except Exception as err:  # noqa: BLE001 - report and go on
+        print(f"{label}: failed: {type(err).__name__}: {str(err).splitlines()[0][:150]}")
+
+
 def both_passes(label, fn, xs):
-    for name, run in (("fwd", fn), ("fwd+bwd", fwd_and_bwd(fn))):
-        try:
-            print(f"{label}: {name} {bench(run, *xs):.2f} ms", flush=True)
-        except Exception as err:  # noqa: BLE001 - report and go on
-            print(f"{label}: {name} failed: {type(err).__name__}: {str(err).splitlines()[0][:150]}")
+    report(f"{label}: fwd", fn, xs)
+    report(f"{label}: fwd+bwd", fwd_and_bwd(fn), xs)
 
 
 def configure(fwd=None, bwd=None, fuse=None):
@@ -143,17 +148,8 @@ for activation in args.activations.split(","):
         continue
     for config in FWD_CONFIGS:
         configure(fwd=config)
-        try:
-            print(f"{activation} fwd {config}: {bench(fn, *qkv):.2f} ms", flush=True)
-        except Exception as err:  # noqa: BLE001
-            print(f"{activation} fwd {config}: failed: {str(err).splitlines()[0][:150]}")
+        report(f"{activation} fwd {config}", fn, qkv)
     for config in BWD_CONFIGS:
         configure(bwd=config)
-        try:
-            print(
-                f"{activation} fwd+bwd, bwd {config}: {bench(fwd_and_bwd(fn), *qkv):.2f} ms",
-                flush=True,
-            )
-        except Exception as err:  # noqa: BLE001
-            print(f"{activation} fwd+bwd, bwd {config}: failed: {str(err).splitlines()[0][:150]}")
+        report(f"{activation} fwd+bwd, bwd {config}", fwd_and_bwd(fn), qkv)
     configure()
