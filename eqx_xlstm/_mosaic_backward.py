@@ -7,14 +7,17 @@ warpgroup forms the transposed weights P^T = w(K Q^T), accumulates dV += P^T dO,
 dP^T = V dO^T and dS^T, and accumulates dK += dS^T Q, all on the tensor cores (wgmma).
 
 With `fused=True` the same kernel also computes dQ, so the weights and dP are formed
-once rather than again by a dQ kernel: five S x S matmuls instead of seven. The two
-warpgroups put their dS^T of a query tile in shared memory; the tile's owner (tiles
-alternate between them) forms dS K over the block's 128 keys and adds it into a float32
-dQ in global memory with a TMA reduce-add. Measured on an H200 (bf16, N=64, S=8192,
-D=128) it is slower than the dQ and dK/dV pair, 8.6 ms against 6.7 ms: its matmuls take
-4.2 ms, but handing dS over, staging the float32 share in shared memory and the
-reduce-adds cost the rest (docs/benchmarks.md). So attention uses the pair
-(`FUSED = False`); the fused kernel stays, tested, for that experiment.
+once rather than again by a dQ kernel: five S x S matmuls instead of seven. Both
+warpgroups put their dS^T of a query tile in shared memory; once the next tile's is
+written (so neither waits for the other), each forms its part of the tile's dQ share,
+dS K over the block's 128 keys for one half of the head dim (for D=64, all of it over
+its own 64 keys), stages it in float32 shared memory and adds it into a float32 dQ in
+global memory with a TMA reduce-add. Measured on H200s (bf16, N=64, S=8192, D=128) it
+runs at 5.9-6.2 ms, level with the dQ and dK/dV pair (5.9-6.3 ms): the float32 staging
+and the reduce-adds cost about what the second kernel's recomputation saves
+(benchmarks/results/h200_mosaic_fused_backward_halves.txt). Through `attention` the two
+are within 1-3% of each other, and the fused one needs a float32 copy of dQ, so
+attention uses the pair (`FUSED = False`); the fused kernel stays, tested.
 
 `mosaic_dq`: the dQ kernel of the unfused pair, laid out like the forward kernel: two
 compute warpgroups own 64 query rows (and their dO) each and walk 128-key tiles up to
@@ -37,7 +40,7 @@ from ._mosaic import _iota, _smem, _weights, launch, staged, stream_tiles, write
 ROWS = 64  # keys per compute warpgroup and query rows per streamed tile
 STAGES = 2  # streamed-tile slots: dK/dV measured slower with 3 or 4; dQ fits only 2 at D=128
 # dQ by the dK/dV kernel (a float32 sum across blocks) rather than a kernel of its own:
-# 8.6 vs 6.7 ms on an H200 (S=8192), so off; see the module docstring.
+# level with the pair on an H200 (S=8192) but needs a float32 dQ, so off; see above.
 FUSED = False
 
 
@@ -49,6 +52,13 @@ def _matmul(a, b, shape):
         return acc[...]
 
     return pl.run_scoped(run, plgpu.ACC(shape, jnp.float32))
+
+
+def _dq_part_width(dim):
+    """The width of each warpgroup's share of a tile's dQ in the fused kernel: half the
+    head dim over all 128 keys, or, where half would be narrower than a shared-memory
+    tile (D=64), all of it over the warpgroup's own 64 keys."""
+    return dim if dim < 128 else dim // 2
 
 
 def _kernel(*refs, activation, bias, scale, n_tiles, interpret, fused):
@@ -108,42 +118,51 @@ def _kernel(*refs, activation, bias, scale, n_tiles, interpret, fused):
             plgpu.wgmma(dk_acc, operand(ds_t, 1), q_smem.at[slot])
             plgpu.wgmma_wait(0)
             plgpu.barrier_arrive(free.at[slot])
-            if fused:
-                share_ds(ds_t, t)
+            if fused:  # then the previous tile's dQ: the other warpgroup's dS^T of it
+                share_ds(ds_t, t)  # is surely written by now
+                pl.when(t >= 1)(lambda: store_dq(dq_part(t - 1), t - 1))
 
         def share_ds(ds_t, t):
-            """Put my dS^T of tile t in shared memory; the warpgroup that owns the tile's
-            dQ (t % 2) adds both halves' dS K to it."""
+            """Put my dS^T of tile t in shared memory for both warpgroups' dQ parts."""
             parity = jax.lax.rem(t, 2)
-            # The owner of tile t - 2 must be done reading this buffer.
+            # Both warpgroups must be done reading this buffer for tile t - 2.
             pl.when(t >= 2)(lambda: plgpu.barrier_wait(ds_free.at[parity]))
             ds_smem.at[parity, wg][...] = ds_t.T if interpret else ds_t  # interpret: no views
             plgpu.commit_smem()
             plgpu.barrier_arrive(ds_full.at[parity])
-            pl.when(parity == wg)(lambda: add_dq(parity, (first + t) * rows))
 
-        def add_dq(parity, row0):
-            """dQ of the tile's rows += dS K over the block's 128 keys, added into the
-            float32 sum in memory: by a TMA reduce-add on a GPU; by read, add, write in
-            interpret mode, where each warpgroup keeps its own sum and blocks run in turn."""
+        def dq_part(t):
+            """My part of tile t's dQ share (`_dq_part_width`), once both warpgroups'
+            dS^T of it are in shared memory."""
+            parity = jax.lax.rem(t, 2)
             plgpu.barrier_wait(ds_full.at[parity])
 
             def run(acc):
-                for half in range(2):
+                for half in (wg,) if split_keys else range(2):
                     ds = ds_smem.at[parity, half]
-                    plgpu.wgmma(acc, ds if interpret else ds.transpose((1, 0)), k_smem.at[half])
+                    keys = k_smem.at[half] if split_keys else k_smem.at[half, :, my_cols]
+                    plgpu.wgmma(acc, ds if interpret else ds.transpose((1, 0)), keys)
                 return acc[...]
 
-            dq = pl.run_scoped(run, plgpu.ACC(dq_shape, jnp.float32))
+            part = pl.run_scoped(run, plgpu.ACC(dq_shape, jnp.float32))
             plgpu.barrier_arrive(ds_free.at[parity])
-            own_dq, dst = dq_smem.at[wg], dq_ref.at[wg if interpret else 0, n, pl.ds(row0, rows)]
+            return part
+
+        def store_dq(part, t):
+            """Add my dQ part of tile t into the float32 sum in memory: by a TMA
+            reduce-add on a GPU; by read, add, write in interpret mode, where blocks
+            run in turn."""
+            # Interpreted, warpgroups that add to the same columns keep a sum each.
+            copy = wg if interpret and split_keys else 0
+            dst = dq_ref.at[copy, n, pl.ds((first + t) * rows, rows), my_cols]
+            own_dq = dq_smem.at[wg]
             if interpret:
                 plgpu.copy_gmem_to_smem(dst, own_dq, dq_bar.at[wg])
                 plgpu.barrier_wait(dq_bar.at[wg])
-                dq = dq + own_dq[...]
-            else:
-                plgpu.wait_smem_to_gmem(0, wait_read_only=True)  # my last add has read it
-            own_dq[...] = dq
+                part = part + own_dq[...]
+            else:  # my previous add has read the buffer
+                plgpu.wait_smem_to_gmem(0, wait_read_only=True)
+            own_dq[...] = part
             plgpu.commit_smem()
             plgpu.copy_smem_to_gmem(own_dq, dst, reduction_op=None if interpret else "add")
             if interpret:
@@ -153,7 +172,7 @@ def _kernel(*refs, activation, bias, scale, n_tiles, interpret, fused):
             slot = jax.lax.rem(t, stages)
             wait_tiles(slot)
             plgpu.barrier_arrive(free.at[slot])
-            if fused:  # my share of its dQ is zero
+            if fused:  # my dS^T of it is zero
                 zeros = jnp.zeros((rows, rows), k_smem.dtype)
                 share_ds(zeros if interpret else plgpu.layout_cast(zeros, plgpu.Layout.WGMMA), t)
             return carry
@@ -163,16 +182,21 @@ def _kernel(*refs, activation, bias, scale, n_tiles, interpret, fused):
             for lo, hi, masked in ((wg, wg + 1, True), (wg + 1, block_steps, False)):
                 body = functools.partial(step, dk_acc=dk_acc, dv_acc=dv_acc, masked=masked)
                 jax.lax.fori_loop(lo, hi, lambda t, c, body=body: body(t) or c, None)
-            if fused:  # the last tile of each parity (every block has >= 2 tiles) was read
+            if fused:
+                last = block_steps - 1
+                store_dq(dq_part(last), last)
+                # Both warpgroups' last reads of each buffer (every block has >= 2 tiles).
                 for parity in range(2):
                     plgpu.barrier_wait(ds_free.at[parity])
             return dk_acc[...], dv_acc[...]
 
-        dv_dim = v_smem.shape[-1]
-        dq_shape = (rows, k_smem.shape[-1])
+        dim, dv_dim = k_smem.shape[-1], v_smem.shape[-1]
+        split_keys = _dq_part_width(dim) == dim
+        dq_shape = (rows, _dq_part_width(dim))
+        my_cols = pl.ds(0, dim) if split_keys else pl.ds(wg * dq_shape[1], dq_shape[1])
         dk, dv = pl.run_scoped(
             accumulate,
-            plgpu.ACC((rows, k_smem.shape[-1]), jnp.float32),
+            plgpu.ACC((rows, dim), jnp.float32),
             plgpu.ACC((rows, dv_dim), jnp.float32),
         )
         own_rows = pl.ds(key0, rows)
@@ -227,20 +251,22 @@ def mosaic_dkv(q, k, v, d_out, activation, bias, interpret, fused=False):
             plgpu.Barrier(num_barriers=STAGES),
             _smem((2, 2, ROWS, ROWS), q.dtype),
         ]
-    if fused:  # dS^T of both warpgroups for two tiles, the float32 dQ of a tile
+    if fused:  # dS^T of both warpgroups for two tiles; each one's float32 dQ part
         scratch += [
             _smem((2, 2, ROWS, ROWS), q.dtype),  # (tile parity, warpgroup)
-            plgpu.SMEM((2, ROWS, dim), jnp.float32),
+            plgpu.SMEM((2, ROWS, _dq_part_width(dim)), jnp.float32),
             plgpu.Barrier(num_arrivals=2, num_barriers=2),  # both dS^T written
-            plgpu.Barrier(num_barriers=2),  # the owner has read them
+            plgpu.Barrier(num_arrivals=2, num_barriers=2),  # both dQ parts formed
             plgpu.Barrier(num_barriers=2),  # dQ read back (interpret mode)
         ]
 
     inputs = [q, k, v, d_out]
     if interpret:
         inputs += [jnp.swapaxes(q, 1, 2), jnp.swapaxes(d_out, 1, 2)]
-    if fused:  # the float32 dQ sum, zeroed, updated in place (one per warpgroup interpreted)
-        dq_sum = jnp.zeros((2 if interpret else 1, *q.shape), jnp.float32)
+    if fused:  # the float32 dQ sum, zeroed, updated in place
+        # Interpreted, warpgroups that add to the same columns keep a sum each.
+        copies = 2 if interpret and _dq_part_width(dim) == dim else 1
+        dq_sum = jnp.zeros((copies, *q.shape), jnp.float32)
         inputs.append(jax.new_ref(dq_sum, memory_space=plgpu.GMEM))
     out_type = (jax.ShapeDtypeStruct(k.shape, k.dtype), jax.ShapeDtypeStruct(v.shape, v.dtype))
     grid = (seq // (2 * ROWS), n)
