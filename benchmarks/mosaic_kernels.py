@@ -3,8 +3,8 @@
 Checks the kernel against a float32 reference at small shapes, then times forward
 calls at bf16, B*NH=64, S=8192, D=128, causal, without RoPE (kernels only): bare cuDNN
 softmax, our Triton sigmoid forward, and the Mosaic kernel with and without ping-pong
-turns (passed when the matmuls are issued or done), with the exp form of the sigmoid
-and with two key/value slots, plus the 'none' activation. Then the backward pass: the
+turns (passed when the matmuls are issued, the default, or done), with the exp form of
+the sigmoid and with two key/value slots, plus the 'none' activation. Then the backward pass: the
 Mosaic dQ and dK/dV kernels, and dK/dV with dQ fused in, against cuDNN's softmax
 backward (its fwd+bwd time less its forward time; fwd+bwd as `value_and_grad`, so
 nothing is dropped).
@@ -70,7 +70,7 @@ times = {"bare cuDNN softmax": bench(cudnn, q, k, v), "Triton sigmoid": triton}
 default = {name: getattr(mosaic, name) for name in ("PINGPONG", "HANDOFF", "SIGMOID", "STAGES")}
 for label, change in [
     ("Mosaic sigmoid (ping-pong, tanh form)", {}),
-    ("Mosaic sigmoid (turn passed when issued)", dict(HANDOFF="issued")),
+    ("Mosaic sigmoid (turn passed when done)", dict(HANDOFF="done")),
     ("Mosaic sigmoid (no ping-pong)", dict(PINGPONG=False)),
     ("Mosaic sigmoid (exp form)", dict(SIGMOID="exp")),
     ("Mosaic sigmoid (2 key/value slots)", dict(STAGES=2)),

@@ -8,10 +8,11 @@ weights in registers, multiplies by the value tile, and marks the slot consumed;
 streaming warpgroup refills a slot once both compute warpgroups are done with it.
 Sigmoid needs no running max or row sum, so nothing is rescaled between tiles. With
 `PINGPONG` the two compute warpgroups take turns issuing their matmuls, so one computes
-weights while the other's matmuls run (measured 5-7% faster on an H200). A warpgroup
-passes the turn once its matmuls are done (`HANDOFF`); passing it as soon as they are
-issued, so that the other's queue right behind them, measured 7% slower in one H200
-run and 11% faster in another (benchmarks/mosaic_kernels.py): no clear gain.
+weights while the other's matmuls run. A warpgroup passes the turn as soon as its
+matmuls are issued, so that the other's queue right behind them (`HANDOFF`); passing it
+once they are done was 4-14% slower in every one of eight interleaved rounds on an H200
+(S=8192 and 16384, benchmarks/results/h200_mosaic_forward_handoff.txt), though single
+runs had put the two within their spread.
 
 On a GPU, q k^T reads each key tile through a transposed view of shared memory (wgmma
 takes either major order). On a machine without a GPU the same kernel runs in Mosaic
@@ -30,7 +31,7 @@ BLOCK_Q = 64  # query rows per compute warpgroup (the wgmma M)
 BLOCK_K = 128  # key rows per tile
 STAGES = 3  # key/value slots in flight
 PINGPONG = True  # the two compute warpgroups take turns on the tensor cores
-HANDOFF = "done"  # a turn passes once my matmuls are "done" or just "issued"
+HANDOFF = "issued"  # a turn passes once my matmuls are "issued" or only once "done"
 
 
 def _smem(shape, dtype):

@@ -167,18 +167,21 @@ def mosaic_interpret_or_skip(activation, dim):
 
 
 @pytest.mark.parametrize(
-    "activation, seq, dim, pingpong",
+    "activation, seq, dim, turns",
     [
-        ("sigmoid", 256, 128, True),
-        ("none", 512, 64, False),  # 4 key tiles through 3 slots: one is refilled
+        ("sigmoid", 256, 128, "issued"),
+        ("sigmoid", 256, 64, "done"),
+        ("none", 512, 64, None),  # 4 key tiles through 3 slots: one is refilled
     ],
 )
-def test_mosaic_kernel_matches_reference(activation, seq, dim, pingpong, monkeypatch):
+def test_mosaic_kernel_matches_reference(activation, seq, dim, turns, monkeypatch):
     # The Mosaic GPU forward kernel itself: compiled on a GPU, Mosaic GPU interpret mode
-    # (threads, shared memory and barriers simulated) on a CPU.
+    # (threads, shared memory and barriers simulated) on a CPU. `turns`: ping-pong turns
+    # passed when the matmuls are issued or done, or no ping-pong.
     import eqx_xlstm._mosaic as mosaic
 
-    monkeypatch.setattr(mosaic, "PINGPONG", pingpong)
+    monkeypatch.setattr(mosaic, "PINGPONG", turns is not None)
+    monkeypatch.setattr(mosaic, "HANDOFF", turns or "issued")
     interpret = mosaic_interpret_or_skip(activation, dim)
     q, k, v, _ = inputs(seq, shape=(1,), dqk=dim, dv=dim, dtype=jnp.bfloat16, seed=5)
     bias = -float(np.log(seq))
