@@ -10,7 +10,7 @@ Sigmoid needs no running max or row sum, so nothing is rescaled between tiles. W
 `PINGPONG` the two compute warpgroups take turns issuing their matmuls, so one computes
 weights while the other's matmuls run. A warpgroup passes the turn as soon as its
 matmuls are issued, so that the other's queue right behind them (`HANDOFF`); passing it
-once they are done was 4-14% slower in every one of eight interleaved rounds on an H200
+once they are done was 5-19% slower in every one of eight interleaved rounds on an H200
 (S=8192 and 16384, benchmarks/results/h200_mosaic_forward_handoff.txt), though single
 runs had put the two within their spread.
 
