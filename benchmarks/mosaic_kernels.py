@@ -4,10 +4,10 @@ Checks the kernel against a float32 reference at small shapes, then times forwar
 calls at bf16, B*NH=64, S=8192, D=128, causal, without RoPE (kernels only): bare cuDNN
 softmax, our Triton sigmoid forward, and the Mosaic kernel with and without ping-pong
 turns (passed when the matmuls are issued, the default, or done), with the exp form of
-the sigmoid and with two key/value slots, plus the 'none' activation. Then the backward pass: the
-Mosaic dQ and dK/dV kernels, and dK/dV with dQ fused in, against cuDNN's softmax
-backward (its fwd+bwd time less its forward time; fwd+bwd as `value_and_grad`, so
-nothing is dropped).
+the sigmoid and with two key/value slots, plus the 'none' activation. Then the backward
+pass: the Mosaic dQ and dK/dV kernels, and dK/dV with dQ fused in, against cuDNN's
+softmax backward (its fwd+bwd time less its forward time; fwd+bwd as `value_and_grad`,
+so nothing is dropped).
 
     python benchmarks/mosaic_kernels.py
 """
