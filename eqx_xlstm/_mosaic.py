@@ -32,6 +32,7 @@ BLOCK_K = 128  # key rows per tile
 STAGES = 3  # key/value slots in flight
 PINGPONG = True  # the two compute warpgroups take turns on the tensor cores
 HANDOFF = "issued"  # a turn passes once my matmuls are "issued" or only once "done"
+HEADS_OUTER = True  # launch order: each head's blocks side by side (see `block_grid`)
 
 
 def _smem(shape, dtype):
@@ -135,6 +136,18 @@ def write_back(*outputs):
     for _, smem, dst in outputs:
         plgpu.copy_smem_to_gmem(smem, dst)
     plgpu.wait_smem_to_gmem(0)
+
+
+def block_grid(blocks, block_name, n):
+    """Launch grid and axis names for `blocks` blocks in each of `n` heads.
+
+    CUDA starts blocks with the last grid axis varying fastest. With `HEADS_OUTER` that
+    axis is the head's block, so the blocks running at one time belong to a few heads
+    and share those heads' streamed tiles in L2; otherwise they spread over all heads
+    and each stream comes from memory."""
+    if HEADS_OUTER:
+        return (n, blocks), ("n", block_name)
+    return (blocks, n), (block_name, "n")
 
 
 def launch(kernel, scratch, out_type, grid, grid_names, interpret, *inputs):
@@ -316,5 +329,5 @@ def mosaic_forward(q, k, v, activation, bias, interpret):
         scratch += (_smem((2, BLOCK_Q, BLOCK_K), v.dtype),)
     out_type = jax.ShapeDtypeStruct((n, seq, dv), v.dtype)
     keys = jnp.swapaxes(k, 1, 2) if interpret else k
-    grid = (n_blocks, n)
-    return launch(kernel, scratch, out_type, grid, ("q", "n"), interpret, q, keys, v)
+    grid, names = block_grid(n_blocks, "q", n)
+    return launch(kernel, scratch, out_type, grid, names, interpret, q, keys, v)

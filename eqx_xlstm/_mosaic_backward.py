@@ -35,13 +35,27 @@ import jax.numpy as jnp
 from jax.experimental import pallas as pl
 from jax.experimental.pallas import mosaic_gpu as plgpu
 
-from ._mosaic import _iota, _smem, _weights, launch, staged, stream_tiles, write_back
+from ._mosaic import (
+    _iota,
+    _smem,
+    _weights,
+    block_grid,
+    launch,
+    staged,
+    stream_tiles,
+    write_back,
+)
 
 ROWS = 64  # keys per compute warpgroup and query rows per streamed tile
 STAGES = 2  # streamed-tile slots: dK/dV measured slower with 3 or 4; dQ fits only 2 at D=128
-# dQ by the dK/dV kernel (a float32 sum across blocks) rather than a kernel of its own:
-# level with the pair on an H200 (S=8192) but needs a float32 dQ, so off; see above.
-FUSED = False
+# From this sequence length on, `attention` takes dQ from the dK/dV kernel (a float32
+# sum across blocks) rather than from a kernel of its own (None: never); see above.
+FUSED_FROM = 8192
+
+
+def use_fused(seq: int) -> bool:
+    """Whether `attention`'s backward pass runs as one kernel at sequence length `seq`."""
+    return FUSED_FROM is not None and seq >= FUSED_FROM
 
 
 def _matmul(a, b, shape):
@@ -269,8 +283,8 @@ def mosaic_dkv(q, k, v, d_out, activation, bias, interpret, fused=False):
         dq_sum = jnp.zeros((copies, *q.shape), jnp.float32)
         inputs.append(jax.new_ref(dq_sum, memory_space=plgpu.GMEM))
     out_type = (jax.ShapeDtypeStruct(k.shape, k.dtype), jax.ShapeDtypeStruct(v.shape, v.dtype))
-    grid = (seq // (2 * ROWS), n)
-    dk, dv = launch(kernel, scratch, out_type, grid, ("k", "n"), interpret, *inputs)
+    grid, names = block_grid(seq // (2 * ROWS), "k", n)
+    dk, dv = launch(kernel, scratch, out_type, grid, names, interpret, *inputs)
     if not fused:
         return dk, dv
     return jax.freeze(inputs[-1]).sum(0).astype(q.dtype), dk, dv
@@ -386,5 +400,5 @@ def mosaic_dq(q, k, v, d_out, activation, bias, interpret):
     if interpret:
         inputs += [jnp.swapaxes(k, 1, 2), jnp.swapaxes(v, 1, 2)]
     out_type = jax.ShapeDtypeStruct(q.shape, q.dtype)
-    grid = (n_pairs, n)
-    return launch(kernel, scratch, out_type, grid, ("q", "n"), interpret, *inputs)
+    grid, names = block_grid(n_pairs, "q", n)
+    return launch(kernel, scratch, out_type, grid, names, interpret, *inputs)

@@ -243,7 +243,7 @@ def _flash_bwd(o, residuals, d_out):
     q, k, v, tables, out, lse, q_inner, k_inner = residuals
     if o.mosaic:
         args = (q, k, v, d_out, o.activation, o.bias, o.interpret)
-        if _mosaic_backward.FUSED:
+        if _mosaic_backward.use_fused(q.shape[-2]):
             return (*_mosaic_backward.mosaic_dkv(*args, fused=True), ())
         dq = _mosaic_backward.mosaic_dq(*args)
         dk, dvv = _mosaic_backward.mosaic_dkv(*args)

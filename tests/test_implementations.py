@@ -167,23 +167,25 @@ def mosaic_interpret_or_skip(activation, dim):
 
 
 @pytest.mark.parametrize(
-    "activation, seq, dim, turns",
+    "activation, seq, dim, turns, heads_outer",
     [
-        ("sigmoid", 256, 128, "issued"),
-        ("sigmoid", 256, 64, "done"),
-        ("none", 512, 64, None),  # 4 key tiles through 3 slots: one is refilled
+        ("sigmoid", 256, 128, "issued", True),
+        ("sigmoid", 256, 64, "done", False),
+        ("none", 512, 64, None, True),  # 4 key tiles through 3 slots: one is refilled
     ],
 )
-def test_mosaic_kernel_matches_reference(activation, seq, dim, turns, monkeypatch):
+def test_mosaic_kernel_matches_reference(activation, seq, dim, turns, heads_outer, monkeypatch):
     # The Mosaic GPU forward kernel itself: compiled on a GPU, Mosaic GPU interpret mode
     # (threads, shared memory and barriers simulated) on a CPU. `turns`: ping-pong turns
-    # passed when the matmuls are issued or done, or no ping-pong.
+    # passed when the matmuls are issued or done, or no ping-pong. Two heads, launched
+    # head by head or interleaved (`heads_outer`).
     import eqx_xlstm._mosaic as mosaic
 
     monkeypatch.setattr(mosaic, "PINGPONG", turns is not None)
     monkeypatch.setattr(mosaic, "HANDOFF", turns or "issued")
+    monkeypatch.setattr(mosaic, "HEADS_OUTER", heads_outer)
     interpret = mosaic_interpret_or_skip(activation, dim)
-    q, k, v, _ = inputs(seq, shape=(1,), dqk=dim, dv=dim, dtype=jnp.bfloat16, seed=5)
+    q, k, v, _ = inputs(seq, shape=(2,), dqk=dim, dv=dim, dtype=jnp.bfloat16, seed=5)
     bias = -float(np.log(seq))
     kernel = jax.jit(lambda q, k, v: mosaic.mosaic_forward(q, k, v, activation, bias, interpret))
     got = np.asarray(kernel(q, k, v).astype(jnp.float32))
@@ -196,16 +198,16 @@ def test_mosaic_kernel_matches_reference(activation, seq, dim, turns, monkeypatc
 
 # S=384: up to 3 key tiles (dQ) and 6 query tiles (dK/dV) through 2 slots: slots refill.
 @pytest.mark.parametrize(
-    "activation, seq, dim, fused",
-    [("sigmoid", 256, 128, True), ("none", 256, 64, True), ("none", 384, 64, False)],
+    "activation, seq, dim, fused, heads",
+    [("sigmoid", 256, 128, True, 2), ("none", 256, 64, True, 1), ("none", 384, 64, False, 2)],
 )
-def test_mosaic_backward_kernels_match_reference(activation, seq, dim, fused):
+def test_mosaic_backward_kernels_match_reference(activation, seq, dim, fused, heads):
     # The Mosaic GPU backward kernels themselves (interpret mode on a CPU) against
     # autodiff of a float32 reference: dK/dV with dQ fused in, or dQ and dK/dV apart.
     from eqx_xlstm._mosaic_backward import mosaic_dkv, mosaic_dq
 
     interpret = mosaic_interpret_or_skip(activation, dim)
-    q, k, v, g = inputs(seq, shape=(1,), dqk=dim, dv=dim, dtype=jnp.bfloat16, seed=6)
+    q, k, v, g = inputs(seq, shape=(heads,), dqk=dim, dv=dim, dtype=jnp.bfloat16, seed=6)
     bias = -float(np.log(seq))
 
     def reference(q, k, v):
@@ -229,10 +231,17 @@ def test_mosaic_backward_kernels_match_reference(activation, seq, dim, fused):
         np.testing.assert_allclose(got.astype(jnp.float32), want, atol=2e-2 * scale, rtol=2e-2)
 
 
-@pytest.mark.parametrize("activation", ["sigmoid", "none"])
-def test_pallas_uses_mosaic_forward_on_hopper(activation, monkeypatch):
-    # Mosaic forward and backward kernels through `attention`, on a Hopper GPU.
+@pytest.mark.parametrize(
+    "activation, fused", [("sigmoid", False), ("sigmoid", True), ("none", True)]
+)
+def test_pallas_uses_mosaic_forward_on_hopper(activation, fused, monkeypatch):
+    # Mosaic forward and backward kernels (the dQ + dK/dV pair, or the fused one)
+    # through `attention`, on a Hopper GPU.
     import eqx_xlstm._mosaic as mosaic
+    import eqx_xlstm._mosaic_backward as mosaic_backward
+
+    monkeypatch.setattr(mosaic_backward, "FUSED_FROM", 0 if fused else None)
+    jax.clear_caches()  # the knob is read when tracing
 
     reason = mosaic.unsupported(activation, jnp.bfloat16, 64, 64)
     if reason:
