@@ -1,16 +1,19 @@
 """The Mosaic GPU sigmoid kernels on their own, next to their peers (Hopper GPU only).
 
 Checks the kernel against a float32 reference at small shapes, then times forward
-calls at bf16, B*NH=64, S=8192, D=128, causal, without RoPE (kernels only): bare cuDNN
-softmax, our Triton sigmoid forward, and the Mosaic kernel with and without ping-pong
-turns (passed when the matmuls are issued, the default, or done), with the exp form of
-the sigmoid and with two key/value slots, plus the 'none' activation. Then the backward
-pass: the Mosaic dQ and dK/dV kernels, and dK/dV with dQ fused in, against cuDNN's
+calls at bf16, B*NH=64, S=8192 (`--seq`), D=128, causal, without RoPE (kernels only):
+bare cuDNN softmax, our Triton sigmoid forward, and the Mosaic kernel with and without
+ping-pong turns (passed when the matmuls are issued, the default, or done), with the exp
+form of the sigmoid, with two key/value slots and launched with the heads inner (the old
+order), plus the 'none' activation. Then the backward pass: the Mosaic dQ and dK/dV
+kernels, and dK/dV with dQ fused in, each also with the heads inner, against cuDNN's
 softmax backward (its fwd+bwd time less its forward time; fwd+bwd as `value_and_grad`,
 so nothing is dropped).
 
-    python benchmarks/mosaic_kernels.py
+    python benchmarks/mosaic_kernels.py [--seq 16384]
 """
+
+import argparse
 
 import jax
 import jax.numpy as jnp
@@ -21,7 +24,9 @@ import eqx_xlstm._mosaic as mosaic
 import eqx_xlstm._mosaic_backward as mosaic_backward
 import eqx_xlstm._pallas as pallas
 
-N, S, D = 64, 8192, 128
+parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+parser.add_argument("--seq", type=int, default=8192)
+N, S, D = 64, parser.parse_args().seq, 128
 
 
 bench = median_ms
@@ -67,13 +72,15 @@ pallas.MOSAIC = False
 triton = bench(lambda q, k, v: pallas.pallas_attention(q, k, v, "sigmoid", bias), q, k, v)
 pallas.MOSAIC = True
 times = {"bare cuDNN softmax": bench(cudnn, q, k, v), "Triton sigmoid": triton}
-default = {name: getattr(mosaic, name) for name in ("PINGPONG", "HANDOFF", "SIGMOID", "STAGES")}
+knobs = ("PINGPONG", "HANDOFF", "SIGMOID", "STAGES", "HEADS_OUTER")
+default = {name: getattr(mosaic, name) for name in knobs}
 for label, change in [
     ("Mosaic sigmoid (ping-pong, tanh form)", {}),
     ("Mosaic sigmoid (turn passed when done)", dict(HANDOFF="done")),
     ("Mosaic sigmoid (no ping-pong)", dict(PINGPONG=False)),
     ("Mosaic sigmoid (exp form)", dict(SIGMOID="exp")),
     ("Mosaic sigmoid (2 key/value slots)", dict(STAGES=2)),
+    ("Mosaic sigmoid (heads inner)", dict(HEADS_OUTER=False)),
 ]:
     for name, value in {**default, **change}.items():
         setattr(mosaic, name, value)
@@ -94,28 +101,27 @@ def cudnn_fwd_bwd(q, k, v):
 
 
 d_out = qkv(N, S, D)[0] * 0.1
-backward = {
-    "cuDNN softmax fwd+bwd": bench(cudnn_fwd_bwd, q, k, v),
-    "Mosaic dQ": bench(
-        lambda *a: mosaic_backward.mosaic_dq(*a, "sigmoid", bias, False), q, k, v, d_out
-    ),
-    "Mosaic dK/dV": bench(
-        lambda *a: mosaic_backward.mosaic_dkv(*a, "sigmoid", bias, False), q, k, v, d_out
-    ),
-    "Mosaic dK/dV with dQ fused": bench(
-        lambda *a: mosaic_backward.mosaic_dkv(*a, "sigmoid", bias, False, fused=True),
-        q,
-        k,
-        v,
-        d_out,
-    ),
-}
-cudnn_bwd = backward["cuDNN softmax fwd+bwd"] - base
-for label, ms in backward.items():
-    print(f"{label:40s} {ms:7.2f} ms")
-print(f"{'cuDNN softmax backward (fwd+bwd - fwd)':40s} {cudnn_bwd:7.2f} ms")
-for label, ms in [
-    ("Mosaic backward (dQ + dK/dV)", backward["Mosaic dQ"] + backward["Mosaic dK/dV"]),
-    ("Mosaic backward (fused)", backward["Mosaic dK/dV with dQ fused"]),
-]:
-    print(f"{label:40s} {ms:7.2f} ms   {ms / cudnn_bwd:5.2f} x cuDNN")
+
+
+def backward_kernels():
+    """ms of each Mosaic backward kernel (fresh functions, so traced anew)."""
+    rest = ("sigmoid", bias, False)
+    return {
+        "dQ": bench(lambda *a: mosaic_backward.mosaic_dq(*a, *rest), q, k, v, d_out),
+        "dK/dV": bench(lambda *a: mosaic_backward.mosaic_dkv(*a, *rest), q, k, v, d_out),
+        "dK/dV with dQ fused": bench(
+            lambda *a: mosaic_backward.mosaic_dkv(*a, *rest, fused=True), q, k, v, d_out
+        ),
+    }
+
+
+cudnn_bwd = bench(cudnn_fwd_bwd, q, k, v) - base
+print(f"{'cuDNN softmax backward (fwd+bwd - fwd)':44s} {cudnn_bwd:7.2f} ms")
+for outer in (True, False):
+    mosaic.HEADS_OUTER = outer
+    times = backward_kernels()
+    times["backward (dQ + dK/dV)"] = times["dQ"] + times["dK/dV"]
+    order = "heads outer" if outer else "heads inner"
+    for label, ms in times.items():
+        print(f"{f'Mosaic {label}, {order}':44s} {ms:7.2f} ms   {ms / cudnn_bwd:5.2f} x cuDNN")
+mosaic.HEADS_OUTER = default["HEADS_OUTER"]

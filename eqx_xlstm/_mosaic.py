@@ -12,7 +12,10 @@ weights while the other's matmuls run. A warpgroup passes the turn as soon as it
 matmuls are issued, so that the other's queue right behind them (`HANDOFF`); passing it
 once they are done was 5-19% slower in every one of eight interleaved rounds on an H200
 (S=8192 and 16384, benchmarks/results/h200_mosaic_forward_handoff.txt), though single
-runs had put the two within their spread.
+runs had put the two within their spread. Each head's blocks are launched side by side
+(`block_grid`), so the blocks running at one time stream the same few heads' tiles from
+L2; interleaving the heads made the kernel memory-bound (1.5x slower at S=16384 on an
+H100, benchmarks/results/h100_mosaic_launch_order.txt).
 
 On a GPU, q k^T reads each key tile through a transposed view of shared memory (wgmma
 takes either major order). On a machine without a GPU the same kernel runs in Mosaic

@@ -1,0 +1,85 @@
+"""Sigmoid against our softmax path through `attention`, in interleaved rounds (GPU).
+
+For bf16 B=4, NH=16, D=128, causal, swish + RoPE (issue #6's shapes) and each sequence
+length, every round times: bare cuDNN (`jax.nn.dot_product_attention`, no RoPE or
+swish), our softmax path (swish + RoPE pass, then cuDNN) and our sigmoid path (Mosaic
+kernels on a Hopper GPU), forward and fwd+bwd (`value_and_grad`, as a training step
+runs it), sigmoid fwd+bwd both with the dQ + dK/dV kernel pair and with the fused
+backward kernel. Speedup = our softmax path's time / sigmoid's. Median of `--repeats`
+calls per entry; only rounds on one machine settle differences of a few percent.
+
+    python benchmarks/sigmoid_targets.py --seqs 4096,8192,16384 --rounds 3
+"""
+
+import argparse
+
+import jax
+import jax.numpy as jnp
+from timing import median_ms
+
+import eqx_xlstm as ex
+import eqx_xlstm._mosaic_backward as mosaic_backward
+
+parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+parser.add_argument("--seqs", default="4096,8192,16384")
+parser.add_argument("--rounds", type=int, default=3)
+parser.add_argument("--repeats", type=int, default=20)
+args = parser.parse_args()
+B, H, D = 4, 16, 128
+
+
+def value_and_grad(fn):
+    loss = lambda *xs: jnp.sum(fn(*xs).astype(jnp.float32))  # noqa: E731
+    return jax.value_and_grad(loss, argnums=(0, 1, 2))
+
+
+def ours(activation):
+    return lambda q, k, v: ex.attention(  # noqa: E731
+        q, k, v, activation_function=activation, qk_pre_activation_function="swish"
+    )
+
+
+def bare(q, k, v):
+    return jax.nn.dot_product_attention(q, k, v, is_causal=True, implementation="cudnn")
+
+
+def sigmoid_backward(fused, qkv):
+    """fwd+bwd ms of the sigmoid path with the fused backward or the pair."""
+    default = mosaic_backward.FUSED_FROM
+    mosaic_backward.FUSED_FROM = 0 if fused else None
+    jax.clear_caches()  # the choice is made when tracing
+    try:
+        return median_ms(value_and_grad(ours("sigmoid")), *qkv, repeats=args.repeats)
+    finally:
+        mosaic_backward.FUSED_FROM = default
+        jax.clear_caches()
+
+
+print(f"{jax.devices()[0].device_kind}; jax {jax.__version__}; bf16 B={B} NH={H} D={D}")
+header = (
+    "| S | round | bare fwd | softmax fwd | sigmoid fwd | fwd speedup | bare fwd+bwd "
+    "| softmax fwd+bwd | sigmoid fwd+bwd, pair / fused | fwd+bwd speedup, pair / fused |"
+)
+print(header)
+print("|---" * (header.count("|") - 1) + "|")
+for seq in (int(s) for s in args.seqs.split(",")):
+    keys = jax.random.split(jax.random.key(0), 3)
+    qkv = [jax.random.normal(key, (B, H, seq, D), jnp.bfloat16) for key in keys]
+    bshd = [x.transpose(0, 2, 1, 3) for x in qkv]
+    for round_ in range(args.rounds):
+        t = {
+            "bare": median_ms(bare, *bshd, repeats=args.repeats),
+            "bare fb": median_ms(value_and_grad(bare), *bshd, repeats=args.repeats),
+            "softmax": median_ms(ours("softmax"), *qkv, repeats=args.repeats),
+            "softmax fb": median_ms(value_and_grad(ours("softmax")), *qkv, repeats=args.repeats),
+            "sigmoid": median_ms(ours("sigmoid"), *qkv, repeats=args.repeats),
+            "pair": sigmoid_backward(False, qkv),
+            "fused": sigmoid_backward(True, qkv),
+        }
+        print(
+            f"| {seq} | {round_} | {t['bare']:.3f} | {t['softmax']:.3f} | {t['sigmoid']:.3f} "
+            f"| {t['softmax'] / t['sigmoid']:.3f} | {t['bare fb']:.3f} | {t['softmax fb']:.3f} "
+            f"| {t['pair']:.3f} / {t['fused']:.3f} "
+            f"| {t['softmax fb'] / t['pair']:.3f} / {t['softmax fb'] / t['fused']:.3f} |",
+            flush=True,
+        )
