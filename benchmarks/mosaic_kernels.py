@@ -5,7 +5,7 @@ calls at bf16, B*NH=64, S=8192 (`--seq`), D=128, causal, without RoPE (kernels o
 bare cuDNN softmax, our Triton sigmoid forward, and the Mosaic kernel with and without
 ping-pong turns (passed when the matmuls are issued, the default, or done), with the exp
 form of the sigmoid, with two key/value slots and launched with the heads inner (the old
-order), plus the 'none' activation. Then the backward pass: the Mosaic dQ and dK/dV
+order), plus the 'none' and softmax activations. Then the backward pass: the Mosaic dQ and dK/dV
 kernels, and dK/dV with dQ fused in, each also with the heads inner, against cuDNN's
 softmax backward (its fwd+bwd time less its forward time; fwd+bwd as `value_and_grad`,
 so nothing is dropped).
@@ -36,7 +36,10 @@ def reference(q, k, v, activation, bias):
     q, k, v = (x.astype(jnp.float32) for x in (q, k, v))
     scores = jnp.einsum("nqd,nkd->nqk", q, k) * q.shape[-1] ** -0.5
     w = jax.nn.sigmoid(scores + bias) if activation == "sigmoid" else scores
-    return jnp.einsum("nqk,nkd->nqd", jnp.tril(w), v)
+    causal = jnp.tril(jnp.ones(scores.shape[-2:], bool))
+    if activation == "softmax":
+        w = jax.nn.softmax(jnp.where(causal, scores, -jnp.inf), axis=-1)
+    return jnp.einsum("nqk,nkd->nqd", jnp.where(causal, w, 0.0), v)
 
 
 def qkv(n, s, d):
@@ -51,7 +54,7 @@ def mosaic_call(activation, bias):
 print(f"device: {jax.devices()[0].device_kind}; jax {jax.__version__}")
 for n, s, d in [(2, 384, 64), (3, 1024, 128)]:
     q, k, v = qkv(n, s, d)
-    for activation in ("sigmoid", "none"):
+    for activation in ("sigmoid", "none", "softmax"):
         got = mosaic_call(activation, -np.log(s))(q, k, v).astype(jnp.float32)
         want = reference(q, k, v, activation, -np.log(s))
         error = float(jnp.max(jnp.abs(got - want)) / jnp.maximum(1.0, jnp.max(jnp.abs(want))))
@@ -88,6 +91,7 @@ for label, change in [
 for name, value in default.items():
     setattr(mosaic, name, value)
 times["Mosaic 'none'"] = bench(mosaic_call("none", bias), q, k, v)
+times["Mosaic softmax"] = bench(mosaic_call("softmax", 0.0), q, k, v)
 base = times["bare cuDNN softmax"]
 for label, ms in times.items():
     print(f"{label:40s} {ms:7.2f} ms   {ms / base:5.2f} x cuDNN")

@@ -1,4 +1,5 @@
-"""Causal sigmoid / 'none' attention forward kernel in Pallas on Mosaic GPU (Hopper).
+"""Causal attention forward kernel in Pallas on Mosaic GPU (Hopper): sigmoid, 'none'
+and softmax.
 
 One CUDA block handles two query blocks of `BLOCK_Q` rows with three warpgroups: two
 compute warpgroups (one query block each) and one that only streams key/value tiles
@@ -6,7 +7,11 @@ into a ring of `STAGES` shared-memory slots with TMA. A compute warpgroup waits 
 slot, multiplies its queries by the key tile on the tensor cores (wgmma), applies the
 weights in registers, multiplies by the value tile, and marks the slot consumed; the
 streaming warpgroup refills a slot once both compute warpgroups are done with it.
-Sigmoid needs no running max or row sum, so nothing is rescaled between tiles. With
+Sigmoid needs no running max or row sum, so nothing is rescaled between tiles. Softmax
+keeps both per row (in log2 units, exp2) and rescales the output once a tile's maxima
+are known; the same kernel with softmax weights takes 1.02-1.04x cuDNN's time at
+S=8192-16384 on an H200, with sigmoid weights 0.79-0.89x
+(benchmarks/results/h200_mosaic_softmax_forward.txt). With
 `PINGPONG` the two compute warpgroups take turns issuing their matmuls, so one computes
 weights while the other's matmuls run. A warpgroup passes the turn as soon as its
 matmuls are issued, so that the other's queue right behind them (`HANDOFF`); passing it
@@ -24,6 +29,7 @@ transposed in front, `(N, D, S)`, and tiles are loaded as `(D, BLOCK_K)`.
 """
 
 import functools
+import math
 
 import jax
 import jax.numpy as jnp
@@ -64,8 +70,8 @@ def unsupported(activation, dtype, dqk, dv) -> str | None:
     Only on a Hopper GPU: on a CPU the Triton kernels serve. Mosaic GPU interpret mode
     (private jax API) runs this kernel under `jax.jit` (tests do), but deadlocks under
     `jax.vjp` of a jitted call on a 2-core CPU, which is how `attention` runs."""
-    if activation not in ("sigmoid", "none"):
-        return f"it covers sigmoid and 'none', not {activation!r}"
+    if activation not in ("softmax", "sigmoid", "none"):
+        return f"it covers softmax, sigmoid and 'none', not {activation!r}"
     if jnp.dtype(dtype) not in (jnp.dtype(jnp.bfloat16), jnp.dtype(jnp.float16)):
         return f"it needs float16 or bfloat16, got {jnp.dtype(dtype)}"
     if dqk != dv or dqk not in (64, 128):
@@ -78,6 +84,7 @@ def unsupported(activation, dtype, dqk, dv) -> str | None:
     return None
 
 
+LOG2E = math.log2(math.e)
 SIGMOID = "tanh"  # sigmoid(x) as 0.5 + 0.5 tanh(x / 2) ("tanh") or 1 / (1 + exp(-x))
 
 
@@ -283,10 +290,92 @@ def _kernel(q_ref, k_ref, v_ref, out_ref, scratch, *, activation, bias, scale, n
             plgpu.barrier_arrive(v_free.at[slot])
             return carry
 
+        def fill(shape, value, layout):
+            x = jnp.full(shape, value, jnp.float32)
+            return x if interpret else plgpu.layout_cast(x, layout)
+
+        def accumulators(fn, *values):
+            """`fn(*accumulators)` issues wgmma into accumulators that start at `values`;
+            their values after it. Mosaic GPU interpret mode has no `run_state`: there
+            they start at zero and `values` are added after."""
+            if not interpret:
+                init = tuple(plgpu.ACC.init(x) for x in values)
+                return pl.run_state(lambda accs: fn(*accs))(init)
+
+            def scoped(*accs):
+                fn(*accs)
+                return tuple(acc[...] for acc in accs)
+
+            outs = pl.run_scoped(scoped, *(plgpu.ACC(x.shape, jnp.float32) for x in values))
+            return tuple(x + out for x, out in zip(values, outs, strict=True))
+
+        def softmax_step(t, carry, masked):
+            """`pingpong_step` for softmax. The output is a value here, not an
+            accumulator held across tiles: once tile t - 1's p @ v is in, it is rescaled
+            by exp2(old row max - new row max) with tile t's maxima."""
+            p_prev, o, row_max, row_sum = carry
+            slot, prev = jax.lax.rem(t, stages), jax.lax.rem(t + stages - 1, stages)
+            plgpu.barrier_wait(turn.at[wg])
+
+            def matmuls(o_acc, s_acc):
+                @pl.when(t > 0)
+                def _():
+                    plgpu.barrier_wait(v_bar.at[prev])
+                    plgpu.wgmma(o_acc, operand(p_prev), v_smem.at[prev])
+
+                plgpu.barrier_wait(k_bar.at[slot])
+                plgpu.wgmma(s_acc, own, key_tile(slot))
+                plgpu.barrier_arrive(turn.at[1 - wg])
+
+            o, scores = accumulators(matmuls, o, fill((bq, bk), 0.0, plgpu.Layout.WGMMA))
+            plgpu.barrier_arrive(k_free.at[slot])
+            pl.when(t > 0)(lambda: plgpu.barrier_arrive(v_free.at[prev]))
+            s = scores * (scale * LOG2E)
+            if masked:
+                rows = _iota((bq, bk), 0, interpret) + row0
+                cols = _iota((bq, bk), 1, interpret) + t * bk
+                s = jnp.where(cols <= rows, s, -jnp.inf)
+            new_max = jnp.maximum(row_max, s.max(axis=1))
+            alpha = jnp.exp2(row_max - new_max)
+            p = jnp.exp2(s - jax.lax.broadcast_in_dim(new_max, s.shape, [0]))
+            row_sum = row_sum * alpha + p.sum(axis=1)
+            o = o * jax.lax.broadcast_in_dim(alpha, o.shape, [0])
+            return p.astype(v_smem.dtype), o, new_max, row_sum
+
+        def accumulate_softmax():
+            # Every row has a key on or before it in its first tile, so the running max
+            # is finite from tile 0 on and the row sums are positive.
+            pl.when(wg == 1)(lambda: plgpu.barrier_arrive(turn.at[0]))
+            rows = plgpu.Layout.WGMMA.reduce(1)
+            carry = (
+                fill((bq, bk), 0.0, plgpu.Layout.WGMMA).astype(v_smem.dtype),
+                fill((bq, dv), 0.0, plgpu.Layout.WGMMA),
+                fill((bq,), -jnp.inf, rows),
+                fill((bq,), 0.0, rows),
+            )
+            for lo, hi, masked in ((0, full, False), (full, steps, True)):
+                body = functools.partial(softmax_step, masked=masked)
+                carry = jax.lax.fori_loop(lo, hi, body, carry)
+            p, o, _, row_sum = carry
+            last = jax.lax.rem(steps - 1, stages)
+            plgpu.barrier_wait(turn.at[wg])
+            plgpu.barrier_wait(v_bar.at[last])
+
+            def last_pv(o_acc):
+                plgpu.wgmma(o_acc, operand(p), v_smem.at[last])
+                pl.when(wg == 0)(lambda: plgpu.barrier_arrive(turn.at[1]))
+
+            (o,) = accumulators(last_pv, o)
+            plgpu.barrier_arrive(v_free.at[last])
+            return o / jax.lax.broadcast_in_dim(row_sum, o.shape, [0])
+
         pingpong = PINGPONG and bk == 2 * bq
-        acc = pl.run_scoped(
-            accumulate_pingpong if pingpong else accumulate, plgpu.ACC((bq, dv), jnp.float32)
-        )
+        if activation == "softmax":
+            acc = accumulate_softmax()
+        else:
+            acc = pl.run_scoped(
+                accumulate_pingpong if pingpong else accumulate, plgpu.ACC((bq, dv), jnp.float32)
+            )
         jax.lax.fori_loop(steps, block_steps, drain, None)
         # The queries' slot takes the output (dqk == dv).
         write_back((acc, own, out_ref.at[n, pl.ds(row0, bq)]))

@@ -19,7 +19,9 @@ which has them at hand). `FUSE="none"` (the default, measured fastest) leaves al
 it to XLA in front.
 
 On a Hopper GPU the sigmoid/'none' forward and backward go to the Mosaic GPU kernels
-of `_mosaic` and `_mosaic_backward` instead (`MOSAIC`, with swish/RoPE in front).
+of `_mosaic` and `_mosaic_backward` instead (`MOSAIC`, with swish/RoPE in front); so
+does the softmax forward when no gradient is taken (under differentiation the Triton
+forward runs, for the log-sum-exp its backward kernels read).
 On a machine without a GPU the kernels here run in Pallas interpret mode (slow, exact).
 """
 
@@ -209,7 +211,8 @@ def _forward(q, k, v, tables, o: KernelOptions, for_grad: bool):
     bq = o.fwd[0]
     emit_q = for_grad and _pre_rotated(o)
     k_inner = prepare(k, tables or None, o, fast=False) if _pre_rotated(o) else k
-    if o.mosaic:
+    if o.mosaic and not (for_grad and o.activation == "softmax"):
+        # (The softmax backward kernels need the log-sum-exp of the Triton forward.)
         out = _mosaic.mosaic_forward(q, k, v, o.activation, o.bias, o.interpret)
         return out, None, q, k
     in_specs = [_rows(bq, dqk), _whole(padded, dqk), _whole(padded, dv)]
@@ -241,7 +244,7 @@ def _flash_fwd(q, k, v, tables, o):
 
 def _flash_bwd(o, residuals, d_out):
     q, k, v, tables, out, lse, q_inner, k_inner = residuals
-    if o.mosaic:
+    if o.mosaic and o.activation != "softmax":
         args = (q, k, v, d_out, o.activation, o.bias, o.interpret)
         if _mosaic_backward.use_fused(q.shape[-2]):
             return (*_mosaic_backward.mosaic_dkv(*args, fused=True), ())

@@ -172,6 +172,7 @@ def mosaic_interpret_or_skip(activation, dim):
         ("sigmoid", 256, 128, "issued", True),
         ("sigmoid", 256, 64, "done", False),
         ("none", 512, 64, None, True),  # 4 key tiles through 3 slots: one is refilled
+        ("softmax", 512, 64, "issued", True),
     ],
 )
 def test_mosaic_kernel_matches_reference(activation, seq, dim, turns, heads_outer, monkeypatch):
@@ -192,6 +193,10 @@ def test_mosaic_kernel_matches_reference(activation, seq, dim, turns, heads_oute
     q32, k32, v32 = (np.asarray(x.astype(jnp.float32)) for x in (q, k, v))
     scores = q32 @ k32.transpose(0, 2, 1) / np.sqrt(dim)
     w = 1 / (1 + np.exp(-(scores + bias))) if activation == "sigmoid" else scores
+    if activation == "softmax":
+        w = np.where(np.tril(np.ones_like(w, bool)), w, -np.inf)
+        w = np.exp(w - w.max(-1, keepdims=True))
+        w /= w.sum(-1, keepdims=True)
     want = np.tril(w) @ v32
     np.testing.assert_allclose(got, want, atol=2e-2 * max(1.0, np.abs(want).max()), rtol=2e-2)
 
@@ -254,6 +259,35 @@ def test_pallas_uses_mosaic_forward_on_hopper(activation, fused, monkeypatch):
     got = out_and_grads("pallas", q, k, v, g, None, activation, "swish")
     assert calls, "the Mosaic kernel was not used"
     assert_kernel_close(got, expected, jnp.bfloat16)
+
+
+def test_pallas_softmax_forward_uses_mosaic_on_hopper(monkeypatch):
+    # Without a gradient, softmax runs the Mosaic forward kernel; under differentiation
+    # the Triton kernels, whose backward reads the forward's log-sum-exp.
+    import eqx_xlstm._mosaic as mosaic
+
+    reason = mosaic.unsupported("softmax", jnp.bfloat16, 64, 64)
+    if reason:
+        pytest.skip(f"the Mosaic forward is not used here: {reason}")
+    jax.clear_caches()  # kernels are chosen when tracing
+    calls = []
+    real = mosaic.mosaic_forward
+    monkeypatch.setattr(mosaic, "mosaic_forward", lambda *a: calls.append(1) or real(*a))
+    q, k, v, g = inputs(200, shape=(2,), dqk=64, dv=64, dtype=jnp.bfloat16, seed=4)
+
+    def forward(implementation):
+        out = ex.attention(
+            q, k, v, qk_pre_activation_function="swish", implementation=implementation
+        )
+        return [np.asarray(out.astype(jnp.float32))]
+
+    assert_kernel_close(forward("pallas"), forward("reference"), jnp.bfloat16)
+    assert calls, "the Mosaic kernel was not used"
+    calls.clear()
+    expected = out_and_grads("reference", q, k, v, g, None, "softmax", "swish")
+    got = out_and_grads("pallas", q, k, v, g, None, "softmax", "swish")
+    assert_kernel_close(got, expected, jnp.bfloat16)
+    assert not calls, "the Mosaic forward ran under differentiation"
 
 
 def test_pallas_refusals(monkeypatch):
