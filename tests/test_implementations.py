@@ -167,26 +167,28 @@ def mosaic_interpret_or_skip(activation, dim):
 
 
 @pytest.mark.parametrize(
-    "activation, seq, dim, turns, heads_outer",
+    "activation, seq, dim, turns, heads, heads_outer",
     [
-        ("sigmoid", 256, 128, "issued", True),
-        ("sigmoid", 256, 64, "done", False),
-        ("none", 512, 64, None, True),  # 4 key tiles through 3 slots: one is refilled
-        ("softmax", 512, 64, "issued", True),
+        ("sigmoid", 256, 128, "issued", 2, True),
+        ("sigmoid", 256, 64, "done", 2, False),
+        ("none", 512, 64, None, 1, True),  # 4 key tiles through 3 slots: one is refilled
+        ("softmax", 512, 64, "issued", 1, True),
     ],
 )
-def test_mosaic_kernel_matches_reference(activation, seq, dim, turns, heads_outer, monkeypatch):
+def test_mosaic_kernel_matches_reference(
+    activation, seq, dim, turns, heads, heads_outer, monkeypatch
+):
     # The Mosaic GPU forward kernel itself: compiled on a GPU, Mosaic GPU interpret mode
     # (threads, shared memory and barriers simulated) on a CPU. `turns`: ping-pong turns
-    # passed when the matmuls are issued or done, or no ping-pong. Two heads, launched
-    # head by head or interleaved (`heads_outer`).
+    # passed when the matmuls are issued or done, or no ping-pong. Heads launched head
+    # by head or interleaved (`heads_outer`).
     import eqx_xlstm._mosaic as mosaic
 
     monkeypatch.setattr(mosaic, "PINGPONG", turns is not None)
     monkeypatch.setattr(mosaic, "HANDOFF", turns or "issued")
     monkeypatch.setattr(mosaic, "HEADS_OUTER", heads_outer)
     interpret = mosaic_interpret_or_skip(activation, dim)
-    q, k, v, _ = inputs(seq, shape=(2,), dqk=dim, dv=dim, dtype=jnp.bfloat16, seed=5)
+    q, k, v, _ = inputs(seq, shape=(heads,), dqk=dim, dv=dim, dtype=jnp.bfloat16, seed=5)
     bias = -float(np.log(seq))
     kernel = jax.jit(lambda q, k, v: mosaic.mosaic_forward(q, k, v, activation, bias, interpret))
     got = np.asarray(kernel(q, k, v).astype(jnp.float32))
