@@ -13,7 +13,7 @@ import argparse
 
 import jax
 import jax.numpy as jnp
-from timing import median_ms
+from timing import median_ms, print_table_header, random_qkv
 
 from eqx_xlstm._dispatch import prepare_qk
 from eqx_xlstm._rope import precompute_freqs
@@ -55,11 +55,9 @@ header = (
     "| S | swish+RoPE pass | plain pass (floor) | pass / floor | pass GB/s | cuDNN fwd "
     "| pass / cuDNN fwd |"
 )
-print(header)
-print("|---" * (header.count("|") - 1) + "|")
+print_table_header(header)
 for seq in (int(s) for s in args.seqs.split(",")):
-    keys = jax.random.split(jax.random.key(0), 3)
-    q, k, v = (jax.random.normal(key, (B, H, seq, D), jnp.bfloat16) for key in keys)
+    q, k, v = random_qkv((B, H, seq, D), jnp.bfloat16)
     sin, cos = precompute_freqs(D, seq)
     t_rope = bench(rope_pass, q, k, sin, cos)
     t_plain = bench(plain_pass, q, k)

@@ -15,7 +15,7 @@ import argparse
 
 import jax
 import jax.numpy as jnp
-from timing import median_ms
+from timing import median_ms, print_table_header, random_qkv
 
 import eqx_xlstm as ex
 import eqx_xlstm._mosaic_backward as mosaic_backward
@@ -60,11 +60,9 @@ header = (
     "| S | round | bare fwd | softmax fwd | sigmoid fwd | fwd speedup | bare fwd+bwd "
     "| softmax fwd+bwd | sigmoid fwd+bwd, pair / fused | fwd+bwd speedup, pair / fused |"
 )
-print(header)
-print("|---" * (header.count("|") - 1) + "|")
+print_table_header(header)
 for seq in (int(s) for s in args.seqs.split(",")):
-    keys = jax.random.split(jax.random.key(0), 3)
-    qkv = [jax.random.normal(key, (B, H, seq, D), jnp.bfloat16) for key in keys]
+    qkv = random_qkv((B, H, seq, D), jnp.bfloat16)
     bshd = [x.transpose(0, 2, 1, 3) for x in qkv]
     for round_ in range(args.rounds):
         t = {

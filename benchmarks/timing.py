@@ -17,3 +17,15 @@ def median_ms(fn, *xs, repeats=10):
         jax.block_until_ready(compiled(*xs))
         times.append(time.perf_counter() - start)
     return statistics.median(times) * 1e3
+
+
+def print_table_header(header):
+    """Print a markdown table's header row and its separator row."""
+    print(header)
+    print("|---" * (header.count("|") - 1) + "|")
+
+
+def random_qkv(shape, dtype, count=3):
+    """`count` standard-normal arrays of `shape` and `dtype` (fixed seed)."""
+    keys = jax.random.split(jax.random.key(0), count)
+    return [jax.random.normal(key, shape, dtype) for key in keys]
