@@ -204,6 +204,13 @@ def _pre_rotated(o):
     return not o.inner_fused and (o.rope or o.swish)
 
 
+def _mosaic_backward_follows(o: KernelOptions) -> bool:
+    """Whether the Mosaic backward kernels serve: sigmoid and 'none'. Softmax's backward
+    is the Triton one, which reads the Triton forward's log-sum-exp, so under
+    differentiation softmax keeps the Triton forward too."""
+    return o.mosaic and o.activation != "softmax"
+
+
 def _forward(q, k, v, tables, o: KernelOptions, for_grad: bool):
     """Output, softmax log-sum-exp (or None), and the inner operands of the backward
     kernels: prepared queries and keys, or the raw ones when they are prepared there."""
@@ -211,8 +218,7 @@ def _forward(q, k, v, tables, o: KernelOptions, for_grad: bool):
     bq = o.fwd[0]
     emit_q = for_grad and _pre_rotated(o)
     k_inner = prepare(k, tables or None, o, fast=False) if _pre_rotated(o) else k
-    if o.mosaic and not (for_grad and o.activation == "softmax"):
-        # (The softmax backward kernels need the log-sum-exp of the Triton forward.)
+    if o.mosaic and (not for_grad or _mosaic_backward_follows(o)):
         out = _mosaic.mosaic_forward(q, k, v, o.activation, o.bias, o.interpret)
         return out, None, q, k
     in_specs = [_rows(bq, dqk), _whole(padded, dqk), _whole(padded, dv)]
@@ -244,7 +250,7 @@ def _flash_fwd(q, k, v, tables, o):
 
 def _flash_bwd(o, residuals, d_out):
     q, k, v, tables, out, lse, q_inner, k_inner = residuals
-    if o.mosaic and o.activation != "softmax":
+    if _mosaic_backward_follows(o):
         args = (q, k, v, d_out, o.activation, o.bias, o.interpret)
         if _mosaic_backward.use_fused(q.shape[-2]):
             return (*_mosaic_backward.mosaic_dkv(*args, fused=True), ())

@@ -238,6 +238,14 @@ def test_mosaic_backward_kernels_match_reference(activation, seq, dim, fused, he
         np.testing.assert_allclose(got.astype(jnp.float32), want, atol=2e-2 * scale, rtol=2e-2)
 
 
+def count_calls(monkeypatch, module, name):
+    """Wrap `module.name` so each call (each trace, under jit) appends to the list
+    returned."""
+    calls, real = [], getattr(module, name)
+    monkeypatch.setattr(module, name, lambda *a: calls.append(1) or real(*a))
+    return calls
+
+
 @pytest.mark.parametrize(
     "activation, fused", [("sigmoid", False), ("sigmoid", True), ("none", True)]
 )
@@ -253,9 +261,7 @@ def test_pallas_uses_mosaic_forward_on_hopper(activation, fused, monkeypatch):
     reason = mosaic.unsupported(activation, jnp.bfloat16, 64, 64)
     if reason:
         pytest.skip(f"the Mosaic forward is not used here: {reason}")
-    calls = []
-    real = mosaic.mosaic_forward
-    monkeypatch.setattr(mosaic, "mosaic_forward", lambda *a: calls.append(1) or real(*a))
+    calls = count_calls(monkeypatch, mosaic, "mosaic_forward")
     q, k, v, g = inputs(200, shape=(2,), dqk=64, dv=64, dtype=jnp.bfloat16, seed=4)
     expected = out_and_grads("reference", q, k, v, g, None, activation, "swish")
     got = out_and_grads("pallas", q, k, v, g, None, activation, "swish")
@@ -272,9 +278,7 @@ def test_pallas_softmax_forward_uses_mosaic_on_hopper(monkeypatch):
     if reason:
         pytest.skip(f"the Mosaic forward is not used here: {reason}")
     jax.clear_caches()  # kernels are chosen when tracing
-    calls = []
-    real = mosaic.mosaic_forward
-    monkeypatch.setattr(mosaic, "mosaic_forward", lambda *a: calls.append(1) or real(*a))
+    calls = count_calls(monkeypatch, mosaic, "mosaic_forward")
     q, k, v, g = inputs(200, shape=(2,), dqk=64, dv=64, dtype=jnp.bfloat16, seed=4)
 
     def forward(implementation):
