@@ -20,6 +20,13 @@ interleaved), against 5.9-6.2 and 22.8-23.0 ms for the dQ and dK/dV pair
 faster than the pair from S=8192 on and within 4% either way at 4096, and it plans a
 float32 dQ, so `attention` takes it from `FUSED_FROM` on.
 
+The fused kernel issues a tile's S^T and dP^T together and waits for the previous
+tile's dQ part together with dV and dK: two waits a tile instead of four. That made it
+1-3% faster in 5 of 6 interleaved rounds on three H100s (S=8192: 5.71-5.80 against
+5.85-6.07 ms; S=16384: 21.6-22.2 against 22.2-22.3 ms), and only both changes together
+did. The unfused dK/dV kernel got 11-14% slower that way, so it waits for each matmul
+(benchmarks/results/h100_fused_backward_order.txt).
+
 `mosaic_dq`: the dQ kernel of the unfused pair, laid out like the forward kernel: two
 compute warpgroups own 64 query rows (and their dO) each and walk 128-key tiles up to
 the diagonal: P = w(Q K^T), dP = dO V^T, dQ += dS K.
@@ -61,12 +68,18 @@ def use_fused(seq: int) -> bool:
 
 def _matmul(a, b, shape):
     """a @ b on the tensor cores into a fresh float32 accumulator, waited for."""
+    return _matmuls((a, b), shape=shape)[0]
 
-    def run(acc):
-        plgpu.wgmma(acc, a, b)
-        return acc[...]
 
-    return pl.run_scoped(run, plgpu.ACC(shape, jnp.float32))
+def _matmuls(*pairs, shape):
+    """Each (a, b) of `pairs`: a @ b, all issued before the first is waited for."""
+
+    def run(*accs):
+        for acc, (a, b) in zip(accs, pairs, strict=True):
+            plgpu.wgmma(acc, a, b)
+        return tuple(acc[...] for acc in accs)
+
+    return pl.run_scoped(run, *(plgpu.ACC(shape, jnp.float32) for _ in pairs))
 
 
 def _dq_part_width(dim):
@@ -116,7 +129,11 @@ def _kernel(*refs, activation, bias, scale, n_tiles, interpret, fused):
         def step(t, dk_acc, dv_acc, masked):
             slot = jax.lax.rem(t, stages)
             wait_tiles(slot)
-            scores_t = _matmul(own_k, view(q_smem, qt_smem, slot), (rows, rows))
+            q_t, do_t = view(q_smem, qt_smem, slot), view(do_smem, dot_smem, slot)
+            if fused:  # S^T and dP^T issued together, waited for once (see above)
+                scores_t, dp_t = _matmuls((own_k, q_t), (own_v, do_t), shape=(rows, rows))
+            else:
+                scores_t = _matmul(own_k, q_t, (rows, rows))
             p_t = _weights(scores_t, activation, scale, bias)
             if masked:
                 keys = _iota((rows, rows), 0, interpret) + key0
@@ -124,18 +141,19 @@ def _kernel(*refs, activation, bias, scale, n_tiles, interpret, fused):
                 allowed = keys <= queries
                 p_t = jnp.where(allowed, p_t, 0.0)
             plgpu.wgmma(dv_acc, operand(p_t.astype(k_smem.dtype), 0), do_smem.at[slot])
-            dp_t = _matmul(own_v, view(do_smem, dot_smem, slot), (rows, rows))
+            if not fused:
+                dp_t = _matmul(own_v, do_t, (rows, rows))
             if activation == "sigmoid":
                 ds_t = dp_t * p_t * (1.0 - p_t)  # zero where masked: p_t is
             else:
                 ds_t = jnp.where(allowed, dp_t, 0.0) if masked else dp_t
             ds_t = (ds_t * scale).astype(k_smem.dtype)
             plgpu.wgmma(dk_acc, operand(ds_t, 1), q_smem.at[slot])
+            if fused:  # the previous tile's dQ (the other warpgroup's dS^T of it is
+                share_ds(ds_t, t)  # surely written by now), waited for with dV and dK
+                pl.when(t >= 1)(lambda: store_dq(dq_part(t - 1), t - 1))
             plgpu.wgmma_wait(0)
             plgpu.barrier_arrive(free.at[slot])
-            if fused:  # then the previous tile's dQ: the other warpgroup's dS^T of it
-                share_ds(ds_t, t)  # is surely written by now
-                pl.when(t >= 1)(lambda: store_dq(dq_part(t - 1), t - 1))
 
         def share_ds(ds_t, t):
             """Put my dS^T of tile t in shared memory for both warpgroups' dQ parts."""
