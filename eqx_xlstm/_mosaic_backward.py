@@ -14,9 +14,9 @@ dS K over the block's 128 keys for one half of the head dim (for D=64, all of it
 its own 64 keys), stages it in float32 shared memory and adds it into a float32 dQ in
 global memory with a TMA reduce-add. Since the kernels launch each head's blocks side by
 side (`_mosaic.block_grid`), those adds land in L2: on an H100 (bf16, N=64, D=128) it
-takes 5.8 ms at S=8192 and 22.4-22.5 ms at 16384 (11.2 and 42.6 ms with the heads
+took 5.8 ms at S=8192 and 22.4-22.5 ms at 16384 (11.2 and 42.6 ms with the heads
 interleaved), against 5.9-6.2 and 22.8-23.0 ms for the dQ and dK/dV pair
-(benchmarks/results/h100_mosaic_fused_launch_order.txt). Through `attention` it is 1-5%
+(benchmarks/results/h100_mosaic_fused_launch_order.txt), before the matmul order below. Through `attention` it is 1-5%
 faster than the pair from S=8192 on and within 4% either way at 4096, and it plans a
 float32 dQ, so `attention` takes it from `FUSED_FROM` on.
 
