@@ -42,6 +42,10 @@ STAGES = 3  # key/value slots in flight
 PINGPONG = True  # the two compute warpgroups take turns on the tensor cores
 HANDOFF = "issued"  # a turn passes once my matmuls are "issued" or only once "done"
 HEADS_OUTER = True  # launch order: each head's blocks side by side (see `block_grid`)
+# Registers per thread: compute warpgroups take them from the streaming one
+# (2 x 128 x 232 + 128 x 40 of the 65536 a CUDA block may hold). (240, 24) measured the
+# same within the spread (benchmarks/results/h100_mosaic_register_split.txt).
+COMPUTE_REGISTERS, STREAM_REGISTERS = 232, 40
 
 
 def _smem(shape, dtype):
@@ -103,13 +107,18 @@ def _iota(shape, axis, interpret):
     return plgpu.broadcasted_iota(jnp.int32, shape, axis, layout=plgpu.Layout.WGMMA)
 
 
+def claim_registers():
+    """In a compute warpgroup: raise its register limit to `COMPUTE_REGISTERS`."""
+    plgpu.set_max_registers(COMPUTE_REGISTERS, action="increase")
+
+
 def stream_tiles(load, steps, stages, free_bars, max_prefill):
     """The streaming warpgroup: `load(t, slot)` tiles 0 .. `steps` - 1 into a ring of
     `stages` slots. The first slots are filled at once (at most `max_prefill`, a static
     bound that keeps addresses in range); slot t % stages is refilled with tile t once
     every barrier of `free_bars` says the consumers released it. Finally the last
     releases are waited out, so that no barrier phase goes unobserved."""
-    plgpu.set_max_registers(40, action="decrease")
+    plgpu.set_max_registers(STREAM_REGISTERS, action="decrease")
     for slot in range(min(stages, max_prefill)):
         pl.when(slot < steps)(functools.partial(load, slot, slot))
 
@@ -190,7 +199,7 @@ def _kernel(q_ref, k_ref, v_ref, out_ref, scratch, *, activation, bias, scale, n
 
     @pl.when(wg < 2)
     def _compute():
-        plgpu.set_max_registers(232, action="increase")
+        claim_registers()
         row0 = pair * 2 * bq + wg * bq
         own = q_smem.at[wg]
         plgpu.copy_gmem_to_smem(q_ref.at[n, pl.ds(row0, bq)], own, q_bar.at[wg])

@@ -16,9 +16,9 @@ global memory with a TMA reduce-add. Since the kernels launch each head's blocks
 side (`_mosaic.block_grid`), those adds land in L2: on an H100 (bf16, N=64, D=128) it
 took 5.8 ms at S=8192 and 22.4-22.5 ms at 16384 (11.2 and 42.6 ms with the heads
 interleaved), against 5.9-6.2 and 22.8-23.0 ms for the dQ and dK/dV pair
-(benchmarks/results/h100_mosaic_fused_launch_order.txt), before the matmul order below. Through `attention` it is 1-5%
-faster than the pair from S=8192 on and within 4% either way at 4096, and it plans a
-float32 dQ, so `attention` takes it from `FUSED_FROM` on.
+(benchmarks/results/h100_mosaic_fused_launch_order.txt), before the matmul order below.
+Through `attention` it is 1-5% faster than the pair from S=8192 on and within 4% either
+way at 4096, and it plans a float32 dQ, so `attention` takes it from `FUSED_FROM` on.
 
 The fused kernel issues a tile's S^T and dP^T together and waits for the previous
 tile's dQ part together with dV and dK: two waits a tile instead of four. That made it
@@ -48,6 +48,7 @@ from ._mosaic import (
     _smem,
     _weights,
     block_grid,
+    claim_registers,
     launch,
     staged,
     stream_tiles,
@@ -106,7 +107,7 @@ def _kernel(*refs, activation, bias, scale, n_tiles, interpret, fused):
 
     @pl.when(wg < 2)
     def _compute():
-        plgpu.set_max_registers(232, action="increase")
+        claim_registers()
         key0 = (first + wg) * rows
         own_k, own_v = k_smem.at[wg], v_smem.at[wg]
         plgpu.copy_gmem_to_smem(k_ref.at[n, pl.ds(key0, rows)], own_k, k_bar.at[wg])
@@ -323,7 +324,7 @@ def _dq_kernel(*refs, activation, bias, scale, n_pairs, interpret):
 
     @pl.when(wg < 2)
     def _compute():
-        plgpu.set_max_registers(232, action="increase")
+        claim_registers()
         row0 = (2 * pair + wg) * rows
         own_q, own_do = q_smem.at[wg], do_smem.at[wg]
         plgpu.copy_gmem_to_smem(q_ref.at[n, pl.ds(row0, rows)], own_q, q_bar.at[wg])
