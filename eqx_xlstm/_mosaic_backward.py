@@ -22,7 +22,7 @@ way at 4096, and it plans a float32 dQ, so `attention` takes it from `FUSED_FROM
 
 The fused kernel issues a tile's S^T and dP^T together and waits for the previous
 tile's dQ part together with dV and dK: two waits a tile instead of four. That made it
-1-3% faster in 5 of 6 interleaved rounds on three H100s (S=8192: 5.71-5.80 against
+0.4-6% faster in all 8 interleaved rounds on two H100s (S=8192: 5.71-5.80 against
 5.85-6.07 ms; S=16384: 21.6-22.2 against 22.2-22.3 ms), and only both changes together
 did. The unfused dK/dV kernel got 11-14% slower that way, so it waits for each matmul
 (benchmarks/results/h100_fused_backward_order.txt).
