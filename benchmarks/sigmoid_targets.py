@@ -6,9 +6,12 @@ swish), our softmax path (swish + RoPE pass, then cuDNN) and our sigmoid path (M
 kernels on a Hopper GPU), forward and fwd+bwd (`value_and_grad`, as a training step
 runs it), sigmoid fwd+bwd both with the dQ + dK/dV kernel pair and with the fused
 backward kernel. Speedup = our softmax path's time / sigmoid's. Median of `--repeats`
-calls per entry; only rounds on one machine settle differences of a few percent.
+calls per entry; only rounds on one machine settle differences of a few percent. With
+`--xla`, each round also times the chunked XLA sigmoid path (`implementation="chunked"`,
+the XLA path that fits at every length here) and prints how many times faster our
+default sigmoid path is, forward and fwd+bwd (with the backward `attention` picks).
 
-    python benchmarks/sigmoid_targets.py --seqs 4096,8192,16384 --rounds 3
+    python benchmarks/sigmoid_targets.py --seqs 4096,8192,16384 --rounds 3 [--xla]
 """
 
 import argparse
@@ -24,6 +27,7 @@ parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
 parser.add_argument("--seqs", default="4096,8192,16384")
 parser.add_argument("--rounds", type=int, default=3)
 parser.add_argument("--repeats", type=int, default=20)
+parser.add_argument("--xla", action="store_true", help="also time the chunked XLA path")
 args = parser.parse_args()
 B, H, D = 4, 16, 128
 
@@ -33,9 +37,14 @@ def value_and_grad(fn):
     return jax.value_and_grad(loss, argnums=(0, 1, 2))
 
 
-def ours(activation):
+def ours(activation, implementation=None):
     return lambda q, k, v: ex.attention(  # noqa: E731
-        q, k, v, activation_function=activation, qk_pre_activation_function="swish"
+        q,
+        k,
+        v,
+        activation_function=activation,
+        qk_pre_activation_function="swish",
+        implementation=implementation,
     )
 
 
@@ -60,6 +69,8 @@ header = (
     "| S | round | bare fwd | softmax fwd | sigmoid fwd | fwd speedup | bare fwd+bwd "
     "| softmax fwd+bwd | sigmoid fwd+bwd, pair / fused | fwd+bwd speedup, pair / fused |"
 )
+if args.xla:
+    header += " XLA fwd | XLA fwd+bwd | XLA / sigmoid, fwd | XLA / sigmoid, fwd+bwd |"
 print_table_header(header)
 for seq in (int(s) for s in args.seqs.split(",")):
     qkv = random_qkv((B, H, seq, D), jnp.bfloat16)
@@ -74,10 +85,19 @@ for seq in (int(s) for s in args.seqs.split(",")):
             "pair": sigmoid_backward(False, qkv),
             "fused": sigmoid_backward(True, qkv),
         }
-        print(
+        row = (
             f"| {seq} | {round_} | {t['bare']:.3f} | {t['softmax']:.3f} | {t['sigmoid']:.3f} "
             f"| {t['softmax'] / t['sigmoid']:.3f} | {t['bare fb']:.3f} | {t['softmax fb']:.3f} "
             f"| {t['pair']:.3f} / {t['fused']:.3f} "
-            f"| {t['softmax fb'] / t['pair']:.3f} / {t['softmax fb'] / t['fused']:.3f} |",
-            flush=True,
+            f"| {t['softmax fb'] / t['pair']:.3f} / {t['softmax fb'] / t['fused']:.3f} |"
         )
+        if args.xla:
+            xla = ours("sigmoid", "chunked")
+            t["xla"] = median_ms(xla, *qkv, repeats=args.repeats)
+            t["xla fb"] = median_ms(value_and_grad(xla), *qkv, repeats=args.repeats)
+            ours_fb = t["fused"] if mosaic_backward.use_fused(seq) else t["pair"]
+            row += (
+                f" {t['xla']:.3f} | {t['xla fb']:.3f} | {t['xla'] / t['sigmoid']:.1f} "
+                f"| {t['xla fb'] / ours_fb:.1f} |"
+            )
+        print(row, flush=True)
