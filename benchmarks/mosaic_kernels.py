@@ -22,6 +22,7 @@ from timing import median_ms
 
 import eqx_xlstm._mosaic as mosaic
 import eqx_xlstm._mosaic_backward as mosaic_backward
+import eqx_xlstm._mosaic_common as mosaic_common
 import eqx_xlstm._pallas as pallas
 
 parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
@@ -75,8 +76,10 @@ pallas.MOSAIC = False
 triton = bench(lambda q, k, v: pallas.pallas_attention(q, k, v, "sigmoid", bias), q, k, v)
 pallas.MOSAIC = True
 times = {"bare cuDNN softmax": bench(cudnn, q, k, v), "Triton sigmoid": triton}
-knobs = ("PINGPONG", "HANDOFF", "SIGMOID", "STAGES", "HEADS_OUTER")
-default = {name: getattr(mosaic, name) for name in knobs}
+# Each knob and the module that reads it when a kernel is traced.
+knobs = {"PINGPONG": mosaic, "HANDOFF": mosaic, "STAGES": mosaic}
+knobs |= {"SIGMOID": mosaic_common, "HEADS_OUTER": mosaic_common}
+default = {name: getattr(module, name) for name, module in knobs.items()}
 for label, change in [
     ("Mosaic sigmoid (ping-pong, tanh form)", {}),
     ("Mosaic sigmoid (turn passed when done)", dict(HANDOFF="done")),
@@ -86,10 +89,10 @@ for label, change in [
     ("Mosaic sigmoid (heads inner)", dict(HEADS_OUTER=False)),
 ]:
     for name, value in {**default, **change}.items():
-        setattr(mosaic, name, value)
+        setattr(knobs[name], name, value)
     times[label] = bench(mosaic_call("sigmoid", bias), q, k, v)
 for name, value in default.items():
-    setattr(mosaic, name, value)
+    setattr(knobs[name], name, value)
 times["Mosaic 'none'"] = bench(mosaic_call("none", bias), q, k, v)
 times["Mosaic softmax"] = bench(mosaic_call("softmax", 0.0), q, k, v)
 base = times["bare cuDNN softmax"]
@@ -122,10 +125,10 @@ def backward_kernels():
 cudnn_bwd = bench(cudnn_fwd_bwd, q, k, v) - base
 print(f"{'cuDNN softmax backward (fwd+bwd - fwd)':44s} {cudnn_bwd:7.2f} ms")
 for outer in (True, False):
-    mosaic.HEADS_OUTER = outer
+    mosaic_common.HEADS_OUTER = outer
     times = backward_kernels()
     times["backward (dQ + dK/dV)"] = times["dQ"] + times["dK/dV"]
     order = "heads outer" if outer else "heads inner"
     for label, ms in times.items():
         print(f"{f'Mosaic {label}, {order}':44s} {ms:7.2f} ms   {ms / cudnn_bwd:5.2f} x cuDNN")
-mosaic.HEADS_OUTER = default["HEADS_OUTER"]
+mosaic_common.HEADS_OUTER = default["HEADS_OUTER"]

@@ -18,9 +18,9 @@ matmuls are issued, so that the other's queue right behind them (`HANDOFF`); pas
 once they are done was 5-19% slower in every one of eight interleaved rounds on an H200
 (S=8192 and 16384, benchmarks/results/h200_mosaic_forward_handoff.txt), though single
 runs had put the two within their spread. Each head's blocks are launched side by side
-(`block_grid`), so the blocks running at one time stream the same few heads' tiles from
-L2; interleaving the heads made the kernel memory-bound (1.5x slower at S=16384 on an
-H100, benchmarks/results/h100_mosaic_launch_order.txt).
+(`_mosaic_common.block_grid`), so the blocks running at one time stream the same few
+heads' tiles from L2; interleaving the heads made the kernel memory-bound (1.5x slower
+at S=16384 on an H100, benchmarks/results/h100_mosaic_launch_order.txt).
 
 On a GPU, q k^T reads each key tile through a transposed view of shared memory (wgmma
 takes either major order). On a machine without a GPU the same kernel runs in Mosaic
@@ -36,156 +36,24 @@ import jax.numpy as jnp
 from jax.experimental import pallas as pl
 from jax.experimental.pallas import mosaic_gpu as plgpu
 
+from ._mosaic_common import (
+    attention_weights,
+    block_grid,
+    claim_registers,
+    iota,
+    launch,
+    staged,
+    stream_tiles,
+    tiled_smem,
+    write_back,
+)
+
 BLOCK_Q = 64  # query rows per compute warpgroup (the wgmma M)
 BLOCK_K = 128  # key rows per tile
 STAGES = 3  # key/value slots in flight
 PINGPONG = True  # the two compute warpgroups take turns on the tensor cores
 HANDOFF = "issued"  # a turn passes once my matmuls are "issued" or only once "done"
-HEADS_OUTER = True  # launch order: each head's blocks side by side (see `block_grid`)
-# Registers per thread: compute warpgroups take them from the streaming one
-# (2 x 128 x 232 + 128 x 40 of the 65536 a CUDA block may hold). (240, 24) measured the
-# same within the spread (benchmarks/results/h100_mosaic_register_split.txt).
-COMPUTE_REGISTERS, STREAM_REGISTERS = 232, 40
-
-
-def _smem(shape, dtype):
-    transforms = (plgpu.TilingTransform((8, 64)), plgpu.SwizzleTransform(128))
-    return plgpu.SMEM(shape, dtype, transforms=transforms)
-
-
-def _interpret_params():
-    # Mosaic GPU interpret mode (jax >= 0.10) is not public API yet.
-    from jax._src.pallas.mosaic_gpu.interpret.params import InterpretGPUParams
-
-    return InterpretGPUParams()
-
-
-def interpret_available() -> bool:
-    try:
-        _interpret_params()
-    except ImportError:
-        return False
-    return True
-
-
-def unsupported(activation, dtype, dqk, dv) -> str | None:
-    """Why `implementation="pallas"` cannot use this kernel, or None if it can.
-
-    Only on a Hopper GPU: on a CPU the Triton kernels serve. Mosaic GPU interpret mode
-    (private jax API) runs this kernel under `jax.jit` (tests do), but deadlocks under
-    `jax.vjp` of a jitted call on a 2-core CPU, which is how `attention` runs."""
-    if activation not in ("softmax", "sigmoid", "none"):
-        return f"it covers softmax, sigmoid and 'none', not {activation!r}"
-    if jnp.dtype(dtype) not in (jnp.dtype(jnp.bfloat16), jnp.dtype(jnp.float16)):
-        return f"it needs float16 or bfloat16, got {jnp.dtype(dtype)}"
-    if dqk != dv or dqk not in (64, 128):
-        return f"it needs q/k/v head dims of 64 or 128, got {dqk}/{dv}"
-    if jax.default_backend() != "gpu":
-        return "it runs on a GPU only"
-    capability = getattr(jax.devices()[0], "compute_capability", "")
-    if not str(capability).startswith("9"):
-        return f"it needs a Hopper GPU (compute capability 9.x), got {capability!r}"
-    return None
-
-
 LOG2E = math.log2(math.e)
-SIGMOID = "tanh"  # sigmoid(x) as 0.5 + 0.5 tanh(x / 2) ("tanh") or 1 / (1 + exp(-x))
-
-
-def _weights(scores, activation, scale, bias):
-    """Weights from raw q k^T: sigmoid(scores * scale + bias) or scores * scale."""
-    if activation != "sigmoid":
-        return scores * scale
-    if SIGMOID == "tanh":  # two fused multiply-adds around one tanh
-        return 0.5 * jnp.tanh(scores * (0.5 * scale) + 0.5 * bias) + 0.5
-    return 1.0 / (1.0 + jnp.exp(-(scores * scale + bias)))
-
-
-def _iota(shape, axis, interpret):
-    if interpret:  # the interpreter has no layouts
-        return jax.lax.broadcasted_iota(jnp.int32, shape, axis)
-    return plgpu.broadcasted_iota(jnp.int32, shape, axis, layout=plgpu.Layout.WGMMA)
-
-
-def claim_registers():
-    """In a compute warpgroup: raise its register limit to `COMPUTE_REGISTERS`."""
-    plgpu.set_max_registers(COMPUTE_REGISTERS, action="increase")
-
-
-def stream_tiles(load, steps, stages, free_bars, max_prefill):
-    """The streaming warpgroup: `load(t, slot)` tiles 0 .. `steps` - 1 into a ring of
-    `stages` slots. The first slots are filled at once (at most `max_prefill`, a static
-    bound that keeps addresses in range); slot t % stages is refilled with tile t once
-    every barrier of `free_bars` says the consumers released it. Finally the last
-    releases are waited out, so that no barrier phase goes unobserved."""
-    plgpu.set_max_registers(STREAM_REGISTERS, action="decrease")
-    for slot in range(min(stages, max_prefill)):
-        pl.when(slot < steps)(functools.partial(load, slot, slot))
-
-    def wait_free(t, carry=None):
-        for bar in free_bars:
-            plgpu.barrier_wait(bar.at[jax.lax.rem(t, stages)])
-        return carry
-
-    def refill(t, carry):
-        wait_free(t)
-        load(t, jax.lax.rem(t, stages))
-        return carry
-
-    jax.lax.fori_loop(stages, steps, refill, None)
-    jax.lax.fori_loop(jnp.maximum(steps - stages, 0), steps, wait_free, None)
-
-
-def staged(x, buffers, index):
-    """`x` as a wgmma operand: itself on a GPU; in Mosaic GPU interpret mode, whose wgmma
-    reads shared memory only, copied into `buffers.at[index]` (`buffers` is None on a
-    GPU)."""
-    if buffers is None:
-        return x
-    buffers.at[index][...] = x
-    return buffers.at[index]
-
-
-def write_back(*outputs):
-    """Each `(value, smem, dst)`: cast the accumulator `value` into its shared-memory
-    buffer, then copy every buffer out to its global-memory slice `dst`."""
-    for value, smem, _ in outputs:
-        smem[...] = value.astype(smem.dtype)
-    plgpu.commit_smem()
-    for _, smem, dst in outputs:
-        plgpu.copy_smem_to_gmem(smem, dst)
-    plgpu.wait_smem_to_gmem(0)
-
-
-def block_grid(blocks, block_name, n):
-    """Launch grid and axis names for `blocks` blocks in each of `n` heads.
-
-    CUDA starts blocks with the last grid axis varying fastest. With `HEADS_OUTER` that
-    axis is the head's block, so the blocks running at one time belong to a few heads
-    and share those heads' streamed tiles in L2; otherwise they spread over all heads
-    and each stream comes from memory."""
-    if HEADS_OUTER:
-        return (n, blocks), ("n", block_name)
-    return (blocks, n), (block_name, "n")
-
-
-def launch(kernel, scratch, out_type, grid, grid_names, interpret, *inputs):
-    """Run `kernel(*input_and_output_refs, scratch_refs)` as a Mosaic GPU kernel with
-    two compute warpgroups and one streaming, `scratch` allocated in shared memory for
-    all three. An input may be a `jax.new_ref` in GMEM, which the kernel updates in
-    place."""
-
-    def entry(*refs):
-        pl.run_scoped(lambda *s: kernel(*refs, s), *scratch, collective_axes="wg")
-
-    mesh = plgpu.Mesh(grid=grid, grid_names=grid_names, num_threads=3, thread_name="wg")
-    return pl.kernel(
-        entry,
-        out_type=out_type,
-        mesh=mesh,
-        compiler_params=plgpu.CompilerParams(approx_math=True),
-        interpret=_interpret_params() if interpret else False,
-    )(*inputs)
 
 
 def _kernel(q_ref, k_ref, v_ref, out_ref, scratch, *, activation, bias, scale, n_blocks, interpret):
@@ -213,10 +81,10 @@ def _kernel(q_ref, k_ref, v_ref, out_ref, scratch, *, activation, bias, scale, n
             return tile if interpret else tile.transpose((1, 0))
 
         def weights(scores, t, masked):
-            p = _weights(scores, activation, scale, bias)
+            p = attention_weights(scores, activation, scale, bias)
             if masked:
-                rows = _iota((bq, bk), 0, interpret) + row0
-                cols = _iota((bq, bk), 1, interpret) + t * bk
+                rows = iota((bq, bk), 0, interpret) + row0
+                cols = iota((bq, bk), 1, interpret) + t * bk
                 p = jnp.where(cols <= rows, p, 0.0)
             return p.astype(v_smem.dtype)
 
@@ -341,8 +209,8 @@ def _kernel(q_ref, k_ref, v_ref, out_ref, scratch, *, activation, bias, scale, n
             pl.when(t > 0)(lambda: plgpu.barrier_arrive(v_free.at[prev]))
             s = scores * (scale * LOG2E)
             if masked:
-                rows = _iota((bq, bk), 0, interpret) + row0
-                cols = _iota((bq, bk), 1, interpret) + t * bk
+                rows = iota((bq, bk), 0, interpret) + row0
+                cols = iota((bq, bk), 1, interpret) + t * bk
                 s = jnp.where(cols <= rows, s, -jnp.inf)
             new_max = jnp.maximum(row_max, s.max(axis=1))
             alpha = jnp.exp2(row_max - new_max)
@@ -416,9 +284,9 @@ def mosaic_forward(q, k, v, activation, bias, interpret):
     )
 
     scratch = (
-        _smem((2, BLOCK_Q, dqk), q.dtype),
-        _smem((STAGES, *((dqk, BLOCK_K) if interpret else (BLOCK_K, dqk))), q.dtype),
-        _smem((STAGES, BLOCK_K, dv), v.dtype),
+        tiled_smem((2, BLOCK_Q, dqk), q.dtype),
+        tiled_smem((STAGES, *((dqk, BLOCK_K) if interpret else (BLOCK_K, dqk))), q.dtype),
+        tiled_smem((STAGES, BLOCK_K, dv), v.dtype),
         plgpu.Barrier(num_barriers=2),
         plgpu.Barrier(num_barriers=STAGES),
         plgpu.Barrier(num_barriers=STAGES),
@@ -427,7 +295,7 @@ def mosaic_forward(q, k, v, activation, bias, interpret):
         plgpu.Barrier(num_barriers=2),  # whose turn on the tensor cores (PINGPONG)
     )
     if interpret:
-        scratch += (_smem((2, BLOCK_Q, BLOCK_K), v.dtype),)
+        scratch += (tiled_smem((2, BLOCK_Q, BLOCK_K), v.dtype),)
     out_type = jax.ShapeDtypeStruct((n, seq, dv), v.dtype)
     keys = jnp.swapaxes(k, 1, 2) if interpret else k
     grid, names = block_grid(n_blocks, "q", n)

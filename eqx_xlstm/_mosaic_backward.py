@@ -13,7 +13,7 @@ written (so neither waits for the other), each forms its part of the tile's dQ s
 dS K over the block's 128 keys for one half of the head dim (for D=64, all of it over
 its own 64 keys), stages it in float32 shared memory and adds it into a float32 dQ in
 global memory with a TMA reduce-add. Since the kernels launch each head's blocks side by
-side (`_mosaic.block_grid`), those adds land in L2: on an H100 (bf16, N=64, D=128) it
+side (`_mosaic_common.block_grid`), those adds land in L2: on an H100 (bf16, N=64, D=128) it
 took 5.8 ms at S=8192 and 22.4-22.5 ms at 16384 (11.2 and 42.6 ms with the heads
 interleaved), against 5.9-6.2 and 22.8-23.0 ms for the dQ and dK/dV pair
 (benchmarks/results/h100_mosaic_fused_launch_order.txt), before the matmul order below.
@@ -43,15 +43,15 @@ import jax.numpy as jnp
 from jax.experimental import pallas as pl
 from jax.experimental.pallas import mosaic_gpu as plgpu
 
-from ._mosaic import (
-    _iota,
-    _smem,
-    _weights,
+from ._mosaic_common import (
+    attention_weights,
     block_grid,
     claim_registers,
+    iota,
     launch,
     staged,
     stream_tiles,
+    tiled_smem,
     write_back,
 )
 
@@ -135,10 +135,10 @@ def _kernel(*refs, activation, bias, scale, n_tiles, interpret, fused):
                 scores_t, dp_t = _matmuls((own_k, q_t), (own_v, do_t), shape=(rows, rows))
             else:
                 scores_t = _matmul(own_k, q_t, (rows, rows))
-            p_t = _weights(scores_t, activation, scale, bias)
+            p_t = attention_weights(scores_t, activation, scale, bias)
             if masked:
-                keys = _iota((rows, rows), 0, interpret) + key0
-                queries = _iota((rows, rows), 1, interpret) + (first + t) * rows
+                keys = iota((rows, rows), 0, interpret) + key0
+                queries = iota((rows, rows), 1, interpret) + (first + t) * rows
                 allowed = keys <= queries
                 p_t = jnp.where(allowed, p_t, 0.0)
             plgpu.wgmma(dv_acc, operand(p_t.astype(k_smem.dtype), 0), do_smem.at[slot])
@@ -267,10 +267,10 @@ def mosaic_dkv(q, k, v, d_out, activation, bias, interpret, fused=False):
     )
 
     scratch = [
-        _smem((2, ROWS, dim), k.dtype),
-        _smem((2, ROWS, dim), v.dtype),
-        _smem((STAGES, ROWS, dim), q.dtype),
-        _smem((STAGES, ROWS, dim), d_out.dtype),
+        tiled_smem((2, ROWS, dim), k.dtype),
+        tiled_smem((2, ROWS, dim), v.dtype),
+        tiled_smem((STAGES, ROWS, dim), q.dtype),
+        tiled_smem((STAGES, ROWS, dim), d_out.dtype),
         plgpu.Barrier(num_barriers=2),  # own keys
         plgpu.Barrier(num_barriers=2),  # own values
         plgpu.Barrier(num_barriers=STAGES),  # query tiles
@@ -279,15 +279,15 @@ def mosaic_dkv(q, k, v, d_out, activation, bias, interpret, fused=False):
     ]
     if interpret:  # transposed tiles and the wgmma operands staged in shared memory
         scratch += [
-            _smem((STAGES, dim, ROWS), q.dtype),
-            _smem((STAGES, dim, ROWS), d_out.dtype),
+            tiled_smem((STAGES, dim, ROWS), q.dtype),
+            tiled_smem((STAGES, dim, ROWS), d_out.dtype),
             plgpu.Barrier(num_barriers=STAGES),
             plgpu.Barrier(num_barriers=STAGES),
-            _smem((2, 2, ROWS, ROWS), q.dtype),
+            tiled_smem((2, 2, ROWS, ROWS), q.dtype),
         ]
     if fused:  # dS^T of both warpgroups for two tiles; each one's float32 dQ part
         scratch += [
-            _smem((2, 2, ROWS, ROWS), q.dtype),  # (tile parity, warpgroup)
+            tiled_smem((2, 2, ROWS, ROWS), q.dtype),  # (tile parity, warpgroup)
             plgpu.SMEM((2, ROWS, _dq_part_width(dim)), jnp.float32),
             plgpu.Barrier(num_arrivals=2, num_barriers=2),  # both dS^T written
             plgpu.Barrier(num_arrivals=2, num_barriers=2),  # both dQ parts formed
@@ -345,11 +345,11 @@ def _dq_kernel(*refs, activation, bias, scale, n_pairs, interpret):
             else:
                 keys_t = k_smem.at[slot].transpose((1, 0))
                 values_t = v_tiles.at[slot].transpose((1, 0))
-            p = _weights(_matmul(own_q, keys_t, (rows, bk)), activation, scale, bias)
+            p = attention_weights(_matmul(own_q, keys_t, (rows, bk)), activation, scale, bias)
             dp = _matmul(own_do, values_t, (rows, bk))
             if masked:
-                queries = _iota((rows, bk), 0, interpret) + row0
-                keys = _iota((rows, bk), 1, interpret) + t * bk
+                queries = iota((rows, bk), 0, interpret) + row0
+                keys = iota((rows, bk), 1, interpret) + t * bk
                 allowed = keys <= queries
                 p = jnp.where(allowed, p, 0.0)
             if activation == "sigmoid":
@@ -399,10 +399,10 @@ def mosaic_dq(q, k, v, d_out, activation, bias, interpret):
     value_tile = (STAGES, dim, 2 * ROWS) if interpret else (STAGES, 2 * ROWS, dim)
 
     scratch = [
-        _smem((2, ROWS, dim), q.dtype),
-        _smem((2, ROWS, dim), d_out.dtype),
-        _smem((STAGES, 2 * ROWS, dim), k.dtype),
-        _smem(value_tile, v.dtype),
+        tiled_smem((2, ROWS, dim), q.dtype),
+        tiled_smem((2, ROWS, dim), d_out.dtype),
+        tiled_smem((STAGES, 2 * ROWS, dim), k.dtype),
+        tiled_smem(value_tile, v.dtype),
         plgpu.Barrier(num_barriers=2),  # own queries
         plgpu.Barrier(num_barriers=2),  # own dO
         plgpu.Barrier(num_barriers=STAGES),  # key tiles
@@ -411,9 +411,9 @@ def mosaic_dq(q, k, v, d_out, activation, bias, interpret):
     ]
     if interpret:  # transposed keys and the wgmma operand staged in shared memory
         scratch += [
-            _smem((STAGES, dim, 2 * ROWS), k.dtype),
+            tiled_smem((STAGES, dim, 2 * ROWS), k.dtype),
             plgpu.Barrier(num_barriers=STAGES),
-            _smem((2, ROWS, 2 * ROWS), q.dtype),
+            tiled_smem((2, ROWS, 2 * ROWS), q.dtype),
         ]
 
     inputs = [q, k, v, d_out]

@@ -32,7 +32,7 @@ import jax
 import jax.numpy as jnp
 from jax.experimental import pallas as pl
 
-from . import _mosaic, _mosaic_backward
+from . import _mosaic, _mosaic_backward, _mosaic_common
 from ._pallas_tiles import (
     LOG2E,
     KernelOptions,
@@ -309,7 +309,7 @@ def pallas_attention(
         and not swish
         and sin is None
         and not interpret
-        and _mosaic.unsupported(activation, q.dtype, dqk, v.shape[-1]) is None
+        and _mosaic_common.unsupported(activation, q.dtype, dqk, v.shape[-1]) is None
     )
     step = math.lcm(*FWD_CONFIG[:2], *BWD_CONFIG[:2], 2 * _mosaic.BLOCK_Q, _mosaic.BLOCK_K)
     padded = -(-seq_len // step) * step

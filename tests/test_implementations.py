@@ -156,13 +156,13 @@ def test_pallas_bf16_and_xla_rope_match_reference(activation, monkeypatch):
 def mosaic_interpret_or_skip(activation, dim):
     """Whether the Mosaic kernels run interpreted here (no GPU); skips where they can run
     neither compiled nor interpreted."""
-    import eqx_xlstm._mosaic as mosaic
+    import eqx_xlstm._mosaic_common as mosaic_common
 
     interpret = jax.default_backend() != "gpu"
-    if interpret and not mosaic.interpret_available():
+    if interpret and not mosaic_common.interpret_available():
         pytest.skip("this jax has no Mosaic GPU interpret mode")
-    if not interpret and mosaic.unsupported(activation, jnp.bfloat16, dim, dim):
-        pytest.skip(mosaic.unsupported(activation, jnp.bfloat16, dim, dim))
+    if not interpret and mosaic_common.unsupported(activation, jnp.bfloat16, dim, dim):
+        pytest.skip(mosaic_common.unsupported(activation, jnp.bfloat16, dim, dim))
     return interpret
 
 
@@ -183,10 +183,11 @@ def test_mosaic_kernel_matches_reference(
     # passed when the matmuls are issued or done, or no ping-pong. Heads launched head
     # by head or interleaved (`heads_outer`).
     import eqx_xlstm._mosaic as mosaic
+    import eqx_xlstm._mosaic_common as mosaic_common
 
     monkeypatch.setattr(mosaic, "PINGPONG", turns is not None)
     monkeypatch.setattr(mosaic, "HANDOFF", turns or "issued")
-    monkeypatch.setattr(mosaic, "HEADS_OUTER", heads_outer)
+    monkeypatch.setattr(mosaic_common, "HEADS_OUTER", heads_outer)
     interpret = mosaic_interpret_or_skip(activation, dim)
     q, k, v, _ = inputs(seq, shape=(heads,), dqk=dim, dv=dim, dtype=jnp.bfloat16, seed=5)
     bias = -float(np.log(seq))
@@ -254,11 +255,12 @@ def test_pallas_uses_mosaic_forward_on_hopper(activation, fused, monkeypatch):
     # through `attention`, on a Hopper GPU.
     import eqx_xlstm._mosaic as mosaic
     import eqx_xlstm._mosaic_backward as mosaic_backward
+    import eqx_xlstm._mosaic_common as mosaic_common
 
     monkeypatch.setattr(mosaic_backward, "FUSED_FROM", 0 if fused else None)
     jax.clear_caches()  # the knob is read when tracing
 
-    reason = mosaic.unsupported(activation, jnp.bfloat16, 64, 64)
+    reason = mosaic_common.unsupported(activation, jnp.bfloat16, 64, 64)
     if reason:
         pytest.skip(f"the Mosaic forward is not used here: {reason}")
     calls = count_calls(monkeypatch, mosaic, "mosaic_forward")
@@ -273,8 +275,9 @@ def test_pallas_softmax_forward_uses_mosaic_on_hopper(monkeypatch):
     # Without a gradient, softmax runs the Mosaic forward kernel; under differentiation
     # the Triton kernels, whose backward reads the forward's log-sum-exp.
     import eqx_xlstm._mosaic as mosaic
+    import eqx_xlstm._mosaic_common as mosaic_common
 
-    reason = mosaic.unsupported("softmax", jnp.bfloat16, 64, 64)
+    reason = mosaic_common.unsupported("softmax", jnp.bfloat16, 64, 64)
     if reason:
         pytest.skip(f"the Mosaic forward is not used here: {reason}")
     jax.clear_caches()  # kernels are chosen when tracing

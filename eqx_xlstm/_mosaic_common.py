@@ -1,0 +1,162 @@
+"""Pieces shared by the Mosaic GPU (Hopper) attention kernels in `_mosaic` (forward)
+and `_mosaic_backward`: where they can run, the weights, the launch and its grid, the
+streaming warpgroup and the write-back.
+
+Every kernel runs three warpgroups per CUDA block: two compute warpgroups and one that
+streams tiles into shared memory with TMA (`launch`, `stream_tiles`). On a machine
+without a GPU the same kernels run in Mosaic GPU interpret mode (private jax API),
+which has no register layouts and cannot transpose shared-memory views; the kernels
+branch on `interpret` where that matters.
+"""
+
+import functools
+
+import jax
+import jax.numpy as jnp
+from jax.experimental import pallas as pl
+from jax.experimental.pallas import mosaic_gpu as plgpu
+
+HEADS_OUTER = True  # launch order: each head's blocks side by side (see `block_grid`)
+# Registers per thread: compute warpgroups take them from the streaming one
+# (2 x 128 x 232 + 128 x 40 of the 65536 a CUDA block may hold). (240, 24) measured the
+# same within the spread (benchmarks/results/h100_mosaic_register_split.txt).
+COMPUTE_REGISTERS, STREAM_REGISTERS = 232, 40
+
+
+def tiled_smem(shape, dtype):
+    transforms = (plgpu.TilingTransform((8, 64)), plgpu.SwizzleTransform(128))
+    return plgpu.SMEM(shape, dtype, transforms=transforms)
+
+
+def interpret_params():
+    # Mosaic GPU interpret mode (jax >= 0.10) is not public API yet.
+    from jax._src.pallas.mosaic_gpu.interpret.params import InterpretGPUParams
+
+    return InterpretGPUParams()
+
+
+def interpret_available() -> bool:
+    try:
+        interpret_params()
+    except ImportError:
+        return False
+    return True
+
+
+def unsupported(activation, dtype, dqk, dv) -> str | None:
+    """Why `implementation="pallas"` cannot use the Mosaic kernels, or None if it can.
+
+    Only on a Hopper GPU: on a CPU the Triton kernels serve. Mosaic GPU interpret mode
+    (private jax API) runs these kernels under `jax.jit` (tests do), but deadlocks under
+    `jax.vjp` of a jitted call on a 2-core CPU, which is how `attention` runs."""
+    if activation not in ("softmax", "sigmoid", "none"):
+        return f"it covers softmax, sigmoid and 'none', not {activation!r}"
+    if jnp.dtype(dtype) not in (jnp.dtype(jnp.bfloat16), jnp.dtype(jnp.float16)):
+        return f"it needs float16 or bfloat16, got {jnp.dtype(dtype)}"
+    if dqk != dv or dqk not in (64, 128):
+        return f"it needs q/k/v head dims of 64 or 128, got {dqk}/{dv}"
+    if jax.default_backend() != "gpu":
+        return "it runs on a GPU only"
+    capability = getattr(jax.devices()[0], "compute_capability", "")
+    if not str(capability).startswith("9"):
+        return f"it needs a Hopper GPU (compute capability 9.x), got {capability!r}"
+    return None
+
+
+SIGMOID = "tanh"  # sigmoid(x) as 0.5 + 0.5 tanh(x / 2) ("tanh") or 1 / (1 + exp(-x))
+
+
+def attention_weights(scores, activation, scale, bias):
+    """Weights from raw q k^T: sigmoid(scores * scale + bias) or scores * scale."""
+    if activation != "sigmoid":
+        return scores * scale
+    if SIGMOID == "tanh":  # two fused multiply-adds around one tanh
+        return 0.5 * jnp.tanh(scores * (0.5 * scale) + 0.5 * bias) + 0.5
+    return 1.0 / (1.0 + jnp.exp(-(scores * scale + bias)))
+
+
+def iota(shape, axis, interpret):
+    if interpret:  # the interpreter has no layouts
+        return jax.lax.broadcasted_iota(jnp.int32, shape, axis)
+    return plgpu.broadcasted_iota(jnp.int32, shape, axis, layout=plgpu.Layout.WGMMA)
+
+
+def claim_registers():
+    """In a compute warpgroup: raise its register limit to `COMPUTE_REGISTERS`."""
+    plgpu.set_max_registers(COMPUTE_REGISTERS, action="increase")
+
+
+def stream_tiles(load, steps, stages, free_bars, max_prefill):
+    """The streaming warpgroup: `load(t, slot)` tiles 0 .. `steps` - 1 into a ring of
+    `stages` slots. The first slots are filled at once (at most `max_prefill`, a static
+    bound that keeps addresses in range); slot t % stages is refilled with tile t once
+    every barrier of `free_bars` says the consumers released it. Finally the last
+    releases are waited out, so that no barrier phase goes unobserved."""
+    plgpu.set_max_registers(STREAM_REGISTERS, action="decrease")
+    for slot in range(min(stages, max_prefill)):
+        pl.when(slot < steps)(functools.partial(load, slot, slot))
+
+    def wait_free(t, carry=None):
+        for bar in free_bars:
+            plgpu.barrier_wait(bar.at[jax.lax.rem(t, stages)])
+        return carry
+
+    def refill(t, carry):
+        wait_free(t)
+        load(t, jax.lax.rem(t, stages))
+        return carry
+
+    jax.lax.fori_loop(stages, steps, refill, None)
+    jax.lax.fori_loop(jnp.maximum(steps - stages, 0), steps, wait_free, None)
+
+
+def staged(x, buffers, index):
+    """`x` as a wgmma operand: itself on a GPU; in Mosaic GPU interpret mode, whose wgmma
+    reads shared memory only, copied into `buffers.at[index]` (`buffers` is None on a
+    GPU)."""
+    if buffers is None:
+        return x
+    buffers.at[index][...] = x
+    return buffers.at[index]
+
+
+def write_back(*outputs):
+    """Each `(value, smem, dst)`: cast the accumulator `value` into its shared-memory
+    buffer, then copy every buffer out to its global-memory slice `dst`."""
+    for value, smem, _ in outputs:
+        smem[...] = value.astype(smem.dtype)
+    plgpu.commit_smem()
+    for _, smem, dst in outputs:
+        plgpu.copy_smem_to_gmem(smem, dst)
+    plgpu.wait_smem_to_gmem(0)
+
+
+def block_grid(blocks, block_name, n):
+    """Launch grid and axis names for `blocks` blocks in each of `n` heads.
+
+    CUDA starts blocks with the last grid axis varying fastest. With `HEADS_OUTER` that
+    axis is the head's block, so the blocks running at one time belong to a few heads
+    and share those heads' streamed tiles in L2; otherwise they spread over all heads
+    and each stream comes from memory."""
+    if HEADS_OUTER:
+        return (n, blocks), ("n", block_name)
+    return (blocks, n), (block_name, "n")
+
+
+def launch(kernel, scratch, out_type, grid, grid_names, interpret, *inputs):
+    """Run `kernel(*input_and_output_refs, scratch_refs)` as a Mosaic GPU kernel with
+    two compute warpgroups and one streaming, `scratch` allocated in shared memory for
+    all three. An input may be a `jax.new_ref` in GMEM, which the kernel updates in
+    place."""
+
+    def entry(*refs):
+        pl.run_scoped(lambda *s: kernel(*refs, s), *scratch, collective_axes="wg")
+
+    mesh = plgpu.Mesh(grid=grid, grid_names=grid_names, num_threads=3, thread_name="wg")
+    return pl.kernel(
+        entry,
+        out_type=out_type,
+        mesh=mesh,
+        compiler_params=plgpu.CompilerParams(approx_math=True),
+        interpret=interpret_params() if interpret else False,
+    )(*inputs)
