@@ -21,7 +21,7 @@ import argparse
 
 import jax
 import jax.numpy as jnp
-from timing import median_ms, print_table_header
+from timing import bare_causal_attention, median_ms, print_table_header
 
 import eqx_xlstm as ex
 from eqx_xlstm._dispatch import prepare_qk
@@ -44,13 +44,7 @@ def project(x, wq, wk, wv):
 
 
 def bare_attention(q, k, v):
-    def as_btnh(t):  # heads folded into the batch, as `attention` hands them to cuDNN
-        return t.reshape(-1, *t.shape[-2:])[:, :, None, :]
-
-    out = jax.nn.dot_product_attention(
-        as_btnh(q), as_btnh(k), as_btnh(v), is_causal=True, implementation=args.dpa_implementation
-    )
-    return out.reshape(q.shape)
+    return bare_causal_attention(q, k, v, args.dpa_implementation)
 
 
 def ours_attention(q, k, v):

@@ -13,7 +13,7 @@ import argparse
 
 import jax
 import jax.numpy as jnp
-from timing import median_ms, print_table_header, random_qkv
+from timing import bare_causal_attention, median_ms, print_table_header, random_qkv
 
 from eqx_xlstm._dispatch import prepare_qk
 from eqx_xlstm._rope import precompute_freqs
@@ -40,15 +40,6 @@ def plain_pass(q, k):
     return 2 * q, 2 * k
 
 
-def cudnn(q, k, v):
-    def as_btnh(x):
-        return x.reshape(-1, *x.shape[-2:])[:, :, None, :]
-
-    return jax.nn.dot_product_attention(
-        as_btnh(q), as_btnh(k), as_btnh(v), is_causal=True, implementation="cudnn"
-    )
-
-
 B, H, D = args.batch, args.heads, args.head_dim
 print(f"device: {jax.devices()[0].device_kind}; jax {jax.__version__}; bf16 B={B} NH={H} D={D}")
 header = (
@@ -61,7 +52,7 @@ for seq in (int(s) for s in args.seqs.split(",")):
     sin, cos = precompute_freqs(D, seq)
     t_rope = bench(rope_pass, q, k, sin, cos)
     t_plain = bench(plain_pass, q, k)
-    t_cudnn = bench(cudnn, q, k, v)
+    t_cudnn = bench(bare_causal_attention, q, k, v)
     moved = 2 * 2 * q.size * q.dtype.itemsize
     print(
         f"| {seq} | {t_rope:.3f} ms | {t_plain:.3f} ms | {t_rope / t_plain:.2f} "

@@ -1,4 +1,5 @@
-"""Timing shared by the benchmark scripts (run them from the repository root)."""
+"""Timing and baselines shared by the benchmark scripts (run them from the repository
+root)."""
 
 import statistics
 import time
@@ -29,3 +30,17 @@ def random_qkv(shape, dtype, count=3):
     """`count` standard-normal arrays of `shape` and `dtype` (fixed seed)."""
     keys = jax.random.split(jax.random.key(0), count)
     return [jax.random.normal(key, shape, dtype) for key in keys]
+
+
+def bare_causal_attention(q, k, v, implementation="cudnn"):
+    """`jax.nn.dot_product_attention` (causal, no RoPE, no swish) on `(..., S, D)`, the
+    leading axes folded into its batch with one head, as `attention` hands them to
+    cuDNN; returns `q`'s shape."""
+
+    def as_btnh(x):
+        return x.reshape(-1, *x.shape[-2:])[:, :, None, :]
+
+    out = jax.nn.dot_product_attention(
+        as_btnh(q), as_btnh(k), as_btnh(v), is_causal=True, implementation=implementation
+    )
+    return out.reshape(q.shape)
