@@ -7,16 +7,25 @@ import time
 import jax
 
 
-def median_ms(fn, *xs, repeats=10):
-    """Median wall time in ms of `repeats` calls of `jax.jit(fn)(*xs)`; compiled and
-    run once beforehand, so neither compilation nor the first call is timed."""
+def median_ms(fn, *xs, repeats=10, sample_ms=10.0):
+    """Median time in ms of one call of `jax.jit(fn)(*xs)`, over `repeats` samples.
+
+    Compiled and run once beforehand, so neither compilation nor the first call is
+    timed. A sample issues enough calls back to back to last about `sample_ms` (one for
+    calls longer than that) and waits for the last, so that short calls are timed on
+    the device, not by the host's round trip per call."""
     compiled = jax.jit(fn).lower(*xs).compile()
     jax.block_until_ready(compiled(*xs))
+    start = time.perf_counter()
+    jax.block_until_ready(compiled(*xs))
+    calls = max(1, min(100, round(sample_ms / ((time.perf_counter() - start) * 1e3))))
     times = []
     for _ in range(repeats):
         start = time.perf_counter()
-        jax.block_until_ready(compiled(*xs))
-        times.append(time.perf_counter() - start)
+        for _ in range(calls):
+            out = compiled(*xs)
+        jax.block_until_ready(out)
+        times.append((time.perf_counter() - start) / calls)
     return statistics.median(times) * 1e3
 
 
