@@ -17,8 +17,12 @@ side (`_mosaic_common.block_grid`), those adds land in L2: on an H100 (bf16, N=6
 took 5.8 ms at S=8192 and 22.4-22.5 ms at 16384 (11.2 and 42.6 ms with the heads
 interleaved), against 5.9-6.2 and 22.8-23.0 ms for the dQ and dK/dV pair
 (benchmarks/results/h100_mosaic_fused_launch_order.txt), before the matmul order below.
-Through `attention` it is 1-5% faster than the pair from S=8192 on and within 4% either
-way at 4096, and it plans a float32 dQ, so `attention` takes it from `FUSED_FROM` on.
+Through `attention` (after the matmul order below, sample times batched on the device)
+it was faster than the pair in every round from S=2048 on (1-6%; 2048: 3 of 3 rounds on
+an H200; 4096: 5 of 5 on an H200, 3 of 3 on an H100; 8192-16384: all 9 on an H100, all
+4 on an H200) and either way at 1024, so `attention` takes it from `FUSED_FROM` on; it
+plans a float32 dQ (benchmarks/results/h100_sigmoid_targets_batched.txt,
+h200_sigmoid_targets_batched.txt).
 
 The fused kernel issues a tile's S^T and dP^T together and waits for the previous
 tile's dQ part together with dV and dK: two waits a tile instead of four. That made it
@@ -59,7 +63,7 @@ ROWS = 64  # keys per compute warpgroup and query rows per streamed tile
 STAGES = 2  # streamed-tile slots: dK/dV measured slower with 3 or 4; dQ fits only 2 at D=128
 # From this sequence length on, `attention` takes dQ from the dK/dV kernel (a float32
 # sum across blocks) rather than from a kernel of its own (None: never); see above.
-FUSED_FROM = 8192
+FUSED_FROM = 2048
 
 
 def use_fused(seq: int) -> bool:
