@@ -18,10 +18,11 @@ took 5.8 ms at S=8192 and 22.4-22.5 ms at 16384 (11.2 and 42.6 ms with the heads
 interleaved), against 5.9-6.2 and 22.8-23.0 ms for the dQ and dK/dV pair
 (benchmarks/results/h100_mosaic_fused_launch_order.txt), before the matmul order below.
 Through `attention` (after the matmul order below, sample times batched on the device)
-it was faster than the pair in every round from S=2048 on (1-6%; 2048: 3 of 3 rounds on
-an H200; 4096: 5 of 5 on an H200, 3 of 3 on an H100; 8192-16384: all 9 on an H100, all
-4 on an H200) and either way at 1024, so `attention` takes it from `FUSED_FROM` on; it
-plans a float32 dQ (benchmarks/results/h100_sigmoid_targets_batched.txt,
+it was faster than the pair in every round from S=4096 on (1-6%; 4096: 5 of 5 rounds
+on an H200, 5 of 5 on an H100; 8192-16384: all 9 on an H100, all 4 on an H200), within
+1.3% either way at 2048 (faster in 3 of 3 rounds on an H200, 1 of 2 on an H100) and at
+1024, so `attention` takes it from `FUSED_FROM` on; it plans a float32 dQ
+(benchmarks/results/h100_sigmoid_targets_batched.txt, h100_sigmoid_targets_short.txt,
 h200_sigmoid_targets_batched.txt).
 
 The fused kernel issues a tile's S^T and dP^T together and waits for the previous
@@ -63,7 +64,7 @@ ROWS = 64  # keys per compute warpgroup and query rows per streamed tile
 STAGES = 2  # streamed-tile slots: dK/dV measured slower with 3 or 4; dQ fits only 2 at D=128
 # From this sequence length on, `attention` takes dQ from the dK/dV kernel (a float32
 # sum across blocks) rather than from a kernel of its own (None: never); see above.
-FUSED_FROM = 2048
+FUSED_FROM = 4096
 
 
 def use_fused(seq: int) -> bool:
