@@ -72,6 +72,14 @@ def use_fused(seq: int) -> bool:
     return FUSED_FROM is not None and seq >= FUSED_FROM
 
 
+def _score_grad(dp, p, activation, allowed):
+    """dL/d(q k^T) from dP and the weights P (zero where masked), float32, less the
+    factor `scale`: dQ and dK are scaled once at the end instead of every dS."""
+    if activation == "sigmoid":  # sigmoid' = p (1 - p) = p - p p; p is zero where masked
+        return dp * (p - p * p)
+    return dp if allowed is None else jnp.where(allowed, dp, 0.0)
+
+
 def _matmul(a, b, shape):
     """a @ b on the tensor cores into a fresh float32 accumulator, waited for."""
     return _matmuls((a, b), shape=shape)[0]
@@ -149,11 +157,8 @@ def _kernel(*refs, activation, bias, scale, n_tiles, interpret, fused):
             plgpu.wgmma(dv_acc, operand(p_t.astype(k_smem.dtype), 0), do_smem.at[slot])
             if not fused:
                 dp_t = _matmul(own_v, do_t, (rows, rows))
-            if activation == "sigmoid":
-                ds_t = dp_t * p_t * (1.0 - p_t)  # zero where masked: p_t is
-            else:
-                ds_t = jnp.where(allowed, dp_t, 0.0) if masked else dp_t
-            ds_t = (ds_t * scale).astype(k_smem.dtype)
+            ds_t = _score_grad(dp_t, p_t, activation, allowed if masked else None)
+            ds_t = ds_t.astype(k_smem.dtype)
             plgpu.wgmma(dk_acc, operand(ds_t, 1), q_smem.at[slot])
             if fused:  # the previous tile's dQ (the other warpgroup's dS^T of it is
                 share_ds(ds_t, t)  # surely written by now), waited for with dV and dK
@@ -239,6 +244,7 @@ def _kernel(*refs, activation, bias, scale, n_tiles, interpret, fused):
             plgpu.ACC((rows, dv_dim), jnp.float32),
         )
         own_rows = pl.ds(key0, rows)
+        dk = dk * scale  # dS came without it
         write_back((dk, own_k, dk_ref.at[n, own_rows]), (dv, own_v, dv_ref.at[n, own_rows]))
 
     @pl.when(wg == 2)
@@ -312,7 +318,9 @@ def mosaic_dkv(q, k, v, d_out, activation, bias, interpret, fused=False):
     dk, dv = launch(kernel, scratch, out_type, grid, names, interpret, *inputs)
     if not fused:
         return dk, dv
-    return jax.freeze(inputs[-1]).sum(0).astype(q.dtype), dk, dv
+    dq = jax.freeze(inputs[-1]).sum(0)
+    dq = dq * dim**-0.5  # the kernel's dS came without the scale
+    return dq.astype(q.dtype), dk, dv
 
 
 def _dq_kernel(*refs, activation, bias, scale, n_pairs, interpret):
@@ -357,11 +365,8 @@ def _dq_kernel(*refs, activation, bias, scale, n_pairs, interpret):
                 keys = iota((rows, bk), 1, interpret) + t * bk
                 allowed = keys <= queries
                 p = jnp.where(allowed, p, 0.0)
-            if activation == "sigmoid":
-                ds = dp * p * (1.0 - p)
-            else:
-                ds = jnp.where(allowed, dp, 0.0) if masked else dp
-            plgpu.wgmma(dq_acc, operand((ds * scale).astype(k_smem.dtype)), k_smem.at[slot])
+            ds = _score_grad(dp, p, activation, allowed if masked else None)
+            plgpu.wgmma(dq_acc, operand(ds.astype(k_smem.dtype)), k_smem.at[slot])
             plgpu.wgmma_wait(0)
             plgpu.barrier_arrive(free.at[slot])
 
@@ -372,6 +377,7 @@ def _dq_kernel(*refs, activation, bias, scale, n_pairs, interpret):
             return dq_acc[...]
 
         dq = pl.run_scoped(accumulate, plgpu.ACC((rows, q_smem.shape[-1]), jnp.float32))
+        dq = dq * scale  # dS came without it
         write_back((dq, own_q, dq_ref.at[n, pl.ds(row0, rows)]))
 
     @pl.when(wg == 2)
