@@ -41,6 +41,7 @@ from ._mosaic_common import (
     attention_weights,
     block_grid,
     claim_registers,
+    fold_vmap,
     iota,
     launch,
     staged,
@@ -273,7 +274,12 @@ def _kernel(q_ref, k_ref, v_ref, out_ref, scratch, *, activation, bias, scale, n
 
 def mosaic_forward(q, k, v, activation, bias, interpret):
     """Causal attention output for `q`, `k`, `v`: `(N, S, D)`, S a multiple of
-    `2 * BLOCK_Q` and of `BLOCK_K`."""
+    `2 * BLOCK_Q` and of `BLOCK_K`. Under `jax.vmap` the mapped axis joins N."""
+    run = functools.partial(_forward, activation=activation, bias=bias, interpret=interpret)
+    return fold_vmap(run, q, k, v)
+
+
+def _forward(q, k, v, activation, bias, interpret):
     n, seq, dqk = q.shape
     dv = v.shape[-1]
     n_blocks = seq // (2 * BLOCK_Q)

@@ -52,6 +52,7 @@ from ._mosaic_common import (
     attention_weights,
     block_grid,
     claim_registers,
+    fold_vmap,
     iota,
     launch,
     staged,
@@ -264,7 +265,15 @@ def _kernel(*refs, activation, bias, scale, n_tiles, interpret, fused):
 def mosaic_dkv(q, k, v, d_out, activation, bias, interpret, fused=False):
     """dK, dV for `q`, `k`, `v`, `d_out`: `(N, S, D)`, S a multiple of 128. With
     `fused`, dQ too, `(dq, dk, dv)`: the same kernel adds each tile's dS K into a
-    float32 sum across CUDA blocks, so the weights are computed once, not twice."""
+    float32 sum across CUDA blocks, so the weights are computed once, not twice. Under
+    `jax.vmap` the mapped axis joins N."""
+    run = functools.partial(
+        _dkv, activation=activation, bias=bias, interpret=interpret, fused=fused
+    )
+    return fold_vmap(run, q, k, v, d_out)
+
+
+def _dkv(q, k, v, d_out, activation, bias, interpret, fused):
     n, seq, dim = q.shape
     n_tiles = seq // ROWS
     kernel = functools.partial(
@@ -396,7 +405,13 @@ def _dq_kernel(*refs, activation, bias, scale, n_pairs, interpret):
 
 
 def mosaic_dq(q, k, v, d_out, activation, bias, interpret):
-    """dQ for `q`, `k`, `v`, `d_out`: `(N, S, D)`, S a multiple of 128."""
+    """dQ for `q`, `k`, `v`, `d_out`: `(N, S, D)`, S a multiple of 128. Under
+    `jax.vmap` the mapped axis joins N."""
+    run = functools.partial(_dq, activation=activation, bias=bias, interpret=interpret)
+    return fold_vmap(run, q, k, v, d_out)
+
+
+def _dq(q, k, v, d_out, activation, bias, interpret):
     n, seq, dim = q.shape
     n_pairs = seq // (2 * ROWS)
     kernel = functools.partial(

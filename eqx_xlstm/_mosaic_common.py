@@ -143,6 +143,55 @@ def block_grid(blocks, block_name, n):
     return (blocks, n), (block_name, "n")
 
 
+def fold_vmap(fn, *arrays):
+    """`fn(*arrays)` for arrays whose leading axis `fn` treats as independent rows (the
+    kernels' `N`). Pallas Mosaic GPU kernels have no batching rule, so under `jax.vmap`
+    the mapped axis is folded into that leading axis instead of reaching the kernel."""
+
+    @jax.custom_batching.custom_vmap
+    def call(*xs):
+        return fn(*xs)
+
+    @call.def_vmap
+    def _fold(axis_size, in_batched, *xs):
+        whole = [
+            x if batched else jnp.broadcast_to(x, (axis_size, *x.shape))
+            for x, batched in zip(xs, in_batched, strict=True)
+        ]
+        outs = call(*(x.reshape(-1, *x.shape[2:]) for x in whole))
+        outs = jax.tree.map(lambda y: y.reshape(axis_size, -1, *y.shape[1:]), outs)
+        return outs, jax.tree.map(lambda _: True, outs)
+
+    return call(*arrays)
+
+
+def _register_custom_vmap_discharge():
+    """Teach JAX's state discharge to handle a `custom_vmap` call whose function keeps
+    state inside (the fused backward's `jax.new_ref` dQ sum): discharge its jaxpr and
+    run that in place. Discharge comes after every transformation, so the batching rule
+    is done with. JAX has such a rule for `custom_vjp` calls but not for these; it is
+    private API (jax 0.10-0.11), so without it only stateless kernels fold under vmap."""
+    try:
+        from jax._src.core import eval_jaxpr
+        from jax._src.custom_batching import custom_vmap_p
+        from jax._src.state.discharge import discharge_state, register_discharge_rule
+        from jax._src.state.types import AbstractRef
+    except ImportError:
+        return
+
+    @register_discharge_rule(custom_vmap_p)
+    def _discharge(in_avals, out_avals, *args, call, **_):
+        discharged = discharge_state(call)
+        outs = eval_jaxpr(discharged.jaxpr, discharged.consts, *args)
+        n_out = len(call.out_avals)
+        ref_vals = iter(outs[n_out:])
+        new_invals = [next(ref_vals) if isinstance(a, AbstractRef) else None for a in in_avals]
+        return new_invals, outs[:n_out]
+
+
+_register_custom_vmap_discharge()
+
+
 def launch(kernel, scratch, out_type, grid, grid_names, interpret, *inputs):
     """Run `kernel(*input_and_output_refs, scratch_refs)` as a Mosaic GPU kernel with
     two compute warpgroups and one streaming, `scratch` allocated in shared memory for

@@ -153,6 +153,36 @@ def test_pallas_bf16_and_xla_rope_match_reference(activation, monkeypatch):
         assert_kernel_close(got, expected, jnp.bfloat16, f" FUSE={fuse}")
 
 
+@pytest.mark.parametrize("activation", ["sigmoid", "softmax"])
+def test_pallas_under_vmap_over_heads(activation):
+    # `eqx.filter_vmap` over the heads axis, as the README shows: on a Hopper GPU the
+    # Mosaic kernels (sigmoid forward and backward, softmax forward without a gradient)
+    # run batched; elsewhere the Triton kernels, interpreted. Same as the unbatched call.
+    on_gpu = jax.default_backend() == "gpu"
+    dtype, dim, seq = (jnp.bfloat16, 64, 200) if on_gpu else (jnp.float32, 16, 40)
+    q, k, v, g = inputs(seq, shape=(2, 2), dqk=dim, dv=dim, dtype=dtype, seed=6)
+
+    def fn(q, k, v):
+        return ex.attention(
+            q,
+            k,
+            v,
+            activation_function=activation,
+            qk_pre_activation_function="swish",
+            implementation="pallas",
+        )
+
+    vmapped = eqx.filter_jit(eqx.filter_vmap(fn, in_axes=1, out_axes=1))
+    np.testing.assert_allclose(
+        np.asarray(vmapped(q, k, v).astype(jnp.float32)),
+        np.asarray(fn(q, k, v).astype(jnp.float32)),
+        atol=1e-6,
+    )
+    out, vjp = jax.vjp(vmapped, q, k, v)
+    got = [np.asarray(x.astype(jnp.float32)) for x in (out, *vjp(g))]
+    assert_kernel_close(got, out_and_grads("pallas", q, k, v, g, None, activation, "swish"), dtype)
+
+
 def mosaic_interpret_or_skip(activation, dim):
     """Whether the Mosaic kernels run interpreted here (no GPU); skips where they can run
     neither compiled nor interpreted."""
@@ -237,6 +267,31 @@ def test_mosaic_backward_kernels_match_reference(activation, seq, dim, fused, he
     for got, want in zip(kernels(q, k, v, g), wanted, strict=True):
         scale = max(1.0, float(jnp.abs(want).max()))
         np.testing.assert_allclose(got.astype(jnp.float32), want, atol=2e-2 * scale, rtol=2e-2)
+
+
+@pytest.mark.parametrize("kernel", ["forward", "dkv fused", "dq"])
+def test_mosaic_kernels_under_vmap(kernel):
+    # Mosaic GPU kernels have no batching rule: under vmap the mapped axis joins their
+    # leading axis N (`_mosaic_common.fold_vmap`), here with an unbatched value input.
+    import eqx_xlstm._mosaic as mosaic
+    import eqx_xlstm._mosaic_backward as mosaic_backward
+
+    interpret = mosaic_interpret_or_skip("sigmoid", 64)
+    q, k, v, g = inputs(256, shape=(2, 1), dqk=64, dv=64, dtype=jnp.bfloat16, seed=8)
+    v = v[0]  # the same values for both mapped entries
+    calls = {
+        "forward": lambda q, k, v, g: mosaic.mosaic_forward(q, k, v, "sigmoid", -5.5, interpret),
+        "dkv fused": lambda q, k, v, g: mosaic_backward.mosaic_dkv(
+            q, k, v, g, "sigmoid", -5.5, interpret, fused=True
+        ),
+        "dq": lambda q, k, v, g: mosaic_backward.mosaic_dq(q, k, v, g, "sigmoid", -5.5, interpret),
+    }
+    fn = calls[kernel]
+    batched = jax.jit(jax.vmap(fn, in_axes=(0, 0, None, 0)))(q, k, v, g)
+    for i in range(2):
+        one = jax.jit(fn)(q[i], k[i], v, g[i])
+        for got, want in zip(jax.tree.leaves(batched), jax.tree.leaves(one), strict=True):
+            np.testing.assert_array_equal(np.asarray(got[i]), np.asarray(want))
 
 
 def count_calls(monkeypatch, module, name):
