@@ -266,11 +266,12 @@ def mosaic_dkv(q, k, v, d_out, activation, bias, interpret, fused=False):
     """dK, dV for `q`, `k`, `v`, `d_out`: `(N, S, D)`, S a multiple of 128. With
     `fused`, dQ too, `(dq, dk, dv)`: the same kernel adds each tile's dS K into a
     float32 sum across CUDA blocks, so the weights are computed once, not twice. Under
-    `jax.vmap` the mapped axis joins N."""
+    `jax.vmap` the mapped axis joins N, except with `fused` (see
+    `_mosaic_common.batched`)."""
     run = functools.partial(
         _dkv, activation=activation, bias=bias, interpret=interpret, fused=fused
     )
-    return fold_vmap(run, q, k, v, d_out)
+    return run(q, k, v, d_out) if fused else fold_vmap(run, q, k, v, d_out)
 
 
 def _dkv(q, k, v, d_out, activation, bias, interpret, fused):

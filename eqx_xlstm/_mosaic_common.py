@@ -165,31 +165,15 @@ def fold_vmap(fn, *arrays):
     return call(*arrays)
 
 
-def _register_custom_vmap_discharge():
-    """Teach JAX's state discharge to handle a `custom_vmap` call whose function keeps
-    state inside (the fused backward's `jax.new_ref` dQ sum): discharge its jaxpr and
-    run that in place. Discharge comes after every transformation, so the batching rule
-    is done with. JAX has such a rule for `custom_vjp` calls but not for these; it is
-    private API (jax 0.10-0.11), so without it only stateless kernels fold under vmap."""
+def batched(*arrays) -> bool:
+    """Whether `jax.vmap` is tracing any of `arrays` (a private JAX type; False where it
+    is missing). A kernel that keeps state (the fused backward's in-place dQ sum) cannot
+    go through `fold_vmap`: `custom_vmap` has no state discharge rule."""
     try:
-        from jax._src.core import eval_jaxpr
-        from jax._src.custom_batching import custom_vmap_p
-        from jax._src.state.discharge import discharge_state, register_discharge_rule
-        from jax._src.state.types import AbstractRef
+        from jax._src.interpreters.batching import BatchTracer
     except ImportError:
-        return
-
-    @register_discharge_rule(custom_vmap_p)
-    def _discharge(in_avals, out_avals, *args, call, **_):
-        discharged = discharge_state(call)
-        outs = eval_jaxpr(discharged.jaxpr, discharged.consts, *args)
-        n_out = len(call.out_avals)
-        ref_vals = iter(outs[n_out:])
-        new_invals = [next(ref_vals) if isinstance(a, AbstractRef) else None for a in in_avals]
-        return new_invals, outs[:n_out]
-
-
-_register_custom_vmap_discharge()
+        return False
+    return any(isinstance(x, BatchTracer) for x in arrays)
 
 
 def launch(kernel, scratch, out_type, grid, grid_names, interpret, *inputs):

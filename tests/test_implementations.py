@@ -269,10 +269,11 @@ def test_mosaic_backward_kernels_match_reference(activation, seq, dim, fused, he
         np.testing.assert_allclose(got.astype(jnp.float32), want, atol=2e-2 * scale, rtol=2e-2)
 
 
-@pytest.mark.parametrize("kernel", ["forward", "dkv fused", "dq"])
+@pytest.mark.parametrize("kernel", ["forward", "dkv", "dq"])
 def test_mosaic_kernels_under_vmap(kernel):
     # Mosaic GPU kernels have no batching rule: under vmap the mapped axis joins their
     # leading axis N (`_mosaic_common.fold_vmap`), here with an unbatched value input.
+    # (The fused backward is not batched: `attention` takes the pair under vmap.)
     import eqx_xlstm._mosaic as mosaic
     import eqx_xlstm._mosaic_backward as mosaic_backward
 
@@ -281,8 +282,8 @@ def test_mosaic_kernels_under_vmap(kernel):
     v = v[0]  # the same values for both mapped entries
     calls = {
         "forward": lambda q, k, v, g: mosaic.mosaic_forward(q, k, v, "sigmoid", -5.5, interpret),
-        "dkv fused": lambda q, k, v, g: mosaic_backward.mosaic_dkv(
-            q, k, v, g, "sigmoid", -5.5, interpret, fused=True
+        "dkv": lambda q, k, v, g: mosaic_backward.mosaic_dkv(
+            q, k, v, g, "sigmoid", -5.5, interpret
         ),
         "dq": lambda q, k, v, g: mosaic_backward.mosaic_dq(q, k, v, g, "sigmoid", -5.5, interpret),
     }
@@ -292,6 +293,31 @@ def test_mosaic_kernels_under_vmap(kernel):
         one = jax.jit(fn)(q[i], k[i], v, g[i])
         for got, want in zip(jax.tree.leaves(batched), jax.tree.leaves(one), strict=True):
             np.testing.assert_array_equal(np.asarray(got[i]), np.asarray(want))
+
+
+def test_batched_sees_vmap_in_a_custom_vjp_backward():
+    # `_pallas` picks the dQ + dK/dV pair over the fused backward when the backward rule
+    # runs under vmap; `batched` is how it knows.
+    from eqx_xlstm._mosaic_common import batched
+
+    seen = []
+
+    @jax.custom_vjp
+    def f(x):
+        return x * 2
+
+    def f_fwd(x):
+        return f(x), x
+
+    def f_bwd(x, g):
+        seen.append(batched(x, g))
+        return (g * 2,)
+
+    f.defvjp(f_fwd, f_bwd)
+    x = jnp.ones((3, 4))
+    jax.grad(lambda x: f(x).sum())(x)
+    jax.jit(jax.vmap(jax.grad(lambda x: f(x).sum())))(x)
+    assert seen == [False, True]
 
 
 def count_calls(monkeypatch, module, name):
