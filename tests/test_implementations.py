@@ -278,7 +278,7 @@ def test_mosaic_kernels_under_vmap(kernel):
     import eqx_xlstm._mosaic_backward as mosaic_backward
 
     interpret = mosaic_interpret_or_skip("sigmoid", 64)
-    q, k, v, g = inputs(256, shape=(2, 1), dqk=64, dv=64, dtype=jnp.bfloat16, seed=8)
+    q, k, v, g = inputs(128, shape=(2, 1), dqk=64, dv=64, dtype=jnp.bfloat16, seed=8)
     v = v[0]  # the same values for both mapped entries
     calls = {
         "forward": lambda q, k, v, g: mosaic.mosaic_forward(q, k, v, "sigmoid", -5.5, interpret),
