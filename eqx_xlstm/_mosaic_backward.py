@@ -266,8 +266,9 @@ def mosaic_dkv(q, k, v, d_out, activation, bias, interpret, fused=False):
     """dK, dV for `q`, `k`, `v`, `d_out`: `(N, S, D)`, S a multiple of 128. With
     `fused`, dQ too, `(dq, dk, dv)`: the same kernel adds each tile's dS K into a
     float32 sum across CUDA blocks, so the weights are computed once, not twice. Under
-    `jax.vmap` the mapped axis joins N, except with `fused` (see
-    `_mosaic_common.batched`)."""
+    `jax.vmap` the mapped axis joins N, except with `fused`: its in-place dQ sum (a
+    `jax.new_ref`) cannot sit inside `custom_vmap`, which has no state discharge rule,
+    so the fused kernel cannot be batched (`FUSED_FROM = None` turns it off)."""
     run = functools.partial(
         _dkv, activation=activation, bias=bias, interpret=interpret, fused=fused
     )

@@ -155,25 +155,14 @@ def fold_vmap(fn, *arrays):
     @call.def_vmap
     def _fold(axis_size, in_batched, *xs):
         whole = [
-            x if batched else jnp.broadcast_to(x, (axis_size, *x.shape))
-            for x, batched in zip(xs, in_batched, strict=True)
+            x if mapped else jnp.broadcast_to(x, (axis_size, *x.shape))
+            for x, mapped in zip(xs, in_batched, strict=True)
         ]
         outs = call(*(x.reshape(-1, *x.shape[2:]) for x in whole))
         outs = jax.tree.map(lambda y: y.reshape(axis_size, -1, *y.shape[1:]), outs)
         return outs, jax.tree.map(lambda _: True, outs)
 
     return call(*arrays)
-
-
-def batched(*arrays) -> bool:
-    """Whether `jax.vmap` is tracing any of `arrays` (a private JAX type; False where it
-    is missing). A kernel that keeps state (the fused backward's in-place dQ sum) cannot
-    go through `fold_vmap`: `custom_vmap` has no state discharge rule."""
-    try:
-        from jax._src.interpreters.batching import BatchTracer
-    except ImportError:
-        return False
-    return any(isinstance(x, BatchTracer) for x in arrays)
 
 
 def launch(kernel, scratch, out_type, grid, grid_names, interpret, *inputs):

@@ -252,8 +252,7 @@ def _flash_bwd(o, residuals, d_out):
     q, k, v, tables, out, lse, q_inner, k_inner = residuals
     if _mosaic_backward_follows(o):
         args = (q, k, v, d_out, o.activation, o.bias, o.interpret)
-        # Under vmap the pair: the fused kernel's in-place dQ sum cannot be batched.
-        if _mosaic_backward.use_fused(q.shape[-2]) and not _mosaic_common.batched(q, d_out):
+        if _mosaic_backward.use_fused(q.shape[-2]):
             return (*_mosaic_backward.mosaic_dkv(*args, fused=True), ())
         dq = _mosaic_backward.mosaic_dq(*args)
         dk, dvv = _mosaic_backward.mosaic_dkv(*args)

@@ -273,7 +273,7 @@ def test_mosaic_backward_kernels_match_reference(activation, seq, dim, fused, he
 def test_mosaic_kernels_under_vmap(kernel):
     # Mosaic GPU kernels have no batching rule: under vmap the mapped axis joins their
     # leading axis N (`_mosaic_common.fold_vmap`), here with an unbatched value input.
-    # (The fused backward is not batched: `attention` takes the pair under vmap.)
+    # (Not the fused backward: see `mosaic_dkv`.)
     import eqx_xlstm._mosaic as mosaic
     import eqx_xlstm._mosaic_backward as mosaic_backward
 
@@ -293,31 +293,6 @@ def test_mosaic_kernels_under_vmap(kernel):
         one = jax.jit(fn)(q[i], k[i], v, g[i])
         for got, want in zip(jax.tree.leaves(batched), jax.tree.leaves(one), strict=True):
             np.testing.assert_array_equal(np.asarray(got[i]), np.asarray(want))
-
-
-def test_batched_sees_vmap_in_a_custom_vjp_backward():
-    # `_pallas` picks the dQ + dK/dV pair over the fused backward when the backward rule
-    # runs under vmap; `batched` is how it knows.
-    from eqx_xlstm._mosaic_common import batched
-
-    seen = []
-
-    @jax.custom_vjp
-    def f(x):
-        return x * 2
-
-    def f_fwd(x):
-        return f(x), x
-
-    def f_bwd(x, g):
-        seen.append(batched(x, g))
-        return (g * 2,)
-
-    f.defvjp(f_fwd, f_bwd)
-    x = jnp.ones((3, 4))
-    jax.grad(lambda x: f(x).sum())(x)
-    jax.jit(jax.vmap(jax.grad(lambda x: f(x).sum())))(x)
-    assert seen == [False, True]
 
 
 def count_calls(monkeypatch, module, name):
