@@ -278,11 +278,12 @@ def mosaic_dkv(q, k, v, d_out, activation, bias, interpret, fused=False):
 def _dkv(q, k, v, d_out, activation, bias, interpret, fused):
     n, seq, dim = q.shape
     n_tiles = seq // ROWS
+    scale = dim**-0.5
     kernel = functools.partial(
         _kernel,
         activation=activation,
         bias=bias,
-        scale=dim**-0.5,
+        scale=scale,
         n_tiles=n_tiles,
         interpret=interpret,
         fused=fused,
@@ -330,7 +331,7 @@ def _dkv(q, k, v, d_out, activation, bias, interpret, fused):
     if not fused:
         return dk, dv
     dq = jax.freeze(inputs[-1]).sum(0)
-    dq = dq * dim**-0.5  # the kernel's dS came without the scale
+    dq = dq * scale  # the kernel's dS came without it
     return dq.astype(q.dtype), dk, dv
 
 
