@@ -53,6 +53,7 @@ from ._mosaic_common import (
     block_grid,
     claim_registers,
     fold_vmap,
+    in_gmem,
     iota,
     launch,
     staged,
@@ -266,13 +267,11 @@ def mosaic_dkv(q, k, v, d_out, activation, bias, interpret, fused=False):
     """dK, dV for `q`, `k`, `v`, `d_out`: `(N, S, D)`, S a multiple of 128. With
     `fused`, dQ too, `(dq, dk, dv)`: the same kernel adds each tile's dS K into a
     float32 sum across CUDA blocks, so the weights are computed once, not twice. Under
-    `jax.vmap` the mapped axis joins N, except with `fused`: its in-place dQ sum (a
-    `jax.new_ref`) cannot sit inside `custom_vmap`, which has no state discharge rule,
-    so the fused kernel cannot be batched (`FUSED_FROM = None` turns it off)."""
+    `jax.vmap` the mapped axis joins N."""
     run = functools.partial(
         _dkv, activation=activation, bias=bias, interpret=interpret, fused=fused
     )
-    return run(q, k, v, d_out) if fused else fold_vmap(run, q, k, v, d_out)
+    return fold_vmap(run, q, k, v, d_out)
 
 
 def _dkv(q, k, v, d_out, activation, bias, interpret, fused):
@@ -320,18 +319,21 @@ def _dkv(q, k, v, d_out, activation, bias, interpret, fused):
     inputs = [q, k, v, d_out]
     if interpret:
         inputs += [jnp.swapaxes(q, 1, 2), jnp.swapaxes(d_out, 1, 2)]
-    if fused:  # the float32 dQ sum, zeroed, updated in place
-        # Interpreted, warpgroups that add to the same columns keep a sum each.
-        copies = 2 if interpret and _dq_part_width(dim) == dim else 1
-        dq_sum = jnp.zeros((copies, *q.shape), jnp.float32)
-        inputs.append(jax.new_ref(dq_sum, memory_space=plgpu.GMEM))
     out_type = (jax.ShapeDtypeStruct(k.shape, k.dtype), jax.ShapeDtypeStruct(v.shape, v.dtype))
     grid, names = block_grid(seq // (2 * ROWS), "k", n)
-    dk, dv = launch(kernel, scratch, out_type, grid, names, interpret, *inputs)
     if not fused:
-        return dk, dv
-    dq = jax.freeze(inputs[-1]).sum(0)
-    dq = dq * scale  # the kernel's dS came without it
+        return launch(kernel, scratch, out_type, grid, names, interpret, *inputs)
+
+    def update(dq_sum, dk_ref, dv_ref):  # the kernel adds into dq_sum in place
+        dk_ref[...], dv_ref[...] = launch(
+            kernel, scratch, out_type, grid, names, interpret, *inputs, dq_sum
+        )
+
+    # Interpreted, warpgroups that add to the same columns keep a sum each.
+    copies = 2 if interpret and _dq_part_width(dim) == dim else 1
+    zeros = jnp.zeros((copies, *q.shape), jnp.float32)
+    dq, dk, dv = in_gmem(update, zeros, jnp.zeros_like(k), jnp.zeros_like(v))
+    dq = dq.sum(0) * scale  # the kernel's dS came without the scale
     return dq.astype(q.dtype), dk, dv
 
 

@@ -165,10 +165,35 @@ def fold_vmap(fn, *arrays):
     return call(*arrays)
 
 
+class _InGmem:
+    """An initial value for `in_gmem`'s refs."""
+
+    def __init__(self, value):
+        self.value = value
+
+
+def _gmem_ref_aval(init: _InGmem):
+    from jax._src.state.types import AbstractRef  # private: refs with a memory space
+
+    return AbstractRef(jax.typeof(init.value), memory_space=plgpu.GMEM), init.value
+
+
+def in_gmem(fn, *values):
+    """The final values of refs in GPU global memory that start as `values` and that
+    `fn(*refs)` updates (a kernel may add into them in place). Pure from the outside,
+    so it may sit inside `custom_vmap` (`fold_vmap`), where `jax.new_ref` may not: JAX
+    has no state rule for it. `pl.run_state`'s refs carry no memory space, which Mosaic
+    GPU kernels need, hence the private mapping below."""
+    from jax._src.state import types
+
+    types._ref_type_aval_mappings.setdefault(_InGmem, _gmem_ref_aval)
+    return pl.run_state(lambda refs: fn(*refs))(tuple(_InGmem(x) for x in values))
+
+
 def launch(kernel, scratch, out_type, grid, grid_names, interpret, *inputs):
     """Run `kernel(*input_and_output_refs, scratch_refs)` as a Mosaic GPU kernel with
     two compute warpgroups and one streaming, `scratch` allocated in shared memory for
-    all three. An input may be a `jax.new_ref` in GMEM, which the kernel updates in
+    all three. An input may be a ref in GMEM (`in_gmem`), which the kernel updates in
     place."""
 
     def entry(*refs):

@@ -153,11 +153,18 @@ def test_pallas_bf16_and_xla_rope_match_reference(activation, monkeypatch):
         assert_kernel_close(got, expected, jnp.bfloat16, f" FUSE={fuse}")
 
 
-@pytest.mark.parametrize("activation", ["sigmoid", "softmax"])
-def test_pallas_under_vmap_over_heads(activation):
+@pytest.mark.parametrize(
+    "activation, fused", [("sigmoid", False), ("sigmoid", True), ("softmax", False)]
+)
+def test_pallas_under_vmap_over_heads(activation, fused, monkeypatch):
     # `eqx.filter_vmap` over the heads axis, as the README shows: on a Hopper GPU the
-    # Mosaic kernels (sigmoid forward and backward, softmax forward without a gradient)
-    # run batched; elsewhere the Triton kernels, interpreted. Same as the unbatched call.
+    # Mosaic kernels (sigmoid forward and backward, the fused backward or the dQ + dK/dV
+    # pair; softmax forward without a gradient) run batched; elsewhere the Triton
+    # kernels, interpreted. Same as the unbatched call.
+    import eqx_xlstm._mosaic_backward as mosaic_backward
+
+    monkeypatch.setattr(mosaic_backward, "FUSED_FROM", 0 if fused else None)
+    jax.clear_caches()  # the knob is read when tracing
     on_gpu = jax.default_backend() == "gpu"
     dtype, dim, seq = (jnp.bfloat16, 64, 200) if on_gpu else (jnp.float32, 16, 40)
     q, k, v, g = inputs(seq, shape=(2, 2), dqk=dim, dv=dim, dtype=dtype, seed=6)
@@ -269,11 +276,11 @@ def test_mosaic_backward_kernels_match_reference(activation, seq, dim, fused, he
         np.testing.assert_allclose(got.astype(jnp.float32), want, atol=2e-2 * scale, rtol=2e-2)
 
 
-@pytest.mark.parametrize("kernel", ["forward", "dkv", "dq"])
+@pytest.mark.parametrize("kernel", ["forward", "dkv", "dq", "fused"])
 def test_mosaic_kernels_under_vmap(kernel):
     # Mosaic GPU kernels have no batching rule: under vmap the mapped axis joins their
-    # leading axis N (`_mosaic_common.fold_vmap`), here with an unbatched value input.
-    # (Not the fused backward: see `mosaic_dkv`.)
+    # leading axis N (`_mosaic_common.fold_vmap`), here with an unbatched value input;
+    # the fused backward's in-place dQ sum too.
     import eqx_xlstm._mosaic as mosaic
     import eqx_xlstm._mosaic_backward as mosaic_backward
 
@@ -286,6 +293,9 @@ def test_mosaic_kernels_under_vmap(kernel):
             q, k, v, g, "sigmoid", -5.5, interpret
         ),
         "dq": lambda q, k, v, g: mosaic_backward.mosaic_dq(q, k, v, g, "sigmoid", -5.5, interpret),
+        "fused": lambda q, k, v, g: mosaic_backward.mosaic_dkv(
+            q, k, v, g, "sigmoid", -5.5, interpret, fused=True
+        ),
     }
     fn = calls[kernel]
     batched = jax.jit(jax.vmap(fn, in_axes=(0, 0, None, 0)))(q, k, v, g)
