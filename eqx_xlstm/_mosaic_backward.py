@@ -56,6 +56,7 @@ from ._mosaic_common import (
     in_gmem,
     iota,
     launch,
+    ref_type_mappings,
     staged,
     stream_tiles,
     tiled_smem,
@@ -267,10 +268,13 @@ def mosaic_dkv(q, k, v, d_out, activation, bias, interpret, fused=False):
     """dK, dV for `q`, `k`, `v`, `d_out`: `(N, S, D)`, S a multiple of 128. With
     `fused`, dQ too, `(dq, dk, dv)`: the same kernel adds each tile's dS K into a
     float32 sum across CUDA blocks, so the weights are computed once, not twice. Under
-    `jax.vmap` the mapped axis joins N."""
+    `jax.vmap` the mapped axis joins N (the fused kernel only where `in_gmem` can hide
+    its in-place sum)."""
     run = functools.partial(
         _dkv, activation=activation, bias=bias, interpret=interpret, fused=fused
     )
+    if fused and ref_type_mappings() is None:
+        return run(q, k, v, d_out)
     return fold_vmap(run, q, k, v, d_out)
 
 

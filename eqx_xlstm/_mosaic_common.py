@@ -173,9 +173,20 @@ class _InGmem:
 
 
 def _gmem_ref_aval(init: _InGmem):
-    from jax._src.state.types import AbstractRef  # private: refs with a memory space
+    from jax._src.state.types import AbstractRef
 
     return AbstractRef(jax.typeof(init.value), memory_space=plgpu.GMEM), init.value
+
+
+def ref_type_mappings() -> dict | None:
+    """JAX's (private) table of how `run_state` turns an initial value into a ref, or
+    None where this jax has none."""
+    try:
+        from jax._src.state import types
+
+        return types._ref_type_aval_mappings
+    except (ImportError, AttributeError):
+        return None
 
 
 def in_gmem(fn, *values):
@@ -183,10 +194,14 @@ def in_gmem(fn, *values):
     `fn(*refs)` updates (a kernel may add into them in place). Pure from the outside,
     so it may sit inside `custom_vmap` (`fold_vmap`), where `jax.new_ref` may not: JAX
     has no state rule for it. `pl.run_state`'s refs carry no memory space, which Mosaic
-    GPU kernels need, hence the private mapping below."""
-    from jax._src.state import types
-
-    types._ref_type_aval_mappings.setdefault(_InGmem, _gmem_ref_aval)
+    GPU kernels need, hence an entry in JAX's private table; without that table,
+    `jax.new_ref` (correct, but the caller then cannot be vmapped)."""
+    mappings = ref_type_mappings()
+    if mappings is None:
+        refs = [jax.new_ref(x, memory_space=plgpu.GMEM) for x in values]
+        fn(*refs)
+        return tuple(jax.freeze(r) for r in refs)
+    mappings.setdefault(_InGmem, _gmem_ref_aval)
     return pl.run_state(lambda refs: fn(*refs))(tuple(_InGmem(x) for x in values))
 
 

@@ -305,6 +305,28 @@ def test_mosaic_kernels_under_vmap(kernel):
             np.testing.assert_array_equal(np.asarray(got[i]), np.asarray(want))
 
 
+def test_fused_backward_without_jax_ref_table(monkeypatch):
+    # `in_gmem` leans on a private JAX table; where a jax lacks it, the fused backward
+    # falls back to `jax.new_ref` and gives the same gradients (unbatched).
+    import eqx_xlstm._mosaic_backward as mosaic_backward
+    import eqx_xlstm._mosaic_common as mosaic_common
+
+    interpret = mosaic_interpret_or_skip("sigmoid", 64)
+    q, k, v, g = inputs(128, shape=(2,), dqk=64, dv=64, dtype=jnp.bfloat16, seed=9)
+
+    def grads(q, k, v, g):
+        return mosaic_backward.mosaic_dkv(q, k, v, g, "sigmoid", -5.5, interpret, fused=True)
+
+    with_table = jax.jit(grads)(q, k, v, g)
+    for module in (mosaic_common, mosaic_backward):
+        monkeypatch.setattr(module, "ref_type_mappings", lambda: None)
+    without = jax.jit(lambda *a: grads(*a))(q, k, v, g)  # a fresh trace
+    for got, want in zip(without, with_table, strict=True):
+        np.testing.assert_allclose(
+            np.asarray(got.astype(jnp.float32)), np.asarray(want.astype(jnp.float32)), atol=1e-6
+        )
+
+
 def count_calls(monkeypatch, module, name):
     """Wrap `module.name` so each call (each trace, under jit) appends to the list
     returned."""
