@@ -49,11 +49,11 @@ def out_and_grads(implementation, q, k, v, g, mask, activation, pre="none"):
 
 
 def assert_kernel_close(got, expected, dtype, label=""):
-    """Outputs and gradients of a kernel path against the reference path. bf16 weights
-    carry ~2^-8 relative error each and 'none' outputs are unbounded sums, so the bf16
+    """Outputs and gradients of a kernel path against the reference path. 16-bit
+    weights carry up to ~2^-8 relative error each and 'none' outputs are unbounded sums, so the bf16
     tolerance scales with the largest reference value."""
     for name, a, b in zip(("out", "dq", "dk", "dv"), got, expected):
-        if jnp.dtype(dtype) == jnp.bfloat16:
+        if jnp.dtype(dtype).itemsize == 2:  # bf16 or fp16
             scale = max(1.0, float(np.abs(b).max()))
             np.testing.assert_allclose(a, b, atol=3e-2 * scale, rtol=2e-2, err_msg=name + label)
         else:
@@ -123,6 +123,15 @@ def test_pallas_matches_reference(activation, seq, pre):
     expected = out_and_grads("reference", q, k, v, g, None, activation, pre)
     got = out_and_grads("pallas", q, k, v, g, None, activation, pre)
     assert_kernel_close(got, expected, dtype)
+
+
+@pytest.mark.parametrize("activation", ACTIVATIONS)
+def test_pallas_float16_matches_reference(activation):
+    # fp16 as well as bf16 (the Triton kernels here; the Mosaic ones in the tests below).
+    q, k, v, g = inputs(150, shape=(2,), dqk=16, dv=32, dtype=jnp.float16, seed=2)
+    expected = out_and_grads("reference", q, k, v, g, None, activation, "swish")
+    got = out_and_grads("pallas", q, k, v, g, None, activation, "swish")
+    assert_kernel_close(got, expected, jnp.float16)
 
 
 @pytest.mark.parametrize("activation", ["softmax", "sigmoid"])  # 'none' shares the RoPE code
@@ -204,16 +213,16 @@ def mosaic_interpret_or_skip(activation, dim):
 
 
 @pytest.mark.parametrize(
-    "activation, seq, dim, turns, heads, heads_outer",
+    "activation, seq, dim, turns, heads, heads_outer, dtype",
     [
-        ("sigmoid", 256, 128, "issued", 2, True),
-        ("sigmoid", 256, 64, "done", 2, False),
-        ("none", 512, 64, None, 1, True),  # 4 key tiles through 3 slots: one is refilled
-        ("softmax", 512, 64, "issued", 1, True),
+        ("sigmoid", 256, 128, "issued", 2, True, jnp.bfloat16),
+        ("sigmoid", 256, 64, "done", 2, False, jnp.float16),
+        ("none", 512, 64, None, 1, True, jnp.bfloat16),  # 4 key tiles, 3 slots: one refilled
+        ("softmax", 512, 64, "issued", 1, True, jnp.bfloat16),
     ],
 )
 def test_mosaic_kernel_matches_reference(
-    activation, seq, dim, turns, heads, heads_outer, monkeypatch
+    activation, seq, dim, turns, heads, heads_outer, dtype, monkeypatch
 ):
     # The Mosaic GPU forward kernel itself: compiled on a GPU, Mosaic GPU interpret mode
     # (threads, shared memory and barriers simulated) on a CPU. `turns`: ping-pong turns
@@ -226,7 +235,7 @@ def test_mosaic_kernel_matches_reference(
     monkeypatch.setattr(mosaic, "HANDOFF", turns or "issued")
     monkeypatch.setattr(mosaic_common, "HEADS_OUTER", heads_outer)
     interpret = mosaic_interpret_or_skip(activation, dim)
-    q, k, v, _ = inputs(seq, shape=(heads,), dqk=dim, dv=dim, dtype=jnp.bfloat16, seed=5)
+    q, k, v, _ = inputs(seq, shape=(heads,), dqk=dim, dv=dim, dtype=dtype, seed=5)
     bias = -float(np.log(seq))
     kernel = jax.jit(lambda q, k, v: mosaic.mosaic_forward(q, k, v, activation, bias, interpret))
     got = np.asarray(kernel(q, k, v).astype(jnp.float32))
@@ -243,16 +252,20 @@ def test_mosaic_kernel_matches_reference(
 
 # S=384: up to 3 key tiles (dQ) and 6 query tiles (dK/dV) through 2 slots: slots refill.
 @pytest.mark.parametrize(
-    "activation, seq, dim, fused, heads",
-    [("sigmoid", 256, 128, True, 2), ("none", 256, 64, True, 1), ("none", 384, 64, False, 2)],
+    "activation, seq, dim, fused, heads, dtype",
+    [
+        ("sigmoid", 256, 128, True, 2, jnp.bfloat16),
+        ("none", 256, 64, True, 1, jnp.float16),
+        ("none", 384, 64, False, 2, jnp.bfloat16),
+    ],
 )
-def test_mosaic_backward_kernels_match_reference(activation, seq, dim, fused, heads):
+def test_mosaic_backward_kernels_match_reference(activation, seq, dim, fused, heads, dtype):
     # The Mosaic GPU backward kernels themselves (interpret mode on a CPU) against
     # autodiff of a float32 reference: dK/dV with dQ fused in, or dQ and dK/dV apart.
     from eqx_xlstm._mosaic_backward import mosaic_dkv, mosaic_dq
 
     interpret = mosaic_interpret_or_skip(activation, dim)
-    q, k, v, g = inputs(seq, shape=(heads,), dqk=dim, dv=dim, dtype=jnp.bfloat16, seed=6)
+    q, k, v, g = inputs(seq, shape=(heads,), dqk=dim, dv=dim, dtype=dtype, seed=6)
     bias = -float(np.log(seq))
 
     def reference(q, k, v):
@@ -336,11 +349,17 @@ def count_calls(monkeypatch, module, name):
 
 
 @pytest.mark.parametrize(
-    "activation, fused", [("sigmoid", False), ("sigmoid", True), ("none", True)]
+    "activation, fused, dtype",
+    [
+        ("sigmoid", False, jnp.bfloat16),
+        ("sigmoid", True, jnp.bfloat16),
+        ("sigmoid", True, jnp.float16),
+        ("none", True, jnp.bfloat16),
+    ],
 )
-def test_pallas_uses_mosaic_forward_on_hopper(activation, fused, monkeypatch):
+def test_pallas_uses_mosaic_forward_on_hopper(activation, fused, dtype, monkeypatch):
     # Mosaic forward and backward kernels (the dQ + dK/dV pair, or the fused one)
-    # through `attention`, on a Hopper GPU.
+    # through `attention`, on a Hopper GPU; bf16 and fp16.
     import eqx_xlstm._mosaic as mosaic
     import eqx_xlstm._mosaic_backward as mosaic_backward
     import eqx_xlstm._mosaic_common as mosaic_common
@@ -348,15 +367,15 @@ def test_pallas_uses_mosaic_forward_on_hopper(activation, fused, monkeypatch):
     monkeypatch.setattr(mosaic_backward, "FUSED_FROM", 0 if fused else None)
     jax.clear_caches()  # the knob is read when tracing
 
-    reason = mosaic_common.unsupported(activation, jnp.bfloat16, 64, 64)
+    reason = mosaic_common.unsupported(activation, dtype, 64, 64)
     if reason:
         pytest.skip(f"the Mosaic forward is not used here: {reason}")
     calls = count_calls(monkeypatch, mosaic, "mosaic_forward")
-    q, k, v, g = inputs(200, shape=(2,), dqk=64, dv=64, dtype=jnp.bfloat16, seed=4)
+    q, k, v, g = inputs(200, shape=(2,), dqk=64, dv=64, dtype=dtype, seed=4)
     expected = out_and_grads("reference", q, k, v, g, None, activation, "swish")
     got = out_and_grads("pallas", q, k, v, g, None, activation, "swish")
     assert calls, "the Mosaic kernel was not used"
-    assert_kernel_close(got, expected, jnp.bfloat16)
+    assert_kernel_close(got, expected, dtype)
 
 
 def test_pallas_softmax_forward_uses_mosaic_on_hopper(monkeypatch):
