@@ -50,8 +50,8 @@ def out_and_grads(implementation, q, k, v, g, mask, activation, pre="none"):
 
 def assert_kernel_close(got, expected, dtype, label=""):
     """Outputs and gradients of a kernel path against the reference path. 16-bit
-    weights carry up to ~2^-8 relative error each and 'none' outputs are unbounded sums, so the bf16
-    tolerance scales with the largest reference value."""
+    weights carry up to ~2^-8 relative error each and 'none' outputs are unbounded sums,
+    so the 16-bit tolerance scales with the largest reference value."""
     for name, a, b in zip(("out", "dq", "dk", "dv"), got, expected):
         if jnp.dtype(dtype).itemsize == 2:  # bf16 or fp16
             scale = max(1.0, float(np.abs(b).max()))
