@@ -27,7 +27,8 @@ import jax
 import jax.numpy as jnp
 
 import eqx_xlstm as ex
-from eqx_xlstm._dispatch import cudnn_unsupported, pallas_unsupported
+from eqx_xlstm.implementations import CuDNN, Triton
+from eqx_xlstm.spec import AttentionSpec, default_device
 
 parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
 parser.add_argument("--batch", type=int, default=1)
@@ -105,8 +106,16 @@ def dpa(implementation):
     return fn
 
 
+def serves(implementation, activation):
+    platform, capability = default_device()
+    spec = AttentionSpec(
+        activation, "none", "causal", dtype, (B, H), 1024, D, D, 0.0, platform, capability
+    )
+    return implementation.unsupported(spec) is None
+
+
 def can_cudnn(activation):
-    return cudnn_unsupported(activation, True, dtype, D, D) is None
+    return serves(CuDNN(), activation)
 
 
 rows = []
@@ -130,7 +139,7 @@ for seq in [int(s) for s in args.seqs.split(",")]:
             entries.append(("ours chunked", activation, ours(activation, "chunked"), qkv))
             if can_cudnn(activation):
                 entries.append(("ours cudnn", activation, ours(activation, "cudnn"), qkv))
-            if platform == "gpu" and pallas_unsupported(activation, True, dtype, D, D) is None:
+            if platform == "gpu" and serves(Triton(), activation):
                 entries.append(("ours pallas", activation, ours(activation, "pallas"), qkv))
         for name, activation, fn, inputs in entries:
             if args.only and name not in args.only.split(","):

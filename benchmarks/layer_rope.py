@@ -24,8 +24,8 @@ import jax.numpy as jnp
 from timing import bare_causal_attention, median_ms, print_table_header
 
 import eqx_xlstm as ex
-from eqx_xlstm._dispatch import prepare_qk
-from eqx_xlstm._rope import precompute_freqs
+from eqx_xlstm import maths
+from eqx_xlstm.nn.rope import precompute_freqs
 
 parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
 parser.add_argument("--batch", type=int, default=4)
@@ -60,7 +60,7 @@ def layer(attend):
 
 def pass_only(sin, cos):
     def attend(q, k, v):
-        q, k = prepare_qk(q, k, "swish", sin, cos)
+        q, k = (maths.prepare(x, "swish", sin, cos, jnp.float32) for x in (q, k))
         return q.astype(v.dtype) + k.astype(v.dtype) + v
 
     return attend

@@ -2,13 +2,13 @@
 
 Checks the kernel against a float32 reference at small shapes, then times forward
 calls at bf16, B*NH=64, S=8192 (`--seq`), D=128, causal, without RoPE (kernels only):
-bare cuDNN softmax, our Triton sigmoid forward, and the Mosaic kernel with and without
-ping-pong turns (passed when the matmuls are issued, the default, or done), with the exp
-form of the sigmoid, with two key/value slots and launched with the heads inner (the old
-order), plus the 'none' and softmax activations. Then the backward pass: the Mosaic dQ and dK/dV
-kernels, and dK/dV with dQ fused in, each also with the heads inner, against cuDNN's
-softmax backward (its fwd+bwd time less its forward time; fwd+bwd as `value_and_grad`,
-so nothing is dropped).
+bare cuDNN softmax, our Triton sigmoid forward, and the Mosaic kernel for sigmoid,
+'none' and softmax. Then the backward pass: the Mosaic dQ and dK/dV kernels, and dK/dV
+with dQ fused in, against cuDNN's softmax backward (its fwd+bwd time less its forward
+time; fwd+bwd as `value_and_grad`, so nothing is dropped). The variants that lost
+(no ping-pong, turns passed when done, the exp form of the sigmoid, two key/value
+slots, heads launched inner) are gone from the kernels; their rounds are in
+docs/benchmarks.md.
 
     python benchmarks/mosaic_kernels.py [--seq 16384]
 """
@@ -20,10 +20,11 @@ import jax.numpy as jnp
 import numpy as np
 from timing import bare_causal_attention, median_ms
 
-import eqx_xlstm._mosaic as mosaic
-import eqx_xlstm._mosaic_backward as mosaic_backward
-import eqx_xlstm._mosaic_common as mosaic_common
-import eqx_xlstm._pallas as pallas
+from eqx_xlstm.implementations import Triton
+from eqx_xlstm.implementations.mosaic import backward as mosaic_backward
+from eqx_xlstm.implementations.mosaic import forward as mosaic
+from eqx_xlstm.implementations.triton.kernels import Launch, flash
+from eqx_xlstm.spec import AttentionSpec
 
 parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
 parser.add_argument("--seq", type=int, default=8192)
@@ -66,29 +67,15 @@ bias = -float(np.log(S))
 print(f"bf16 N={N} S={S} D={D}, causal, forward only, no RoPE")
 
 
-pallas.MOSAIC = False
-triton = bench(lambda q, k, v: pallas.pallas_attention(q, k, v, "sigmoid", bias), q, k, v)
-pallas.MOSAIC = True
-times = {"bare cuDNN softmax": bench(bare_causal_attention, q, k, v), "Triton sigmoid": triton}
-# Each knob and the module that reads it when a kernel is traced.
-knobs = {"PINGPONG": mosaic, "HANDOFF": mosaic, "STAGES": mosaic}
-knobs |= {"SIGMOID": mosaic_common, "HEADS_OUTER": mosaic_common}
-default = {name: getattr(module, name) for name, module in knobs.items()}
-for label, change in [
-    ("Mosaic sigmoid (ping-pong, tanh form)", {}),
-    ("Mosaic sigmoid (turn passed when done)", dict(HANDOFF="done")),
-    ("Mosaic sigmoid (no ping-pong)", dict(PINGPONG=False)),
-    ("Mosaic sigmoid (exp form)", dict(SIGMOID="exp")),
-    ("Mosaic sigmoid (2 key/value slots)", dict(STAGES=2)),
-    ("Mosaic sigmoid (heads inner)", dict(HEADS_OUTER=False)),
-]:
-    for name, value in {**default, **change}.items():
-        setattr(knobs[name], name, value)
-    times[label] = bench(mosaic_call("sigmoid", bias), q, k, v)
-for name, value in default.items():
-    setattr(knobs[name], name, value)
-times["Mosaic 'none'"] = bench(mosaic_call("none", bias), q, k, v)
-times["Mosaic softmax"] = bench(mosaic_call("softmax", 0.0), q, k, v)
+spec = AttentionSpec("sigmoid", "none", "causal", jnp.bfloat16, (N,), S, D, D, bias, "gpu")
+launch = Launch(spec, Triton().forward, Triton().backward, interpret=False)
+times = {
+    "bare cuDNN softmax": bench(bare_causal_attention, q, k, v),
+    "Triton sigmoid": bench(lambda q, k, v: flash(q, k, v, launch), q, k, v),
+    "Mosaic sigmoid": bench(mosaic_call("sigmoid", bias), q, k, v),
+    "Mosaic 'none'": bench(mosaic_call("none", bias), q, k, v),
+    "Mosaic softmax": bench(mosaic_call("softmax", 0.0), q, k, v),
+}
 base = times["bare cuDNN softmax"]
 for label, ms in times.items():
     print(f"{label:40s} {ms:7.2f} ms   {ms / base:5.2f} x cuDNN")
@@ -118,11 +105,7 @@ def backward_kernels():
 
 cudnn_bwd = bench(cudnn_fwd_bwd, q, k, v) - base
 print(f"{'cuDNN softmax backward (fwd+bwd - fwd)':44s} {cudnn_bwd:7.2f} ms")
-for outer in (True, False):
-    mosaic_common.HEADS_OUTER = outer
-    times = backward_kernels()
-    times["backward (dQ + dK/dV)"] = times["dQ"] + times["dK/dV"]
-    order = "heads outer" if outer else "heads inner"
-    for label, ms in times.items():
-        print(f"{f'Mosaic {label}, {order}':44s} {ms:7.2f} ms   {ms / cudnn_bwd:5.2f} x cuDNN")
-mosaic_common.HEADS_OUTER = default["HEADS_OUTER"]
+times = backward_kernels()
+times["backward (dQ + dK/dV)"] = times["dQ"] + times["dK/dV"]
+for label, ms in times.items():
+    print(f"{f'Mosaic {label}':44s} {ms:7.2f} ms   {ms / cudnn_bwd:5.2f} x cuDNN")

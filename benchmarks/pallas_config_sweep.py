@@ -1,10 +1,8 @@
 """Sweep the Pallas kernels' configuration on a GPU, next to the peers.
 
-Sweeps the Triton kernels (the Mosaic GPU ones are switched off, see
-benchmarks/mosaic_kernels.py for those). Sets the module-level settings of
-`eqx_xlstm._pallas` (forward and backward block
-sizes, warps, stages; where swish + RoPE run: `FUSE`),
-clears the jit caches, and prints fwd and fwd+bwd times of causal attention (bf16,
+Sweeps the Triton kernels (`implementation=Triton(forward=..., backward=...)`: block
+sizes, warps, stages; benchmarks/mosaic_kernels.py times the Mosaic GPU ones) and
+prints fwd and fwd+bwd times of causal attention (bf16,
 B=4, NH=16, D=128, swish + RoPE) for each activation, with the largest error against
 the reference path at S=300. Peers in the same run: bare cuDNN softmax (no RoPE), our
 cuDNN path (swish + RoPE by XLA in front), and jax's own Mosaic GPU flash attention
@@ -22,7 +20,7 @@ import jax.numpy as jnp
 from timing import median_ms
 
 import eqx_xlstm as ex
-import eqx_xlstm._pallas as pallas
+from eqx_xlstm.implementations import Triton
 
 parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
 parser.add_argument("--seq", type=int, default=8192)
@@ -107,22 +105,13 @@ def both_passes(label, fn, xs):
     report(f"{label}: fwd+bwd", fwd_and_bwd(fn), xs)
 
 
-def configure(fwd=None, bwd=None, fuse=None):
-    pallas.MOSAIC = False  # this sweeps the Triton kernels (Hopper would use Mosaic ones)
-    pallas.FWD_CONFIG = fwd or DEFAULTS[0]
-    pallas.BWD_CONFIG = bwd or DEFAULTS[1]
-    pallas.FUSE = fuse or DEFAULTS[2]
-    jax.clear_caches()
-
-
 def max_error(activation):
     small = [jax.random.normal(key, (2, 3, 300, D), jnp.bfloat16) for key in keys]
-    got = ours(activation, "pallas")(*small).astype(jnp.float32)
+    got = ours(activation, Triton())(*small).astype(jnp.float32)
     want = ours(activation, "reference")(*small).astype(jnp.float32)
     return float(jnp.max(jnp.abs(got - want)))
 
 
-DEFAULTS = (pallas.FWD_CONFIG, pallas.BWD_CONFIG, pallas.FUSE)
 keys = jax.random.split(jax.random.key(0), 3)
 qkv = [jax.random.normal(key, (B, H, S, D), jnp.bfloat16) for key in keys]
 bshd = [x.transpose(0, 2, 1, 3) for x in qkv]
@@ -138,18 +127,12 @@ try:
 except Exception as err:  # noqa: BLE001
     print(f"jax Mosaic GPU flash softmax: unavailable: {type(err).__name__}: {err}")
 for activation in args.activations.split(","):
-    fn = ours(activation, "pallas")
-    for fuse in pallas.FUSE_MODES:
-        configure(fuse=fuse)
-        both_passes(f"{activation} pallas defaults, FUSE={fuse!r}", fn, qkv)
-    configure()
+    both_passes(f"{activation} triton defaults", ours(activation, Triton()), qkv)
     print(f"{activation} max error vs reference (S=300): {max_error(activation):.4f}")
     if args.no_sweep:
         continue
     for config in FWD_CONFIGS:
-        configure(fwd=config)
-        report(f"{activation} fwd {config}", fn, qkv)
+        report(f"{activation} fwd {config}", ours(activation, Triton(forward=config)), qkv)
     for config in BWD_CONFIGS:
-        configure(bwd=config)
-        report(f"{activation} fwd+bwd, bwd {config}", fwd_and_bwd(fn), qkv)
-    configure()
+        fn = fwd_and_bwd(ours(activation, Triton(backward=config)))
+        report(f"{activation} fwd+bwd, bwd {config}", fn, qkv)

@@ -15,8 +15,8 @@ import jax
 import jax.numpy as jnp
 from timing import bare_causal_attention, median_ms, print_table_header, random_qkv
 
-from eqx_xlstm._dispatch import prepare_qk
-from eqx_xlstm._rope import precompute_freqs
+from eqx_xlstm import maths
+from eqx_xlstm.nn.rope import precompute_freqs
 
 parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
 parser.add_argument("--batch", type=int, default=4)
@@ -32,7 +32,7 @@ def bench(fn, *xs):
 
 
 def rope_pass(q, k, sin, cos):
-    q, k = prepare_qk(q, k, "swish", sin, cos)
+    q, k = (maths.prepare(x, "swish", sin, cos, jnp.float32) for x in (q, k))
     return q.astype(jnp.bfloat16), k.astype(jnp.bfloat16)
 
 

@@ -23,7 +23,7 @@ import jax.numpy as jnp
 from timing import median_ms, print_table_header, random_qkv
 
 import eqx_xlstm as ex
-import eqx_xlstm._mosaic_backward as mosaic_backward
+from eqx_xlstm.implementations import Mosaic
 
 parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
 parser.add_argument("--seqs", default="4096,8192,16384")
@@ -57,14 +57,8 @@ def bare(q, k, v):
 
 def sigmoid_backward(fused, qkv):
     """fwd+bwd ms of the sigmoid path with the fused backward or the pair."""
-    default = mosaic_backward.FUSED_FROM
-    mosaic_backward.FUSED_FROM = 0 if fused else None
-    jax.clear_caches()  # the choice is made when tracing
-    try:
-        return median_ms(value_and_grad(ours("sigmoid")), *qkv, repeats=args.repeats)
-    finally:
-        mosaic_backward.FUSED_FROM = default
-        jax.clear_caches()
+    mosaic = Mosaic(fused_backward_from=0 if fused else None)
+    return median_ms(value_and_grad(ours("sigmoid", mosaic)), *qkv, repeats=args.repeats)
 
 
 def xla_times(seq, qkv):
@@ -121,7 +115,7 @@ for seq in (int(s) for s in args.seqs.split(",")):
         )
         if args.xla:
             fwd, fb = xla_times(seq, qkv)
-            ours_fb = t["fused"] if mosaic_backward.use_fused(seq) else t["pair"]
+            ours_fb = t["fused"] if seq >= Mosaic().fused_backward_from else t["pair"]
             cells = (fwd[0], fb[0], fwd[1], fb[1])
             row += " " + " | ".join(f"{x:.3f}" if x else "-" for x in cells) + " |"
             row += f" {min(filter(None, fwd)) / t['sigmoid']:.1f}"

@@ -1,34 +1,48 @@
-"""eqx_xlstm: xLSTM-style sequence mixing in Equinox."""
+"""eqx_xlstm: xLSTM-style sequence mixing in Equinox.
 
-from ._attention import attention
-from ._attention_backend import mLSTMBackendAttention, mLSTMBackendAttentionConfig
-from ._backend import mLSTMBackend
-from ._buffers import trainable_filter
-from ._checkpoint import load_checkpoint, read_checkpoint_metadata, save_checkpoint
-from ._layers import Block, LanguageModel, ModelConfig, MultiHeadMixer
-from ._registry import BACKENDS, create_mlstm_backend
-from ._rope import apply_rotary_emb, precompute_freqs
-from ._typecheck import set_typechecking, typechecking_enabled
+Layers, from the bottom up (docs/architecture.md): `maths` (one head), `spec` (one
+call), `implementations` (reference, chunked, linear, cudnn, triton, mosaic),
+`dispatch` (the table that picks one), `functional.attention`, and `nn` (RoPE, the
+backend, decoding states, layers).
+"""
+
+from . import implementations
+from .checkpoint import load_checkpoint, read_checkpoint_metadata, save_checkpoint
+from .functional import attention
+from .nn.attention_backend import mLSTMBackendAttention, mLSTMBackendAttentionConfig
+from .nn.backend import mLSTMBackend
+from .nn.buffers import trainable_filter
+from .nn.decoding import KVCache, LinearState, StateIdentity
+from .nn.layers import Block, LanguageModel, ModelConfig, MultiHeadMixer
+from .nn.registry import BACKENDS, create_mlstm_backend
+from .nn.rope import apply_rotary_emb, precompute_freqs
+from .spec import AttentionSpec
+from .typecheck import set_typechecking, typechecking_enabled
 
 __all__ = [
     "BACKENDS",
+    "AttentionSpec",
     "Block",
+    "KVCache",
     "LanguageModel",
+    "LinearState",
     "ModelConfig",
     "MultiHeadMixer",
+    "StateIdentity",
     "apply_rotary_emb",
     "attention",
     "create_mlstm_backend",
+    "implementations",
     "load_checkpoint",
-    "read_checkpoint_metadata",
-    "save_checkpoint",
     "mLSTMBackend",
     "mLSTMBackendAttention",
     "mLSTMBackendAttentionConfig",
     "precompute_freqs",
+    "read_checkpoint_metadata",
+    "save_checkpoint",
     "set_typechecking",
     "trainable_filter",
     "typechecking_enabled",
 ]
 
-__version__ = "0.1.0"
+__version__ = "0.2.0"

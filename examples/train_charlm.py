@@ -6,25 +6,24 @@ for validation; the script reports validation loss and ends with a generated sam
 
     python examples/train_charlm.py               # about a minute on a 2-core CPU
     python examples/train_charlm.py --activation sigmoid --steps 1000 --out runs/sig
+
+From Python: `main(CharLMConfig(...))` returns the final values.
 """
 
 import argparse
+import dataclasses
 import pathlib
-import sys
 import sysconfig
 
 import equinox as eqx
 import jax
 import jax.numpy as jnp
 import numpy as np
+import training
 
-sys.path.insert(0, str(pathlib.Path(__file__).parent))
-import common  # noqa: E402
+import eqx_xlstm as ex
 
-import eqx_xlstm as ex  # noqa: E402
-
-# Settings: data and model.
-STDLIB_MODULES = [
+STDLIB_MODULES = (
     "textwrap.py",
     "argparse.py",
     "dataclasses.py",
@@ -33,86 +32,126 @@ STDLIB_MODULES = [
     "bisect.py",
     "fractions.py",
     "statistics.py",
-]
+)
 VOCAB_SIZE = 128  # ASCII
-CONTEXT_LENGTH = 128
-EMBEDDING_DIM = 128
-NUM_HEADS = 4
-NUM_BLOCKS = 2
-VALIDATION_WINDOWS = 64
-SAMPLE_PROMPT = "def "
-SAMPLE_LENGTH = 120
-
-parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-common.add_training_args(parser, steps=400, out="runs/charlm", batch_size=32, lr=2e-3)
-parser.add_argument("--temperature", type=float, default=0.8, help="sampling temperature")
-parser.add_argument("--top-k", type=int, default=None, help="sample from the k likeliest")
-args = parser.parse_args()
-common.check_args(args)
-
-stdlib = pathlib.Path(sysconfig.get_paths()["stdlib"])
-text = "\n".join(
-    (stdlib / name).read_text(encoding="utf-8")
-    for name in STDLIB_MODULES
-    if (stdlib / name).is_file()
-)
-data = np.frombuffer(text.encode("ascii", errors="replace"), np.uint8).astype(np.int32)
-split = int(0.9 * len(data))
-train_data, val_data = jnp.asarray(data[:split]), jnp.asarray(data[split:])
-print(
-    f"text: {len(data):,} characters from {len(STDLIB_MODULES)} stdlib modules; "
-    f"train {split:,}, validation {len(data) - split:,}"
-)
 
 
-def windows(source, starts):
-    """(tokens, targets, weights) for windows of CONTEXT_LENGTH + 1 characters."""
-    index = starts[:, None] + jnp.arange(CONTEXT_LENGTH + 1)[None, :]
+@dataclasses.dataclass(frozen=True)
+class CharLMConfig:
+    """The data, the model, how to train it and how to sample from it."""
+
+    train: training.TrainConfig = training.TrainConfig(
+        steps=400, out="runs/charlm", batch_size=32, lr=2e-3
+    )
+    modules: tuple[str, ...] = STDLIB_MODULES
+    context_length: int = 128
+    embedding_dim: int = 128
+    num_heads: int = 4
+    num_blocks: int = 2
+    validation_windows: int = 64
+    sample_prompt: str = "def "
+    sample_length: int = 120
+    temperature: float = 0.8
+    top_k: int | None = None
+
+    def check(self) -> None:
+        # Sampling settings first: they would otherwise fail only after training.
+        if not self.temperature >= 0:
+            raise training.UsageError(f"--temperature must be >= 0, got {self.temperature}")
+        if self.top_k is not None and not 1 <= self.top_k <= VOCAB_SIZE:
+            raise training.UsageError(f"--top-k must be in 1..{VOCAB_SIZE}, got {self.top_k}")
+        training.check(self.train)
+
+    def model_config(self) -> ex.ModelConfig:
+        backend_config = ex.BACKENDS[self.train.backend].config_class(
+            activation_function=self.train.activation
+        )
+        return ex.ModelConfig(
+            vocab_size=VOCAB_SIZE,
+            context_length=self.context_length,
+            embedding_dim=self.embedding_dim,
+            num_heads=self.num_heads,
+            num_blocks=self.num_blocks,
+            backend=self.train.backend,
+            backend_config=backend_config,
+        )
+
+
+def load_text(modules) -> np.ndarray:
+    """The modules' source as int32 ASCII codes."""
+    stdlib = pathlib.Path(sysconfig.get_paths()["stdlib"])
+    text = "\n".join(
+        (stdlib / name).read_text(encoding="utf-8") for name in modules if (stdlib / name).is_file()
+    )
+    return np.frombuffer(text.encode("ascii", errors="replace"), np.uint8).astype(np.int32)
+
+
+def windows(source, starts, length):
+    """(tokens, targets, weights) for windows of `length` + 1 characters."""
+    index = starts[:, None] + jnp.arange(length + 1)[None, :]
     chunk = source[index]
     return chunk[:, :-1], chunk[:, 1:], jnp.ones(chunk[:, 1:].shape, jnp.float32)
 
 
-@jax.jit
-def make_batch(key, step):
-    """The batch of a step: random windows of the training text."""
-    limit = len(train_data) - CONTEXT_LENGTH - 1
-    starts = jax.random.randint(jax.random.fold_in(key, step), (args.batch_size,), 0, limit)
-    return windows(train_data, starts)
-
-
-config = ex.ModelConfig(
-    vocab_size=VOCAB_SIZE,
-    context_length=CONTEXT_LENGTH,
-    embedding_dim=EMBEDDING_DIM,
-    num_heads=NUM_HEADS,
-    num_blocks=NUM_BLOCKS,
-    backend=args.backend,
-    backend_config=ex.BACKENDS[args.backend].config_class(activation_function=args.activation),
-)
-run, model = common.train(
-    args, config, make_batch, data_settings={"modules": STDLIB_MODULES, "chars": len(data)}
-)
-
-val_starts = jnp.linspace(0, len(val_data) - CONTEXT_LENGTH - 1, VALIDATION_WINDOWS).astype(int)
-val_loss = float(
-    jax.jit(lambda m, *b: common.masked_cross_entropy(jax.vmap(m)(b[0]), *b[1:]))(
-        model, *windows(val_data, val_starts)
+def main(config: CharLMConfig) -> dict:
+    """Train, report validation loss and a sample, print and return the final values."""
+    config.check()
+    data = load_text(config.modules)
+    split = int(0.9 * len(data))
+    train_data, val_data = jnp.asarray(data[:split]), jnp.asarray(data[split:])
+    print(
+        f"text: {len(data):,} characters from {len(config.modules)} stdlib modules; "
+        f"train {split:,}, validation {len(data) - split:,}"
     )
-)
-print(f"validation loss: {val_loss:.4f} nats/char")
+    length, batch_size = config.context_length, config.train.batch_size
+
+    @jax.jit
+    def make_batch(key, step):
+        """The batch of a step: random windows of the training text."""
+        limit = len(train_data) - length - 1
+        starts = jax.random.randint(jax.random.fold_in(key, step), (batch_size,), 0, limit)
+        return windows(train_data, starts, length)
+
+    settings = {"modules": list(config.modules), "chars": len(data)}
+    run, model = training.train(
+        config.train, config.model_config(), make_batch, data_settings=settings
+    )
+
+    val_starts = jnp.linspace(0, len(val_data) - length - 1, config.validation_windows).astype(int)
+    loss = lambda m, *b: training.masked_cross_entropy(jax.vmap(m)(b[0]), *b[1:])
+    val_loss = float(jax.jit(loss)(model, *windows(val_data, val_starts, length)))
+    print(f"validation loss: {val_loss:.4f} nats/char")
+
+    prompt = jnp.asarray(list(config.sample_prompt.encode()), jnp.int32)
+    generate = eqx.filter_jit(model.generate)  # decodes with the attention key/value cache
+    generated = generate(
+        prompt,
+        config.sample_length,
+        jax.random.key(config.train.seed + 7),
+        temperature=config.temperature,
+        top_k=config.top_k,
+    )
+    sample = bytes(np.asarray(generated, np.uint8)).decode("ascii", errors="replace")
+    print("sample:\n" + config.sample_prompt + sample)
+    return training.print_final(
+        step=run.step, loss=run.losses[-1], val_loss=val_loss, out=config.train.out
+    )
 
 
-prompt = jnp.asarray(list(SAMPLE_PROMPT.encode()), jnp.int32)
-generate = eqx.filter_jit(model.generate)  # decodes with the attention key/value cache
-generated = generate(
-    prompt,
-    SAMPLE_LENGTH,
-    jax.random.key(args.seed + 7),
-    temperature=args.temperature,
-    top_k=args.top_k,
-)
-sample_text = SAMPLE_PROMPT + bytes(np.asarray(generated, np.uint8)).decode(
-    "ascii", errors="replace"
-)
-print("sample:\n" + sample_text)
-common.print_final(step=run.step, loss=run.losses[-1], val_loss=val_loss, out=args.out)
+def parse_args(argv=None) -> CharLMConfig:
+    defaults = CharLMConfig()
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    training.add_arguments(parser, defaults.train)
+    parser.add_argument("--temperature", type=float, default=defaults.temperature)
+    parser.add_argument("--top-k", type=int, default=None, help="sample from the k likeliest")
+    args = parser.parse_args(argv)
+    return dataclasses.replace(
+        defaults,
+        train=training.from_arguments(args),
+        temperature=args.temperature,
+        top_k=args.top_k,
+    )
+
+
+if __name__ == "__main__":
+    training.run_main(main, parse_args())

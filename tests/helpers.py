@@ -1,4 +1,5 @@
-"""Shared tolerances, golden-vector loading and a float64 NumPy reference."""
+"""What the tests share: one input helper, the tolerances, golden-vector loading, a
+float64 NumPy reference, and specs for the implementation protocol."""
 
 import json
 import os
@@ -9,18 +10,95 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-# ../shared/golden beside the repository; EQX_XLSTM_GOLDEN overrides (e.g. on a GPU box).
-GOLDEN_PATH = pathlib.Path(
+import eqx_xlstm as ex
+from eqx_xlstm.spec import default_device
+
+# ../shared/golden beside the repository; EQX_XLSTM_GOLDEN (the file or its folder)
+# overrides, e.g. on a GPU machine.
+_GOLDEN = pathlib.Path(
     os.environ.get("EQX_XLSTM_GOLDEN")
     or pathlib.Path(__file__).resolve().parents[1] / ".." / "shared" / "golden"
 )
-GOLDEN_FILE = GOLDEN_PATH / "attention_golden.npz"
+GOLDEN_FILE = _GOLDEN if _GOLDEN.suffix == ".npz" else _GOLDEN / "attention_golden.npz"
 
+# The tolerances of ../shared/golden/README.md, used by every test.
 F32_OUT = dict(atol=2e-5, rtol=2e-5)
 F32_GRAD = dict(atol=1e-4, rtol=2e-5)
 BF16 = dict(atol=3e-2, rtol=0)
 ROPE = dict(atol=1e-5, rtol=0)
 FREQS = dict(atol=5e-5, rtol=0)
+# 16-bit kernels against the reference: weights carry up to ~2^-8 relative error each
+# and 'none' outputs are unbounded sums, so the tolerance scales with the largest value.
+HALF_KERNEL = dict(atol=3e-2, rtol=2e-2)
+
+ACTIVATIONS = ("softmax", "sigmoid", "none")
+
+
+def random_inputs(seq=9, batch=(2, 3), dqk=8, dv=6, dtype=jnp.float32, seed=0):
+    """Standard-normal `(q, k, v, g)`: queries and keys `(*batch, seq, dqk)`, values and
+    an output cotangent `(*batch, seq, dv)`."""
+    kq, kk, kv, kg = jax.random.split(jax.random.key(seed), 4)
+    q = jax.random.normal(kq, (*batch, seq, dqk), dtype)
+    k = jax.random.normal(kk, (*batch, seq, dqk), dtype)
+    v = jax.random.normal(kv, (*batch, seq, dv), dtype)
+    return q, k, v, jax.random.normal(kg, v.shape, dtype)
+
+
+def random_mask(seq, seed=0, p=0.5):
+    return jax.random.bernoulli(jax.random.key(seed), p, (seq, seq))
+
+
+def out_and_grads(q, k, v, g, mask=None, jit=False, **kwargs):
+    """`attention`'s output and (dq, dk, dv) for cotangent `g`, as float32 NumPy; with
+    `jit`, the whole computation under `jax.jit`."""
+
+    def run(q, k, v, g):
+        out, vjp = jax.vjp(lambda q, k, v: ex.attention(q, k, v, mask, **kwargs), q, k, v)
+        return (out, *vjp(g))
+
+    return [np.asarray(x.astype(jnp.float32)) for x in (jax.jit(run) if jit else run)(q, k, v, g)]
+
+
+def assert_all_close(got, expected, dtype, label=""):
+    """Output and gradients (lists, as `out_and_grads` returns) within the shared
+    tolerance for `dtype`: F32 for float32 and wider, HALF_KERNEL for 16-bit."""
+    names = ("out", "dq", "dk", "dv")
+    for name, a, b in zip(names, got, expected, strict=True):
+        if jnp.dtype(dtype).itemsize == 2:
+            scale = max(1.0, float(np.abs(b).max()))
+            tol = dict(atol=HALF_KERNEL["atol"] * scale, rtol=HALF_KERNEL["rtol"])
+        else:
+            tol = F32_OUT if name == "out" else F32_GRAD
+        np.testing.assert_allclose(a, b, **tol, err_msg=name + label)
+        assert np.isfinite(a).all(), name + label
+
+
+def spec(**changes):
+    """An AttentionSpec (causal softmax, float32, S=64, D=64 on a CPU) with `changes`."""
+    base = dict(
+        activation="softmax",
+        pre_activation="none",
+        mask="causal",
+        dtype=jnp.float32,
+        batch_shape=(2,),
+        seq_len=64,
+        dqk=64,
+        dv=64,
+        sigmoid_bias=-4.0,
+        platform="cpu",
+    )
+    return ex.AttentionSpec(**(base | changes))
+
+
+def here(**changes):
+    """`spec` on this machine's default device."""
+    platform, capability = default_device()
+    return spec(**({"platform": platform, "gpu_capability": capability} | changes))
+
+
+def on_hopper(**changes):
+    """`spec` on an H100/H200-class GPU, bfloat16."""
+    return spec(**({"platform": "gpu", "gpu_capability": "9.0", "dtype": jnp.bfloat16} | changes))
 
 
 def load_golden():
@@ -31,12 +109,13 @@ def load_golden():
     return archive, json.loads(str(archive["manifest"]))
 
 
-def golden_cases(kind):
-    """Case dicts of one kind, for parametrization (empty when the file is absent)."""
+def golden_cases(kind, keep=lambda case: True):
+    """Case dicts of one kind for which `keep` holds, for parametrization (one
+    placeholder, which skips, when the file is absent)."""
     if not GOLDEN_FILE.exists():
         return [pytest.param(None, id="golden-missing")]
     cases = json.loads(str(np.load(GOLDEN_FILE)["manifest"]))
-    return [pytest.param(c, id=c["id"]) for c in cases if c["kind"] == kind]
+    return [pytest.param(c, id=c["id"]) for c in cases if c["kind"] == kind and keep(c)]
 
 
 def naive_rope(x, theta):
@@ -84,11 +163,7 @@ def naive_attention(
     return out
 
 
-def random_qkv(shape=(2, 3, 9, 8), dv=6, seed=0, dtype=jnp.float32):
-    """Random queries and keys of `shape`, values with last axis `dv`."""
-    kq, kk, kv = jax.random.split(jax.random.key(seed), 3)
-    return (
-        jax.random.normal(kq, shape, dtype),
-        jax.random.normal(kk, shape, dtype),
-        jax.random.normal(kv, (*shape[:-1], dv), dtype),
-    )
+# Blocks and chunks small enough that test sequences span many of them, and rarely a
+# whole number of them.
+SMALL_CHUNKED = ex.implementations.Chunked(block=5)
+SMALL_LINEAR = ex.implementations.Linear(chunk=4)

@@ -5,20 +5,15 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
-from helpers import naive_attention, random_qkv
+from helpers import ACTIVATIONS, F32_OUT, naive_attention, random_inputs, random_mask
 
 import eqx_xlstm as ex
 
-ACTIVATIONS = ["softmax", "sigmoid", "none"]
 PRE = ["none", "swish"]
 
 
-def qkv(shape=(2, 3, 9, 8), dv=6, seed=0, dtype=jnp.float32):
-    return random_qkv(shape, dv, seed, dtype)
-
-
-def random_mask(seq, seed=0, p=0.5):
-    return jax.random.bernoulli(jax.random.key(seed), p, (seq, seq))
+def qkv(seed=0, dtype=jnp.float32, **kwargs):
+    return random_inputs(seed=seed, dtype=dtype, **kwargs)[:3]
 
 
 @pytest.mark.parametrize("activation", ACTIVATIONS)
@@ -33,7 +28,7 @@ def test_matches_naive_float64(activation, pre, masked):
     expected = naive_attention(
         q, k, v, None if mask is None else np.asarray(mask), activation, pre, 200.0
     )
-    np.testing.assert_allclose(out, expected, atol=2e-5, rtol=2e-5)
+    np.testing.assert_allclose(out, expected, **F32_OUT)
 
 
 @pytest.mark.parametrize("activation", ACTIVATIONS)
@@ -107,7 +102,7 @@ def test_qkv_dtype_casts_inputs_and_output():
 
 
 def test_bf16_large_logits_stay_finite():
-    q, k, v = qkv(shape=(1, 64, 64), dtype=jnp.bfloat16)
+    q, k, v = qkv(batch=(1,), seq=64, dqk=64, dv=64, dtype=jnp.bfloat16)
     out = ex.attention(q * 100, k * 100, v)
     assert out.dtype == jnp.bfloat16
     assert np.isfinite(np.asarray(out, np.float32)).all()
@@ -149,10 +144,7 @@ def test_sigmoid_bias_default_and_override():
     other = ex.attention(q, k, v, activation_function="sigmoid", sigmoid_bias=0.0)
     np.testing.assert_allclose(default, explicit, atol=1e-6)
     np.testing.assert_allclose(
-        other,
-        naive_attention(q, k, v, activation="sigmoid", sigmoid_bias=0.0),
-        atol=2e-5,
-        rtol=2e-5,
+        other, naive_attention(q, k, v, activation="sigmoid", sigmoid_bias=0.0), **F32_OUT
     )
 
 
@@ -164,6 +156,6 @@ def test_silu_and_swish_are_the_same():
 
 
 def test_single_position_and_no_heads_axis():
-    q, k, v = qkv(shape=(1, 4))
+    q, k, v = qkv(batch=(), seq=1, dqk=4, dv=4)
     out = ex.attention(q, k, v)
     np.testing.assert_allclose(out, v, atol=1e-6)  # softmax over one key = 1

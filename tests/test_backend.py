@@ -7,7 +7,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
-from helpers import naive_attention, random_qkv
+from helpers import F32_OUT, naive_attention, random_inputs
 
 import eqx_xlstm as ex
 
@@ -18,7 +18,8 @@ def make(context_length=16, head_dim=8, **kwargs):
 
 
 def qkv(shape=(2, 3, 10, 8), dv=6, seed=0, dtype=jnp.float32):
-    return random_qkv(shape, dv, seed, dtype)
+    *batch, seq, dqk = shape
+    return random_inputs(seq, tuple(batch), dqk, dv, dtype, seed)[:3]
 
 
 def test_is_a_backend_with_buffers():
@@ -70,7 +71,7 @@ def test_sigmoid_bias_uses_context_length():
     backend = make(context_length=16, activation_function="sigmoid")
     q, k, v = qkv()
     expected = naive_attention(q, k, v, activation="sigmoid", sigmoid_bias=-np.log(16))
-    np.testing.assert_allclose(backend(q, k, v), expected, atol=2e-5, rtol=2e-5)
+    np.testing.assert_allclose(backend(q, k, v), expected, **F32_OUT)
 
 
 @pytest.mark.parametrize("activation", ["softmax", "sigmoid", "none"])

@@ -5,29 +5,40 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
-from helpers import random_qkv
+from helpers import ACTIVATIONS, random_inputs
 
 import eqx_xlstm as ex
 
-ACTIVATIONS = ["softmax", "sigmoid", "none"]
 
-
-def make(activation="softmax", pre="none", context_length=24, head_dim=8):
+def make(activation="softmax", pre="none", context_length=24, head_dim=8, theta=1e4):
     config = ex.mLSTMBackendAttentionConfig(
         context_length=context_length,
         activation_function=activation,
         qk_pre_activation_function=pre,
+        theta=theta,
     )
     return ex.mLSTMBackendAttention(config, qk_head_dim=head_dim)
 
 
 def qkv(shape=(2, 3, 20, 8), dv=6, seed=0):
-    return random_qkv(shape, dv, seed)
+    *batch, seq, dqk = shape
+    return random_inputs(seq, tuple(batch), dqk, dv, seed=seed)[:3]
 
 
-def in_pieces(backend, q, k, v, pieces, step=None):
+def arrays_step(b, q, k, v, *state):
+    """The mLSTM cell's interface: the state as three arrays (c, n, m)."""
+    h, (c, n, m) = b(q, k, v, None, None, *state, return_last_states=True)
+    return h, (c, n, m)
+
+
+def typed_step(b, q, k, v, *state):
+    """The typed state, passed whole."""
+    h, new = b(q, k, v, return_last_states=True, state=state[0] if state else None)
+    return h, (new,)
+
+
+def in_pieces(backend, q, k, v, pieces, step=arrays_step):
     """Outputs of feeding the sequence in `pieces` (lengths), state carried along."""
-    step = step or (lambda b, q, k, v, *s: b(q, k, v, None, None, *s, return_last_states=True))
     outputs, state, start = [], (), 0
     for length in pieces:
         part = slice(start, start + length)
@@ -46,9 +57,11 @@ CHUNKINGS = {"prompt-then-tokens": [5] + [1] * 15, "uneven": [3, 1, 4, 1, 5, 2, 
 def test_pieces_equal_parallel_call(activation, pre, chunking):
     backend = make(activation, pre)
     q, k, v = qkv()
-    pieces, state = in_pieces(backend, q, k, v, CHUNKINGS[chunking])
+    step = typed_step if chunking == "uneven" else arrays_step
+    pieces, state = in_pieces(backend, q, k, v, CHUNKINGS[chunking], step)
     np.testing.assert_allclose(pieces, backend(q, k, v), atol=1e-5, rtol=1e-5)
-    np.testing.assert_array_equal(state[2], 20)
+    _, _, m = state[0] if len(state) == 1 else state
+    np.testing.assert_array_equal(m, 20)
 
 
 @pytest.mark.parametrize("activation", ACTIVATIONS)
@@ -58,10 +71,12 @@ def test_pieces_under_jit_and_vmapped_over_heads(activation):
 
     @eqx.filter_jit
     def step(backend, q, k, v, *state):
-        def one_head(q, k, v, *state):
-            return backend(q, k, v, None, None, *(state or (None,) * 3), return_last_states=True)
+        def one_head(q, k, v, state):
+            return backend(q, k, v, return_last_states=True, state=state)
 
-        return eqx.filter_vmap(one_head, in_axes=1, out_axes=(1, 1))(q, k, v, *state)
+        state = state[0] if state else None
+        h, state = eqx.filter_vmap(one_head, in_axes=1, out_axes=1)(q, k, v, state)
+        return h, (state,)
 
     pieces, _ = in_pieces(backend, q, k, v, [4, 1, 1, 3, 1, 2], step=step)
     np.testing.assert_allclose(pieces, backend(q, k, v), atol=1e-5, rtol=1e-5)
@@ -102,14 +117,19 @@ def test_one_compiled_step_serves_every_position(activation):
 def test_state_contents_documented():
     backend = make("softmax", context_length=10)
     q, k, v = qkv(shape=(3, 4, 8))
-    _, (c, n, m) = backend(q, k, v, return_last_states=True)
+    _, state = backend(q, k, v, return_last_states=True)
+    assert isinstance(state, ex.KVCache)
+    c, n, m = state  # the mLSTM cell's names
+    assert (c, n, m) == (state.keys, state.values, state.length)
     assert c.shape == (3, 10, 8) and n.shape == (3, 10, 6) and m.shape == (3,)
     np.testing.assert_array_equal(n[:, :4], v)
     np.testing.assert_array_equal(n[:, 4:], 0.0)
     rotated, _ = ex.apply_rotary_emb(k, k)
     np.testing.assert_allclose(c[:, :4], rotated, atol=1e-6)
     np.testing.assert_array_equal(m, 4)
-    _, (c, n, m) = make("none")(q, k, v, return_last_states=True)
+    _, linear = make("none")(q, k, v, return_last_states=True)
+    assert isinstance(linear, ex.LinearState)
+    c, n, m = linear
     np.testing.assert_allclose(c, jnp.einsum("bsd,bsv->bdv", rotated, v), atol=1e-5)
     np.testing.assert_allclose(n, rotated.sum(1), atol=1e-5)
 
@@ -138,6 +158,35 @@ def test_state_from_another_backend_is_refused():
     _, small = make("softmax", head_dim=4)(q4, k4, v, return_last_states=True)
     with pytest.raises(ValueError, match="qk_head_dim=8"):
         make("softmax")(q, k, v, None, None, *small)
+
+
+@pytest.mark.parametrize(
+    "other, message",
+    [
+        (dict(theta=500.0), "theta=500.0"),
+        (dict(pre="swish"), "pre_activation='swish'"),
+        (dict(context_length=30), "context_length=30"),
+        (dict(activation="sigmoid"), "activation='sigmoid'"),
+    ],
+)
+def test_typed_state_from_another_configuration_is_refused(other, message):
+    # Same shapes, other settings: arrays alone could not tell, the typed state does.
+    q, k, v = qkv(shape=(2, 4, 8))
+    _, state = make(**({"context_length": 24} | other))(q, k, v, return_last_states=True)
+    with pytest.raises(ValueError, match=f"other settings: {message}"):
+        make()(q, k, v, state=state)
+    with pytest.raises(TypeError, match="state"):
+        make()(q, k, v, state=tuple(state))
+    with pytest.raises(ValueError, match="not both"):
+        make()(q, k, v, None, None, *make()(q, k, v, return_last_states=True)[1], state=state)
+
+
+def test_typed_state_of_another_batch_is_refused():
+    q, k, v = qkv(shape=(2, 4, 8))
+    _, state = make()(q, k, v, return_last_states=True)
+    q3, k3, v3 = qkv(shape=(3, 4, 8))
+    with pytest.raises(ValueError, match="batch shape"):
+        make()(q3, k3, v3, state=state)
 
 
 def test_mixed_batch_shapes_are_refused():

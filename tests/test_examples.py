@@ -26,16 +26,19 @@ def shared_compilation_cache(tmp_path_factory):
     CACHE_ENV.clear()
 
 
-def run(script, *args, devices=None):
+def run(script, *args, devices=None, code=None):
+    """Run an example script with `args`, or Python `code` beside the examples."""
     env = {**os.environ, **CACHE_ENV, "JAX_PLATFORMS": "cpu"}
     if devices:
         env["XLA_FLAGS"] = f"--xla_force_host_platform_device_count={devices}"
+    command = ["-c", code] if code else [str(EXAMPLES / script), *args]
     return subprocess.run(
-        [sys.executable, str(EXAMPLES / script), *args],
+        [sys.executable, *command],
         capture_output=True,
         text=True,
         env=env,
         timeout=300,
+        cwd=EXAMPLES if code else None,
     )
 
 
@@ -95,6 +98,35 @@ def test_mqar_runs_and_resumes_exactly(tmp_path):
     assert resumed["step"] == 8
     assert resumed["loss"] == one_go["loss"]
     assert resumed["accuracy"] == one_go["accuracy"]
+
+
+def test_checkpoint_rebuilds_its_model(tmp_path):
+    # The header holds the model config as data: the checkpoint alone rebuilds the
+    # model, which scores the held-out set exactly as the run did.
+    args = ["--steps", "3", "--activation", "sigmoid", "--out", str(tmp_path), *MQAR_SMALL]
+    trained = final(run("train_mqar.py", *args))
+    code = f"""
+import dataclasses, jax, jax.numpy as jnp, training, train_mqar
+model, header = training.load_model({str(tmp_path)!r})
+assert model.config.backend_config.activation_function == "sigmoid", model.config
+config = train_mqar.MQARConfig()
+tokens, targets, weights = train_mqar.mqar_batch(
+    config, jax.random.fold_in(jax.random.key(0), 2), config.eval_sequences
+)
+hits = (jnp.argmax(jax.vmap(model)(tokens), -1) == targets) * weights
+print(float(jnp.sum(hits) / jnp.sum(weights)), header["step"])
+"""
+    result = run(None, code=code)
+    assert result.returncode == 0, result.stderr[-3000:]
+    accuracy, step = result.stdout.split()
+    assert float(accuracy) == trained["accuracy"] and int(step) == 3
+
+
+def test_charlm_checks_sampling_settings_before_training(tmp_path):
+    for bad in (["--top-k", "0"], ["--temperature", "-1"]):
+        result = run("train_charlm.py", "--steps", "1", "--out", str(tmp_path / "x"), *bad)
+        assert result.returncode == 2 and "error: --" in result.stderr
+        assert not (tmp_path / "x").exists()
 
 
 def test_sharded_run_matches_single_device(tmp_path):

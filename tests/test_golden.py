@@ -4,9 +4,21 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
-from helpers import BF16, F32_GRAD, F32_OUT, FREQS, ROPE, golden_cases, load_golden
+from helpers import (
+    BF16,
+    F32_GRAD,
+    F32_OUT,
+    FREQS,
+    ROPE,
+    SMALL_CHUNKED,
+    SMALL_LINEAR,
+    golden_cases,
+    here,
+    load_golden,
+)
 
 import eqx_xlstm as ex
+from eqx_xlstm.implementations import CuDNN, Triton
 
 
 def run_case(case, archive, **kwargs):
@@ -55,12 +67,22 @@ def test_attention_golden(case):
 
 
 @pytest.mark.parametrize("case", golden_cases("attn"))
-def test_attention_golden_chunked_path(case, small_blocks):
-    # small_blocks: blocks of 5 and linear chunks of 4, so S is rarely a multiple. The
-    # default path above is the reference at these sizes on a CPU
-    # (test_implementations.py::test_default_selection); cuDNN and Pallas follow below.
+def test_attention_golden_chunked_path(case):
+    # Blocks of 5, so S is rarely a multiple. The default path above is the reference
+    # at these sizes on a CPU (test_dispatch.py::test_default_table_on_a_cpu); the
+    # kernels follow below.
     archive, _ = load_golden()
-    check_case(case, archive, implementation="chunked")
+    check_case(case, archive, implementation=SMALL_CHUNKED)
+
+
+def _causal_none(case):
+    return case["activation_function"] == "none" and case["mask"] == "causal"
+
+
+@pytest.mark.parametrize("case", golden_cases("attn", _causal_none))
+def test_attention_golden_linear_path(case):
+    archive, _ = load_golden()
+    check_case(case, archive, implementation=SMALL_LINEAR)
 
 
 @pytest.mark.parametrize("case", golden_cases("freqs"))
@@ -93,40 +115,27 @@ def test_apply_rotary_emb_golden(case):
     np.testing.assert_allclose(xk, archive[prefix + "xk_out"], **ROPE)
 
 
-def _cudnn_cases():
-    return [
-        p
-        for p in golden_cases("attn")
-        if p.values[0] is None
-        or (
-            p.values[0]["input_dtype"] == "bfloat16"
-            and p.values[0]["activation_function"] == "softmax"
-            and p.values[0]["mask"] == "causal"
-        )
-    ]
+def _serves(implementation):
+    """Whether `implementation` serves a golden case on this machine."""
+
+    def keep(case):
+        dtype = jnp.dtype(case["input_dtype"])
+        dims = dict(dqk=case["q_shape"][-1], dv=case["v_shape"][-1])
+        causal = "causal" if case["mask"] == "causal" else "explicit"
+        spec = here(activation=case["activation_function"], mask=causal, dtype=dtype, **dims)
+        return implementation.unsupported(spec) is None
+
+    return keep
 
 
-@pytest.mark.skipif(jax.default_backend() != "gpu", reason="cuDNN needs an NVIDIA GPU")
-@pytest.mark.parametrize("case", _cudnn_cases())
+@pytest.mark.parametrize("case", golden_cases("attn", _serves(CuDNN())))
 def test_attention_golden_cudnn_path(case):
     archive, _ = load_golden()
     check_case(case, archive, implementation="cudnn")
 
 
-def _pallas_cases():
-    from eqx_xlstm._dispatch import pallas_unsupported
-
-    def eligible(case):
-        dqk, dv = case["q_shape"][-1], case["v_shape"][-1]
-        dtype = jnp.dtype(case["input_dtype"])
-        causal = case["mask"] == "causal"
-        return pallas_unsupported(case["activation_function"], causal, dtype, dqk, dv) is None
-
-    return [p for p in golden_cases("attn") if p.values[0] is None or eligible(p.values[0])]
-
-
-@pytest.mark.parametrize("case", _pallas_cases())
-def test_attention_golden_pallas_path(case):
+@pytest.mark.parametrize("case", golden_cases("attn", _serves(Triton())))
+def test_attention_golden_triton_path(case):
     # Pallas interpret mode on a CPU, the Triton kernels on a GPU.
     archive, _ = load_golden()
-    check_case(case, archive, implementation="pallas")
+    check_case(case, archive, implementation="triton")

@@ -130,3 +130,22 @@ def test_checkpoint_roundtrip(tmp_path):
         np.testing.assert_array_equal(a, b)
     with pytest.raises(FileNotFoundError, match="No checkpoint"):
         ex.read_checkpoint_metadata(tmp_path / "missing.eqx")
+
+
+def test_model_config_round_trips_through_json():
+    # A checkpoint header holds the config as data, enough to rebuild the model.
+    import json
+
+    backend = ex.mLSTMBackendAttentionConfig(
+        activation_function="sigmoid",
+        theta=np.float32(500.0),
+        implementation=ex.implementations.Triton(forward=(64, 32, 4, 2)),
+    )
+    config = small_config(num_heads=np.int64(2), backend_config=backend)
+    assert config.num_heads == 2 and type(config.num_heads) is int
+    data = json.loads(json.dumps(config.to_dict()))
+    rebuilt = ex.ModelConfig.from_dict(data)
+    assert rebuilt == config
+    assert rebuilt.backend_config.implementation.forward == (64, 32, 4, 2)
+    model = ex.LanguageModel(rebuilt, key=jax.random.key(0))
+    assert model.blocks[0].mixer.backend.config.theta == 500.0

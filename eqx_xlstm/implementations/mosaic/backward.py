@@ -12,25 +12,12 @@ warpgroups put their dS^T of a query tile in shared memory; once the next tile's
 written (so neither waits for the other), each forms its part of the tile's dQ share,
 dS K over the block's 128 keys for one half of the head dim (for D=64, all of it over
 its own 64 keys), stages it in float32 shared memory and adds it into a float32 dQ in
-global memory with a TMA reduce-add. Since the kernels launch each head's blocks side by
-side (`_mosaic_common.block_grid`), those adds land in L2: on an H100 (bf16, N=64, D=128) it
-took 5.8 ms at S=8192 and 22.4-22.5 ms at 16384 (11.2 and 42.6 ms with the heads
-interleaved), against 5.9-6.2 and 22.8-23.0 ms for the dQ and dK/dV pair
-(benchmarks/results/h100_mosaic_fused_launch_order.txt), before the matmul order below.
-Through `attention` (after the matmul order below, sample times batched on the device)
-it was faster than the pair in every round from S=4096 on (1-6%; 4096: 5 of 5 rounds
-on an H200, 5 of 5 on an H100; 8192-16384: all 9 on an H100, all 4 on an H200), within
-1.3% either way at 2048 (faster in 3 of 3 rounds on an H200, 1 of 2 on an H100) and at
-1024, so `attention` takes it from `FUSED_FROM` on; it plans a float32 dQ
-(benchmarks/results/h100_sigmoid_targets_batched.txt, h100_sigmoid_targets_short.txt,
-h200_sigmoid_targets_batched.txt).
-
-The fused kernel issues a tile's S^T and dP^T together and waits for the previous
-tile's dQ part together with dV and dK: two waits a tile instead of four. That made it
-0.4-6% faster in all 8 interleaved rounds on two H100s (S=8192: 5.71-5.80 against
-5.85-6.07 ms; S=16384: 21.6-22.2 against 22.2-22.3 ms), and only both changes together
-did. The unfused dK/dV kernel got 11-14% slower that way, so it waits for each matmul
-(benchmarks/results/h100_fused_backward_order.txt).
+global memory with a TMA reduce-add. Since the kernels launch each head's blocks side
+by side (`common.block_grid`), those adds land in L2. The fused kernel issues a tile's
+S^T and dP^T together and waits for the previous tile's dQ part together with dV and
+dK: two waits a tile instead of four. The unfused dK/dV kernel measured slower with
+that grouping, so it waits for each matmul. Which of the two `attention` runs is the
+`Mosaic` implementation's `fused_backward_from` (docs/benchmarks.md has the rounds).
 
 `mosaic_dq`: the dQ kernel of the unfused pair, laid out like the forward kernel: two
 compute warpgroups own 64 query rows (and their dO) each and walk 128-key tiles up to
@@ -48,15 +35,15 @@ import jax.numpy as jnp
 from jax.experimental import pallas as pl
 from jax.experimental.pallas import mosaic_gpu as plgpu
 
-from ._mosaic_common import (
-    attention_weights,
+from ... import maths
+from . import jax_private
+from .common import (
     block_grid,
     claim_registers,
     fold_vmap,
     in_gmem,
     iota,
     launch,
-    ref_type_mappings,
     staged,
     stream_tiles,
     tiled_smem,
@@ -64,23 +51,7 @@ from ._mosaic_common import (
 )
 
 ROWS = 64  # keys per compute warpgroup and query rows per streamed tile
-STAGES = 2  # streamed-tile slots: dK/dV measured slower with 3 or 4; dQ fits only 2 at D=128
-# From this sequence length on, `attention` takes dQ from the dK/dV kernel (a float32
-# sum across blocks) rather than from a kernel of its own (None: never); see above.
-FUSED_FROM = 4096
-
-
-def use_fused(seq: int) -> bool:
-    """Whether `attention`'s backward pass runs as one kernel at sequence length `seq`."""
-    return FUSED_FROM is not None and seq >= FUSED_FROM
-
-
-def _score_grad(dp, p, activation, allowed):
-    """dL/d(q k^T) from dP and the weights P (zero where masked), float32, less the
-    factor `scale`: dQ and dK are scaled once at the end instead of every dS."""
-    if activation == "sigmoid":  # sigmoid' = p (1 - p) = p - p p; p is zero where masked
-        return dp * (p - p * p)
-    return dp if allowed is None else jnp.where(allowed, dp, 0.0)
+STAGES = 2  # streamed-tile slots: dK/dV measured slower with more; dQ fits only 2 at D=128
 
 
 def _matmul(a, b, shape):
@@ -151,16 +122,17 @@ def _kernel(*refs, activation, bias, scale, n_tiles, interpret, fused):
                 scores_t, dp_t = _matmuls((own_k, q_t), (own_v, do_t), shape=(rows, rows))
             else:
                 scores_t = _matmul(own_k, q_t, (rows, rows))
-            p_t = attention_weights(scores_t, activation, scale, bias)
+            p_t = maths.weights(scores_t, activation, scale, bias)
             if masked:
                 keys = iota((rows, rows), 0, interpret) + key0
                 queries = iota((rows, rows), 1, interpret) + (first + t) * rows
-                allowed = keys <= queries
+                allowed = maths.visible(queries, keys)
                 p_t = jnp.where(allowed, p_t, 0.0)
             plgpu.wgmma(dv_acc, operand(p_t.astype(k_smem.dtype), 0), do_smem.at[slot])
             if not fused:
                 dp_t = _matmul(own_v, do_t, (rows, rows))
-            ds_t = _score_grad(dp_t, p_t, activation, allowed if masked else None)
+            # Gradient w.r.t. the logits; dK and dQ are scaled once at the end.
+            ds_t = maths.score_grad(dp_t, p_t, activation, allowed if masked else None)
             ds_t = ds_t.astype(k_smem.dtype)
             plgpu.wgmma(dk_acc, operand(ds_t, 1), q_smem.at[slot])
             if fused:  # the previous tile's dQ (the other warpgroup's dS^T of it is
@@ -273,7 +245,7 @@ def mosaic_dkv(q, k, v, d_out, activation, bias, interpret, fused=False):
     run = functools.partial(
         _dkv, activation=activation, bias=bias, interpret=interpret, fused=fused
     )
-    if fused and ref_type_mappings() is None:
+    if fused and jax_private.ref_type_mappings() is None:
         return run(q, k, v, d_out)
     return fold_vmap(run, q, k, v, d_out)
 
@@ -376,14 +348,14 @@ def _dq_kernel(*refs, activation, bias, scale, n_pairs, interpret):
             else:
                 keys_t = k_smem.at[slot].transpose((1, 0))
                 values_t = v_tiles.at[slot].transpose((1, 0))
-            p = attention_weights(_matmul(own_q, keys_t, (rows, bk)), activation, scale, bias)
+            p = maths.weights(_matmul(own_q, keys_t, (rows, bk)), activation, scale, bias)
             dp = _matmul(own_do, values_t, (rows, bk))
             if masked:
                 queries = iota((rows, bk), 0, interpret) + row0
                 keys = iota((rows, bk), 1, interpret) + t * bk
-                allowed = keys <= queries
+                allowed = maths.visible(queries, keys)
                 p = jnp.where(allowed, p, 0.0)
-            ds = _score_grad(dp, p, activation, allowed if masked else None)
+            ds = maths.score_grad(dp, p, activation, allowed if masked else None)
             plgpu.wgmma(dq_acc, operand(ds.astype(k_smem.dtype)), k_smem.at[slot])
             plgpu.wgmma_wait(0)
             plgpu.barrier_arrive(free.at[slot])

@@ -7,18 +7,26 @@ upstream (xlstm_jax / LLaMA) convention, not the rotate-half pairing of
 `equinox.nn.RotaryPositionalEmbedding`.
 """
 
-import math
+import numbers
 
 import jax.numpy as jnp
 import numpy as np
 from jaxtyping import Array, Float
 
-from ._typecheck import typechecked
+from ..maths import rotate_pairs
+from ..spec import accumulation_dtype, real_number, whole_number
+from ..typecheck import typechecked
 
 
-def check_theta(theta: float, name: str = "theta") -> None:
-    if not (isinstance(theta, (int, float)) and math.isfinite(theta) and theta > 0):
+def check_theta(theta: object, name: str = "theta") -> float:
+    """`theta` as a float; a ValueError unless it is a finite number > 0."""
+    try:
+        value = real_number(theta, name)
+    except (TypeError, ValueError):
+        value = None
+    if value is None or value <= 0:
         raise ValueError(f"`{name}` must be a finite number > 0, got {theta!r}.")
+    return value
 
 
 def check_even(dim: int, name: str) -> None:
@@ -29,9 +37,16 @@ def check_even(dim: int, name: str) -> None:
         )
 
 
+def rope_angles(feat_dim: int, max_length: int, theta: float) -> np.ndarray:
+    """`(max_length, feat_dim // 2)` float64 angles `p * theta ** (-2i / feat_dim)`."""
+    exponents = np.arange(0, feat_dim, 2, dtype=np.float64)[: feat_dim // 2] / feat_dim
+    inv_wavelength = 1.0 / (float(theta) ** exponents)
+    return np.outer(np.arange(max_length, dtype=np.float64), inv_wavelength)
+
+
 @typechecked
 def precompute_freqs(
-    feat_dim: int, max_length: int, theta: float = 1e4
+    feat_dim: numbers.Integral, max_length: numbers.Integral, theta: numbers.Real = 1e4
 ) -> tuple[Float[Array, "length half"], Float[Array, "length half"]]:
     """Sine and cosine tables for rotary embeddings.
 
@@ -39,47 +54,28 @@ def precompute_freqs(
 
     **Arguments:**
 
-    - `feat_dim`: feature dimension D that will be rotated.
-    - `max_length`: number of positions in the tables.
-    - `theta`: base of the wavelengths, > 0.
+    - `feat_dim`: feature dimension D that will be rotated (an int).
+    - `max_length`: number of positions in the tables (an int).
+    - `theta`: base of the wavelengths, a number > 0.
 
     **Returns:**
 
     `(sin, cos)`, each float32 of shape `(max_length, feat_dim // 2)`, with
     `sin[p, i] = sin(p * theta ** (-2i / feat_dim))`.
     """
+    feat_dim, max_length = (
+        whole_number(feat_dim, "feat_dim"),
+        whole_number(max_length, "max_length"),
+    )
     if feat_dim < 1:
         raise ValueError(f"`feat_dim` must be >= 1, got {feat_dim}.")
     if max_length < 0:
         raise ValueError(f"`max_length` must be >= 0, got {max_length}.")
-    check_theta(theta)
-    exponents = np.arange(0, feat_dim, 2, dtype=np.float64)[: feat_dim // 2] / feat_dim
-    inv_wavelength = 1.0 / (float(theta) ** exponents)
-    angles = np.outer(np.arange(max_length, dtype=np.float64), inv_wavelength)
+    angles = rope_angles(feat_dim, max_length, check_theta(theta))
     return (
         jnp.asarray(np.sin(angles), dtype=jnp.float32),
         jnp.asarray(np.cos(angles), dtype=jnp.float32),
     )
-
-
-def rotate_pairs(
-    x: Float[Array, "*batch seq dim"],
-    sin: Float[Array, "seq half"],
-    cos: Float[Array, "seq half"],
-) -> Float[Array, "*batch seq dim"]:
-    """Rotate interleaved pairs of `x` by per-position angles, in float32.
-
-    Written as `x * cos2 + swap(x) * sin2` (`swap` exchanges each pair, the tables are
-    interleaved to full width) so XLA fuses it with neighbouring elementwise work into
-    one pass. Unchecked internal helper: returns float32 and expects `sin`/`cos`
-    already cut to the sequence length.
-    """
-    x = x.astype(jnp.float32)
-    seq_len, dim = x.shape[-2:]
-    cos2 = jnp.repeat(cos, 2, axis=-1)  # c0 c0 c1 c1 ...
-    sin2 = jnp.stack((-sin, sin), axis=-1).reshape(seq_len, dim)  # -s0 s0 -s1 s1 ...
-    swapped = x.reshape(*x.shape[:-1], dim // 2, 2)[..., ::-1].reshape(x.shape)
-    return x * cos2 + swapped * sin2
 
 
 def rope_tables(
@@ -89,16 +85,18 @@ def rope_tables(
     freqs_cos: Array | None,
     theta: float,
     *,
+    dtype=np.float32,
     table_name: str = "freqs_sin/freqs_cos",
 ) -> tuple[Array, Array]:
     """Return `(sin, cos)` of shape `(seq_len, dim // 2)`: the given tables' first
-    rows, or fresh tables from `theta`. Raises a ValueError naming what is wrong."""
+    rows, or fresh tables from `theta` in `dtype` (float64 angles rounded once).
+    Raises a ValueError naming what is wrong."""
     check_even(dim, "The head dimension (last axis of queries and keys)")
     if (freqs_sin is None) != (freqs_cos is None):
         raise ValueError("Pass both `freqs_sin` and `freqs_cos`, or neither.")
     if freqs_sin is None:
-        check_theta(theta)
-        return precompute_freqs(dim, seq_len, theta)
+        angles = rope_angles(dim, seq_len, check_theta(theta))
+        return jnp.asarray(np.sin(angles), dtype), jnp.asarray(np.cos(angles), dtype)
     if freqs_sin.shape != freqs_cos.shape:
         raise ValueError(
             f"`freqs_sin` and `freqs_cos` must have the same shape, got "
@@ -120,11 +118,11 @@ def rope_tables(
 
 @typechecked
 def apply_rotary_emb(
-    xq: Float[Array, "*batch_q seq dim"],
-    xk: Float[Array, "*batch_k seq dim"],
-    freqs_sin: Float[Array, "length half"] | None = None,
-    freqs_cos: Float[Array, "length half"] | None = None,
-    theta: float = 1e4,
+    xq: Float[Array | np.ndarray, "*batch_q seq dim"],
+    xk: Float[Array | np.ndarray, "*batch_k seq dim"],
+    freqs_sin: Float[Array | np.ndarray, "length half"] | None = None,
+    freqs_cos: Float[Array | np.ndarray, "length half"] | None = None,
+    theta: numbers.Real = 1e4,
 ) -> tuple[Float[Array, "*batch_q seq dim"], Float[Array, "*batch_k seq dim"]]:
     """Apply rotary embeddings to queries and keys.
 
@@ -141,10 +139,17 @@ def apply_rotary_emb(
 
     **Returns:**
 
-    `(xq, xk)` rotated, each in its input dtype (the rotation runs in float32).
+    `(xq, xk)` rotated, each in its input dtype (the rotation runs in float32, or in
+    float64 for float64 inputs).
     """
-    sin, cos = rope_tables(xq.shape[-2], xq.shape[-1], freqs_sin, freqs_cos, theta)
+    xq, xk = jnp.asarray(xq), jnp.asarray(xk)
+    if freqs_sin is not None:
+        freqs_sin = jnp.asarray(freqs_sin)
+    if freqs_cos is not None:
+        freqs_cos = jnp.asarray(freqs_cos)
+    accum = accumulation_dtype(xq.dtype, xk.dtype)
+    sin, cos = rope_tables(xq.shape[-2], xq.shape[-1], freqs_sin, freqs_cos, theta, dtype=accum)
     return (
-        rotate_pairs(xq, sin, cos).astype(xq.dtype),
-        rotate_pairs(xk, sin, cos).astype(xk.dtype),
+        rotate_pairs(xq.astype(accum), sin, cos).astype(xq.dtype),
+        rotate_pairs(xk.astype(accum), sin, cos).astype(xk.dtype),
     )

@@ -1,6 +1,7 @@
 """Layers built around an mLSTM backend: a multi-head mixer, a block, a language model."""
 
 import dataclasses
+import numbers
 from typing import Any
 
 import equinox as eqx
@@ -8,9 +9,11 @@ import jax
 import jax.numpy as jnp
 from jaxtyping import Array, Float, Int, PRNGKeyArray
 
-from ._backend import mLSTMBackend
-from ._registry import backend_class
-from ._typecheck import typechecked
+from ..spec import whole_number
+from ..typecheck import typechecked
+from .backend import mLSTMBackend
+from .decoding import DecodingState
+from .registry import backend_class
 
 
 @dataclasses.dataclass(frozen=True)
@@ -22,24 +25,32 @@ class ModelConfig:
     by `assign_model_config_params`. Omitted, the backend's defaults are used.
     """
 
-    vocab_size: int
-    context_length: int
-    embedding_dim: int = 128
-    num_heads: int = 4
-    num_blocks: int = 2
-    qk_head_dim: int | None = None
+    vocab_size: numbers.Integral
+    context_length: numbers.Integral
+    embedding_dim: numbers.Integral = 128
+    num_heads: numbers.Integral = 4
+    num_blocks: numbers.Integral = 2
+    qk_head_dim: numbers.Integral | None = None
     """Per-head query/key size; default embedding_dim // num_heads."""
-    v_head_dim: int | None = None
+    v_head_dim: numbers.Integral | None = None
     """Per-head value size; default embedding_dim // num_heads."""
-    ffn_factor: int = 4
+    ffn_factor: numbers.Integral = 4
     backend: str = "attention"
     backend_config: Any = None
 
     def __post_init__(self):
-        for name in ("vocab_size", "context_length", "embedding_dim", "num_heads", "num_blocks"):
+        sizes = ("vocab_size", "context_length", "embedding_dim", "num_heads", "num_blocks")
+        for name in (*sizes, "qk_head_dim", "v_head_dim", "ffn_factor"):
             value = getattr(self, name)
-            if not isinstance(value, int) or value < 1:
-                raise ValueError(f"`{name}` must be a positive int, got {value!r}.")
+            if value is None and name not in sizes:
+                continue
+            try:
+                value = whole_number(value, name)
+            except TypeError:
+                value = 0
+            if value < 1:
+                raise ValueError(f"`{name}` must be a positive int, got {getattr(self, name)!r}.")
+            object.__setattr__(self, name, value)
         if self.embedding_dim % self.num_heads and None in (self.qk_head_dim, self.v_head_dim):
             raise ValueError(
                 f"embedding_dim={self.embedding_dim} is not divisible by num_heads="
@@ -53,6 +64,23 @@ class ModelConfig:
                 f"`backend_config` for backend {self.backend!r} must be a "
                 f"{cls.config_class.__name__}, got {type(self.backend_config).__name__}."
             )
+
+    def to_dict(self) -> dict[str, Any]:
+        """The config as JSON-serialisable data, from which `from_dict` rebuilds it
+        (checkpoint headers hold it, so a checkpoint can rebuild its model)."""
+        data = dataclasses.asdict(self)
+        if self.backend_config is not None:
+            data["backend_config"] = self.backend_config.to_dict()
+        return data
+
+    @classmethod
+    def from_dict(cls, data: dict[str, Any]) -> "ModelConfig":
+        data = dict(data)
+        backend_config = data.get("backend_config")
+        if backend_config is not None:
+            config_class = backend_class(data.get("backend", "attention")).config_class
+            data["backend_config"] = config_class.from_dict(backend_config)
+        return cls(**data)
 
     @property
     def head_dims(self) -> tuple[int, int]:
@@ -101,10 +129,10 @@ class MultiHeadMixer(eqx.Module):
 
     @typechecked
     def decode(
-        self, x: Float[Array, "seq embed"], state: tuple | None = None
-    ) -> tuple[Float[Array, "seq embed"], tuple]:
-        """Like `__call__`, continuing from the backend `state` of every head (None to
-        start); returns the output and the new state."""
+        self, x: Float[Array, "seq embed"], state: DecodingState | None = None
+    ) -> tuple[Float[Array, "seq embed"], DecodingState]:
+        """Like `__call__`, continuing from the backend `state` of every head (heads on
+        its leading axis; None to start); returns the output and the new state."""
         return self._mix(x, state, want_state=True)
 
     def _mix(self, x, state, want_state):
@@ -118,8 +146,7 @@ class MultiHeadMixer(eqx.Module):
         i, f = jnp.moveaxis(_linear_seq(self.gate_proj, x).reshape(seq_len, 2, -1), 0, -1)
 
         def run(q, k, v, i, f, state):
-            initial = (None, None, None) if state is None else state
-            return self.backend(q, k, v, i, f, *initial, return_last_states=want_state)
+            return self.backend(q, k, v, i, f, return_last_states=want_state, state=state)
 
         if self.backend.can_vmap_over_heads:
             out = eqx.filter_vmap(run)(q, k, v, i, f, state)
@@ -154,8 +181,8 @@ class Block(eqx.Module):
 
     @typechecked
     def decode(
-        self, x: Float[Array, "seq embed"], state: tuple | None = None
-    ) -> tuple[Float[Array, "seq embed"], tuple]:
+        self, x: Float[Array, "seq embed"], state: DecodingState | None = None
+    ) -> tuple[Float[Array, "seq embed"], DecodingState]:
         """`__call__` continuing from the mixer's `state`; returns `(y, new_state)`."""
         mixed, state = self.mixer.decode(jax.vmap(self.mixer_norm)(x), state)
         return self._feed_forward(x + mixed), state
@@ -193,8 +220,8 @@ class LanguageModel(eqx.Module):
 
     @typechecked
     def decode(
-        self, tokens: Int[Array, " seq"], states: tuple | None = None
-    ) -> tuple[Float[Array, "seq vocab"], tuple]:
+        self, tokens: Int[Array, " seq"], states: tuple[DecodingState, ...] | None = None
+    ) -> tuple[Float[Array, "seq vocab"], tuple[DecodingState, ...]]:
         """Logits for `tokens` that continue the sequence held in `states` (one state
         per block, as returned by the previous call; None to start)."""
         x = jax.vmap(self.embedding)(tokens)
@@ -219,8 +246,9 @@ class LanguageModel(eqx.Module):
 
         `temperature=0` is greedy; `top_k` keeps the k most likely tokens.
         """
-        if not isinstance(n_tokens, int) or n_tokens < 1:
+        if isinstance(n_tokens, bool) or not isinstance(n_tokens, numbers.Integral) or n_tokens < 1:
             raise ValueError(f"`n_tokens` must be a positive int, got {n_tokens!r}.")
+        n_tokens = int(n_tokens)
         if temperature < 0:
             raise ValueError(f"`temperature` must be >= 0, got {temperature}.")
         if top_k is not None and not 1 <= top_k <= self.config.vocab_size:

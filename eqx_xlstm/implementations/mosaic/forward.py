@@ -9,19 +9,13 @@ weights in registers, multiplies by the value tile, and marks the slot consumed;
 streaming warpgroup refills a slot once both compute warpgroups are done with it.
 Sigmoid needs no running max or row sum, so nothing is rescaled between tiles. Softmax
 keeps both per row (exp2 of raw scores times scale * log2(e)) and rescales the output
-once a tile's maxima are known; the same kernel with softmax weights takes 0.95-1.04x
-cuDNN's time at S=4096-16384 on an H100 (0.97-0.98x at 16384,
-benchmarks/results/h100_mosaic_softmax_fma.txt), with sigmoid weights 0.79-0.89x
-(benchmarks/results/h200_mosaic_softmax_forward.txt). With
-`PINGPONG` the two compute warpgroups take turns issuing their matmuls, so one computes
-weights while the other's matmuls run. A warpgroup passes the turn as soon as its
-matmuls are issued, so that the other's queue right behind them (`HANDOFF`); passing it
-once they are done was 5-19% slower in every one of eight interleaved rounds on an H200
-(S=8192 and 16384, benchmarks/results/h200_mosaic_forward_handoff.txt), though single
-runs had put the two within their spread. Each head's blocks are launched side by side
-(`_mosaic_common.block_grid`), so the blocks running at one time stream the same few
-heads' tiles from L2; interleaving the heads made the kernel memory-bound (1.5x slower
-at S=16384 on an H100, benchmarks/results/h100_mosaic_launch_order.txt).
+once a tile's maxima are known.
+
+The two compute warpgroups take turns issuing their matmuls ("ping-pong"), so one
+computes weights while the other's matmuls run. A warpgroup passes the turn as soon as
+its matmuls are issued, so that the other's queue right behind them; passing it only
+once they were done measured slower (docs/benchmarks.md). Each head's blocks are
+launched side by side (`common.block_grid`).
 
 On a GPU, q k^T reads each key tile through a transposed view of shared memory (wgmma
 takes either major order). On a machine without a GPU the same kernel runs in Mosaic
@@ -30,15 +24,14 @@ transposed in front, `(N, D, S)`, and tiles are loaded as `(D, BLOCK_K)`.
 """
 
 import functools
-import math
 
 import jax
 import jax.numpy as jnp
 from jax.experimental import pallas as pl
 from jax.experimental.pallas import mosaic_gpu as plgpu
 
-from ._mosaic_common import (
-    attention_weights,
+from ... import maths
+from .common import (
     block_grid,
     claim_registers,
     fold_vmap,
@@ -51,11 +44,8 @@ from ._mosaic_common import (
 )
 
 BLOCK_Q = 64  # query rows per compute warpgroup (the wgmma M)
-BLOCK_K = 128  # key rows per tile
+BLOCK_K = 2 * BLOCK_Q  # key rows per tile: both warpgroups then walk as many tiles
 STAGES = 3  # key/value slots in flight
-PINGPONG = True  # the two compute warpgroups take turns on the tensor cores
-HANDOFF = "issued"  # a turn passes once my matmuls are "issued" or only once "done"
-LOG2E = math.log2(math.e)
 
 
 def _kernel(q_ref, k_ref, v_ref, out_ref, scratch, *, activation, bias, scale, n_blocks, interpret):
@@ -82,32 +72,19 @@ def _kernel(q_ref, k_ref, v_ref, out_ref, scratch, *, activation, bias, scale, n
             tile = k_smem.at[slot]
             return tile if interpret else tile.transpose((1, 0))
 
+        def visible(t):
+            rows = iota((bq, bk), 0, interpret) + row0
+            cols = iota((bq, bk), 1, interpret) + t * bk
+            return maths.visible(rows, cols)
+
         def weights(scores, t, masked):
-            p = attention_weights(scores, activation, scale, bias)
+            p = maths.weights(scores, activation, scale, bias)
             if masked:
-                rows = iota((bq, bk), 0, interpret) + row0
-                cols = iota((bq, bk), 1, interpret) + t * bk
-                p = jnp.where(cols <= rows, p, 0.0)
+                p = jnp.where(visible(t), p, 0.0)
             return p.astype(v_smem.dtype)
 
         def operand(p):
             return staged(p, p_smem[0] if p_smem else None, wg)
-
-        def step(t, o_acc, masked):
-            slot = jax.lax.rem(t, stages)
-            plgpu.barrier_wait(k_bar.at[slot])
-
-            def qk(s_acc):
-                plgpu.wgmma(s_acc, own, key_tile(slot))
-                return s_acc[...]
-
-            scores = pl.run_scoped(qk, plgpu.ACC((bq, bk), jnp.float32))
-            plgpu.barrier_arrive(k_free.at[slot])
-            p = weights(scores, t, masked)
-            plgpu.barrier_wait(v_bar.at[slot])
-            plgpu.wgmma(o_acc, operand(p), v_smem.at[slot])
-            plgpu.wgmma_wait(0)  # done reading the value slot
-            plgpu.barrier_arrive(v_free.at[slot])
 
         def pingpong_step(t, p_prev, o_acc, masked):
             """My turn: p @ v of tile t - 1, then the scores of tile t; hand the tensor
@@ -124,20 +101,17 @@ def _kernel(q_ref, k_ref, v_ref, out_ref, scratch, *, activation, bias, scale, n
 
             def qk(s_acc):
                 plgpu.wgmma(s_acc, own, key_tile(slot))
-                if HANDOFF == "issued":  # the other's matmuls may queue behind mine
-                    plgpu.barrier_arrive(turn.at[1 - wg])
+                plgpu.barrier_arrive(turn.at[1 - wg])  # the other's matmuls queue behind
                 return s_acc[...]  # waits for both matmuls
 
             scores = pl.run_scoped(qk, plgpu.ACC((bq, bk), jnp.float32))
-            if HANDOFF == "done":
-                plgpu.barrier_arrive(turn.at[1 - wg])
             plgpu.barrier_arrive(k_free.at[slot])
             pl.when(t > 0)(lambda: plgpu.barrier_arrive(v_free.at[prev]))
             return weights(scores, t, masked)
 
         def accumulate_pingpong(o_acc):
-            # Both warpgroups walk the same number of tiles (BLOCK_K == 2 * BLOCK_Q), so
-            # the turns pair up: warpgroup 0 goes first.
+            # Both warpgroups walk the same number of tiles, so the turns pair up:
+            # warpgroup 0 goes first.
             pl.when(wg == 1)(lambda: plgpu.barrier_arrive(turn.at[0]))
             p = jnp.zeros((bq, bk), v_smem.dtype)
             if not interpret:
@@ -153,12 +127,6 @@ def _kernel(q_ref, k_ref, v_ref, out_ref, scratch, *, activation, bias, scale, n
             out = o_acc[...]
             plgpu.barrier_arrive(v_free.at[last])
             return out
-
-        def accumulate(o_acc):
-            for lo, hi, masked in ((0, full, False), (full, steps, True)):
-                body = functools.partial(step, o_acc=o_acc, masked=masked)
-                jax.lax.fori_loop(lo, hi, lambda t, c, body=body: body(t) or c, None)
-            return o_acc[...]
 
         def drain(t, carry):
             # Tiles the other warpgroup still needs: keep the slot phases in step.
@@ -210,12 +178,10 @@ def _kernel(q_ref, k_ref, v_ref, out_ref, scratch, *, activation, bias, scale, n
             plgpu.barrier_arrive(k_free.at[slot])
             pl.when(t > 0)(lambda: plgpu.barrier_arrive(v_free.at[prev]))
             # Maxima of the raw scores (scale > 0), so that each weight is one fused
-            # multiply-add and an exp2: 2-8% faster than scaling the scores first.
-            s, c = scores, scale * LOG2E
+            # multiply-add and an exp2 (faster than scaling the scores first).
+            s, c = scores, scale * maths.LOG2E
             if masked:
-                rows = iota((bq, bk), 0, interpret) + row0
-                cols = iota((bq, bk), 1, interpret) + t * bk
-                s = jnp.where(cols <= rows, s, -jnp.inf)
+                s = jnp.where(visible(t), s, -jnp.inf)
             new_max = jnp.maximum(row_max, s.max(axis=1))
             alpha = jnp.exp2((row_max - new_max) * c)
             p = jnp.exp2(s * c - jax.lax.broadcast_in_dim(new_max * c, s.shape, [0]))
@@ -250,13 +216,10 @@ def _kernel(q_ref, k_ref, v_ref, out_ref, scratch, *, activation, bias, scale, n
             plgpu.barrier_arrive(v_free.at[last])
             return o / jax.lax.broadcast_in_dim(row_sum, o.shape, [0])
 
-        pingpong = PINGPONG and bk == 2 * bq
         if activation == "softmax":
             acc = accumulate_softmax()
         else:
-            acc = pl.run_scoped(
-                accumulate_pingpong if pingpong else accumulate, plgpu.ACC((bq, dv), jnp.float32)
-            )
+            acc = pl.run_scoped(accumulate_pingpong, plgpu.ACC((bq, dv), jnp.float32))
         jax.lax.fori_loop(steps, block_steps, drain, None)
         # The queries' slot takes the output (dqk == dv).
         write_back((acc, own, out_ref.at[n, pl.ds(row0, bq)]))
@@ -301,7 +264,7 @@ def _forward(q, k, v, activation, bias, interpret):
         plgpu.Barrier(num_barriers=STAGES),
         plgpu.Barrier(num_arrivals=2, num_barriers=STAGES),
         plgpu.Barrier(num_arrivals=2, num_barriers=STAGES),
-        plgpu.Barrier(num_barriers=2),  # whose turn on the tensor cores (PINGPONG)
+        plgpu.Barrier(num_barriers=2),  # whose turn it is on the tensor cores
     )
     if interpret:
         scratch += (tiled_smem((2, BLOCK_Q, BLOCK_K), v.dtype),)

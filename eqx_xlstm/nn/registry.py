@@ -3,8 +3,8 @@
 import dataclasses
 from typing import Any
 
-from ._attention_backend import mLSTMBackendAttention
-from ._backend import mLSTMBackend
+from .attention_backend import mLSTMBackendAttention
+from .backend import mLSTMBackend
 
 BACKENDS: dict[str, type[mLSTMBackend]] = {"attention": mLSTMBackendAttention}
 

@@ -1,12 +1,12 @@
-"""Pieces shared by the Mosaic GPU (Hopper) attention kernels in `_mosaic` (forward)
-and `_mosaic_backward`: where they can run, the weights, the launch and its grid, the
-streaming warpgroup and the write-back.
+"""Pieces shared by the Mosaic GPU (Hopper) attention kernels in `forward` and
+`backward`: the launch and its grid, the streaming warpgroup, the write-back, and
+batching under `jax.vmap`.
 
 Every kernel runs three warpgroups per CUDA block: two compute warpgroups and one that
 streams tiles into shared memory with TMA (`launch`, `stream_tiles`). On a machine
-without a GPU the same kernels run in Mosaic GPU interpret mode (private jax API),
-which has no register layouts and cannot transpose shared-memory views; the kernels
-branch on `interpret` where that matters.
+without a GPU the same kernels run in Mosaic GPU interpret mode, which has no register
+layouts and cannot transpose shared-memory views; the kernels branch on `interpret`
+where that matters.
 """
 
 import functools
@@ -16,63 +16,16 @@ import jax.numpy as jnp
 from jax.experimental import pallas as pl
 from jax.experimental.pallas import mosaic_gpu as plgpu
 
-HEADS_OUTER = True  # launch order: each head's blocks side by side (see `block_grid`)
+from . import jax_private
+
 # Registers per thread: compute warpgroups take them from the streaming one
-# (2 x 128 x 232 + 128 x 40 of the 65536 a CUDA block may hold). (240, 24) measured the
-# same within the spread (benchmarks/results/h100_mosaic_register_split.txt).
+# (2 x 128 x 232 + 128 x 40 of the 65536 a CUDA block may hold).
 COMPUTE_REGISTERS, STREAM_REGISTERS = 232, 40
 
 
 def tiled_smem(shape, dtype):
     transforms = (plgpu.TilingTransform((8, 64)), plgpu.SwizzleTransform(128))
     return plgpu.SMEM(shape, dtype, transforms=transforms)
-
-
-def interpret_params():
-    # Mosaic GPU interpret mode (jax >= 0.10) is not public API yet.
-    from jax._src.pallas.mosaic_gpu.interpret.params import InterpretGPUParams
-
-    return InterpretGPUParams()
-
-
-def interpret_available() -> bool:
-    try:
-        interpret_params()
-    except ImportError:
-        return False
-    return True
-
-
-def unsupported(activation, dtype, dqk, dv) -> str | None:
-    """Why `implementation="pallas"` cannot use the Mosaic kernels, or None if it can.
-
-    Only on a Hopper GPU: on a CPU the Triton kernels serve. Mosaic GPU interpret mode
-    (private jax API) runs these kernels under `jax.jit` (tests do), but deadlocks under
-    `jax.vjp` of a jitted call on a 2-core CPU, which is how `attention` runs."""
-    if activation not in ("softmax", "sigmoid", "none"):
-        return f"it covers softmax, sigmoid and 'none', not {activation!r}"
-    if jnp.dtype(dtype) not in (jnp.dtype(jnp.bfloat16), jnp.dtype(jnp.float16)):
-        return f"it needs float16 or bfloat16, got {jnp.dtype(dtype)}"
-    if dqk != dv or dqk not in (64, 128):
-        return f"it needs q/k/v head dims of 64 or 128, got {dqk}/{dv}"
-    if jax.default_backend() != "gpu":
-        return "it runs on a GPU only"
-    capability = getattr(jax.devices()[0], "compute_capability", "")
-    if not str(capability).startswith("9"):
-        return f"it needs a Hopper GPU (compute capability 9.x), got {capability!r}"
-    return None
-
-
-SIGMOID = "tanh"  # sigmoid(x) as 0.5 + 0.5 tanh(x / 2) ("tanh") or 1 / (1 + exp(-x))
-
-
-def attention_weights(scores, activation, scale, bias):
-    """Weights from raw q k^T: sigmoid(scores * scale + bias) or scores * scale."""
-    if activation != "sigmoid":
-        return scores * scale
-    if SIGMOID == "tanh":  # two fused multiply-adds around one tanh
-        return 0.5 * jnp.tanh(scores * (0.5 * scale) + 0.5 * bias) + 0.5
-    return 1.0 / (1.0 + jnp.exp(-(scores * scale + bias)))
 
 
 def iota(shape, axis, interpret):
@@ -132,15 +85,13 @@ def write_back(*outputs):
 
 
 def block_grid(blocks, block_name, n):
-    """Launch grid and axis names for `blocks` blocks in each of `n` heads.
+    """Launch grid and axis names for `blocks` blocks in each of `n` heads (rows of N).
 
-    CUDA starts blocks with the last grid axis varying fastest. With `HEADS_OUTER` that
-    axis is the head's block, so the blocks running at one time belong to a few heads
-    and share those heads' streamed tiles in L2; otherwise they spread over all heads
-    and each stream comes from memory."""
-    if HEADS_OUTER:
-        return (n, blocks), ("n", block_name)
-    return (blocks, n), (block_name, "n")
+    CUDA starts blocks with the last grid axis varying fastest. That axis is the head's
+    block, so the blocks running at one time belong to a few heads and share those
+    heads' streamed tiles in L2 (interleaving the heads made the kernels memory-bound;
+    docs/benchmarks.md)."""
+    return (n, blocks), ("n", block_name)
 
 
 def fold_vmap(fn, *arrays):
@@ -173,20 +124,7 @@ class _InGmem:
 
 
 def _gmem_ref_aval(init: _InGmem):
-    from jax._src.state.types import AbstractRef
-
-    return AbstractRef(jax.typeof(init.value), memory_space=plgpu.GMEM), init.value
-
-
-def ref_type_mappings() -> dict | None:
-    """JAX's (private) table of how `run_state` turns an initial value into a ref, or
-    None where this jax has none."""
-    try:
-        from jax._src.state import types
-
-        return types._ref_type_aval_mappings
-    except (ImportError, AttributeError):
-        return None
+    return jax_private.gmem_ref_aval(init.value, plgpu.GMEM), init.value
 
 
 def in_gmem(fn, *values):
@@ -196,7 +134,7 @@ def in_gmem(fn, *values):
     has no state rule for it. `pl.run_state`'s refs carry no memory space, which Mosaic
     GPU kernels need, hence an entry in JAX's private table; without that table,
     `jax.new_ref` (correct, but the caller then cannot be vmapped)."""
-    mappings = ref_type_mappings()
+    mappings = jax_private.ref_type_mappings()
     if mappings is None:
         refs = [jax.new_ref(x, memory_space=plgpu.GMEM) for x in values]
         fn(*refs)
@@ -220,5 +158,5 @@ def launch(kernel, scratch, out_type, grid, grid_names, interpret, *inputs):
         out_type=out_type,
         mesh=mesh,
         compiler_params=plgpu.CompilerParams(approx_math=True),
-        interpret=interpret_params() if interpret else False,
+        interpret=jax_private.interpret_params() if interpret else False,
     )(*inputs)

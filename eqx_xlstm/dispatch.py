@@ -1,0 +1,213 @@
+"""Which implementation runs an attention call, in one table, and running it.
+
+`plan(spec, requested)` picks two implementations: one for the forward pass alone and
+one for when a gradient is taken (usually the same). `run` applies swish and RoPE in
+front, then the plan, inside one `jax.jit` whose static arguments are the spec and
+the plan, so every setting that changes the computation is part of the cache key.
+"""
+
+import dataclasses
+import functools
+from collections.abc import Callable
+
+import jax
+
+from . import maths
+from ._private_jax import mapped_axis
+from .implementations import (
+    Chunked,
+    CuDNN,
+    Implementation,
+    Linear,
+    Mosaic,
+    Reference,
+    Triton,
+)
+from .spec import AttentionSpec
+
+IMPLEMENTATIONS: dict[str, Implementation] = {
+    impl.name: impl for impl in (Reference(), Chunked(), Linear(), CuDNN(), Triton(), Mosaic())
+}
+"""Every implementation by name, with its default tuning."""
+
+ALIASES: dict[str, tuple[str, ...]] = {"pallas": ("mosaic", "triton")}
+"""Names that stand for the first of several implementations that serves the call."""
+
+NAMES = (*IMPLEMENTATIONS, *ALIASES)
+
+FORWARD, GRADIENT, BOTH = "forward", "gradient", "both"
+
+
+@dataclasses.dataclass(frozen=True)
+class Default:
+    """One row of the default choice: `implementation` serves `passes` of the calls
+    for which `when(spec)` holds and which it supports."""
+
+    implementation: str
+    passes: str = BOTH
+    when: Callable[[AttentionSpec], bool] = lambda spec: True
+
+
+def _on_gpu(spec):
+    return spec.platform == "gpu"
+
+
+def _none_on_gpu_up_to(seq_len):
+    return lambda spec: _on_gpu(spec) and spec.activation == "none" and spec.seq_len <= seq_len
+
+
+DEFAULTS: tuple[Default, ...] = (
+    Default("cudnn"),
+    Default("mosaic", when=lambda spec: _on_gpu(spec) and spec.activation == "sigmoid"),
+    Default("triton", when=lambda spec: _on_gpu(spec) and spec.activation == "sigmoid"),
+    # 'none' on Hopper: the kernel beats the linear form up to these lengths, forward
+    # alone and forward + backward (H200, docs/benchmarks.md); beyond, the linear form
+    # (O(S D^2)) wins.
+    Default("mosaic", FORWARD, _none_on_gpu_up_to(4096)),
+    Default("mosaic", GRADIENT, _none_on_gpu_up_to(2048)),
+    Default(
+        "linear", when=lambda spec: spec.seq_len > 2 * IMPLEMENTATIONS["linear"].chunk_for(spec)
+    ),
+    Default("chunked", when=lambda spec: spec.seq_len > IMPLEMENTATIONS["chunked"].block),
+    Default("reference"),
+)
+"""The default choice, in order: for each pass, the first row whose implementation
+serves the call and whose condition holds."""
+
+
+@dataclasses.dataclass(frozen=True)
+class Plan:
+    """The implementation of the forward pass alone, and that of a differentiated call."""
+
+    forward: Implementation
+    gradient: Implementation
+
+
+def check_implementation(requested: object) -> str | Implementation | None:
+    """`requested` if it is None, a known name or an `Implementation`; else a ValueError."""
+    if requested is None or isinstance(requested, Implementation):
+        return requested
+    if not isinstance(requested, str) or requested not in NAMES:
+        raise ValueError(
+            f"Unknown implementation {requested!r}; valid values are None, an "
+            "eqx_xlstm.implementations.Implementation, or one of "
+            + ", ".join(repr(n) for n in NAMES)
+            + "."
+        )
+    return requested
+
+
+def _refuse(requested, reason):
+    label = requested if isinstance(requested, str) else requested.name
+    raise ValueError(f"implementation={label!r} cannot serve these inputs: {reason}.")
+
+
+def plan(spec: AttentionSpec, requested: str | Implementation | None = None) -> Plan:
+    """The implementations that run a call of `spec`; a ValueError saying why when a
+    requested one cannot serve it."""
+    requested = check_implementation(requested)
+    if isinstance(requested, Implementation):
+        reason = requested.unsupported(spec)
+        if reason is not None:
+            _refuse(requested, reason)
+        return Plan(requested, requested)
+    if requested in IMPLEMENTATIONS:
+        return plan(spec, IMPLEMENTATIONS[requested])
+    if requested in ALIASES:
+        return _alias(spec, requested)
+    return Plan(_default(spec, FORWARD), _default(spec, GRADIENT))
+
+
+def _alias(spec, name):
+    """The first implementation of the alias that serves `spec`. For "pallas" with
+    softmax the Mosaic forward has no backward kernel: under differentiation, the
+    next that serves (Triton)."""
+    serving = [
+        IMPLEMENTATIONS[n] for n in ALIASES[name] if not IMPLEMENTATIONS[n].unsupported(spec)
+    ]
+    if not serving:
+        last = IMPLEMENTATIONS[ALIASES[name][-1]]
+        _refuse(name, last.unsupported(spec))
+    forward = serving[0]
+    gradient = forward
+    if isinstance(forward, Mosaic) and spec.activation == "softmax" and len(serving) > 1:
+        gradient = serving[1]
+    return Plan(forward, gradient)
+
+
+def _default(spec, which):
+    for row in DEFAULTS:
+        impl = IMPLEMENTATIONS[row.implementation]
+        if row.passes in (BOTH, which) and impl.unsupported(spec) is None and row.when(spec):
+            return impl
+    raise AssertionError("the reference row serves every call")  # unreachable
+
+
+def run(q, k, v, mask, sin, cos, spec: AttentionSpec, chosen: Plan):
+    """Swish, RoPE and attention as `chosen` says; returns `spec.dtype`.
+
+    Under `jax.vmap` over a leading axis of q, k and v (such as the heads axis, with
+    `eqx.filter_vmap(backend, in_axes=1)`), the mapped axis stays where it is in memory
+    and joins the implementation's batch axes, instead of being moved to the front and
+    back around the kernels (two extra passes over memory).
+    """
+    axis = mapped_axis(q, k, v, others=(mask, sin, cos))
+    if axis is None or axis > q.ndim - 2:  # mapped along the sequence or feature axis
+        return _run(q, k, v, mask, sin, cos, spec=spec, chosen=chosen)
+
+    @jax.custom_batching.custom_vmap
+    def call(q, k, v, mask, sin, cos):
+        return _run(q, k, v, mask, sin, cos, spec=spec, chosen=chosen)
+
+    @call.def_vmap
+    def _keep_in_place(axis_size, in_batched, q, k, v, mask, sin, cos):
+        # jax moved the mapped axis to the front; move it back, so that XLA cancels
+        # the two transposes, and run with it as one more batch axis.
+        q, k, v = (jax.numpy.moveaxis(x, 0, axis) for x in (q, k, v))
+        batch_shape = q.shape[:-2]
+        out = _run(
+            q, k, v, mask, sin, cos, spec=spec.replace(batch_shape=batch_shape), chosen=chosen
+        )
+        return jax.numpy.moveaxis(out, axis, 0), True
+
+    return call(q, k, v, mask, sin, cos)
+
+
+@functools.partial(jax.jit, static_argnames=("spec", "chosen"))
+def _run(q, k, v, mask, sin, cos, *, spec: AttentionSpec, chosen: Plan):
+    accum = spec.accum_dtype
+    q = maths.prepare(q, spec.pre_activation, sin, cos, accum)
+    k = maths.prepare(k, spec.pre_activation, sin, cos, accum)
+    v = v.astype(spec.dtype)
+    if chosen.forward == chosen.gradient:
+        out = chosen.forward(q, k, v, spec, mask)
+    else:
+        out = _forward_or_gradient(q, k, v, mask, spec, chosen)
+    return out.astype(spec.dtype)
+
+
+@functools.partial(jax.custom_vjp, nondiff_argnums=(4, 5))
+def _forward_or_gradient(q, k, v, mask, spec, chosen):
+    """`chosen.forward` when no gradient is taken; `chosen.gradient` otherwise."""
+    return chosen.forward(q, k, v, spec, mask)
+
+
+def _forward_or_gradient_fwd(q, k, v, mask, spec, chosen):
+    out, vjp = jax.vjp(lambda q, k, v: chosen.gradient(q, k, v, spec, mask), q, k, v)
+    return out, vjp
+
+
+def _forward_or_gradient_bwd(spec, chosen, vjp, d_out):
+    return (*vjp(d_out), None)
+
+
+_forward_or_gradient.defvjp(_forward_or_gradient_fwd, _forward_or_gradient_bwd)
+
+
+def implementation_from_dict(data: dict) -> Implementation:
+    """The implementation `Implementation.to_dict` described."""
+    data = dict(data)
+    name = data.pop("name", None)
+    if name not in IMPLEMENTATIONS:
+        raise ValueError(f"Unknown implementation {name!r} in {data!r}.")
+    return type(IMPLEMENTATIONS[name])(**data)

@@ -1,0 +1,46 @@
+"""What an attention implementation is: a frozen, hashable object (its fields are its
+tuning) that says whether it can serve a call and then runs it."""
+
+import abc
+import dataclasses
+from typing import Any, ClassVar
+
+from jaxtyping import Array, Bool, Float
+
+from ..spec import AttentionSpec
+
+
+@dataclasses.dataclass(frozen=True)
+class Implementation(abc.ABC):
+    """The protocol every implementation follows.
+
+    Instances are frozen dataclasses whose fields are tuning settings with measured
+    defaults; dispatch passes them to `jax.jit` as static arguments, so a changed
+    setting compiles anew instead of reusing stale code.
+    """
+
+    name: ClassVar[str]
+    """The name `attention(..., implementation=name)` selects it by."""
+
+    @abc.abstractmethod
+    def unsupported(self, spec: AttentionSpec) -> str | None:
+        """Why this implementation cannot serve `spec`, or None if it can. The reason
+        completes the sentence "implementation=... cannot serve these inputs: ..."."""
+
+    @abc.abstractmethod
+    def __call__(
+        self,
+        q: Float[Array, "*batch seq dqk"],
+        k: Float[Array, "*batch seq dqk"],
+        v: Float[Array, "*batch seq dv"],
+        spec: AttentionSpec,
+        mask: Bool[Array, "seq seq"] | None,
+    ) -> Float[Array, "*batch seq dv"]:
+        """The attention output for queries and keys already through swish and RoPE
+        (in `spec.accum_dtype`) and values in `spec.dtype`; `mask` is the explicit
+        mask (None when `spec.mask == "causal"`). Any float dtype may come back: the
+        caller casts to `spec.dtype`. Differentiable with respect to q, k and v."""
+
+    def to_dict(self) -> dict[str, Any]:
+        """The name and tuning fields, JSON-serialisable (see `from_dict`)."""
+        return {"name": self.name, **dataclasses.asdict(self)}

@@ -1,0 +1,167 @@
+"""Memory-lean blockwise attention with a recomputing backward pass.
+
+Queries and keys are cut into blocks of `block` positions. The forward pass visits,
+for each query block, the key blocks it may see (only those on or below the diagonal
+when causal), keeping a running max and sum for softmax (flash-style, Dao et al. 2022)
+and plain sums for sigmoid and 'none'. It stores the output and, for softmax, one
+log2-sum-exp2 per row. The backward pass (`jax.custom_vjp`) recomputes each block's
+weights instead of storing S x S residuals, so memory grows linearly with S.
+"""
+
+import dataclasses
+import functools
+
+import jax
+import jax.numpy as jnp
+from jax import lax
+
+from .. import maths
+from ..spec import AttentionSpec
+from .base import Implementation
+from .reference import matmul_precision
+
+
+def _block_allowed(i, j, block, spec, mask):
+    """Bool `(block, block)`: which (query, key) pairs of block pair (i, j) attend."""
+    if mask is None:  # causal; keys past the end are padding
+        q_pos = i * block + jnp.arange(block)[:, None]
+        k_pos = j * block + jnp.arange(block)[None, :]
+        return maths.visible(q_pos, k_pos) & (k_pos < spec.seq_len)
+    return lax.dynamic_slice(mask, (i * block, j * block), (block, block))
+
+
+def _forward(q, k, v, mask, spec, precision):
+    """q, k: (nb, N, C, D); v: (nb, N, C, DV). Returns out (nb, N, C, DV) and each
+    row's log2-sum-exp2 of the logits (nb, N, C); +inf for rows that see no key."""
+    n_blocks, batch, block, _ = q.shape
+    scale, accum = spec.scale, spec.accum_dtype
+    einsum = functools.partial(jnp.einsum, precision=precision)
+    softmax = spec.activation == "softmax"
+
+    def query_block(i):
+        q_i = q[i]
+
+        def step(j, carry):
+            scores = einsum("nqd,nkd->nqk", q_i, k[j])
+            allowed = _block_allowed(i, j, block, spec, mask)
+            if not softmax:
+                p = maths.weights(scores, spec.activation, scale, spec.sigmoid_bias)
+                return carry + einsum("nqk,nkd->nqd", jnp.where(allowed, p, 0.0), v[j])
+            row_max, row_sum, acc = carry  # row_max: of raw scores
+            new_max = jnp.maximum(row_max, jnp.max(jnp.where(allowed, scores, -jnp.inf), -1))
+            shift = jnp.where(jnp.isfinite(new_max), new_max, 0.0)
+            p = maths.weights(scores, "softmax", scale, row_stat=shift * scale * maths.LOG2E)
+            p = jnp.where(allowed, p, 0.0)
+            decay = jnp.where(
+                jnp.isfinite(row_max), jnp.exp2((row_max - shift) * (scale * maths.LOG2E)), 0.0
+            )
+            row_sum = decay * row_sum + jnp.sum(p, -1)
+            acc = decay[..., None] * acc + einsum("nqk,nkd->nqd", p, v[j])
+            return new_max, row_sum, acc
+
+        acc0 = jnp.zeros((batch, block, v.shape[-1]), accum)
+        stop = i + 1 if spec.causal else n_blocks
+        if not softmax:
+            return lax.fori_loop(0, stop, step, acc0), jnp.zeros((batch, block), accum)
+        init = (jnp.full((batch, block), -jnp.inf, accum), jnp.zeros((batch, block), accum), acc0)
+        row_max, row_sum, acc = lax.fori_loop(0, stop, step, init)
+        nonempty = row_sum > 0
+        total = jnp.where(nonempty, row_sum, 1.0)
+        shift = jnp.where(jnp.isfinite(row_max), row_max, 0.0) * (scale * maths.LOG2E)
+        return acc / total[..., None], jnp.where(nonempty, shift + jnp.log2(total), jnp.inf)
+
+    return lax.map(query_block, jnp.arange(n_blocks))
+
+
+def _backward(q, k, v, mask, out, lse, d_out, spec, precision):
+    n_blocks, batch, block, _ = q.shape
+    scale = spec.scale
+    einsum = functools.partial(jnp.einsum, precision=precision)
+    delta = jnp.sum(d_out * out, axis=-1) if spec.activation == "softmax" else None
+
+    def key_block(dq, j):
+        k_j, v_j = k[j], v[j]
+
+        def step(i, carry):
+            dq, dk_j, dv_j = carry
+            q_i, do_i = q[i], d_out[i]
+            scores = einsum("nqd,nkd->nqk", q_i, k_j)
+            allowed = _block_allowed(i, j, block, spec, mask)
+            row_lse = lse[i] if delta is not None else None
+            p = maths.weights(scores, spec.activation, scale, spec.sigmoid_bias, row_lse)
+            p = jnp.where(allowed, p, 0.0)
+            dv_j = dv_j + einsum("nqk,nqd->nkd", p, do_i)
+            dp = einsum("nqd,nkd->nqk", do_i, v_j)
+            row_delta = delta[i] if delta is not None else None
+            ds = maths.score_grad(dp, p, spec.activation, allowed, row_delta) * scale
+            dq = dq.at[i].add(einsum("nqk,nkd->nqd", ds, k_j))
+            dk_j = dk_j + einsum("nqk,nqd->nkd", ds, q_i)
+            return dq, dk_j, dv_j
+
+        start = j if spec.causal else 0
+        dq, dk_j, dv_j = lax.fori_loop(
+            start, n_blocks, step, (dq, jnp.zeros_like(k_j), jnp.zeros_like(v_j))
+        )
+        return dq, (dk_j, dv_j)
+
+    dq, (dk, dv) = lax.scan(key_block, jnp.zeros_like(q), jnp.arange(n_blocks))
+    return dq, dk, dv
+
+
+@functools.partial(jax.custom_vjp, nondiff_argnums=(4, 5))
+def _blockwise(q, k, v, mask, spec, precision):
+    return _forward(q, k, v, mask, spec, precision)[0]
+
+
+def _blockwise_fwd(q, k, v, mask, spec, precision):
+    out, lse = _forward(q, k, v, mask, spec, precision)
+    return out, (q, k, v, mask, out, lse)
+
+
+def _blockwise_bwd(spec, precision, residuals, d_out):
+    q, k, v, mask, out, lse = residuals
+    return (*_backward(q, k, v, mask, out, lse, d_out, spec, precision), None)
+
+
+_blockwise.defvjp(_blockwise_fwd, _blockwise_bwd)
+
+
+def _to_blocks(x, n_blocks, block):
+    """(N, S, D) -> (nb, N, C, D), zero-padded at the end of the sequence."""
+    batch, seq_len, dim = x.shape
+    x = jnp.pad(x, ((0, 0), (0, n_blocks * block - seq_len), (0, 0)))
+    return x.reshape(batch, n_blocks, block, dim).transpose(1, 0, 2, 3)
+
+
+@dataclasses.dataclass(frozen=True)
+class Chunked(Implementation):
+    """Blockwise attention in XLA with memory linear in S, any mask, any platform.
+
+    The causal mask skips blocks above the diagonal; an explicit bool `(S, S)` mask is
+    read block by block and every block is visited.
+    """
+
+    name = "chunked"
+    block: int = 512
+    """Query and key block length (best of those measured on a 2-core CPU and an H200,
+    docs/benchmarks.md)."""
+
+    def __post_init__(self):
+        if not isinstance(self.block, int) or self.block < 1:
+            raise ValueError(f"`block` must be a positive int, got {self.block!r}.")
+
+    def unsupported(self, spec: AttentionSpec) -> str | None:
+        return None
+
+    def __call__(self, q, k, v, spec, mask):
+        seq_len, dv = spec.seq_len, spec.dv
+        block = max(1, min(self.block, seq_len))
+        n_blocks = -(-seq_len // block)
+        flat = lambda x: x.reshape(-1, seq_len, x.shape[-1]).astype(spec.accum_dtype)
+        qb, kb, vb = (_to_blocks(flat(x), n_blocks, block) for x in (q, k, v))
+        if mask is not None:
+            pad = n_blocks * block - seq_len
+            mask = jnp.pad(mask, ((0, pad), (0, pad)))
+        out = _blockwise(qb, kb, vb, mask, spec, matmul_precision(spec.dtype))
+        out = out.transpose(1, 0, 2, 3).reshape(-1, n_blocks * block, dv)[:, :seq_len]
+        return out.reshape(*q.shape[:-2], seq_len, dv)

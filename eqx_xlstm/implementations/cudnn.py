@@ -1,0 +1,58 @@
+"""cuDNN's fused causal softmax attention, through `jax.nn.dot_product_attention`."""
+
+import dataclasses
+
+import jax
+import jax.numpy as jnp
+
+from ..spec import AttentionSpec
+from .base import Implementation
+
+
+@dataclasses.dataclass(frozen=True)
+class CuDNN(Implementation):
+    """`jax.nn.dot_product_attention(..., is_causal=True, implementation="cudnn")`:
+    causal softmax in float16/bfloat16 on an NVIDIA GPU; every leading axis, heads
+    included, rides in cuDNN's batch axis.
+
+    cuDNN's backward pass refuses odd sequence lengths, so an odd S is padded with one
+    zero position at the end. That is exact under the causal mask: no real query sees
+    the extra key, and the extra query's output is dropped.
+    """
+
+    name = "cudnn"
+
+    def unsupported(self, spec: AttentionSpec) -> str | None:
+        if spec.platform != "gpu":
+            return f"it needs an NVIDIA GPU, and the default backend is {spec.platform!r}"
+        if spec.activation != "softmax":
+            return f"it computes softmax only, not activation_function={spec.activation!r}"
+        if not spec.causal:
+            return "it is used with the causal mask only (attention_mask=None)"
+        if not spec.half:
+            return f"it needs float16 or bfloat16 inputs, got {spec.dtype}"
+        if spec.dqk != spec.dv or spec.dqk % 8 or spec.dqk > 128:
+            return (
+                "it needs equal q/k/v head dims, a multiple of 8 and <= 128, got "
+                f"{spec.dqk}/{spec.dv}"
+            )
+        return None
+
+    def __call__(self, q, k, v, spec, mask):
+        seq_len = spec.seq_len
+        padded = seq_len + seq_len % 2
+
+        def as_btnh(x):
+            x = x.astype(spec.dtype).reshape(-1, seq_len, x.shape[-1])
+            x = jnp.pad(x, ((0, 0), (0, padded - seq_len), (0, 0)))
+            return x[:, :, None, :]
+
+        out = jax.nn.dot_product_attention(
+            as_btnh(q),
+            as_btnh(k),
+            as_btnh(v),
+            scale=spec.scale,
+            is_causal=True,
+            implementation="cudnn",
+        )
+        return out[:, :seq_len, 0, :].reshape(*q.shape[:-2], seq_len, spec.dv)

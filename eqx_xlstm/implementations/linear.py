@@ -1,0 +1,82 @@
+"""Causal attention without an activation as chunkwise linear attention.
+
+With weights equal to the raw logits, h_i = scale * q_i^T sum_{j<=i} k_j v_j^T. Cutting
+the sequence into chunks of C positions,
+
+    h_c = scale * (q_c @ S_c + tril(q_c @ k_c^T) @ v_c),   S_c = sum_{c' < c} k_c'^T v_c',
+
+where the states S_c (DQK x DV) are an exclusive cumulative sum over chunks. All chunks
+are computed in parallel; cost O(S * C * D + S * D^2) instead of O(S^2 * D), memory
+O(S * C + S * D^2 / C). Exact, not an approximation: only the summation order differs.
+"""
+
+import dataclasses
+import functools
+
+import jax.numpy as jnp
+
+from .. import maths
+from ..spec import AttentionSpec
+from .base import Implementation
+from .reference import matmul_precision
+
+# Chunk length by platform when none is given: the best measured on a 2-core CPU and
+# on an H200 (docs/benchmarks.md).
+DEFAULT_CHUNK = {"cpu": 64, "gpu": 256}
+
+
+@dataclasses.dataclass(frozen=True)
+class Linear(Implementation):
+    """Causal 'none' attention in O(S * D^2): a state sum k v^T carried across chunks.
+
+    Matmul operands keep the input dtype (bf16 stays bf16), sums are in
+    `spec.accum_dtype`.
+    """
+
+    name = "linear"
+    chunk: int | None = None
+    """Chunk length; None takes the platform's measured best (`DEFAULT_CHUNK`)."""
+
+    def __post_init__(self):
+        if self.chunk is not None and (not isinstance(self.chunk, int) or self.chunk < 1):
+            raise ValueError(f"`chunk` must be a positive int or None, got {self.chunk!r}.")
+
+    def chunk_for(self, spec: AttentionSpec) -> int:
+        return self.chunk or DEFAULT_CHUNK.get(spec.platform, DEFAULT_CHUNK["cpu"])
+
+    def unsupported(self, spec: AttentionSpec) -> str | None:
+        if spec.activation != "none":
+            return f"it computes activation_function='none' only, not {spec.activation!r}"
+        if not spec.causal:
+            return "it is used with the causal mask only (attention_mask=None)"
+        return None
+
+    def __call__(self, q, k, v, spec, mask):
+        seq_len, dv = spec.seq_len, spec.dv
+        chunk = max(1, min(self.chunk_for(spec), seq_len))
+        n_chunks = -(-seq_len // chunk)
+        pad = n_chunks * chunk - seq_len
+        operand = spec.dtype if spec.half else spec.accum_dtype
+
+        def chunks(x):
+            x = x.astype(operand).reshape(-1, seq_len, x.shape[-1])
+            x = jnp.pad(x, ((0, 0), (0, pad), (0, 0)))
+            return x.reshape(x.shape[0], n_chunks, chunk, x.shape[-1])
+
+        qc, kc, vc = chunks(q), chunks(k), chunks(v)
+        einsum = functools.partial(
+            jnp.einsum,
+            precision=matmul_precision(spec.dtype),
+            preferred_element_type=spec.accum_dtype,
+        )
+        kv = einsum("nckd,nckv->ncdv", kc, vc)
+        # Exclusive cumulative sum: the state before each chunk.
+        states = jnp.cumsum(jnp.pad(kv[:, :-1], ((0, 0), (1, 0), (0, 0), (0, 0))), axis=1)
+        inter = einsum("ncqd,ncdv->ncqv", qc, states.astype(operand))
+        scores = einsum("ncqd,nckd->ncqk", qc, kc)
+        positions = jnp.arange(chunk)
+        scores = jnp.where(maths.visible(positions[:, None], positions[None, :]), scores, 0.0)
+        intra = einsum("ncqk,nckv->ncqv", scores.astype(operand), vc)
+        out = (inter + intra) * spec.scale
+        out = out.reshape(-1, n_chunks * chunk, dv)[:, :seq_len]
+        return out.reshape(*q.shape[:-2], seq_len, dv)

@@ -1,0 +1,96 @@
+"""Causal attention through warp-specialized Pallas kernels on Mosaic GPU (Hopper)."""
+
+import dataclasses
+import functools
+
+import jax
+import jax.numpy as jnp
+
+from ...spec import AttentionSpec
+from ..base import Implementation
+from .backward import mosaic_dkv, mosaic_dq
+from .forward import mosaic_forward
+from .jax_private import interpret_available
+
+PADDING = 128  # every kernel's sequence tile divides this
+
+
+@dataclasses.dataclass(frozen=True)
+class Mosaic(Implementation):
+    """Mosaic GPU kernels: a forward kernel for softmax, sigmoid and 'none', and a
+    backward for sigmoid and 'none' (dQ and dK/dV kernels, or one kernel that forms
+    both). float16/bfloat16, equal q/k/v head dims of 64 or 128, on a Hopper GPU; on a
+    machine without a GPU, in Mosaic GPU interpret mode where this jax has it.
+
+    Softmax has no backward kernel here: differentiating softmax through this
+    implementation is an error; `implementation="pallas"` runs the Mosaic forward
+    when no gradient is taken and the Triton kernels under differentiation.
+    """
+
+    name = "mosaic"
+    fused_backward_from: int | None = 4096
+    """From this sequence length on, the backward pass is the one fused kernel rather
+    than the dQ + dK/dV pair (None: never). The fused kernel won every measured round
+    from S=4096 on, H100 and H200; below, the two tie (docs/benchmarks.md)."""
+
+    def unsupported(self, spec: AttentionSpec) -> str | None:
+        if not spec.causal:
+            return "it is used with the causal mask only (attention_mask=None)"
+        if not spec.half:
+            return f"it needs float16 or bfloat16 inputs, got {spec.dtype}"
+        if spec.dqk != spec.dv or spec.dqk not in (64, 128):
+            return f"it needs q/k/v head dims of 64 or 128, got {spec.dqk}/{spec.dv}"
+        if spec.platform == "gpu":
+            if not str(spec.gpu_capability).startswith("9"):
+                return (
+                    f"it needs a Hopper GPU (compute capability 9.x), got {spec.gpu_capability!r}"
+                )
+            return None
+        if spec.platform != "cpu" or not interpret_available():
+            return (
+                f"it needs a Hopper GPU, or Mosaic GPU interpret mode on a CPU, which this "
+                f"jax {jax.__version__} on {spec.platform!r} does not offer"
+            )
+        return None
+
+    def __call__(self, q, k, v, spec, mask):
+        seq_len = spec.seq_len
+        padded = -(-seq_len // PADDING) * PADDING
+
+        def rows(x):  # (*batch, S, D) -> (N, padded, D) in the qkv dtype
+            x = x.astype(spec.dtype).reshape(-1, seq_len, x.shape[-1])
+            return jnp.pad(x, ((0, 0), (0, padded - seq_len), (0, 0)))
+
+        fused = self.fused_backward_from is not None and seq_len >= self.fused_backward_from
+        out = _mosaic(rows(q), rows(k), rows(v), spec, fused)
+        return out[:, :seq_len].reshape(*q.shape[:-2], seq_len, spec.dv)
+
+
+def _interpret(spec):
+    return spec.platform != "gpu"
+
+
+@functools.partial(jax.custom_vjp, nondiff_argnums=(3, 4))
+def _mosaic(q, k, v, spec, fused):
+    return mosaic_forward(q, k, v, spec.activation, spec.sigmoid_bias, _interpret(spec))
+
+
+def _mosaic_fwd(q, k, v, spec, fused):
+    if spec.activation == "softmax":
+        raise ValueError(
+            "implementation='mosaic' has no softmax backward kernel, so it cannot be "
+            "differentiated for activation_function='softmax'; use implementation="
+            "'pallas' (the Mosaic forward without a gradient, the Triton kernels with "
+            "one) or 'triton'."
+        )
+    return _mosaic(q, k, v, spec, fused), (q, k, v)
+
+
+def _mosaic_bwd(spec, fused, residuals, d_out):
+    args = (*residuals, d_out, spec.activation, spec.sigmoid_bias, _interpret(spec))
+    if fused:
+        return mosaic_dkv(*args, fused=True)
+    return (mosaic_dq(*args), *mosaic_dkv(*args))
+
+
+_mosaic.defvjp(_mosaic_fwd, _mosaic_bwd)

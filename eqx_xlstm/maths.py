@@ -1,0 +1,87 @@
+"""The maths of one attention head, shared by every implementation.
+
+Each function works on plain arrays: whole `(S, S)` score matrices in the reference
+path, blocks in the chunked path, tiles inside the Triton and Mosaic GPU kernels.
+Scores are raw `q . k` products; the logits are `scores * scale` with
+`scale = 1 / sqrt(D_qk)`.
+
+- `visible`: which key positions a query position attends to (causal).
+- `weights`: the attention weights of one activation, before masking.
+- `score_grad`: the gradient w.r.t. the logits, given the gradient w.r.t. the weights.
+- `swish`, `rotate_pairs`, `prepare`: what queries and keys go through first.
+"""
+
+import math
+
+import jax
+import jax.numpy as jnp
+
+LOG2E = math.log2(math.e)
+
+
+def visible(query_pos, key_pos):
+    """True where a query at `query_pos` attends to a key at `key_pos` (broadcasting):
+    the causal rule, key <= query."""
+    return key_pos <= query_pos
+
+
+def weights(scores, activation, scale, bias=0.0, row_stat=None, tanh=jnp.tanh):
+    """Attention weights from raw scores, before masking (float32 in, float32 out).
+
+    - `"softmax"`: `exp2(scores * scale * log2(e) - row_stat)`, where `row_stat` is
+      the row's shift in log2 units of the logits: its running maximum while a
+      flash-style pass accumulates, its log2-sum-exp2 once the row is complete (then
+      the weights are normalised).
+    - `"sigmoid"`: `sigmoid(scores * scale + bias)`.
+    - `"none"`: the logits `scores * scale`.
+    """
+    if activation == "softmax":
+        return jnp.exp2(scores * (scale * LOG2E) - row_stat[..., None])
+    if activation == "sigmoid":
+        # One multiply-add inside: sigmoid(s c + b) = 0.5 tanh(s c/2 + b/2) + 0.5.
+        return 0.5 * tanh(scores * (0.5 * scale) + 0.5 * bias) + 0.5
+    return scores * scale
+
+
+def score_grad(d_weights, p, activation, allowed=None, delta=None):
+    """Gradient w.r.t. the logits from `d_weights`, the gradient w.r.t. the weights
+    `p` (which are zero where masked). Multiply by `scale` for the gradient w.r.t. the
+    raw scores.
+
+    Softmax needs `delta`, each row's `sum(dO * O)`. Masked entries come out zero:
+    softmax and sigmoid through `p`; 'none' through `allowed` (None: nothing masked).
+    """
+    if activation == "softmax":
+        return p * (d_weights - delta[..., None])
+    if activation == "sigmoid":
+        return d_weights * (p - p * p)
+    return d_weights if allowed is None else jnp.where(allowed, d_weights, 0.0)
+
+
+def swish(x):
+    """x * sigmoid(x) (also called SiLU)."""
+    return x * jax.nn.sigmoid(x)
+
+
+def rotate_pairs(x, sin, cos):
+    """Rotate the interleaved pairs `(2i, 2i + 1)` of the last axis of `x` by
+    per-position angles; `sin`, `cos`: `(S, D // 2)` for `x` of `(..., S, D)`.
+
+    Written as `x * cos2 + swap(x) * sin2` (`swap` exchanges each pair, the tables are
+    interleaved to full width) so that XLA fuses it with neighbouring elementwise work
+    into one pass over memory.
+    """
+    seq_len, dim = x.shape[-2:]
+    cos2 = jnp.repeat(cos, 2, axis=-1).astype(x.dtype)  # c0 c0 c1 c1 ...
+    sin2 = jnp.stack((-sin, sin), axis=-1).reshape(seq_len, dim).astype(x.dtype)
+    swapped = x.reshape(*x.shape[:-1], dim // 2, 2)[..., ::-1].reshape(x.shape)
+    return x * cos2 + swapped * sin2
+
+
+def prepare(x, pre_activation, sin, cos, dtype):
+    """Queries or keys as the logits see them: swish (unless `pre_activation` is
+    `"none"`), then RoPE, computed in `dtype`."""
+    x = x.astype(dtype)
+    if pre_activation != "none":
+        x = swish(x)
+    return rotate_pairs(x, sin, cos)

@@ -1,0 +1,205 @@
+"""Incremental decoding for the attention backend: typed states in, states out.
+
+A state is an `eqx.Module` that says what produced it (`StateIdentity`: activation,
+pre-activation, RoPE theta, context length, head dims), so a backend refuses a state
+from another configuration with a ValueError instead of silently computing something
+else:
+
+- `KVCache` (softmax and sigmoid): the keys after swish and RoPE (rotated at their
+  absolute positions) and the values, preallocated to `context_length` positions, and
+  the number of positions filled;
+- `LinearState` ('none'): the constant-size linear-attention state: the sum of
+  k v^T and of k over all positions seen (k after swish and RoPE), and their count.
+
+Per batch row: leading axes of the arrays are the batch axes. For code written against
+the mLSTM cell's interface, a state unpacks into three arrays, `c, n, m = state`, and
+`from_arrays` rebuilds one from them (arrays alone carry no identity: only their
+shapes are checked). A step takes T >= 1 new positions. Shapes never depend on how
+many positions are filled, so one compiled step serves every position.
+"""
+
+import dataclasses
+import math
+
+import equinox as eqx
+import jax
+import jax.numpy as jnp
+from jax.core import Tracer
+from jaxtyping import Array, Float, Int
+
+from .. import maths
+from ..implementations.reference import masked_weights, matmul_precision
+
+
+@dataclasses.dataclass(frozen=True)
+class StateIdentity:
+    """What a decoding state depends on besides its arrays."""
+
+    activation: str
+    pre_activation: str
+    theta: float
+    context_length: int
+    qk_head_dim: int
+    v_head_dim: int
+
+    def check(self, state_identity: "StateIdentity") -> None:
+        """A ValueError naming every setting in which `state_identity` differs."""
+        if state_identity == self:
+            return
+        diffs = [
+            f"{field.name}={getattr(state_identity, field.name)!r} (expected "
+            f"{getattr(self, field.name)!r})"
+            for field in dataclasses.fields(self)
+            if getattr(state_identity, field.name) != getattr(self, field.name)
+        ]
+        raise ValueError(
+            "This decoding state comes from a backend with other settings: "
+            + ", ".join(diffs)
+            + ". Pass the state returned by this backend."
+        )
+
+
+class KVCache(eqx.Module):
+    """The key/value cache of softmax and sigmoid attention (`c, n, m = cache`)."""
+
+    keys: Float[Array, "*batch context dqk"]
+    """The keys after swish and RoPE, in float32 (float64 for float64 inputs), zero
+    past the filled positions."""
+    values: Float[Array, "*batch context dv"]
+    """The values, in the values' dtype."""
+    length: Int[Array, "*batch"]
+    """The number of positions filled."""
+    identity: StateIdentity = eqx.field(static=True)
+
+    def __iter__(self):
+        return iter((self.keys, self.values, self.length))
+
+
+class LinearState(eqx.Module):
+    """The linear-attention state of 'none' attention (`c, n, m = state`)."""
+
+    kv: Float[Array, "*batch dqk dv"]
+    """Sum of k v^T over the positions seen, in float32 (float64 for float64 inputs)."""
+    key_sum: Float[Array, "*batch dqk"]
+    """Sum of k (the mLSTM normalizer's analogue; the 'none' output does not use it)."""
+    length: Int[Array, "*batch"]
+    """The number of positions seen (RoPE needs the absolute position)."""
+    identity: StateIdentity = eqx.field(static=True)
+
+    def __iter__(self):
+        return iter((self.kv, self.key_sum, self.length))
+
+
+DecodingState = KVCache | LinearState
+
+
+def state_class(activation: str) -> type[KVCache] | type[LinearState]:
+    return LinearState if activation == "none" else KVCache
+
+
+def from_arrays(identity: StateIdentity, batch_shape: tuple[int, ...], c, n, m) -> DecodingState:
+    """The state `(c, n, m)` unpacked from a state of a backend with `identity`; a
+    ValueError if the shapes do not fit it."""
+    context, dqk, dv = identity.context_length, identity.qk_head_dim, identity.v_head_dim
+    if identity.activation != "none":
+        expected = {
+            "c_initial": (*batch_shape, context, dqk),
+            "n_initial": (*batch_shape, context, dv),
+        }
+        kind = f"a key/value cache for activation_function={identity.activation!r}"
+    else:
+        expected = {"c_initial": (*batch_shape, dqk, dv), "n_initial": (*batch_shape, dqk)}
+        kind = "the linear-attention state for activation_function='none'"
+    expected["m_initial"] = tuple(batch_shape)
+    for name, array in zip(("c_initial", "n_initial", "m_initial"), (c, n, m), strict=True):
+        if tuple(array.shape) != expected[name]:
+            raise ValueError(
+                f"`{name}` has shape {tuple(array.shape)}, but this backend (context_length="
+                f"{context}, qk_head_dim={dqk}, value dim {dv}, batch shape "
+                f"{tuple(batch_shape)}) expects {expected[name]} for {kind}. Pass the state "
+                "returned by this backend for this batch."
+            )
+    if not jnp.issubdtype(m.dtype, jnp.integer):
+        raise ValueError(f"`m_initial` must hold integer positions, got dtype {m.dtype}.")
+    return state_class(identity.activation)(c, n, m.astype(jnp.int32), identity)
+
+
+def check_state(state: object, identity: StateIdentity, batch_shape: tuple[int, ...]) -> None:
+    """A TypeError/ValueError unless `state` is a state of this backend for this batch."""
+    if not isinstance(state, (KVCache, LinearState)):
+        raise TypeError(
+            f"`state` must be a KVCache or LinearState returned by the backend, got "
+            f"{type(state).__name__}."
+        )
+    identity.check(state.identity)
+    if tuple(state.length.shape) != tuple(batch_shape):
+        raise ValueError(
+            f"The state holds batch shape {tuple(state.length.shape)}, but the inputs have "
+            f"batch shape {tuple(batch_shape)}. Pass the state returned for this batch."
+        )
+
+
+def _check_room(m, new, context_length):
+    """Decoding past context_length: a ValueError when `m` is concrete, else a runtime
+    error raised by the compiled step (`equinox.error_if`)."""
+    message = (
+        f"decoding past context_length={context_length}: the state is full or "
+        f"{new} new position(s) do not fit"
+    )
+    if not isinstance(m, Tracer):
+        filled = int(jnp.max(m)) if m.size else 0
+        if filled + new > context_length:
+            raise ValueError(f"{message} ({filled} filled).")
+        return m
+    return eqx.error_if(m, jnp.any(m + new > context_length), message + ".")
+
+
+def prompt_state(k, v, sin, cos, identity: StateIdentity, accum) -> DecodingState:
+    """The state after the positions of a parallel call (k: `(*batch, S, DQK)`)."""
+    k = maths.prepare(k, identity.pre_activation, sin, cos, accum)
+    seq_len = k.shape[-2]
+    m = jnp.full(k.shape[:-2], seq_len, jnp.int32)
+    if identity.activation != "none":
+        pad = [(0, 0)] * (k.ndim - 2) + [(0, identity.context_length - seq_len), (0, 0)]
+        return KVCache(jnp.pad(k, pad), jnp.pad(v, pad), m, identity)
+    kv = jnp.einsum("...sd,...sv->...dv", k, v.astype(accum), precision=matmul_precision(v.dtype))
+    return LinearState(kv, jnp.sum(k, axis=-2), m, identity)
+
+
+def decode(q, k, v, state: DecodingState, freqs_sin, freqs_cos, spec):
+    """Continue from `state` with T new positions; returns `(h, new_state)`.
+
+    q, k: `(*batch, T, DQK)`; v: `(*batch, T, DV)`; `spec` the call's AttentionSpec.
+    """
+    identity = state.identity
+    *batch_shape, new, dqk = q.shape
+    context_length = identity.context_length
+    c, n, m = state
+    m = _check_room(m, new, context_length)
+    accum = spec.accum_dtype
+    mm = lambda a, b: jnp.matmul(a, b, precision=matmul_precision(spec.dtype))
+    flat = lambda x: x.reshape(-1, *x.shape[len(batch_shape) :])
+    scale = 1.0 / math.sqrt(dqk)
+
+    def one_row(q, k, v, c, n, m):
+        positions = m + jnp.arange(new)
+        sin = jnp.take(freqs_sin, positions, axis=0)
+        cos = jnp.take(freqs_cos, positions, axis=0)
+        q = maths.prepare(q, identity.pre_activation, sin, cos, accum)
+        k = maths.prepare(k, identity.pre_activation, sin, cos, accum)
+        if identity.activation == "none":
+            causal = maths.visible(jnp.arange(new)[:, None], jnp.arange(new)[None, :])
+            v = v.astype(accum)
+            intra = mm(jnp.where(causal, mm(q, k.T), 0.0), v)
+            h = scale * (mm(q, c) + intra)
+            return h, (c + mm(k.T, v), n + jnp.sum(k, 0), m + new)
+        c = jax.lax.dynamic_update_slice(c, k.astype(c.dtype), (m, 0))
+        n = jax.lax.dynamic_update_slice(n, v.astype(n.dtype), (m, 0))
+        visible = maths.visible(positions[:, None], jnp.arange(context_length)[None, :])
+        weights = masked_weights(mm(q, c.T), visible, spec)
+        return mm(weights, n.astype(accum)), (c, n, m + new)
+
+    h, (c, n, m) = jax.vmap(one_row)(*map(flat, (q, k, v, c, n, m)))
+    unflat = lambda x: x.reshape(*batch_shape, *x.shape[1:])
+    new_state = type(state)(unflat(c), unflat(n), unflat(m), identity)
+    return unflat(h).astype(spec.dtype), new_state
