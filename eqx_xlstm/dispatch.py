@@ -188,13 +188,14 @@ def _run(q, k, v, mask, sin, cos, *, spec: AttentionSpec, chosen: Plan):
 
 @functools.partial(jax.custom_vjp, nondiff_argnums=(4, 5))
 def _forward_or_gradient(q, k, v, mask, spec, chosen):
-    """`chosen.forward` when no gradient is taken; `chosen.gradient` otherwise."""
-    return chosen.forward(q, k, v, spec, mask)
+    """`chosen.forward` when no gradient is taken; `chosen.gradient` otherwise. Both
+    return `spec.dtype`, as a custom_vjp's two forward rules must agree."""
+    return chosen.forward(q, k, v, spec, mask).astype(spec.dtype)
 
 
 def _forward_or_gradient_fwd(q, k, v, mask, spec, chosen):
-    out, vjp = jax.vjp(lambda q, k, v: chosen.gradient(q, k, v, spec, mask), q, k, v)
-    return out, vjp
+    run = lambda q, k, v: chosen.gradient(q, k, v, spec, mask).astype(spec.dtype)
+    return jax.vjp(run, q, k, v)
 
 
 def _forward_or_gradient_bwd(spec, chosen, vjp, d_out):

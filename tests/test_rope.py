@@ -1,19 +1,24 @@
+"""RoPE: shapes, dtypes, the rotation's properties and its formula."""
+
 import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
-from helpers import naive_rope
+from helpers import naive_rope, random_inputs
 
 import eqx_xlstm as ex
 
 
-def rand(shape, seed=0, dtype=jnp.float32):
-    return jax.random.normal(jax.random.key(seed), shape, dtype)
+def pair(shape, seed=0, dtype=jnp.float32):
+    """Random queries and keys of `shape` (`(*batch, S, D)`)."""
+    *batch, seq, dim = shape
+    q, k, _, _ = random_inputs(seq, tuple(batch), dim, 1, dtype, seed)
+    return q, k
 
 
 @pytest.mark.parametrize("shape", [(7, 8), (3, 7, 8), (2, 3, 7, 8), (2, 1, 3, 7, 8)])
 def test_any_leading_axes_are_batch_axes(shape):
-    xq, xk = rand(shape, 0), rand(shape, 1)
+    xq, xk = pair(shape)
     oq, ok = ex.apply_rotary_emb(xq, xk, theta=100.0)
     assert oq.shape == ok.shape == shape
     np.testing.assert_allclose(oq, naive_rope(xq, 100.0), atol=1e-5)
@@ -21,7 +26,7 @@ def test_any_leading_axes_are_batch_axes(shape):
 
 
 def test_preserves_pair_norms():
-    x = rand((2, 16, 32))
+    x, _ = pair((2, 16, 32))
     out, _ = ex.apply_rotary_emb(x, x)
     pair_norm = lambda a: jnp.linalg.norm(a.reshape(*a.shape[:-1], -1, 2), axis=-1)  # noqa: E731
     np.testing.assert_allclose(pair_norm(out), pair_norm(x), rtol=1e-5, atol=1e-6)
@@ -29,7 +34,7 @@ def test_preserves_pair_norms():
 
 def test_dot_product_depends_only_on_relative_position():
     d, seq = 16, 12
-    q, k = rand((d,), 0), rand((d,), 1)
+    q, k = (x[0] for x in pair((1, d)))
     # Put the same q and k at every position; q_i . k_j must depend on i - j only.
     xq, xk = ex.apply_rotary_emb(jnp.tile(q, (seq, 1)), jnp.tile(k, (seq, 1)))
     scores = np.asarray(xq, np.float64) @ np.asarray(xk, np.float64).T
@@ -40,7 +45,7 @@ def test_dot_product_depends_only_on_relative_position():
 
 
 def test_explicit_freqs_longer_than_seq_use_first_rows():
-    x = rand((2, 5, 8))
+    x, _ = pair((2, 5, 8))
     sin, cos = ex.precompute_freqs(8, 50, theta=300.0)
     a = ex.apply_rotary_emb(x, x, freqs_sin=sin, freqs_cos=cos)[0]
     b = ex.apply_rotary_emb(x, x, theta=300.0)[0]
@@ -49,13 +54,13 @@ def test_explicit_freqs_longer_than_seq_use_first_rows():
 
 @pytest.mark.parametrize("dtype", [jnp.bfloat16, jnp.float16, jnp.float32])
 def test_keeps_dtype(dtype):
-    xq, xk = rand((3, 6, 8), 0, dtype), rand((3, 6, 8), 1, dtype)
+    xq, xk = pair((3, 6, 8), dtype=dtype)
     oq, ok = ex.apply_rotary_emb(xq, xk)
     assert oq.dtype == ok.dtype == dtype
 
 
 def test_position_zero_is_identity():
-    x = rand((4, 10))
+    x, _ = pair((4, 10))
     out, _ = ex.apply_rotary_emb(x, x)
     np.testing.assert_array_equal(out[0], x[0])
     assert not np.allclose(out[1:], x[1:])
@@ -70,7 +75,7 @@ def test_precompute_freqs_formula():
 
 
 def test_works_under_jit():
-    x = rand((2, 3, 7, 8))
+    x, _ = pair((2, 3, 7, 8))
     eager = ex.apply_rotary_emb(x, x, theta=50.0)
     jitted = jax.jit(ex.apply_rotary_emb, static_argnames="theta")(x, x, theta=50.0)
     np.testing.assert_allclose(eager[0], jitted[0], atol=1e-6)

@@ -20,10 +20,6 @@ from ..spec import AttentionSpec
 from .base import Implementation
 from .reference import matmul_precision
 
-# Chunk length by platform when none is given: the best measured on a 2-core CPU and
-# on an H200 (docs/benchmarks.md).
-DEFAULT_CHUNK = {"cpu": 64, "gpu": 256}
-
 
 @dataclasses.dataclass(frozen=True)
 class Linear(Implementation):
@@ -35,14 +31,18 @@ class Linear(Implementation):
 
     name = "linear"
     chunk: int | None = None
-    """Chunk length; None takes the platform's measured best (`DEFAULT_CHUNK`)."""
+    """Chunk length; None takes the platform's measured best: 256 on a GPU (an H200),
+    64 elsewhere (a 2-core CPU); docs/benchmarks.md."""
 
     def __post_init__(self):
         if self.chunk is not None and (not isinstance(self.chunk, int) or self.chunk < 1):
             raise ValueError(f"`chunk` must be a positive int or None, got {self.chunk!r}.")
 
     def chunk_for(self, spec: AttentionSpec) -> int:
-        return self.chunk or DEFAULT_CHUNK.get(spec.platform, DEFAULT_CHUNK["cpu"])
+        """The chunk length used for `spec`."""
+        if self.chunk is not None:
+            return self.chunk
+        return 256 if spec.platform == "gpu" else 64
 
     def unsupported(self, spec: AttentionSpec) -> str | None:
         if spec.activation != "none":

@@ -182,20 +182,23 @@ def decode(q, k, v, state: DecodingState, freqs_sin, freqs_cos, spec):
     scale = 1.0 / math.sqrt(dqk)
 
     def one_row(q, k, v, c, n, m):
-        positions = m + jnp.arange(new)
+        positions = m + jnp.arange(new, dtype=m.dtype)
         sin = jnp.take(freqs_sin, positions, axis=0)
         cos = jnp.take(freqs_cos, positions, axis=0)
         q = maths.prepare(q, identity.pre_activation, sin, cos, accum)
         k = maths.prepare(k, identity.pre_activation, sin, cos, accum)
         if identity.activation == "none":
-            causal = maths.visible(jnp.arange(new)[:, None], jnp.arange(new)[None, :])
+            steps = jnp.arange(new)
+            causal = maths.visible(steps[:, None], steps[None, :])
             v = v.astype(accum)
             intra = mm(jnp.where(causal, mm(q, k.T), 0.0), v)
             h = scale * (mm(q, c) + intra)
             return h, (c + mm(k.T, v), n + jnp.sum(k, 0), m + new)
-        c = jax.lax.dynamic_update_slice(c, k.astype(c.dtype), (m, 0))
-        n = jax.lax.dynamic_update_slice(n, v.astype(n.dtype), (m, 0))
-        visible = maths.visible(positions[:, None], jnp.arange(context_length)[None, :])
+        start = (m, jnp.zeros_like(m))
+        c = jax.lax.dynamic_update_slice(c, k.astype(c.dtype), start)
+        n = jax.lax.dynamic_update_slice(n, v.astype(n.dtype), start)
+        cached = jnp.arange(context_length, dtype=m.dtype)
+        visible = maths.visible(positions[:, None], cached[None, :])
         weights = masked_weights(mm(q, c.T), visible, spec)
         return mm(weights, n.astype(accum)), (c, n, m + new)
 

@@ -83,7 +83,7 @@ def rope_tables(
     dim: int,
     freqs_sin: Array | None,
     freqs_cos: Array | None,
-    theta: float,
+    theta: numbers.Real,
     *,
     dtype=np.float32,
     table_name: str = "freqs_sin/freqs_cos",
