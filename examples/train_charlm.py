@@ -63,17 +63,13 @@ class CharLMConfig:
         training.check(self.train)
 
     def model_config(self) -> ex.ModelConfig:
-        backend_config = ex.BACKENDS[self.train.backend].config_class(
-            activation_function=self.train.activation
-        )
-        return ex.ModelConfig(
+        return training.model_config(
+            self.train,
             vocab_size=VOCAB_SIZE,
             context_length=self.context_length,
             embedding_dim=self.embedding_dim,
             num_heads=self.num_heads,
             num_blocks=self.num_blocks,
-            backend=self.train.backend,
-            backend_config=backend_config,
         )
 
 

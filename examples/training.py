@@ -131,6 +131,13 @@ def run_main(main: Callable, config) -> None:
         raise SystemExit(2) from None
 
 
+def model_config(config: TrainConfig, **sizes) -> ex.ModelConfig:
+    """A `ModelConfig` of `sizes` (vocab_size, context_length, embedding_dim, ...) with
+    the backend and activation that `config` names."""
+    backend_config = ex.BACKENDS[config.backend].config_class(activation_function=config.activation)
+    return ex.ModelConfig(**sizes, backend=config.backend, backend_config=backend_config)
+
+
 def make_optimizer(lr: float, steps: int) -> optax.GradientTransformation:
     """AdamW under a 10% linear warmup, then cosine decay to lr / 10 at `steps`."""
     warmup = max(1, steps // 10)

@@ -118,10 +118,9 @@ print(float(jnp.sum(hits) / jnp.sum(weights)), header["step"])
 
 
 def test_charlm_checks_sampling_settings_before_training(tmp_path):
-    for bad in (["--top-k", "0"], ["--temperature", "-1"]):
-        result = run("train_charlm.py", "--steps", "1", "--out", str(tmp_path / "x"), *bad)
-        assert result.returncode == 2 and "error: --" in result.stderr
-        assert not (tmp_path / "x").exists()
+    result = run("train_charlm.py", "--steps", "1", "--out", str(tmp_path / "x"), "--top-k", "0")
+    assert result.returncode == 2 and "error: --top-k must be in 1..128" in result.stderr
+    assert not (tmp_path / "x").exists()
 
 
 def test_sharded_run_matches_single_device(tmp_path):

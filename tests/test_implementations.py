@@ -124,8 +124,10 @@ def test_triton_matches_reference(activation, seq, pre):
     assert_all_close(got, expected, KERNEL_DTYPE)
 
 
-@pytest.mark.parametrize("dtype", [jnp.float16, jnp.bfloat16])
-@pytest.mark.parametrize("activation", ACTIVATIONS)
+@pytest.mark.parametrize(
+    "activation, dtype",
+    [(a, jnp.float16) for a in ACTIVATIONS] + [("sigmoid", jnp.bfloat16)],
+)
 def test_triton_16bit_matches_reference(activation, dtype):
     # Other block sizes than the defaults, too: tuning is a static argument.
     small = Triton(forward=(32, 16, 4, 2), backward=(16, 32, 4, 2))
@@ -195,7 +197,7 @@ def test_mosaic_matches_reference(activation, fused, dtype):
     # it must run under jax.jit (an eager jax.vjp deadlocks JAX's interpreter threads).
     mosaic_or_skip(dtype)
     implementation = Mosaic(fused_backward_from=0 if fused else None)
-    q, k, v, g = random_inputs(200, batch=(1,), dqk=64, dv=64, dtype=dtype, seed=4)
+    q, k, v, g = random_inputs(100, batch=(1,), dqk=64, dv=64, dtype=dtype, seed=4)
     kwargs = dict(activation_function=activation, qk_pre_activation_function="swish")
     got, expected = against_reference(implementation, q, k, v, g, jit=True, **kwargs)
     assert_all_close(got, expected, dtype)
