@@ -11,6 +11,7 @@ import functools
 from collections.abc import Callable
 
 import jax
+import jax.numpy as jnp
 
 from . import maths
 from ._private_jax import mapped_axis
@@ -146,11 +147,15 @@ def _default(spec, which):
 def run(q, k, v, mask, sin, cos, spec: AttentionSpec, chosen: Plan):
     """Swish, RoPE and attention as `chosen` says; returns `spec.dtype`.
 
-    Under `jax.vmap` over a leading axis of q, k and v (such as the heads axis, with
-    `eqx.filter_vmap(backend, in_axes=1)`), the mapped axis stays where it is in memory
-    and joins the implementation's batch axes, instead of being moved to the front and
-    back around the kernels (two extra passes over memory).
+    Inputs with no elements (S = 0, an empty batch axis, DV = 0) give the empty
+    output, the same on every path. Under `jax.vmap` over a leading axis of q, k and v
+    (such as the heads axis, with `eqx.filter_vmap(backend, in_axes=1)`), the mapped
+    axis stays where it is in memory and joins the implementation's batch axes,
+    instead of being moved to the front and back around the kernels (two extra passes
+    over memory).
     """
+    if q.size == 0 or v.size == 0:  # no positions, no rows or no value features
+        return jnp.zeros(v.shape, spec.dtype)
     axis = mapped_axis(q, k, v, others=(mask, sin, cos))
     if axis is None or axis > q.ndim - 2:  # mapped along the sequence or feature axis
         return _run(q, k, v, mask, sin, cos, spec=spec, chosen=chosen)

@@ -1,4 +1,5 @@
-"""Smoke runs of the example training scripts: output, resume, sharding, bad input."""
+"""The example training scripts: runs as commands (output, resume, sharding, the CLI's
+errors) and, for settings refused before any work, `main(config)` called directly."""
 
 import json
 import os
@@ -10,6 +11,19 @@ import pytest
 
 EXAMPLES = pathlib.Path(__file__).resolve().parents[1] / "examples"
 MQAR_SMALL = ["--batch-size", "8", "--no-progress"]
+sys.path.insert(0, str(EXAMPLES))  # the scripts import `training` as they do when run
+import train_charlm  # noqa: E402
+import train_mqar  # noqa: E402
+import training  # noqa: E402
+
+
+def refusal(module, *argv) -> str:
+    """The UsageError `module.main` raises for the command line `argv`."""
+    with pytest.raises(training.UsageError) as info:
+        module.main(module.parse_args(list(argv)))
+    return str(info.value)
+
+
 CACHE_ENV = {}  # set by shared_compilation_cache
 
 
@@ -118,8 +132,11 @@ print(float(jnp.sum(hits) / jnp.sum(weights)), header["step"])
 
 
 def test_charlm_checks_sampling_settings_before_training(tmp_path):
-    result = run("train_charlm.py", "--steps", "1", "--out", str(tmp_path / "x"), "--top-k", "0")
-    assert result.returncode == 2 and "error: --top-k must be in 1..128" in result.stderr
+    out = str(tmp_path / "x")
+    assert "--top-k must be in 1..128" in refusal(train_charlm, "--out", out, "--top-k", "0")
+    assert "--temperature must be >= 0" in refusal(
+        train_charlm, "--out", out, "--temperature", "-1"
+    )
     assert not (tmp_path / "x").exists()
 
 
@@ -137,16 +154,23 @@ def test_sharded_run_matches_single_device(tmp_path):
     [
         (["--backend", "slstm"], "unknown --backend 'slstm'; valid: attention"),
         (["--activation", "relu"], "unknown --activation 'relu'"),
-        (["--devices", "3", "--batch-size", "8"], "not divisible by --devices 3"),
         (["--devices", "64"], "xla_force_host_platform_device_count"),
         (["--resume"], "no checkpoint"),
+        (["--vocab-size", "8"], "too few keys"),
     ],
 )
 def test_bad_input_fails_clearly(tmp_path, args, message):
-    result = run("train_mqar.py", "--steps", "2", "--out", str(tmp_path / "x"), *args, devices=4)
-    assert result.returncode != 0
-    assert message in result.stderr
+    assert message in refusal(train_mqar, "--steps", "2", "--out", str(tmp_path / "x"), *args)
     assert not (tmp_path / "x").exists()  # nothing was written
+
+
+def test_command_line_errors_are_one_line_and_exit_2(tmp_path):
+    # As a command: exit status 2 and "error: ..." on stderr (4 host devices here).
+    args = ["--steps", "2", "--devices", "3", "--batch-size", "8", "--out", str(tmp_path / "x")]
+    result = run("train_mqar.py", *args, devices=4)
+    assert result.returncode == 2
+    assert result.stderr.strip() == "error: --batch-size 8 is not divisible by --devices 3"
+    assert not (tmp_path / "x").exists()
 
 
 def test_resume_with_other_config_fails_and_keeps_checkpoint(tmp_path):
@@ -154,10 +178,8 @@ def test_resume_with_other_config_fails_and_keeps_checkpoint(tmp_path):
     checkpoint = tmp_path / "checkpoint.eqx"
     before = checkpoint.read_bytes()
     for other in (["--vocab-size", "96"], ["--num-pairs", "9"]):
-        result = run(
-            "train_mqar.py", "--steps", "2", "--resume", *other, "--out", str(tmp_path), *MQAR_SMALL
-        )
-        assert result.returncode != 0 and "different run" in result.stderr
-    again = run("train_mqar.py", "--steps", "2", "--out", str(tmp_path), *MQAR_SMALL)
-    assert again.returncode != 0 and "--overwrite" in again.stderr
+        args = ["--steps", "2", "--resume", *other, "--out", str(tmp_path), *MQAR_SMALL]
+        assert "different run" in refusal(train_mqar, *args)
+    args = ["--steps", "2", "--out", str(tmp_path), *MQAR_SMALL]
+    assert "--overwrite" in refusal(train_mqar, *args)
     assert checkpoint.read_bytes() == before

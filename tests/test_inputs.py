@@ -1,11 +1,19 @@
-"""Inputs the upstream accepts: Python ints and NumPy scalars for numbers, NumPy
-arrays for q, k, v, and float64 computed in float64."""
+"""Inputs the upstream accepts (Python ints and NumPy scalars for numbers, NumPy
+arrays for q, k, v, float64 computed in float64) and hostile ones (float16 logits
+beyond its range, empty inputs)."""
 
 import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
-from helpers import ACTIVATIONS, SMALL_CHUNKED, SMALL_LINEAR, naive_attention, random_inputs
+from helpers import (
+    ACTIVATIONS,
+    SMALL_CHUNKED,
+    SMALL_LINEAR,
+    naive_attention,
+    out_and_grads,
+    random_inputs,
+)
 
 import eqx_xlstm as ex
 
@@ -105,3 +113,47 @@ def test_float64_linear_form_rope_and_backend(x64):
     )
     want = naive_attention(q, k, v, activation="sigmoid", sigmoid_bias=-np.log(16))
     np.testing.assert_allclose(jnp.concatenate([out, step], -2), want, atol=1e-12)
+
+
+@pytest.mark.parametrize(
+    "implementation", ["reference", SMALL_CHUNKED, "linear", SMALL_LINEAR, "triton"]
+)
+def test_float16_none_is_finite_wherever_the_reference_is(implementation):
+    # Raw q . k up to ~1e5 exceed float16's range before the 1/sqrt(D) scale, while
+    # the outputs stay in the hundreds: every path must scale (or sum) in float32.
+    q, k, v, g = random_inputs(128, batch=(1,), dqk=64, dv=64, seed=11)
+    q, k, v, g = (x.astype(jnp.float16) for x in (q * 60, k * 60, v * 0.002, g))
+    kwargs = dict(activation_function="none")
+    got = out_and_grads(q, k, v, g, implementation=implementation, **kwargs)
+    want = out_and_grads(q, k, v, g, implementation="reference", **kwargs)
+    for name, a, b in zip(("out", "dq", "dk", "dv"), got, want, strict=True):
+        finite = np.isfinite(b)
+        assert finite.mean() > 0.5, name  # the case is not degenerate
+        assert np.isfinite(a[finite]).all(), name
+        scale = np.abs(b[finite]).max()
+        np.testing.assert_allclose(a[finite], b[finite], atol=2e-2 * scale, rtol=2e-2, err_msg=name)
+
+
+@pytest.mark.parametrize("shape", [(2, 0, 16), (0, 5, 16)])  # no positions; no rows
+@pytest.mark.parametrize("implementation", [None, "reference", "chunked", "linear", "triton"])
+def test_empty_inputs_give_the_empty_output(shape, implementation):
+    q = jnp.ones(shape)
+    fn = lambda q: ex.attention(q, q, q, activation_function="none", implementation=implementation)
+    assert fn(q).shape == shape
+    assert jax.grad(lambda q: jnp.sum(fn(q)))(q).shape == shape
+    with pytest.raises(ValueError, match="head dimension.*>= 2"):
+        ex.attention(jnp.ones((2, 5, 0)), jnp.ones((2, 5, 0)), jnp.ones((2, 5, 3)))
+
+
+@pytest.mark.parametrize("activation", ["softmax", "none"])
+def test_decoding_zero_new_positions_changes_nothing(activation):
+    config = ex.mLSTMBackendAttentionConfig(context_length=8, activation_function=activation)
+    backend = ex.mLSTMBackendAttention(config, qk_head_dim=8)
+    q, k, v, _ = random_inputs(3, batch=(2,), dqk=8, dv=4)
+    empty = [x[:, :0] for x in (q, k, v)]
+    h, state = backend(*empty, return_last_states=True)
+    assert h.shape == (2, 0, 4) and (state.length == 0).all()
+    h, state = backend(*empty, return_last_states=True, state=state)
+    assert h.shape == (2, 0, 4) and (state.length == 0).all()
+    h, state = backend(q, k, v, return_last_states=True, state=state)
+    np.testing.assert_allclose(h, backend(q, k, v), atol=1e-6)

@@ -149,3 +149,16 @@ def test_model_config_round_trips_through_json():
     assert rebuilt.backend_config.implementation.forward == (64, 32, 4, 2)
     model = ex.LanguageModel(rebuilt, key=jax.random.key(0))
     assert model.blocks[0].mixer.backend.config.theta == 500.0
+
+
+def test_token_ids_outside_the_vocabulary_are_refused_eagerly():
+    model = ex.LanguageModel(small_config(), key=jax.random.key(0))
+    for bad in (jnp.array([1, 2, 32]), jnp.array([-1, 2])):
+        with pytest.raises(ValueError, match="outside the vocabulary 0..31"):
+            model(bad)
+        with pytest.raises(ValueError, match="outside the vocabulary"):
+            model.generate(bad, 2, jax.random.key(0))
+    with pytest.raises(ValueError, match="at least one token"):
+        model.generate(jnp.zeros((0,), jnp.int32), 2, jax.random.key(0))
+    # Under jit the ids are not known while tracing: no error (README says so).
+    assert eqx.filter_jit(model)(jnp.array([1, 2, 32])).shape == (3, 32)

@@ -25,8 +25,9 @@ from .reference import matmul_precision
 class Linear(Implementation):
     """Causal 'none' attention in O(S * D^2): a state sum k v^T carried across chunks.
 
-    Matmul operands keep the input dtype (bf16 stays bf16), sums are in
-    `spec.accum_dtype`.
+    Matmul operands stay bfloat16 for bfloat16 inputs; float16 and wider inputs are
+    computed in `spec.accum_dtype` (float16's range cannot hold raw scores or state
+    sums); sums are in `spec.accum_dtype`.
     """
 
     name = "linear"
@@ -56,7 +57,9 @@ class Linear(Implementation):
         chunk = max(1, min(self.chunk_for(spec), seq_len))
         n_chunks = -(-seq_len // chunk)
         pad = n_chunks * chunk - seq_len
-        operand = spec.dtype if spec.half else spec.accum_dtype
+        # bf16 operands keep the fast matmuls (float32's range); float16 ones would
+        # overflow on raw q . k and on the state sums, so float16 runs in float32.
+        operand = spec.dtype if spec.dtype == jnp.bfloat16 else spec.accum_dtype
 
         def chunks(x):
             x = x.astype(operand).reshape(-1, seq_len, x.shape[-1])

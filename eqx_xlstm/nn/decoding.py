@@ -175,6 +175,8 @@ def decode(q, k, v, state: DecodingState, freqs_sin, freqs_cos, spec):
     *batch_shape, new, dqk = q.shape
     context_length = identity.context_length
     c, n, m = state
+    if q.size == 0 or v.size == 0:  # no new positions or no rows: nothing changes
+        return jnp.zeros(v.shape, spec.dtype), state
     m = _check_room(m, new, context_length)
     accum = spec.accum_dtype
     mm = lambda a, b: jnp.matmul(a, b, precision=matmul_precision(spec.dtype))

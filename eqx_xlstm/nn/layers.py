@@ -213,6 +213,7 @@ class LanguageModel(eqx.Module):
     def __call__(self, tokens: Int[Array, " seq"]) -> Float[Array, "seq vocab"]:
         """Next-token logits for every position of `tokens` (length <= context_length)."""
         self._check_length(tokens.shape[0], "tokens")
+        self._check_ids(tokens, "tokens")
         x = jax.vmap(self.embedding)(tokens)
         for block in self.blocks:
             x = block(x)
@@ -224,6 +225,7 @@ class LanguageModel(eqx.Module):
     ) -> tuple[Float[Array, "seq vocab"], tuple[DecodingState, ...]]:
         """Logits for `tokens` that continue the sequence held in `states` (one state
         per block, as returned by the previous call; None to start)."""
+        self._check_ids(tokens, "tokens")
         x = jax.vmap(self.embedding)(tokens)
         states = (None,) * len(self.blocks) if states is None else states
         new_states = []
@@ -253,6 +255,8 @@ class LanguageModel(eqx.Module):
             raise ValueError(f"`temperature` must be >= 0, got {temperature}.")
         if top_k is not None and not 1 <= top_k <= self.config.vocab_size:
             raise ValueError(f"`top_k` must be in 1..{self.config.vocab_size}, got {top_k}.")
+        if prompt.shape[0] < 1:
+            raise ValueError("`prompt` must hold at least one token to continue from.")
         self._check_length(prompt.shape[0] + n_tokens - 1, "prompt plus n_tokens - 1")
 
         def sample(logits, key):
@@ -275,6 +279,19 @@ class LanguageModel(eqx.Module):
 
         (last, _), tokens = jax.lax.scan(step, (first, states), keys[1:])
         return jnp.concatenate([tokens, last[None]])
+
+    def _check_ids(self, tokens, what: str) -> None:
+        """A ValueError for token ids outside the vocabulary, when they are concrete
+        (eager calls). Under `jax.jit` they are not known while tracing; there JAX's
+        indexing clamps them to the vocabulary (README, "Layers and models")."""
+        if isinstance(tokens, jax.core.Tracer) or tokens.size == 0:
+            return
+        low, high = int(jnp.min(tokens)), int(jnp.max(tokens))
+        if low < 0 or high >= self.config.vocab_size:
+            raise ValueError(
+                f"`{what}` holds ids from {low} to {high}, outside the vocabulary "
+                f"0..{self.config.vocab_size - 1}."
+            )
 
     def _check_length(self, length: int, what: str) -> None:
         if length > self.config.context_length:

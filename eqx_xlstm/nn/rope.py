@@ -92,6 +92,10 @@ def rope_tables(
     rows, or fresh tables from `theta` in `dtype` (float64 angles rounded once).
     Raises a ValueError naming what is wrong."""
     check_even(dim, "The head dimension (last axis of queries and keys)")
+    if dim < 2:
+        raise ValueError(
+            f"The head dimension (last axis of queries and keys) must be >= 2, got {dim}."
+        )
     if (freqs_sin is None) != (freqs_cos is None):
         raise ValueError("Pass both `freqs_sin` and `freqs_cos`, or neither.")
     if freqs_sin is None:
