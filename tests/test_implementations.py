@@ -40,8 +40,11 @@ def against_reference(implementation, q, k, v, g, mask=None, jit=False, **kwargs
     return got, out_and_grads(q, k, v, g, mask, implementation="reference", **kwargs)
 
 
-@pytest.mark.parametrize("seq", [1, 13])  # 13: not a multiple of the block (5)
-@pytest.mark.parametrize("mask_name", ["causal", "full", "random", "empty_rows"])
+# 13: not a multiple of the block (5); 1: a single position.
+@pytest.mark.parametrize(
+    "seq, mask_name",
+    [(13, m) for m in ("causal", "full", "random", "empty_rows")] + [(1, "causal"), (1, "full")],
+)
 @pytest.mark.parametrize("activation", ACTIVATIONS)
 def test_chunked_matches_reference_f32(seq, mask_name, activation):
     q, k, v, g = random_inputs(seq)
