@@ -168,12 +168,12 @@ def run(q, k, v, mask, sin, cos, spec: AttentionSpec, chosen: Plan):
     def _keep_in_place(axis_size, in_batched, q, k, v, mask, sin, cos):
         # jax moved the mapped axis to the front; move it back, so that XLA cancels
         # the two transposes, and run with it as one more batch axis.
-        q, k, v = (jax.numpy.moveaxis(x, 0, axis) for x in (q, k, v))
+        q, k, v = (jnp.moveaxis(x, 0, axis) for x in (q, k, v))
         batch_shape = q.shape[:-2]
         out = _run(
             q, k, v, mask, sin, cos, spec=spec.replace(batch_shape=batch_shape), chosen=chosen
         )
-        return jax.numpy.moveaxis(out, axis, 0), True
+        return jnp.moveaxis(out, axis, 0), True
 
     return call(q, k, v, mask, sin, cos)
 

@@ -25,6 +25,11 @@ def check_option(value: object, valid: tuple[str, ...], name: str) -> str:
     return value
 
 
+def canonical_pre_activation(name: str) -> str:
+    """A valid pre-activation name as the spec holds it: "silu" is "swish"."""
+    return "swish" if name == "silu" else name
+
+
 def real_number(value: object, name: str) -> float:
     """`value` (a Python or NumPy real number, not a bool) as a finite float."""
     if isinstance(value, bool) or not isinstance(value, numbers.Real):
@@ -158,7 +163,7 @@ def build_spec(
     platform, capability = default_device()
     return AttentionSpec(
         activation=activation,
-        pre_activation="none" if pre_activation == "none" else "swish",
+        pre_activation=canonical_pre_activation(pre_activation),
         mask="causal" if causal else "explicit",
         dtype=dtype,
         batch_shape=tuple(batch_shape),

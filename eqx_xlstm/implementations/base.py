@@ -5,6 +5,7 @@ import abc
 import dataclasses
 from typing import Any, ClassVar
 
+import jax.numpy as jnp
 from jaxtyping import Array, Bool, Float
 
 from ..spec import AttentionSpec
@@ -44,3 +45,17 @@ class Implementation(abc.ABC):
     def to_dict(self) -> dict[str, Any]:
         """The name and tuning fields, JSON-serialisable (see `from_dict`)."""
         return {"name": self.name, **dataclasses.asdict(self)}
+
+
+def as_rows(x: Array, spec: AttentionSpec, multiple: int) -> Array:
+    """`(*batch, S, D)` -> `(N, S', D)` in `spec.dtype`, the sequence zero-padded at the
+    end to `S'`, the next multiple of `multiple`: the layout the kernels take."""
+    seq_len = spec.seq_len
+    padded = -(-seq_len // multiple) * multiple
+    x = x.astype(spec.dtype).reshape(-1, seq_len, x.shape[-1])
+    return jnp.pad(x, ((0, 0), (0, padded - seq_len), (0, 0)))
+
+
+def from_rows(out: Array, batch_shape: tuple[int, ...], spec: AttentionSpec) -> Array:
+    """`(N, S', DV)` from `as_rows`' layout back to `(*batch_shape, S, DV)`."""
+    return out[:, : spec.seq_len].reshape(*batch_shape, spec.seq_len, spec.dv)

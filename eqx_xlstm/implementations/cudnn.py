@@ -3,10 +3,9 @@
 import dataclasses
 
 import jax
-import jax.numpy as jnp
 
 from ..spec import AttentionSpec
-from .base import Implementation
+from .base import Implementation, as_rows, from_rows
 
 
 @dataclasses.dataclass(frozen=True)
@@ -39,20 +38,9 @@ class CuDNN(Implementation):
         return None
 
     def __call__(self, q, k, v, spec, mask):
-        seq_len = spec.seq_len
-        padded = seq_len + seq_len % 2
-
-        def as_btnh(x):
-            x = x.astype(spec.dtype).reshape(-1, seq_len, x.shape[-1])
-            x = jnp.pad(x, ((0, 0), (0, padded - seq_len), (0, 0)))
-            return x[:, :, None, :]
-
+        # Rows of cuDNN's batch with one head each: (B, T, N=1, H), T made even.
+        bthn = [as_rows(x, spec, 2)[:, :, None, :] for x in (q, k, v)]
         out = jax.nn.dot_product_attention(
-            as_btnh(q),
-            as_btnh(k),
-            as_btnh(v),
-            scale=spec.scale,
-            is_causal=True,
-            implementation="cudnn",
+            *bthn, scale=spec.scale, is_causal=True, implementation="cudnn"
         )
-        return out[:, :seq_len, 0, :].reshape(*q.shape[:-2], seq_len, spec.dv)
+        return from_rows(out[:, :, 0, :], q.shape[:-2], spec)

@@ -17,6 +17,7 @@ from ..spec import (
     ACTIVATIONS,
     PRE_ACTIVATIONS,
     build_spec,
+    canonical_pre_activation,
     check_option,
     resolve_dtype,
     whole_number,
@@ -175,7 +176,7 @@ class mLSTMBackendAttention(mLSTMBackend):  # noqa: N801 (upstream name)
         """What a decoding state of this backend carries to identify it."""
         return StateIdentity(
             activation=self.config.activation_function,
-            pre_activation=self.config.qk_pre_activation_function.replace("silu", "swish"),
+            pre_activation=canonical_pre_activation(self.config.qk_pre_activation_function),
             theta=self.config.theta,
             context_length=self.config.context_length,
             qk_head_dim=self.qk_head_dim,
@@ -232,8 +233,8 @@ class mLSTMBackendAttention(mLSTMBackend):  # noqa: N801 (upstream name)
             if state is not None:
                 raise ValueError("Pass `state` or c_initial/n_initial/m_initial, not both.")
             arrays = (jnp.asarray(x) for x in (c_initial, n_initial, m_initial))
-            state = from_arrays(identity, batch_shape, *arrays)
-        if state is not None:
+            state = from_arrays(identity, batch_shape, *arrays)  # checks the shapes
+        elif state is not None:
             check_state(state, identity, batch_shape)
         spec = build_spec(
             q,

@@ -4,10 +4,9 @@ import dataclasses
 import functools
 
 import jax
-import jax.numpy as jnp
 
 from ...spec import AttentionSpec
-from ..base import Implementation
+from ..base import Implementation, as_rows, from_rows
 from .backward import mosaic_dkv, mosaic_dq
 from .forward import mosaic_forward
 from .jax_private import interpret_available
@@ -55,15 +54,9 @@ class Mosaic(Implementation):
 
     def __call__(self, q, k, v, spec, mask):
         seq_len = spec.seq_len
-        padded = -(-seq_len // PADDING) * PADDING
-
-        def rows(x):  # (*batch, S, D) -> (N, padded, D) in the qkv dtype
-            x = x.astype(spec.dtype).reshape(-1, seq_len, x.shape[-1])
-            return jnp.pad(x, ((0, 0), (0, padded - seq_len), (0, 0)))
-
         fused = self.fused_backward_from is not None and seq_len >= self.fused_backward_from
-        out = _mosaic(rows(q), rows(k), rows(v), spec, fused)
-        return out[:, :seq_len].reshape(*q.shape[:-2], seq_len, spec.dv)
+        out = _mosaic(*(as_rows(x, spec, PADDING) for x in (q, k, v)), spec, fused)
+        return from_rows(out, q.shape[:-2], spec)
 
 
 def _interpret(spec):

@@ -4,10 +4,8 @@ import dataclasses
 import math
 from collections.abc import Sequence
 
-import jax.numpy as jnp
-
 from ...spec import AttentionSpec
-from ..base import Implementation
+from ..base import Implementation, as_rows, from_rows
 from .kernels import Blocks, Launch, flash
 
 
@@ -54,14 +52,7 @@ class Triton(Implementation):
         return None
 
     def __call__(self, q, k, v, spec, mask):
-        seq_len = spec.seq_len
         step = math.lcm(*self.forward[:2], *self.backward[:2])
-        padded = -(-seq_len // step) * step
-
-        def rows(x):  # (*batch, S, D) -> (N, padded, D) in the qkv dtype
-            x = x.astype(spec.dtype).reshape(-1, seq_len, x.shape[-1])
-            return jnp.pad(x, ((0, 0), (0, padded - seq_len), (0, 0)))
-
         launch = Launch(spec, self.forward, self.backward, interpret=spec.platform != "gpu")
-        out = flash(rows(q), rows(k), rows(v), launch)
-        return out[:, :seq_len].reshape(*q.shape[:-2], seq_len, spec.dv)
+        out = flash(*(as_rows(x, spec, step) for x in (q, k, v)), launch)
+        return from_rows(out, q.shape[:-2], spec)
