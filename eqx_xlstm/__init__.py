@@ -7,7 +7,13 @@ backend, decoding states, layers).
 """
 
 from . import implementations
-from .checkpoint import load_checkpoint, read_checkpoint_metadata, save_checkpoint
+from .checkpoint import (
+    CheckpointError,
+    checkpoint_args,
+    load_checkpoint,
+    read_checkpoint_metadata,
+    save_checkpoint,
+)
 from .functional import attention
 from .nn.attention_backend import mLSTMBackendAttention, mLSTMBackendAttentionConfig
 from .nn.backend import mLSTMBackend
@@ -23,6 +29,7 @@ __all__ = [
     "BACKENDS",
     "AttentionSpec",
     "Block",
+    "CheckpointError",
     "KVCache",
     "LanguageModel",
     "LinearState",
@@ -31,6 +38,7 @@ __all__ = [
     "StateIdentity",
     "apply_rotary_emb",
     "attention",
+    "checkpoint_args",
     "create_mlstm_backend",
     "implementations",
     "load_checkpoint",

@@ -12,6 +12,7 @@ From Python: `main(CharLMConfig(...))` returns the final values.
 
 import argparse
 import dataclasses
+import math
 import pathlib
 import sysconfig
 
@@ -41,7 +42,7 @@ class CharLMConfig:
     """The data, the model, how to train it and how to sample from it."""
 
     train: training.TrainConfig = training.TrainConfig(
-        steps=400, out="runs/charlm", batch_size=32, lr=2e-3
+        steps=400, out="runs/charlm", batch_size=32, lr=2e-3, checkpoint_every=100
     )
     modules: tuple[str, ...] = STDLIB_MODULES
     context_length: int = 128
@@ -56,8 +57,10 @@ class CharLMConfig:
 
     def check(self) -> None:
         # Sampling settings first: they would otherwise fail only after training.
-        if not self.temperature >= 0:
-            raise training.UsageError(f"--temperature must be >= 0, got {self.temperature}")
+        if not (math.isfinite(self.temperature) and self.temperature >= 0):
+            raise training.UsageError(
+                f"--temperature must be a finite number >= 0, got {self.temperature}"
+            )
         if self.top_k is not None and not 1 <= self.top_k <= VOCAB_SIZE:
             raise training.UsageError(f"--top-k must be in 1..{VOCAB_SIZE}, got {self.top_k}")
         training.check(self.train)

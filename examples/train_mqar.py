@@ -41,6 +41,8 @@ class MQARConfig:
 
     def check(self) -> None:
         training.check(self.train)
+        if self.num_pairs < 1:
+            raise training.UsageError(f"--num-pairs must be >= 1, got {self.num_pairs}")
         if self.vocab_size < 4 or self.vocab_size // 2 - 1 < self.num_pairs:
             raise training.UsageError(
                 f"--vocab-size {self.vocab_size} leaves too few keys for --num-pairs "

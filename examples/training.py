@@ -5,6 +5,7 @@ its data and model, and runs as `main(config)` over a frozen dataclass config.""
 import argparse
 import dataclasses
 import json
+import math
 import pathlib
 import sys
 import time
@@ -16,10 +17,10 @@ import jax.numpy as jnp
 import numpy as np
 import optax
 from jax.sharding import Mesh, NamedSharding, PartitionSpec
+from run_folder import FolderError, RunFolder
+from stop_signals import StopSignals
 
 import eqx_xlstm as ex
-
-CHECKPOINT = "checkpoint.eqx"
 
 
 @dataclasses.dataclass(frozen=True)
@@ -29,20 +30,24 @@ class TrainConfig:
     steps: int
     """Total optimizer steps (the learning-rate schedule spans these)."""
     out: str
-    """Folder for the checkpoint, the loss curve and the log."""
+    """Folder for the checkpoints, the loss curve and the lock."""
     batch_size: int
     lr: float
     seed: int = 0
     resume: bool = False
-    """Continue from the checkpoint in `out`."""
+    """Continue from the newest good checkpoint in `out`."""
     overwrite: bool = False
-    """Start afresh even if `out` holds a checkpoint."""
+    """Start afresh even if `out` holds checkpoints (deleting them)."""
     stop_after: int | None = None
-    """End after this step as an interruption would (checkpoint saved)."""
+    """End after this step with a checkpoint and the final line (to try resuming)."""
+    checkpoint_every: int = 500
+    """Save a checkpoint every this many steps (and at the end or on SIGINT/SIGTERM)."""
+    keep: int = 3
+    """Keep the newest this many checkpoints."""
     activation: str = "softmax"
     backend: str = "attention"
     devices: int = 1
-    """Shard the batch over this many devices (jax.sharding)."""
+    """Shard the batch over this many devices (jax.sharding); part of the run's identity."""
     progress: bool = True
 
 
@@ -50,26 +55,45 @@ class UsageError(Exception):
     """Bad settings, found before anything is written."""
 
 
+class TrainingStopped(Exception):  # noqa: N818 (a signal is not an error)
+    """Training ended early: a signal (checkpoint saved) or a non-finite loss (the last
+    good checkpoint kept). `exit_code` is the process's exit status."""
+
+    def __init__(self, message: str, exit_code: int):
+        super().__init__(message)
+        self.exit_code = exit_code
+
+
 def add_arguments(parser: argparse.ArgumentParser, defaults: TrainConfig) -> None:
     """Command-line flags for every `TrainConfig` field, defaulting to `defaults`."""
     add = parser.add_argument
     add("--steps", type=int, default=defaults.steps, help="total optimizer steps")
-    add("--seed", type=int, default=defaults.seed)
-    add("--out", default=defaults.out, help="folder for the checkpoint, loss curve and log")
-    add("--resume", action="store_true", help="continue from the checkpoint in --out")
-    add("--overwrite", action="store_true", help="start afresh even if --out has a checkpoint")
+    add("--seed", type=int, default=defaults.seed, help="0 <= seed < 2**32")
+    add("--out", default=defaults.out, help="folder for the checkpoints, loss curve and lock")
+    add("--resume", action="store_true", help="continue from the newest good checkpoint in --out")
+    add("--overwrite", action="store_true", help="start afresh, deleting --out's checkpoints")
     add(
         "--stop-after",
         type=int,
         default=None,
         metavar="N",
-        help="end after step N as an interruption would (checkpoint saved)",
+        help="end after step N with a checkpoint and the final line (to try --resume)",
+    )
+    add(
+        "--checkpoint-every",
+        type=int,
+        default=defaults.checkpoint_every,
+        metavar="N",
+        help="save every N steps (and at the end, and on SIGINT/SIGTERM)",
+    )
+    add(
+        "--keep", type=int, default=defaults.keep, metavar="N", help="keep the newest N checkpoints"
     )
     add("--activation", default=defaults.activation, help="softmax, sigmoid or none")
     add("--backend", default=defaults.backend, help="mLSTM backend name")
     add("--devices", type=int, default=defaults.devices, help="shard the batch over N devices")
     add("--batch-size", type=int, default=defaults.batch_size)
-    add("--lr", type=float, default=defaults.lr)
+    add("--lr", type=float, default=defaults.lr, help="peak learning rate (finite, > 0)")
     add("--no-progress", action="store_true", help="hide the progress bar")
 
 
@@ -84,6 +108,8 @@ def from_arguments(args: argparse.Namespace) -> TrainConfig:
         resume=args.resume,
         overwrite=args.overwrite,
         stop_after=args.stop_after,
+        checkpoint_every=args.checkpoint_every,
+        keep=args.keep,
         activation=args.activation,
         backend=args.backend,
         devices=args.devices,
@@ -100,8 +126,19 @@ def check(config: TrainConfig) -> None:
         raise UsageError(
             f"unknown --activation {config.activation!r}; valid: softmax, sigmoid, none"
         )
-    if config.steps < 1:
-        raise UsageError(f"--steps must be >= 1, got {config.steps}")
+    for flag, value, low in (
+        ("--steps", config.steps, 1),
+        ("--batch-size", config.batch_size, 1),
+        ("--checkpoint-every", config.checkpoint_every, 1),
+        ("--keep", config.keep, 1),
+        ("--seed", config.seed, 0),
+    ):
+        if value < low:
+            raise UsageError(f"{flag} must be >= {low}, got {value}")
+    if config.seed >= 2**32:
+        raise UsageError(f"--seed must be < 2**32, got {config.seed}")
+    if not (math.isfinite(config.lr) and config.lr > 0):
+        raise UsageError(f"--lr must be a finite number > 0, got {config.lr}")
     if config.devices < 1 or config.devices > len(jax.devices()):
         raise UsageError(
             f"--devices {config.devices} but {len(jax.devices())} device(s) are visible; on a "
@@ -113,22 +150,32 @@ def check(config: TrainConfig) -> None:
         )
     if config.stop_after is not None and not 1 <= config.stop_after <= config.steps:
         raise UsageError(f"--stop-after must be between 1 and --steps ({config.steps})")
-    checkpoint = pathlib.Path(config.out) / CHECKPOINT
-    if config.resume and not checkpoint.is_file():
-        raise UsageError(f"--resume but there is no checkpoint at {checkpoint}")
-    if not config.resume and not config.overwrite and checkpoint.is_file():
+    if config.resume and config.overwrite:
+        raise UsageError("--resume and --overwrite contradict each other; pass one")
+    folder = RunFolder(config.out)
+    problem = folder.problem()
+    if problem:
+        raise UsageError(problem)
+    if config.resume and not folder.steps():
+        raise UsageError(f"--resume but there is no checkpoint in {folder.checkpoints}")
+    if not config.resume and not config.overwrite and folder.steps():
         raise UsageError(
-            f"{checkpoint} exists; pass --resume to continue it or --overwrite to replace it"
+            f"{folder.checkpoints} holds checkpoints; pass --resume to continue them or "
+            "--overwrite to replace them"
         )
 
 
 def run_main(main: Callable, config) -> None:
-    """`main(config)` as a command: a UsageError ends it with exit status 2 and one line."""
+    """`main(config)` as a command: a UsageError or FolderError ends it with exit status
+    2 and one line; a stopped run with its own status and one line."""
     try:
         main(config)
-    except UsageError as err:
+    except (UsageError, FolderError) as err:
         print(f"error: {err}", file=sys.stderr)
         raise SystemExit(2) from None
+    except TrainingStopped as err:
+        print(str(err), file=sys.stderr)
+        raise SystemExit(err.exit_code) from None
 
 
 def model_config(config: TrainConfig, **sizes) -> ex.ModelConfig:
@@ -166,6 +213,10 @@ class Run:
     step: int
     losses: list
 
+    def saved(self):
+        """What a checkpoint holds besides its header."""
+        return self.params, self.opt_state, self.key
+
 
 def _fresh(config: TrainConfig, model_config: ex.ModelConfig):
     """A new run's model split into (params, static), its optimizer, and its Run."""
@@ -178,15 +229,36 @@ def _fresh(config: TrainConfig, model_config: ex.ModelConfig):
 
 
 def _identity(config: TrainConfig, model_config: ex.ModelConfig, data_settings: dict) -> dict:
-    """What a checkpoint must match to be resumed; the model config as data."""
+    """What a checkpoint must match to be resumed; the model config as data. The device
+    count is part of it: sharding changes the order of floating-point sums."""
     return {
         "model_config": model_config.to_dict(),
         "steps": config.steps,
         "lr": config.lr,
         "seed": config.seed,
         "batch_size": config.batch_size,
+        "devices": config.devices,
         "data": data_settings,
     }
+
+
+def _same_run(out: pathlib.Path, identity: dict) -> Callable[[dict], None]:
+    def accept(metadata: dict) -> None:
+        stored = metadata.get("identity", {})
+        diff = [k for k in identity if stored.get(k) != identity[k]]
+        if diff:
+            raise UsageError(
+                f"the checkpoints in {out} are from a different run ({', '.join(diff)} "
+                "differ); use the same settings or another --out"
+            )
+
+    return accept
+
+
+@eqx.filter_jit
+def _all_finite(tree) -> jax.Array:
+    leaves = jax.tree_util.tree_leaves(eqx.filter(tree, eqx.is_inexact_array))
+    return jnp.all(jnp.array([jnp.all(jnp.isfinite(x)) for x in leaves]))
 
 
 def train(
@@ -196,31 +268,42 @@ def train(
     *,
     data_settings: dict,
 ):
-    """Build or resume the model, train to `steps` (or `stop_after`), checkpoint.
+    """Build or resume the model, train to `steps` (or `stop_after`) with periodic
+    checkpoints; returns the `Run` and the model.
 
     `make_batch(key, step)` returns `(tokens, targets, weights)`, each `(batch, length)`,
     the same for the same key and step; the key is the run's, kept in the checkpoint, so
-    a resumed run sees the data it would have seen. `data_settings` joins the model
-    config in identifying the run: a checkpoint from other settings is refused. Returns
-    the `Run` and the model.
+    a resumed run sees the data it would have seen and ends exactly as an uninterrupted
+    one. `data_settings` joins the model config in identifying the run: a checkpoint
+    from other settings is refused. SIGINT/SIGTERM save at the next step boundary and
+    raise `TrainingStopped`; so does a non-finite loss (without saving).
     """
-    out = pathlib.Path(config.out)
-    checkpoint = out / CHECKPOINT
-    optimizer, run = _fresh(config, model_config)
+    folder = RunFolder(config.out)
     identity = _identity(config, model_config, data_settings)
-    if config.resume:
-        stored = ex.read_checkpoint_metadata(checkpoint)
-        if stored["identity"] != identity:
-            diff = [k for k in identity if stored["identity"].get(k) != identity[k]]
-            raise UsageError(
-                f"the checkpoint in {out} is from a different run ({', '.join(diff)} differ); "
-                "use the same settings or another --out"
+    optimizer, run = _fresh(config, model_config)
+    with folder:
+        if folder.stale_lock:
+            print(
+                f"note: taking over {folder.path / 'run.lock'}, left by a run that ended "
+                f"without releasing it ({folder.stale_lock})",
+                file=sys.stderr,
             )
-        (run.params, run.opt_state, run.key), stored = ex.load_checkpoint(
-            checkpoint, (run.params, run.opt_state, run.key)
-        )
-        run.step, run.losses = stored["step"], stored["losses"]
+        if config.overwrite:
+            folder.clear()
+        if config.resume:
+            saved, stored = folder.restore(run.saved(), _same_run(folder.path, identity))
+            run.params, run.opt_state, run.key = saved
+            run.step, run.losses = stored["step"], stored["losses"]
+        elif folder.steps():  # written since `check`
+            raise UsageError(
+                f"{folder.checkpoints} holds checkpoints; pass --resume or --overwrite"
+            )
+        _loop(config, optimizer, run, make_batch, folder, identity)
+    plot_losses(folder.path / "loss.png", run.losses, title=folder.path.name)
+    return run, eqx.combine(run.params, run.static)
 
+
+def _loop(config, optimizer, run: Run, make_batch, folder: RunFolder, identity: dict) -> None:
     mesh = Mesh(np.array(jax.devices()[: config.devices]), ("data",))
     replicated = NamedSharding(mesh, PartitionSpec())
     by_batch = NamedSharding(mesh, PartitionSpec("data"))
@@ -237,35 +320,69 @@ def train(
         updates, opt_state = optimizer.update(grads, opt_state, params)
         return eqx.apply_updates(params, updates), opt_state, loss
 
+    saved_step, saved_path = None, None
+
+    def save() -> None:
+        nonlocal saved_step, saved_path
+        if saved_step == run.step:
+            return
+        if not bool(_all_finite(run.params)):
+            folder.wait()
+            raise TrainingStopped(
+                _diverged("the parameters became non-finite", saved_path, run.step), 1
+            )
+        metadata = {"identity": identity, "step": run.step, "losses": run.losses}
+        saved_step, saved_path = run.step, folder.save(run.step, run.saved(), metadata, config.keep)
+
+    if run.step == 0:
+        save()  # so that `--resume` works after a kill at any moment
     last = config.stop_after or config.steps
     data_key = jax.random.fold_in(jax.random.wrap_key_data(run.key), 1)
     progress = _progress(run.step, last, not config.progress)
     start, tokens_seen = time.perf_counter(), 0
-    while run.step < last:
-        batch = jax.device_put(make_batch(data_key, run.step), by_batch)
-        run.params, run.opt_state, loss = train_step(run.params, run.opt_state, *batch)
-        run.step += 1
-        run.losses.append(float(loss))
-        tokens_seen += batch[0].size
-        rate = tokens_seen / (time.perf_counter() - start)
-        progress.update(1)
-        progress.set_postfix(loss=f"{run.losses[-1]:.4f}", tok_s=f"{rate:,.0f}")
-    progress.close()
-    ex.save_checkpoint(
-        checkpoint,
-        (run.params, run.opt_state, run.key),
-        {"identity": identity, "step": run.step, "losses": run.losses},
-    )
-    plot_losses(out / "loss.png", run.losses, title=out.name)
-    return run, eqx.combine(run.params, static)
+    with StopSignals() as signals:
+        while run.step < last and not signals.received:
+            batch = jax.device_put(make_batch(data_key, run.step), by_batch)
+            run.params, run.opt_state, loss = train_step(run.params, run.opt_state, *batch)
+            loss = float(loss)
+            if not math.isfinite(loss):
+                progress.close()
+                folder.wait()
+                raise TrainingStopped(
+                    _diverged(f"the loss became {loss}", saved_path, run.step + 1), 1
+                )
+            run.step += 1
+            run.losses.append(loss)
+            tokens_seen += batch[0].size
+            rate = tokens_seen / (time.perf_counter() - start)
+            progress.update(1)
+            progress.set_postfix(loss=f"{loss:.4f}", tok_s=f"{rate:,.0f}")
+            if run.step % config.checkpoint_every == 0 or run.step == last:
+                save()
+        progress.close()
+        save()
+        folder.wait()
+    if signals.received:
+        raise TrainingStopped(
+            f"stopped by {signals.received.name} at step {run.step} of {config.steps}: "
+            f"checkpoint saved in {saved_path}; continue with --resume",
+            128 + signals.received.value,
+        )
+
+
+def _diverged(what: str, last_good, step: int) -> str:
+    kept = f"the last good checkpoint is {last_good}" if last_good else "no checkpoint was saved"
+    return f"error: {what} at step {step}; stopped without saving it; {kept} (try a lower --lr)"
 
 
 def load_model(out: str | pathlib.Path) -> tuple[ex.LanguageModel, dict]:
-    """The trained model in `out`'s checkpoint, rebuilt from the checkpoint alone (its
-    header holds the model config as data), and the header."""
-    checkpoint = pathlib.Path(out) / CHECKPOINT
-    header = ex.read_checkpoint_metadata(checkpoint)
-    identity = header["identity"]
+    """The trained model of `out`'s newest good checkpoint, rebuilt from the checkpoint
+    alone (its header holds the model config as data), and the header."""
+    folder = RunFolder(out)
+    steps = folder.steps()
+    if not steps:
+        raise FolderError(f"no checkpoint in {folder.checkpoints}")
+    identity = ex.read_checkpoint_metadata(folder.checkpoints / str(steps[0]))["identity"]
     model_config = ex.ModelConfig.from_dict(identity["model_config"])
     settings = TrainConfig(
         steps=identity["steps"],
@@ -275,7 +392,7 @@ def load_model(out: str | pathlib.Path) -> tuple[ex.LanguageModel, dict]:
         seed=identity["seed"],
     )
     _, run = _fresh(settings, model_config)
-    (params, _, _), header = ex.load_checkpoint(checkpoint, (run.params, run.opt_state, run.key))
+    (params, _, _), header = folder.restore(run.saved(), accept=lambda metadata: None)
     return eqx.combine(params, run.static), header
 
 

@@ -1,17 +1,28 @@
 """The example training scripts: runs as commands (output, resume, sharding, the CLI's
 errors) and, for settings refused before any work, `main(config)` called directly."""
 
+import fcntl
 import json
 import os
 import pathlib
+import re
+import shutil
+import signal
 import subprocess
 import sys
+import time
 
+import equinox as eqx
+import jax
+import jax.numpy as jnp
 import pytest
+
+import eqx_xlstm as ex
 
 EXAMPLES = pathlib.Path(__file__).resolve().parents[1] / "examples"
 MQAR_SMALL = ["--batch-size", "8", "--no-progress"]
 sys.path.insert(0, str(EXAMPLES))  # the scripts import `training` as they do when run
+import run_folder  # noqa: E402
 import train_charlm  # noqa: E402
 import train_mqar  # noqa: E402
 import training  # noqa: E402
@@ -20,8 +31,15 @@ import training  # noqa: E402
 def refusal(module, *argv) -> str:
     """The UsageError `module.main` raises for the command line `argv`."""
     with pytest.raises(training.UsageError) as info:
-        module.main(module.parse_args(list(argv)))
+        main_in_process(module, *argv)
     return str(info.value)
+
+
+def main_in_process(module, *argv) -> dict:
+    """`module.main` for the command line `argv`, in this process (the examples, like
+    user code, rely on standard dtype promotion; the tests' default is strict)."""
+    with jax.numpy_dtype_promotion("standard"):
+        return module.main(module.parse_args(list(argv)))
 
 
 CACHE_ENV = {}  # set by shared_compilation_cache
@@ -89,65 +107,170 @@ def test_help(capsys):
         assert info.value.code == 0 and "--stop-after" in capsys.readouterr().out
 
 
-def test_mqar_runs_and_resumes_exactly(tmp_path):
-    one_go = final(run("train_mqar.py", "--steps", "8", "--out", str(tmp_path / "a"), *MQAR_SMALL))
-    assert one_go["step"] == 8 and 0.0 <= one_go["accuracy"] <= 1.0 and one_go["loss"] > 0
-    assert (tmp_path / "a" / "loss.png").stat().st_size > 1000
-    assert (tmp_path / "a" / "checkpoint.eqx").is_file()
-    first = final(
-        run(
-            "train_mqar.py",
-            "--steps",
-            "8",
-            "--stop-after",
-            "4",
-            "--out",
-            str(tmp_path / "b"),
-            *MQAR_SMALL,
-        )
+RUN = ["--steps", "40", "--checkpoint-every", "5", "--batch-size", "8", "--no-progress"]
+
+
+def start(*args, out):
+    """`train_mqar.py` with `args` as a running process (stdout and stderr piped)."""
+    env = {**os.environ, **CACHE_ENV, "JAX_PLATFORMS": "cpu"}
+    command = [sys.executable, str(EXAMPLES / "train_mqar.py"), *args, "--out", str(out)]
+    return subprocess.Popen(
+        command, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True
     )
-    assert first["step"] == 4
-    resumed = final(
-        run("train_mqar.py", "--steps", "8", "--resume", "--out", str(tmp_path / "b"), *MQAR_SMALL)
+
+
+def wait_for_checkpoint(out, step, process):
+    deadline = time.monotonic() + 120
+    while not (out / "checkpoints" / str(step)).is_dir():
+        assert process.poll() is None, process.communicate()[1][-3000:]
+        assert time.monotonic() < deadline, "no checkpoint within 120 s"
+        time.sleep(0.01)
+
+
+def held_out_accuracy(model):
+    config = train_mqar.MQARConfig()
+    tokens, targets, weights = train_mqar.mqar_batch(
+        config, jax.random.fold_in(jax.random.key(0), 2), config.eval_sequences
     )
-    assert resumed["step"] == 8
-    assert resumed["loss"] == one_go["loss"]
-    assert resumed["accuracy"] == one_go["accuracy"]
+    with jax.numpy_dtype_promotion("standard"):
+        return _accuracy(model, tokens, targets, weights)
+
+
+def _accuracy(model, tokens, targets, weights):
+    hits = (jnp.argmax(jax.vmap(model)(tokens), -1) == targets) * weights
+    return float(jnp.sum(hits) / jnp.sum(weights))
+
+
+@pytest.fixture(scope="module")
+def one_go(tmp_path_factory, worker_id):
+    """An uninterrupted run: its folder and final values. Made once per session: the
+    pytest-xdist workers share it through a locked folder of the session."""
+    if worker_id == "master":
+        root = tmp_path_factory.mktemp("one_go")
+    else:
+        root = tmp_path_factory.getbasetemp().parent  # this session's, shared by workers
+    with open(root / "one_go.lock", "w") as lock:
+        fcntl.flock(lock, fcntl.LOCK_EX)
+        out, values = root / "one_go", root / "one_go.json"
+        if not values.is_file():
+            values.write_text(json.dumps(final(run("train_mqar.py", *RUN, "--out", str(out)))))
+        return out, json.loads(values.read_text())
+
+
+def test_run_keeps_the_newest_checkpoints_which_rebuild_the_model(one_go):
+    out, values = one_go
+    assert values["step"] == 40 and 0.0 <= values["accuracy"] <= 1.0 and values["loss"] > 0
+    assert (out / "loss.png").stat().st_size > 1000
+    assert sorted(int(p.name) for p in (out / "checkpoints").iterdir()) == [30, 35, 40]
+    assert (out / "run.lock").read_text() == ""  # released
     # The header holds the model config as data: the checkpoint alone rebuilds the
     # model, which scores the held-out set exactly as the run did.
-    code = f"""
-import jax, jax.numpy as jnp, training, train_mqar
-model, header = training.load_model({str(tmp_path / "b")!r})
-assert model.config.backend_config.activation_function == "softmax", model.config
-config = train_mqar.MQARConfig()
-tokens, targets, weights = train_mqar.mqar_batch(
-    config, jax.random.fold_in(jax.random.key(0), 2), config.eval_sequences
-)
-hits = (jnp.argmax(jax.vmap(model)(tokens), -1) == targets) * weights
-print(float(jnp.sum(hits) / jnp.sum(weights)), header["step"])
-"""
-    result = run(None, code=code)
-    assert result.returncode == 0, result.stderr[-3000:]
-    accuracy, step = result.stdout.split()
-    assert float(accuracy) == one_go["accuracy"] and int(step) == 8
+    model, header = training.load_model(out)
+    assert model.config.backend_config.activation_function == "softmax"
+    assert header["step"] == 40 and len(header["losses"]) == 40
+    assert held_out_accuracy(model) == values["accuracy"]
+
+
+def test_sigkill_then_resume_ends_exactly_as_one_go(one_go, tmp_path, capfd):
+    out = tmp_path / "killed"
+    process = start(*RUN, out=out)
+    wait_for_checkpoint(out, 5, process)
+    process.kill()
+    process.communicate()
+    assert process.returncode == -signal.SIGKILL  # killed mid-run, not finished
+    capfd.readouterr()
+    values = main_in_process(train_mqar, *RUN, "--resume", "--out", str(out))
+    assert values["loss"] == one_go[1]["loss"] and values["accuracy"] == one_go[1]["accuracy"]
+    assert "note: taking over" in capfd.readouterr().err  # the killed run's stale lock
+
+
+@pytest.mark.parametrize("signum", [signal.SIGINT, signal.SIGTERM])
+def test_signal_saves_at_a_step_boundary_and_a_second_run_is_refused(tmp_path, signum):
+    out, args = tmp_path / "run", ["--steps", "100000", "--checkpoint-every", "5", *MQAR_SMALL]
+    process = start(*args, out=out)
+    wait_for_checkpoint(out, 5, process)
+    # One run per --out: a second one is refused, naming the running one.
+    message = refusal(train_mqar, *args, "--overwrite", "--out", str(out))
+    assert f"is in use by another run (pid {process.pid} on " in message
+    process.send_signal(signum)
+    _, stderr = process.communicate(timeout=120)
+    assert process.returncode == 128 + signum
+    last = stderr.strip().splitlines()[-1]
+    match = re.fullmatch(
+        rf"stopped by {signum.name} at step (\d+) of 100000: checkpoint saved in (.+); "
+        "continue with --resume",
+        last,
+    )
+    assert match, stderr[-2000:]
+    assert ex.read_checkpoint_metadata(match[2])["step"] == int(match[1]) >= 5
+    assert (out / "run.lock").read_text() == ""
+
+
+def test_damaged_checkpoints_are_found_and_kept(one_go, tmp_path, capsys):
+    out = tmp_path / "copy"
+    shutil.copytree(one_go[0], out)
+    newest = out / "checkpoints" / "40"
+    data = max((f for f in (newest / "arrays").rglob("*") if f.is_file()), key=os.path.getsize)
+    damaged = bytearray(data.read_bytes())
+    damaged[len(damaged) // 2] ^= 0x01  # one flipped bit
+    data.write_bytes(bytes(damaged))
+    values = main_in_process(train_mqar, *RUN, "--resume", "--out", str(out))
+    assert values["loss"] == one_go[1]["loss"]  # resumed from step 35
+    warning = capsys.readouterr().err
+    assert f"warning: checkpoint {newest.absolute()} is unusable: array " in warning
+    assert "does not match its checksum" in warning and "resuming from step 35" in warning
+    (evidence,) = (out / "damaged").iterdir()  # moved aside, not deleted
+    assert evidence.name.startswith("40-") and (evidence / "header").is_dir()
+    # Every checkpoint edited: one clear error, and nothing moved or rewritten.
+    for header in (out / "checkpoints").glob("*/header/metadata"):
+        header.write_text(header.read_text().replace('"step": ', '"step": 1'))
+    before = {p: p.read_bytes() for p in out.rglob("*") if p.is_file()}
+    with pytest.raises(run_folder.FolderError) as info:
+        main_in_process(train_mqar, *RUN, "--resume", "--out", str(out))
+    assert str(info.value) == (
+        f"checkpoint {newest.absolute()} is unusable: its header was changed after saving "
+        f"(digest mismatch) (and 2 older); no usable checkpoint in {out / 'checkpoints'}"
+    )
+    assert {p: p.read_bytes() for p in out.rglob("*") if p.is_file()} == before
+
+
+def test_non_finite_loss_stops_and_keeps_the_last_good_checkpoint(tmp_path):
+    out = tmp_path / "diverged"
+    args = ["--lr", "1e30", *RUN, "--out", str(out)]  # AdamW steps of 1e30: overflow
+    with pytest.raises(training.TrainingStopped) as info:
+        main_in_process(train_mqar, *args)
+    assert info.value.exit_code == 1
+    assert re.fullmatch(
+        r"error: the (loss became nan|parameters became non-finite) at step \d+; stopped "
+        rf"without saving it; the last good checkpoint is {out / 'checkpoints'}/\d+ \(try a "
+        r"lower --lr\)",
+        str(info.value),
+    ), str(info.value)
+    model, _ = training.load_model(out)
+    leaves = jax.tree.leaves(eqx.filter(model, eqx.is_inexact_array))
+    assert all(bool(jnp.all(jnp.isfinite(x))) for x in leaves)
 
 
 def test_charlm_checks_sampling_settings_before_training(tmp_path):
     out = str(tmp_path / "x")
     assert "--top-k must be in 1..128" in refusal(train_charlm, "--out", out, "--top-k", "0")
-    assert "--temperature must be >= 0" in refusal(
-        train_charlm, "--out", out, "--temperature", "-1"
-    )
+    for temperature in ("-1", "inf", "nan"):
+        assert "--temperature must be a finite number >= 0" in refusal(
+            train_charlm, "--out", out, "--temperature", temperature
+        )
     assert not (tmp_path / "x").exists()
 
 
-def test_sharded_run_matches_single_device(tmp_path):
+def test_sharded_run_matches_single_device_and_devices_identify_the_run(tmp_path):
     args = ["--steps", "4", "--activation", "none", *MQAR_SMALL]
     single = final(run("train_mqar.py", *args, "--out", str(tmp_path / "one"), devices=4))
     sharded = final(
         run("train_mqar.py", *args, "--devices", "4", "--out", str(tmp_path / "four"), devices=4)
     )
     assert sharded["loss"] == pytest.approx(single["loss"], rel=1e-5)
+    # Resuming on another device count is refused (sums would run in another order).
+    message = refusal(train_mqar, *args, "--resume", "--out", str(tmp_path / "four"))
+    assert "different run (devices differ)" in message
 
 
 @pytest.mark.parametrize(
@@ -158,11 +281,32 @@ def test_sharded_run_matches_single_device(tmp_path):
         (["--devices", "64"], "xla_force_host_platform_device_count"),
         (["--resume"], "no checkpoint"),
         (["--vocab-size", "8"], "too few keys"),
+        (["--num-pairs", "0"], "--num-pairs must be >= 1, got 0"),
+        (["--lr", "nan"], "--lr must be a finite number > 0, got nan"),
+        (["--lr", "inf"], "--lr must be a finite number > 0, got inf"),
+        (["--lr", "0"], "--lr must be a finite number > 0, got 0.0"),
+        (["--batch-size", "0"], "--batch-size must be >= 1, got 0"),
+        (["--batch-size", "-4"], "--batch-size must be >= 1, got -4"),
+        (["--steps", "0"], "--steps must be >= 1, got 0"),
+        (["--checkpoint-every", "0"], "--checkpoint-every must be >= 1, got 0"),
+        (["--keep", "0"], "--keep must be >= 1, got 0"),
+        (["--seed", "-1"], "--seed must be >= 0, got -1"),
+        (["--seed", str(2**32)], "--seed must be < 2**32"),
+        (["--stop-after", "3"], "--stop-after must be between 1 and --steps (2)"),
+        (["--resume", "--overwrite"], "--resume and --overwrite contradict each other"),
     ],
 )
 def test_bad_input_fails_clearly(tmp_path, args, message):
     assert message in refusal(train_mqar, "--steps", "2", "--out", str(tmp_path / "x"), *args)
     assert not (tmp_path / "x").exists()  # nothing was written
+
+
+def test_unusable_out_is_refused_before_training(tmp_path):
+    file = tmp_path / "file"
+    file.write_text("not a folder")
+    assert f"--out {file} is a file; give a folder" in refusal(train_mqar, "--out", str(file))
+    assert f"{file} is a file" in refusal(train_mqar, "--out", str(file / "sub"))
+    assert file.read_text() == "not a folder"
 
 
 def test_command_line_errors_are_one_line_and_exit_2(tmp_path):
@@ -174,13 +318,15 @@ def test_command_line_errors_are_one_line_and_exit_2(tmp_path):
     assert not (tmp_path / "x").exists()
 
 
-def test_resume_with_other_config_fails_and_keeps_checkpoint(tmp_path):
-    final(run("train_mqar.py", "--steps", "2", "--out", str(tmp_path), *MQAR_SMALL))
-    checkpoint = tmp_path / "checkpoint.eqx"
-    before = checkpoint.read_bytes()
-    for other in (["--vocab-size", "96"], ["--num-pairs", "9"]):
-        args = ["--steps", "2", "--resume", *other, "--out", str(tmp_path), *MQAR_SMALL]
-        assert "different run" in refusal(train_mqar, *args)
-    args = ["--steps", "2", "--out", str(tmp_path), *MQAR_SMALL]
-    assert "--overwrite" in refusal(train_mqar, *args)
-    assert checkpoint.read_bytes() == before
+def test_resume_with_other_config_is_refused_and_keeps_the_checkpoints(one_go, tmp_path):
+    out = tmp_path / "copy"
+    shutil.copytree(one_go[0], out)
+    before = {p: p.read_bytes() for p in (out / "checkpoints").rglob("*") if p.is_file()}
+    for other in (["--vocab-size", "96"], ["--num-pairs", "9"], ["--lr", "0.01"]):
+        message = refusal(train_mqar, *RUN, "--resume", *other, "--out", str(out))
+        assert f"the checkpoints in {out} are from a different run" in message
+    assert "pass --resume to continue them or --overwrite" in refusal(
+        train_mqar, *RUN, "--out", str(out)
+    )
+    after = {p: p.read_bytes() for p in (out / "checkpoints").rglob("*") if p.is_file()}
+    assert after == before
