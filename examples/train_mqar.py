@@ -52,6 +52,10 @@ class MQARConfig:
             raise training.UsageError(
                 "--seq-len must be even and leave room for at least one query"
             )
+        try:
+            self.model_config()
+        except ValueError as err:  # sizes the model refuses, e.g. heads not dividing width
+            raise training.UsageError(str(err)) from None
 
     def model_config(self) -> ex.ModelConfig:
         return training.model_config(
@@ -85,6 +89,19 @@ def mqar_batch(config: MQARConfig, key, batch_size):
     return tokens, targets, jnp.broadcast_to(weights, tokens.shape)
 
 
+@jax.jit
+def _accuracy(model, tokens, targets, weights):
+    predictions = jnp.argmax(jax.vmap(model)(tokens), axis=-1)
+    return jnp.sum((predictions == targets) * weights) / jnp.sum(weights)
+
+
+def held_out_accuracy(config: MQARConfig, model: ex.LanguageModel) -> float:
+    """Accuracy at the queried keys of `config.eval_sequences` sequences that training
+    never sees (drawn from another fold of the seed)."""
+    held_out_key = jax.random.fold_in(jax.random.key(config.train.seed), 2)
+    return float(_accuracy(model, *mqar_batch(config, held_out_key, config.eval_sequences)))
+
+
 def main(config: MQARConfig) -> dict:
     """Train, evaluate on held-out sequences, print and return the final values."""
     config.check()
@@ -100,14 +117,7 @@ def main(config: MQARConfig) -> dict:
         data_settings={"num_pairs": config.num_pairs},
     )
 
-    @jax.jit
-    def accuracy(model, tokens, targets, weights):
-        predictions = jnp.argmax(jax.vmap(model)(tokens), axis=-1)
-        return jnp.sum((predictions == targets) * weights) / jnp.sum(weights)
-
-    held_out_key = jax.random.fold_in(jax.random.key(config.train.seed), 2)
-    held_out = mqar_batch(config, held_out_key, config.eval_sequences)
-    acc = float(accuracy(model, *held_out))
+    acc = held_out_accuracy(config, model)
     print(f"held-out accuracy on {config.eval_sequences} sequences: {acc:.4f}")
     return training.print_final(
         step=run.step, loss=run.losses[-1], accuracy=acc, out=config.train.out
@@ -121,6 +131,9 @@ def parse_args(argv=None) -> MQARConfig:
     parser.add_argument("--num-pairs", type=int, default=defaults.num_pairs)
     parser.add_argument("--vocab-size", type=int, default=defaults.vocab_size)
     parser.add_argument("--seq-len", type=int, default=defaults.seq_len)
+    parser.add_argument("--embedding-dim", type=int, default=defaults.embedding_dim)
+    parser.add_argument("--num-heads", type=int, default=defaults.num_heads)
+    parser.add_argument("--num-blocks", type=int, default=defaults.num_blocks)
     args = parser.parse_args(argv)
     return dataclasses.replace(
         defaults,
@@ -128,6 +141,9 @@ def parse_args(argv=None) -> MQARConfig:
         num_pairs=args.num_pairs,
         vocab_size=args.vocab_size,
         seq_len=args.seq_len,
+        embedding_dim=args.embedding_dim,
+        num_heads=args.num_heads,
+        num_blocks=args.num_blocks,
     )
 
 

@@ -12,15 +12,14 @@ import subprocess
 import sys
 import time
 
-import equinox as eqx
 import jax
-import jax.numpy as jnp
+import numpy as np
 import pytest
 
 import eqx_xlstm as ex
 
 EXAMPLES = pathlib.Path(__file__).resolve().parents[1] / "examples"
-MQAR_SMALL = ["--batch-size", "8", "--no-progress"]
+MQAR_SMALL = ["--batch-size", "8", "--no-progress", "--num-blocks", "1", "--embedding-dim", "32"]
 sys.path.insert(0, str(EXAMPLES))  # the scripts import `training` as they do when run
 import run_folder  # noqa: E402
 import train_charlm  # noqa: E402
@@ -45,12 +44,21 @@ def main_in_process(module, *argv) -> dict:
 CACHE_ENV = {}  # set by shared_compilation_cache
 
 
+def session_folder(tmp_path_factory, worker_id) -> pathlib.Path:
+    """A folder of this test session that the pytest-xdist workers share."""
+    if worker_id == "master":
+        return tmp_path_factory.getbasetemp()
+    return tmp_path_factory.getbasetemp().parent  # this session's, above the workers'
+
+
 @pytest.fixture(scope="module", autouse=True)
-def shared_compilation_cache(tmp_path_factory):
-    """The example runs share a persistent compilation cache: most compile the same
-    training step, and a cache hit halves a run's time on a 2-core CPU."""
+def shared_compilation_cache(tmp_path_factory, worker_id):
+    """The example runs (of both workers) share a persistent compilation cache: most
+    compile the same training step, and a cache hit halves a run's time on 2 cores."""
+    cache = session_folder(tmp_path_factory, worker_id) / "jax_cache"
+    cache.mkdir(exist_ok=True)
     CACHE_ENV.update(
-        JAX_COMPILATION_CACHE_DIR=str(tmp_path_factory.mktemp("jax_cache")),
+        JAX_COMPILATION_CACHE_DIR=str(cache),
         JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS="0",
         JAX_PERSISTENT_CACHE_MIN_ENTRY_SIZE_BYTES="0",
     )
@@ -107,7 +115,7 @@ def test_help(capsys):
         assert info.value.code == 0 and "--stop-after" in capsys.readouterr().out
 
 
-RUN = ["--steps", "40", "--checkpoint-every", "5", "--batch-size", "8", "--no-progress"]
+RUN = ["--steps", "40", "--checkpoint-every", "5", *MQAR_SMALL]
 
 
 def start(*args, out):
@@ -127,28 +135,11 @@ def wait_for_checkpoint(out, step, process):
         time.sleep(0.01)
 
 
-def held_out_accuracy(model):
-    config = train_mqar.MQARConfig()
-    tokens, targets, weights = train_mqar.mqar_batch(
-        config, jax.random.fold_in(jax.random.key(0), 2), config.eval_sequences
-    )
-    with jax.numpy_dtype_promotion("standard"):
-        return _accuracy(model, tokens, targets, weights)
-
-
-def _accuracy(model, tokens, targets, weights):
-    hits = (jnp.argmax(jax.vmap(model)(tokens), -1) == targets) * weights
-    return float(jnp.sum(hits) / jnp.sum(weights))
-
-
 @pytest.fixture(scope="module")
 def one_go(tmp_path_factory, worker_id):
-    """An uninterrupted run: its folder and final values. Made once per session: the
-    pytest-xdist workers share it through a locked folder of the session."""
-    if worker_id == "master":
-        root = tmp_path_factory.mktemp("one_go")
-    else:
-        root = tmp_path_factory.getbasetemp().parent  # this session's, shared by workers
+    """An uninterrupted run: its folder and final values, made once per session (the
+    pytest-xdist workers share it through a locked folder of the session)."""
+    root = session_folder(tmp_path_factory, worker_id)
     with open(root / "one_go.lock", "w") as lock:
         fcntl.flock(lock, fcntl.LOCK_EX)
         out, values = root / "one_go", root / "one_go.json"
@@ -165,23 +156,29 @@ def test_run_keeps_the_newest_checkpoints_which_rebuild_the_model(one_go):
     assert (out / "run.lock").read_text() == ""  # released
     # The header holds the model config as data: the checkpoint alone rebuilds the
     # model, which scores the held-out set exactly as the run did.
-    model, header = training.load_model(out)
-    assert model.config.backend_config.activation_function == "softmax"
-    assert header["step"] == 40 and len(header["losses"]) == 40
-    assert held_out_accuracy(model) == values["accuracy"]
+    code = f"""
+import training, train_mqar
+model, header = training.load_model({str(out)!r})
+assert model.config.backend_config.activation_function == "softmax", model.config
+assert model.config.num_blocks == 1 and model.config.embedding_dim == 32, model.config
+print(train_mqar.held_out_accuracy(train_mqar.MQARConfig(), model), header["step"])
+"""
+    result = run(None, code=code)
+    assert result.returncode == 0, result.stderr[-3000:]
+    accuracy, step = result.stdout.split()
+    assert float(accuracy) == values["accuracy"] and int(step) == 40
 
 
-def test_sigkill_then_resume_ends_exactly_as_one_go(one_go, tmp_path, capfd):
+def test_sigkill_then_resume_ends_exactly_as_one_go(one_go, tmp_path):
     out = tmp_path / "killed"
     process = start(*RUN, out=out)
     wait_for_checkpoint(out, 5, process)
     process.kill()
     process.communicate()
     assert process.returncode == -signal.SIGKILL  # killed mid-run, not finished
-    capfd.readouterr()
-    values = main_in_process(train_mqar, *RUN, "--resume", "--out", str(out))
-    assert values["loss"] == one_go[1]["loss"] and values["accuracy"] == one_go[1]["accuracy"]
-    assert "note: taking over" in capfd.readouterr().err  # the killed run's stale lock
+    resumed = run("train_mqar.py", *RUN, "--resume", "--out", str(out))
+    assert final(resumed) == {**one_go[1], "out": str(out)}  # loss and accuracy exactly
+    assert "note: taking over" in resumed.stderr  # the killed run's stale lock
 
 
 @pytest.mark.parametrize("signum", [signal.SIGINT, signal.SIGTERM])
@@ -206,7 +203,7 @@ def test_signal_saves_at_a_step_boundary_and_a_second_run_is_refused(tmp_path, s
     assert (out / "run.lock").read_text() == ""
 
 
-def test_damaged_checkpoints_are_found_and_kept(one_go, tmp_path, capsys):
+def test_damaged_checkpoints_are_found_and_kept(one_go, tmp_path):
     out = tmp_path / "copy"
     shutil.copytree(one_go[0], out)
     newest = out / "checkpoints" / "40"
@@ -214,11 +211,11 @@ def test_damaged_checkpoints_are_found_and_kept(one_go, tmp_path, capsys):
     damaged = bytearray(data.read_bytes())
     damaged[len(damaged) // 2] ^= 0x01  # one flipped bit
     data.write_bytes(bytes(damaged))
-    values = main_in_process(train_mqar, *RUN, "--resume", "--out", str(out))
-    assert values["loss"] == one_go[1]["loss"]  # resumed from step 35
-    warning = capsys.readouterr().err
-    assert f"warning: checkpoint {newest.absolute()} is unusable: array " in warning
-    assert "does not match its checksum" in warning and "resuming from step 35" in warning
+    resumed = run("train_mqar.py", *RUN, "--resume", "--out", str(out))
+    assert final(resumed)["loss"] == one_go[1]["loss"]  # resumed from step 35
+    assert f"warning: checkpoint {newest.absolute()} is unusable: array " in resumed.stderr
+    assert "does not match its checksum" in resumed.stderr
+    assert "resuming from step 35" in resumed.stderr
     (evidence,) = (out / "damaged").iterdir()  # moved aside, not deleted
     assert evidence.name.startswith("40-") and (evidence / "header").is_dir()
     # Every checkpoint edited: one clear error, and nothing moved or rewritten.
@@ -236,19 +233,25 @@ def test_damaged_checkpoints_are_found_and_kept(one_go, tmp_path, capsys):
 
 def test_non_finite_loss_stops_and_keeps_the_last_good_checkpoint(tmp_path):
     out = tmp_path / "diverged"
-    args = ["--lr", "1e30", *RUN, "--out", str(out)]  # AdamW steps of 1e30: overflow
-    with pytest.raises(training.TrainingStopped) as info:
-        main_in_process(train_mqar, *args)
-    assert info.value.exit_code == 1
+    result = run("train_mqar.py", "--lr", "1e30", *RUN, "--out", str(out))  # AdamW: overflow
+    assert result.returncode == 1, result.stderr[-3000:]
     assert re.fullmatch(
         r"error: the (loss became nan|parameters became non-finite) at step \d+; stopped "
-        rf"without saving it; the last good checkpoint is {out / 'checkpoints'}/\d+ \(try a "
+        rf"without saving it; the last good checkpoint is {out / 'checkpoints'}/(\d+) \(try a "
         r"lower --lr\)",
-        str(info.value),
-    ), str(info.value)
-    model, _ = training.load_model(out)
-    leaves = jax.tree.leaves(eqx.filter(model, eqx.is_inexact_array))
-    assert all(bool(jnp.all(jnp.isfinite(x))) for x in leaves)
+        result.stderr.strip().splitlines()[-1],
+    ), result.stderr[-2000:]
+    # Nothing non-finite was saved: every checkpoint verifies and holds finite numbers.
+    config = train_mqar.parse_args(["--lr", "1e30", *RUN, "--out", str(out)])
+    with jax.numpy_dtype_promotion("standard"):
+        like = jax.eval_shape(
+            lambda: training._fresh(config.train, config.model_config())[1].saved()
+        )
+    for path in (out / "checkpoints").iterdir():
+        saved, header = ex.load_checkpoint(path, like)
+        assert all(np.isfinite(x).all() for x in jax.tree.leaves(saved))
+        assert np.isfinite(header["losses"]).all()
+    assert (out / "run.lock").read_text() == ""
 
 
 def test_charlm_checks_sampling_settings_before_training(tmp_path):
@@ -261,15 +264,12 @@ def test_charlm_checks_sampling_settings_before_training(tmp_path):
     assert not (tmp_path / "x").exists()
 
 
-def test_sharded_run_matches_single_device_and_devices_identify_the_run(tmp_path):
-    args = ["--steps", "4", "--activation", "none", *MQAR_SMALL]
-    single = final(run("train_mqar.py", *args, "--out", str(tmp_path / "one"), devices=4))
-    sharded = final(
-        run("train_mqar.py", *args, "--devices", "4", "--out", str(tmp_path / "four"), devices=4)
-    )
-    assert sharded["loss"] == pytest.approx(single["loss"], rel=1e-5)
+def test_sharded_run_matches_one_device_and_devices_identify_the_run(one_go, tmp_path):
+    out = tmp_path / "four"
+    sharded = final(run("train_mqar.py", *RUN, "--devices", "4", "--out", str(out), devices=4))
+    assert sharded["loss"] == pytest.approx(one_go[1]["loss"], rel=1e-5)
     # Resuming on another device count is refused (sums would run in another order).
-    message = refusal(train_mqar, *args, "--resume", "--out", str(tmp_path / "four"))
+    message = refusal(train_mqar, *RUN, "--resume", "--out", str(out))
     assert "different run (devices differ)" in message
 
 

@@ -27,12 +27,13 @@ def test_model_shapes_jit_and_batch_vmap(activation):
         backend_config=ex.mLSTMBackendAttentionConfig(activation_function=activation)
     )
     model = ex.LanguageModel(config, key=jax.random.key(0))
-    logits = model(tokens())
+    logits = eqx.filter_jit(model)(tokens())
     assert logits.shape == (12, 32) and logits.dtype == jnp.float32
-    np.testing.assert_allclose(eqx.filter_jit(model)(tokens()), logits, atol=1e-5)
+    if activation == "softmax":  # eager, op by op (slow on a CPU: once is enough)
+        np.testing.assert_allclose(model(tokens()), logits, atol=1e-5)
     batch = jnp.stack([tokens(12, s) for s in range(3)])
-    batched = eqx.filter_vmap(model)(batch)
-    np.testing.assert_allclose(batched[1], model(batch[1]), atol=1e-5)
+    batched = eqx.filter_jit(eqx.filter_vmap(model))(batch)
+    np.testing.assert_allclose(batched[1], eqx.filter_jit(model)(batch[1]), atol=1e-5)
 
 
 def test_model_is_causal():
