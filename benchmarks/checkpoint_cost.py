@@ -22,6 +22,7 @@ import optax
 import orbax.checkpoint as ocp
 
 import eqx_xlstm as ex
+from eqx_xlstm.checkpoint import _checksum_strings
 
 SIZES = {  # name: (embedding_dim, num_blocks)
     "MQAR example (width 64, 2 blocks)": (64, 2),
@@ -71,11 +72,19 @@ def measure(tree, root: pathlib.Path, repeats: int) -> dict[str, float]:
     load = median_time(lambda: ex.load_checkpoint(latest, tree), repeats)
     manager.close()
 
+    leaves = [x for x in jax.tree.leaves(tree) if eqx.is_array(x)]
+    checksums = median_time(lambda: _checksum_strings(leaves), repeats)
+
     single = root / "single.eqx"
     eqx_save = median_time(lambda: eqx.tree_serialise_leaves(single, tree), repeats)
     eqx_load = median_time(lambda: eqx.tree_deserialise_leaves(single, tree), repeats)
     return dict(
-        blocked=blocked, complete=complete_save, load=load, eqx_save=eqx_save, eqx_load=eqx_load
+        blocked=blocked,
+        checksums=checksums,
+        complete=complete_save,
+        load=load,
+        eqx_save=eqx_save,
+        eqx_load=eqx_load,
     )
 
 
@@ -85,7 +94,8 @@ def main() -> None:
     args = parser.parse_args()
     print(f"device: {jax.devices()[0].device_kind}; jax {jax.__version__}; times in ms (median)")
     header = (
-        "| tree | MB | async save, loop blocked | complete save | verified load "
+        "| tree | MB | async save, loop blocked | of which checksums | complete save "
+        "| verified load "
         "| eqx file save | eqx file load | complete / eqx save | load / eqx load |"
     )
     print(header)
@@ -100,7 +110,8 @@ def main() -> None:
             shutil.rmtree(root)
         ms = {key: value * 1e3 for key, value in t.items()}
         print(
-            f"| {name} | {megabytes:.1f} | {ms['blocked']:.1f} | {ms['complete']:.1f} "
+            f"| {name} | {megabytes:.1f} | {ms['blocked']:.1f} | {ms['checksums']:.1f} "
+            f"| {ms['complete']:.1f} "
             f"| {ms['load']:.1f} | {ms['eqx_save']:.1f} | {ms['eqx_load']:.1f} "
             f"| {t['complete'] / t['eqx_save']:.1f}x | {t['load'] / t['eqx_load']:.1f}x |"
         )

@@ -116,7 +116,7 @@ def test_float64_linear_form_rope_and_backend(x64):
 
 
 @pytest.mark.parametrize(
-    "implementation", ["reference", SMALL_CHUNKED, "linear", SMALL_LINEAR, "triton"]
+    "implementation", ["reference", SMALL_CHUNKED, "linear", SMALL_LINEAR, "triton", "mosaic"]
 )
 def test_float16_none_is_finite_wherever_the_reference_is(implementation):
     # Raw q . k up to ~1e5 exceed float16's range before the 1/sqrt(D) scale, while
@@ -124,7 +124,7 @@ def test_float16_none_is_finite_wherever_the_reference_is(implementation):
     q, k, v, g = random_inputs(128, batch=(1,), dqk=64, dv=64, seed=11)
     q, k, v, g = (x.astype(jnp.float16) for x in (q * 60, k * 60, v * 0.002, g))
     kwargs = dict(activation_function="none")
-    got = out_and_grads(q, k, v, g, implementation=implementation, **kwargs)
+    got = out_and_grads(q, k, v, g, implementation=implementation, jit=True, **kwargs)
     want = out_and_grads(q, k, v, g, implementation="reference", **kwargs)
     for name, a, b in zip(("out", "dq", "dk", "dv"), got, want, strict=True):
         finite = np.isfinite(b)
