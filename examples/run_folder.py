@@ -114,13 +114,14 @@ class RunFolder:
         """Delete the checkpoints (for `--overwrite`)."""
         shutil.rmtree(self.checkpoints, ignore_errors=True)
 
-    def restore(self, like, accept: Callable[[dict], None]):
+    def restore(self, like, accept: Callable[[dict], None], set_aside: bool = True):
         """`(tree, metadata)` of the newest checkpoint that verifies.
 
         `accept(metadata)` raises for a checkpoint of another run, which is refused
-        as it is. A damaged newer checkpoint is moved to `damaged/` (kept as
-        evidence), with a warning naming it, when an older one is good; when none is
-        good, a FolderError names the newest and nothing is moved.
+        as it is. A damaged newer checkpoint is named in a warning when an older one is
+        good, and with `set_aside` moved to `damaged/` (kept as evidence, out of the
+        way of the run's next saves); when none is good, a FolderError names the newest
+        and nothing is moved.
         """
         damaged = []
         for step in self.steps():
@@ -135,13 +136,18 @@ class RunFolder:
                 damaged.append(err)
                 continue
             for err in damaged:
-                moved = self.path / DAMAGED / f"{err.path.name}-{time.strftime('%Y%m%dT%H%M%S')}"
-                moved.parent.mkdir(exist_ok=True)
-                err.path.rename(moved)
-                print(
-                    f"warning: {err}; moved to {moved}; resuming from step {step}",
-                    file=sys.stderr,
-                )
+                if set_aside:
+                    moved = (
+                        self.path / DAMAGED / f"{err.path.name}-{time.strftime('%Y%m%dT%H%M%S')}"
+                    )
+                    moved.parent.mkdir(exist_ok=True)
+                    err.path.rename(moved)
+                    print(
+                        f"warning: {err}; moved to {moved}; resuming from step {step}",
+                        file=sys.stderr,
+                    )
+                else:
+                    print(f"warning: {err}; using step {step}", file=sys.stderr)
             return tree, metadata
         if damaged:
             older = f" (and {len(damaged) - 1} older)" if len(damaged) > 1 else ""

@@ -176,6 +176,9 @@ def run_main(main: Callable, config) -> None:
     except TrainingStopped as err:
         print(str(err), file=sys.stderr)
         raise SystemExit(err.exit_code) from None
+    except KeyboardInterrupt:  # before the loop, or a second Ctrl-C in it
+        print("\nstopped by SIGINT without saving; --out keeps its checkpoints", file=sys.stderr)
+        raise SystemExit(130) from None
 
 
 def model_config(config: TrainConfig, **sizes) -> ex.ModelConfig:
@@ -379,10 +382,14 @@ def load_model(out: str | pathlib.Path) -> tuple[ex.LanguageModel, dict]:
     """The trained model of `out`'s newest good checkpoint, rebuilt from the checkpoint
     alone (its header holds the model config as data), and the header."""
     folder = RunFolder(out)
-    steps = folder.steps()
-    if not steps:
-        raise FolderError(f"no checkpoint in {folder.checkpoints}")
-    identity = ex.read_checkpoint_metadata(folder.checkpoints / str(steps[0]))["identity"]
+    for step in folder.steps():
+        try:
+            identity = ex.read_checkpoint_metadata(folder.checkpoints / str(step))["identity"]
+            break
+        except ex.CheckpointError:
+            continue  # `restore` below names it
+    else:
+        raise FolderError(f"no usable checkpoint in {folder.checkpoints}")
     model_config = ex.ModelConfig.from_dict(identity["model_config"])
     settings = TrainConfig(
         steps=identity["steps"],
@@ -392,7 +399,7 @@ def load_model(out: str | pathlib.Path) -> tuple[ex.LanguageModel, dict]:
         seed=identity["seed"],
     )
     _, run = _fresh(settings, model_config)
-    (params, _, _), header = folder.restore(run.saved(), accept=lambda metadata: None)
+    (params, _, _), header = folder.restore(run.saved(), lambda _: None, set_aside=False)
     return eqx.combine(params, run.static), header
 
 

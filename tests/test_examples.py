@@ -211,6 +211,9 @@ def test_damaged_checkpoints_are_found_and_kept(one_go, tmp_path):
     damaged = bytearray(data.read_bytes())
     damaged[len(damaged) // 2] ^= 0x01  # one flipped bit
     data.write_bytes(bytes(damaged))
+    with jax.numpy_dtype_promotion("standard"):
+        _, header = training.load_model(out)  # reading only: the damaged one stays put
+    assert header["step"] == 35 and newest.is_dir() and not (out / "damaged").exists()
     resumed = run("train_mqar.py", *RUN, "--resume", "--out", str(out))
     assert final(resumed)["loss"] == one_go[1]["loss"]  # resumed from step 35
     assert f"warning: checkpoint {newest.absolute()} is unusable: array " in resumed.stderr
@@ -330,3 +333,23 @@ def test_resume_with_other_config_is_refused_and_keeps_the_checkpoints(one_go, t
     )
     after = {p: p.read_bytes() for p in (out / "checkpoints").rglob("*") if p.is_file()}
     assert after == before
+
+
+def test_run_main_turns_each_ending_into_one_line_and_a_status(capsys):
+    def raising(err):
+        def main(config):
+            raise err
+
+        return main
+
+    cases = [
+        (training.UsageError("--lr must be ..."), 2, "error: --lr must be ..."),
+        (run_folder.FolderError("x is in use"), 2, "error: x is in use"),
+        (training.TrainingStopped("stopped by SIGTERM at step 3", 143), 143, "stopped by SIGTERM"),
+        (KeyboardInterrupt(), 130, "stopped by SIGINT without saving"),
+    ]
+    for err, status, line in cases:
+        with pytest.raises(SystemExit) as info:
+            training.run_main(raising(err), None)
+        assert info.value.code == status
+        assert capsys.readouterr().err.strip().startswith(line)
