@@ -104,7 +104,8 @@ def checkpoint_args(tree: PyTree, metadata: dict[str, Any]):
     `metadata` (JSON, finite numbers only) as a checkpoint `load_checkpoint` verifies:
     pass it as `args=` to `CheckpointManager.save` or `Checkpointer.save`."""
     try:
-        json.dumps(metadata, allow_nan=False)
+        # A snapshot: an async save writes later, when the caller's lists may have grown.
+        metadata = json.loads(json.dumps(metadata, allow_nan=False))
     except (TypeError, ValueError) as err:
         raise ValueError(f"`metadata` must be JSON with finite numbers: {err}") from None
     paths, leaves = _array_leaves(tree)

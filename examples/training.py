@@ -334,7 +334,7 @@ def _loop(config, optimizer, run: Run, make_batch, folder: RunFolder, identity: 
             raise TrainingStopped(
                 _diverged("the parameters became non-finite", saved_path, run.step), 1
             )
-        metadata = {"identity": identity, "step": run.step, "losses": run.losses}
+        metadata = {"identity": identity, "step": run.step, "losses": list(run.losses)}
         saved_step, saved_path = run.step, folder.save(run.step, run.saved(), metadata, config.keep)
 
     if run.step == 0:

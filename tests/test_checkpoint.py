@@ -3,6 +3,7 @@ of damage found as a `CheckpointError` naming the folder, never a load."""
 
 import json
 import pathlib
+import re
 import shutil
 
 import equinox as eqx
@@ -102,10 +103,11 @@ def nan_weights_under_the_old_header(path):
     [
         (truncate, "its arrays cannot be read"),
         (empty, "its arrays cannot be read"),
-        (flip_one_bit, "does not match its checksum"),
+        # Where the bit lands (orbax's file layout varies) decides which check sees it.
+        (flip_one_bit, "(does not match its checksum|its arrays cannot be read)"),
         (edit_step, "header was changed after saving"),
         (cut_header, "its header cannot be read"),
-        (nan_weights_under_the_old_header, "array .head.weight does not match its checksum"),
+        (nan_weights_under_the_old_header, r"array \.head\.weight does not match its checksum"),
     ],
 )
 def test_damage_is_a_checkpoint_error_naming_the_folder(saved, tmp_path, damage, reason):
@@ -114,7 +116,8 @@ def test_damage_is_a_checkpoint_error_naming_the_folder(saved, tmp_path, damage,
     with pytest.raises(ex.CheckpointError) as info:
         ex.load_checkpoint(path, saved[1])
     message = str(info.value)
-    assert message.startswith(f"checkpoint {path.absolute()} is unusable: ") and reason in message
+    assert message.startswith(f"checkpoint {path.absolute()} is unusable: ")
+    assert re.search(reason, message)
     assert "\n" not in message and info.value.path == path.absolute()
 
 
@@ -151,3 +154,18 @@ def test_checksums_see_every_dtype_and_one_flipped_bit():
     # Swapping two elements changes the sum too (the sums weigh positions).
     swapped = jnp.array([1.0, 0.0, 2.0])
     assert _checksum_strings([swapped]) != _checksum_strings([jnp.array([0.0, 1.0, 2.0])])
+
+
+def test_an_async_save_writes_the_metadata_as_it_was_when_called(tmp_path):
+    # A training loop keeps appending to its list of losses while orbax writes in the
+    # background: the checkpoint must hold (and its digest cover) the list at save time.
+    import orbax.checkpoint as ocp
+
+    metadata = {"step": 2, "losses": [1.0, 2.0]}
+    options = ocp.CheckpointManagerOptions(enable_async_checkpointing=True)
+    with ocp.CheckpointManager(tmp_path / "run", options=options) as manager:
+        manager.save(2, args=ex.checkpoint_args({"w": jnp.ones((256, 256))}, metadata))
+        metadata["losses"].extend([3.0] * 1000)
+        metadata["step"] = 1002
+        manager.wait_until_finished()
+    assert ex.read_checkpoint_metadata(tmp_path / "run" / "2") == {"step": 2, "losses": [1.0, 2.0]}

@@ -216,8 +216,9 @@ def test_damaged_checkpoints_are_found_and_kept(one_go, tmp_path):
     assert header["step"] == 35 and newest.is_dir() and not (out / "damaged").exists()
     resumed = run("train_mqar.py", *RUN, "--resume", "--out", str(out))
     assert final(resumed)["loss"] == one_go[1]["loss"]  # resumed from step 35
-    assert f"warning: checkpoint {newest.absolute()} is unusable: array " in resumed.stderr
-    assert "does not match its checksum" in resumed.stderr
+    # Where the flipped bit lands (orbax's file layout varies) decides which check sees it.
+    assert f"warning: checkpoint {newest.absolute()} is unusable: " in resumed.stderr
+    assert re.search("does not match its checksum|its arrays cannot be read", resumed.stderr)
     assert "resuming from step 35" in resumed.stderr
     (evidence,) = (out / "damaged").iterdir()  # moved aside, not deleted
     assert evidence.name.startswith("40-") and (evidence / "header").is_dir()

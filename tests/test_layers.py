@@ -33,7 +33,8 @@ def test_model_shapes_jit_and_batch_vmap(activation):
         np.testing.assert_allclose(model(tokens()), logits, atol=1e-5)
     batch = jnp.stack([tokens(12, s) for s in range(3)])
     batched = eqx.filter_jit(eqx.filter_vmap(model))(batch)
-    np.testing.assert_allclose(batched[1], eqx.filter_jit(model)(batch[1]), atol=1e-5)
+    # (1e-4: a GPU may pick other float32 matmul algorithms for the batched shapes)
+    np.testing.assert_allclose(batched[1], eqx.filter_jit(model)(batch[1]), atol=1e-4)
 
 
 def test_model_is_causal():
