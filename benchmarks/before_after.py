@@ -41,6 +41,11 @@ parser.add_argument("--rounds", type=int, default=3)
 parser.add_argument("--repeats", type=int, default=10)
 parser.add_argument("--groups", default="default,pallas,chunked,vmap", help="cases to run")
 parser.add_argument("--only", default="", help="a regular expression the case labels must match")
+parser.add_argument(
+    "--linear-before",
+    default="chunked",
+    help="the old package's name of the linear 'none' form (chunked before #7, linear after)",
+)
 args = parser.parse_args()
 B, H, D, dtype = args.batch, args.heads, args.head_dim, jnp.dtype(args.dtype)
 
@@ -91,7 +96,7 @@ def cases(seq):
     """(group, label, pass, {version: function})."""
     out = []
     for activation in ("softmax", "sigmoid", "none"):
-        linear = {"before": "chunked", "after": "linear"} if activation == "none" else None
+        linear = {"before": args.linear_before, "after": "linear"} if activation == "none" else None
         for group, label, impl in [
             ("default", "default", {"before": None, "after": None}),
             ("pallas", "pallas", {"before": "pallas", "after": "pallas"}),

@@ -216,9 +216,7 @@ def load_checkpoint(path: str | os.PathLike, like: PyTree) -> tuple[PyTree, dict
     paths, leaves = _array_leaves(like)
     stored = header["leaves"]
     if len(stored) != len(leaves):
-        raise CheckpointError(
-            path, f"it holds {len(stored)} arrays where `like` has {len(leaves)}"
-        )
+        raise CheckpointError(path, f"it holds {len(stored)} arrays where `like` has {len(leaves)}")
     for name, leaf, entry in zip(paths, leaves, stored):
         if entry["shape"] != list(leaf.shape) or entry["dtype"] != str(leaf.dtype):
             raise CheckpointError(

@@ -31,9 +31,10 @@ def _block_allowed(i, j, block, spec, mask):
 
 
 def _forward(q, k, v, mask, spec, precision):
-    """q, k: (nb, N, C, D); v: (nb, N, C, DV). Returns out (nb, N, C, DV) and each
-    row's log2-sum-exp2 of the logits (nb, N, C); +inf for rows that see no key."""
-    n_blocks, batch, block, _ = q.shape
+    """q, k: (nb, *batch, C, D); v: (nb, *batch, C, DV). Returns out (nb, *batch, C, DV)
+    and each row's log2-sum-exp2 of the logits (nb, *batch, C); +inf for rows that see
+    no key."""
+    n_blocks, *batch, block, _ = q.shape
     scale, accum = spec.scale, spec.accum_dtype
     einsum = functools.partial(jnp.einsum, precision=precision)
     softmax = spec.activation == "softmax"
@@ -42,11 +43,11 @@ def _forward(q, k, v, mask, spec, precision):
         q_i = q[i]
 
         def step(j, carry):
-            scores = einsum("nqd,nkd->nqk", q_i, k[j])
+            scores = einsum("...qd,...kd->...qk", q_i, k[j])
             allowed = _block_allowed(i, j, block, spec, mask)
             if not softmax:
                 p = maths.weights(scores, spec.activation, scale, spec.sigmoid_bias)
-                return carry + einsum("nqk,nkd->nqd", jnp.where(allowed, p, 0.0), v[j])
+                return carry + einsum("...qk,...kd->...qd", jnp.where(allowed, p, 0.0), v[j])
             row_max, row_sum, acc = carry  # row_max: of raw scores
             new_max = jnp.maximum(row_max, jnp.max(jnp.where(allowed, scores, -jnp.inf), -1))
             shift = jnp.where(jnp.isfinite(new_max), new_max, 0.0)
@@ -56,14 +57,15 @@ def _forward(q, k, v, mask, spec, precision):
                 jnp.isfinite(row_max), jnp.exp2((row_max - shift) * (scale * maths.LOG2E)), 0.0
             )
             row_sum = decay * row_sum + jnp.sum(p, -1)
-            acc = decay[..., None] * acc + einsum("nqk,nkd->nqd", p, v[j])
+            acc = decay[..., None] * acc + einsum("...qk,...kd->...qd", p, v[j])
             return new_max, row_sum, acc
 
-        acc0 = jnp.zeros((batch, block, v.shape[-1]), accum)
+        acc0 = jnp.zeros((*batch, block, v.shape[-1]), accum)
         stop = i + 1 if spec.causal else n_blocks
         if not softmax:
-            return lax.fori_loop(0, stop, step, acc0), jnp.zeros((batch, block), accum)
-        init = (jnp.full((batch, block), -jnp.inf, accum), jnp.zeros((batch, block), accum), acc0)
+            return lax.fori_loop(0, stop, step, acc0), jnp.zeros((*batch, block), accum)
+        rows = (*batch, block)
+        init = (jnp.full(rows, -jnp.inf, accum), jnp.zeros(rows, accum), acc0)
         row_max, row_sum, acc = lax.fori_loop(0, stop, step, init)
         nonempty = row_sum > 0
         total = jnp.where(nonempty, row_sum, 1.0)
@@ -74,7 +76,8 @@ def _forward(q, k, v, mask, spec, precision):
 
 
 def _backward(q, k, v, mask, out, lse, d_out, spec, precision):
-    n_blocks, batch, block, _ = q.shape
+    n_blocks = q.shape[0]
+    block = q.shape[-2]
     scale = spec.scale
     einsum = functools.partial(jnp.einsum, precision=precision)
     delta = jnp.sum(d_out * out, axis=-1) if spec.activation == "softmax" else None
@@ -85,17 +88,17 @@ def _backward(q, k, v, mask, out, lse, d_out, spec, precision):
         def step(i, carry):
             dq, dk_j, dv_j = carry
             q_i, do_i = q[i], d_out[i]
-            scores = einsum("nqd,nkd->nqk", q_i, k_j)
+            scores = einsum("...qd,...kd->...qk", q_i, k_j)
             allowed = _block_allowed(i, j, block, spec, mask)
             row_lse = lse[i] if delta is not None else None
             p = maths.weights(scores, spec.activation, scale, spec.sigmoid_bias, row_lse)
             p = jnp.where(allowed, p, 0.0)
-            dv_j = dv_j + einsum("nqk,nqd->nkd", p, do_i)
-            dp = einsum("nqd,nkd->nqk", do_i, v_j)
+            dv_j = dv_j + einsum("...qk,...qd->...kd", p, do_i)
+            dp = einsum("...qd,...kd->...qk", do_i, v_j)
             row_delta = delta[i] if delta is not None else None
             ds = maths.score_grad(dp, p, spec.activation, allowed, row_delta) * scale
-            dq = dq.at[i].add(einsum("nqk,nkd->nqd", ds, k_j))
-            dk_j = dk_j + einsum("nqk,nqd->nkd", ds, q_i)
+            dq = dq.at[i].add(einsum("...qk,...kd->...qd", ds, k_j))
+            dk_j = dk_j + einsum("...qk,...qd->...kd", ds, q_i)
             return dq, dk_j, dv_j
 
         start = j if spec.causal else 0
@@ -127,10 +130,12 @@ _blockwise.defvjp(_blockwise_fwd, _blockwise_bwd)
 
 
 def _to_blocks(x, n_blocks, block):
-    """(N, S, D) -> (nb, N, C, D), zero-padded at the end of the sequence."""
-    batch, seq_len, dim = x.shape
-    x = jnp.pad(x, ((0, 0), (0, n_blocks * block - seq_len), (0, 0)))
-    return x.reshape(batch, n_blocks, block, dim).transpose(1, 0, 2, 3)
+    """(*batch, S, D) -> (nb, *batch, C, D), zero-padded at the end of the sequence.
+    The leading axes stay separate (never merged by a reshape), so that inputs sharded
+    over any of them partition without gathering."""
+    *batch, seq_len, dim = x.shape
+    x = jnp.pad(x, ((0, 0),) * len(batch) + ((0, n_blocks * block - seq_len), (0, 0)))
+    return jnp.moveaxis(x.reshape(*batch, n_blocks, block, dim), -3, 0)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -157,11 +162,10 @@ class Chunked(Implementation):
         seq_len, dv = spec.seq_len, spec.dv
         block = max(1, min(self.block, seq_len))
         n_blocks = -(-seq_len // block)
-        flat = lambda x: x.reshape(-1, seq_len, x.shape[-1]).astype(spec.accum_dtype)
-        qb, kb, vb = (_to_blocks(flat(x), n_blocks, block) for x in (q, k, v))
+        qb, kb, vb = (_to_blocks(x.astype(spec.accum_dtype), n_blocks, block) for x in (q, k, v))
         if mask is not None:
             pad = n_blocks * block - seq_len
             mask = jnp.pad(mask, ((0, pad), (0, pad)))
         out = _blockwise(qb, kb, vb, mask, spec, matmul_precision(spec.dtype))
-        out = out.transpose(1, 0, 2, 3).reshape(-1, n_blocks * block, dv)[:, :seq_len]
-        return out.reshape(*q.shape[:-2], seq_len, dv)
+        out = jnp.moveaxis(out, 0, -3)
+        return out.reshape(*out.shape[:-3], n_blocks * block, dv)[..., :seq_len, :]

@@ -61,10 +61,13 @@ class Linear(Implementation):
         # overflow on raw q . k and on the state sums, so float16 runs in float32.
         operand = spec.dtype if spec.dtype == jnp.bfloat16 else spec.accum_dtype
 
+        # Leading axes stay separate (never merged by a reshape), so that inputs sharded
+        # over any of them partition without gathering.
+        lead = [(0, 0)] * (q.ndim - 2)
+
         def chunks(x):
-            x = x.astype(operand).reshape(-1, seq_len, x.shape[-1])
-            x = jnp.pad(x, ((0, 0), (0, pad), (0, 0)))
-            return x.reshape(x.shape[0], n_chunks, chunk, x.shape[-1])
+            x = jnp.pad(x.astype(operand), (*lead, (0, pad), (0, 0)))
+            return x.reshape(*x.shape[:-2], n_chunks, chunk, x.shape[-1])
 
         qc, kc, vc = chunks(q), chunks(k), chunks(v)
         einsum = functools.partial(
@@ -72,14 +75,14 @@ class Linear(Implementation):
             precision=matmul_precision(spec.dtype),
             preferred_element_type=spec.accum_dtype,
         )
-        kv = einsum("nckd,nckv->ncdv", kc, vc)
+        kv = einsum("...ckd,...ckv->...cdv", kc, vc)
         # Exclusive cumulative sum: the state before each chunk.
-        states = jnp.cumsum(jnp.pad(kv[:, :-1], ((0, 0), (1, 0), (0, 0), (0, 0))), axis=1)
-        inter = einsum("ncqd,ncdv->ncqv", qc, states.astype(operand))
-        scores = einsum("ncqd,nckd->ncqk", qc, kc)
+        before = jnp.pad(kv[..., :-1, :, :], (*lead, (1, 0), (0, 0), (0, 0)))
+        states = jnp.cumsum(before, axis=-3)
+        inter = einsum("...cqd,...cdv->...cqv", qc, states.astype(operand))
+        scores = einsum("...cqd,...ckd->...cqk", qc, kc)
         positions = jnp.arange(chunk)
         scores = jnp.where(maths.visible(positions[:, None], positions[None, :]), scores, 0.0)
-        intra = einsum("ncqk,nckv->ncqv", scores.astype(operand), vc)
+        intra = einsum("...cqk,...ckv->...cqv", scores.astype(operand), vc)
         out = (inter + intra) * spec.scale
-        out = out.reshape(-1, n_chunks * chunk, dv)[:, :seq_len]
-        return out.reshape(*q.shape[:-2], seq_len, dv)
+        return out.reshape(*out.shape[:-3], n_chunks * chunk, dv)[..., :seq_len, :]
