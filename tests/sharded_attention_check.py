@@ -15,10 +15,12 @@ from jax.sharding import Mesh, NamedSharding, PartitionSpec
 import eqx_xlstm as ex
 
 COLLECTIVES = ("all-gather", "all-reduce", "all-to-all", "collective-permute", "reduce-scatter")
-CASES = [  # (implementation, activation): each XLA path once
+CASES = [  # (implementation, activation): each path once
     ("reference", "softmax"),
     ("chunked", "sigmoid"),
     ("linear", "none"),
+    ("triton", "softmax"),  # Pallas interpret mode on a CPU
+    ("triton", "sigmoid"),
 ]
 
 

@@ -1,7 +1,7 @@
-"""Across devices (issue #9, first part): on 4 CPU host devices, every XLA path runs
-shard-local on inputs sharded over a leading (batch or heads) axis: no collective in
-the compiled forward or gradient, outputs and gradients keep the inputs' sharding, and
-the results equal one device's."""
+"""Across devices (issue #9, first part): on 4 CPU host devices, the XLA paths and the
+Triton kernels (Pallas interpret mode) run shard-local on inputs sharded over a leading
+(batch or heads) axis: no collective in the compiled forward or gradient, outputs and
+gradients keep the inputs' sharding, and the results equal one device's."""
 
 import json
 import os
@@ -12,7 +12,7 @@ import sys
 CHECK = pathlib.Path(__file__).with_name("sharded_attention_check.py")
 
 
-def test_xla_paths_are_shard_local_over_batch_and_heads():
+def test_paths_are_shard_local_over_batch_and_heads():
     env = {
         **os.environ,
         "JAX_PLATFORMS": "cpu",
@@ -23,7 +23,7 @@ def test_xla_paths_are_shard_local_over_batch_and_heads():
     )
     assert result.returncode == 0, result.stderr[-3000:]
     rows = [json.loads(line) for line in result.stdout.splitlines()]
-    assert len(rows) == 8  # 3 paths and one vmapped over heads, each sharded two ways
+    assert len(rows) == 12  # 5 cases and one vmapped over heads, each sharded two ways
     for row in rows:
         assert row["collectives"] == {}, row
         assert row["shardings"] == [row["expected"]], row

@@ -6,7 +6,8 @@ import functools
 import jax
 
 from ...spec import AttentionSpec
-from ..base import Implementation, as_rows, from_rows
+from ..base import Implementation
+from ..per_shard import RowKernels, row_attention
 from .backward import mosaic_dkv, mosaic_dq
 from .forward import mosaic_forward
 from .jax_private import interpret_available
@@ -53,37 +54,37 @@ class Mosaic(Implementation):
         return None
 
     def __call__(self, q, k, v, spec, mask):
-        seq_len = spec.seq_len
-        fused = self.fused_backward_from is not None and seq_len >= self.fused_backward_from
-        out = _mosaic(*(as_rows(x, spec, PADDING) for x in (q, k, v)), spec, fused)
-        return from_rows(out, q.shape[:-2], spec)
-
-
-def _interpret(spec):
-    return spec.platform != "gpu"
-
-
-@functools.partial(jax.custom_vjp, nondiff_argnums=(3, 4))
-def _mosaic(q, k, v, spec, fused):
-    return mosaic_forward(q, k, v, spec.activation, spec.sigmoid_bias, _interpret(spec))
-
-
-def _mosaic_fwd(q, k, v, spec, fused):
-    if spec.activation == "softmax":
-        raise ValueError(
-            "implementation='mosaic' has no softmax backward kernel, so it cannot be "
-            "differentiated for activation_function='softmax'; use implementation="
-            "'pallas' (the Mosaic forward without a gradient, the Triton kernels with "
-            "one) or 'triton'."
+        fused = self.fused_backward_from is not None and spec.seq_len >= self.fused_backward_from
+        interpret = spec.platform != "gpu"
+        row_kernels = RowKernels(
+            forward=functools.partial(_forward_kernel, spec=spec, interpret=interpret),
+            backward=functools.partial(
+                _backward_kernels, spec=spec, interpret=interpret, fused=fused
+            ),
+            spec=spec,
+            multiple=PADDING,
+            no_backward=NO_SOFTMAX_BACKWARD if spec.activation == "softmax" else "",
+            partition=not interpret,
         )
-    return _mosaic(q, k, v, spec, fused), (q, k, v)
+        if spec.activation == "softmax":
+            row_kernels = dataclasses.replace(row_kernels, backward=None)
+        return row_attention(row_kernels, q, k, v)
 
 
-def _mosaic_bwd(spec, fused, residuals, d_out):
-    args = (*residuals, d_out, spec.activation, spec.sigmoid_bias, _interpret(spec))
+NO_SOFTMAX_BACKWARD = (
+    "implementation='mosaic' has no softmax backward kernel, so it cannot be "
+    "differentiated for activation_function='softmax'; use implementation="
+    "'pallas' (the Mosaic forward without a gradient, the Triton kernels with "
+    "one) or 'triton'."
+)
+
+
+def _forward_kernel(q, k, v, spec, interpret):
+    return (mosaic_forward(q, k, v, spec.activation, spec.sigmoid_bias, interpret),)
+
+
+def _backward_kernels(q, k, v, out, d_out, spec, interpret, fused):
+    args = (q, k, v, d_out, spec.activation, spec.sigmoid_bias, interpret)
     if fused:
         return mosaic_dkv(*args, fused=True)
     return (mosaic_dq(*args), *mosaic_dkv(*args))
-
-
-_mosaic.defvjp(_mosaic_fwd, _mosaic_bwd)

@@ -1,12 +1,15 @@
 """Causal attention through flash-style Pallas kernels lowered by Triton."""
 
 import dataclasses
+import functools
 import math
 from collections.abc import Sequence
 
 from ...spec import AttentionSpec
-from ..base import Implementation, as_rows, from_rows
-from .kernels import Blocks, Launch, flash
+from ..base import Implementation
+from ..per_shard import RowKernels, row_attention
+from . import kernels
+from .kernels import Blocks, Launch
 
 
 @dataclasses.dataclass(frozen=True)
@@ -54,5 +57,21 @@ class Triton(Implementation):
     def __call__(self, q, k, v, spec, mask):
         step = math.lcm(*self.forward[:2], *self.backward[:2])
         launch = Launch(spec, self.forward, self.backward, interpret=spec.platform != "gpu")
-        out = flash(*(as_rows(x, spec, step) for x in (q, k, v)), launch)
-        return from_rows(out, q.shape[:-2], spec)
+        row_kernels = RowKernels(
+            forward=functools.partial(_forward_kernel, launch=launch),
+            backward=functools.partial(_backward_kernels, launch=launch),
+            spec=spec,
+            multiple=step,
+        )
+        return row_attention(row_kernels, q, k, v)
+
+
+def _forward_kernel(q, k, v, launch):
+    """(out, lse) for softmax, (out,) otherwise."""
+    out, lse = kernels.forward(q, k, v, launch)
+    return (out,) if lse is None else (out, lse)
+
+
+def _backward_kernels(q, k, v, out, *lse_and_d_out, launch):
+    *lse, d_out = lse_and_d_out
+    return kernels.backward(q, k, v, out, lse[0] if lse else None, d_out, launch)

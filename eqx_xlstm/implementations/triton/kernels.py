@@ -191,7 +191,7 @@ def _call(kernel, name, blocks: Blocks, launch, n_blocks, in_specs, out_specs, o
     )
 
 
-def _forward(q, k, v, launch: Launch):
+def forward(q, k, v, launch: Launch):
     """The output and, for softmax, each row's log2-sum-exp2 (else None)."""
     (n, padded, dqk), dv = q.shape, v.shape[-1]
     bq = launch.forward.block_q
@@ -213,7 +213,7 @@ def _forward(q, k, v, launch: Launch):
     return outs[0], (outs[1] if len(outs) > 1 else None)
 
 
-def _backward(q, k, v, out, lse, d_out, launch: Launch):
+def backward(q, k, v, out, lse, d_out, launch: Launch):
     (_, padded, dqk), dv = q.shape, v.shape[-1]
     bq, bk = launch.backward.block_q, launch.backward.block_k
     stats, stat_rows, stat_whole = [], [], []
@@ -246,16 +246,16 @@ def _backward(q, k, v, out, lse, d_out, launch: Launch):
 @functools.partial(jax.custom_vjp, nondiff_argnums=(3,))
 def flash(q, k, v, launch: Launch):
     """Causal attention of `(N, S, D)` inputs through the Triton kernels."""
-    return _forward(q, k, v, launch)[0]
+    return forward(q, k, v, launch)[0]
 
 
 def _flash_fwd(q, k, v, launch):
-    out, lse = _forward(q, k, v, launch)
+    out, lse = forward(q, k, v, launch)
     return out, (q, k, v, out, lse)
 
 
 def _flash_bwd(launch, residuals, d_out):
-    return _backward(*residuals, d_out, launch)
+    return backward(*residuals, d_out, launch)
 
 
 flash.defvjp(_flash_fwd, _flash_bwd)
