@@ -1,7 +1,8 @@
 """Run by tests/test_sharding.py in a process with 4 CPU host devices: attention and its
-gradient under `jax.jit` on inputs sharded over the batch or the heads axis. Prints one
-JSON line per case: the collectives in the compiled HLO, the output and gradient
-shardings, and the largest difference from the unsharded result."""
+gradient under `jax.jit` on inputs sharded over the batch or the heads axis, and
+decoding from a prompt's state. Prints one JSON line per case: the collectives in the
+compiled HLO, the shardings of the results (outputs, gradients, states), and the largest
+difference from the unsharded result."""
 
 import json
 import re
@@ -50,25 +51,60 @@ def main():
             sharded = [jax.device_put(x, NamedSharding(mesh, spec)) for x in (q, k, v)]
             got = [jax.jit(f)(*sharded), *jax.jit(grad)(*sharded)]
             hlo = "".join(jax.jit(fn).lower(*sharded).compile().as_text() for fn in (f, grad))
-            print(
-                json.dumps(
-                    {
-                        "case": f"{implementation}-{activation}" + ("-vmap" if vmap_heads else ""),
-                        "sharded": axis_name,
-                        "collectives": {
-                            c: n for c in COLLECTIVES if (n := len(re.findall(c, hlo)))
-                        },
-                        "shardings": sorted({str(x.sharding.spec) for x in got}),
-                        "expected": str(spec),
-                        "max_rel_err": max(
-                            float(jnp.max(jnp.abs(a - b)) / jnp.max(jnp.abs(b)))
-                            for a, b in zip(got, want)
-                        ),
-                    }
-                ),
-                flush=True,
+            report(
+                f"{implementation}-{activation}" + ("-vmap" if vmap_heads else ""),
+                axis_name,
+                hlo,
+                got,
+                spec,
+                got,
+                want,
             )
+
+
+def decoding_cases(mesh):
+    """A prompt's state, then 4 decoded positions, for a KV cache and a linear state."""
+    keys = jax.random.split(jax.random.key(1), 3)
+    q, k, v = (jax.random.normal(key, (4, 4, 24, 16)) for key in keys)
+    for activation in ("softmax", "none"):
+        config = ex.mLSTMBackendAttentionConfig(context_length=64, activation_function=activation)
+        backend = ex.mLSTMBackendAttention(config, qk_head_dim=16)
+
+        def decode(q, k, v, backend=backend):
+            _, state = backend(
+                q[..., :20, :], k[..., :20, :], v[..., :20, :], return_last_states=True
+            )
+            tail = (x[..., 20:, :] for x in (q, k, v))
+            return backend(*tail, return_last_states=True, state=state)
+
+        h_want, _ = eqx.filter_jit(decode)(q, k, v)
+        for axis_name, spec in (("batch", PartitionSpec("x")), ("heads", PartitionSpec(None, "x"))):
+            sharded = [jax.device_put(x, NamedSharding(mesh, spec)) for x in (q, k, v)]
+            h, state = eqx.filter_jit(decode)(*sharded)
+            hlo = jax.jit(decode).lower(*sharded).compile().as_text()
+            arrays = [h, *(x for x in jax.tree.leaves(state) if isinstance(x, jax.Array))]
+            report(f"decode-{activation}", axis_name, hlo, arrays, spec, [h], [h_want])
+
+
+def report(case, axis_name, hlo, got, spec, compared, want):
+    print(
+        json.dumps(
+            {
+                "case": case,
+                "sharded": axis_name,
+                "collectives": {c: n for c in COLLECTIVES if (n := len(re.findall(c, hlo)))},
+                "shardings": sorted({str(x.sharding.spec) for x in got}),
+                "expected": str(spec),
+                "max_rel_err": max(
+                    float(jnp.max(jnp.abs(a - b)) / jnp.max(jnp.abs(b)))
+                    for a, b in zip(compared, want)
+                ),
+            }
+        ),
+        flush=True,
+    )
 
 
 if __name__ == "__main__":
     main()
+    decoding_cases(Mesh(np.array(jax.devices()), ("x",)))

@@ -180,7 +180,6 @@ def decode(q, k, v, state: DecodingState, freqs_sin, freqs_cos, spec):
     m = _check_room(m, new, context_length)
     accum = spec.accum_dtype
     mm = lambda a, b: jnp.matmul(a, b, precision=matmul_precision(spec.dtype))
-    flat = lambda x: x.reshape(-1, *x.shape[len(batch_shape) :])
     scale = 1.0 / math.sqrt(dqk)
 
     def one_row(q, k, v, c, n, m):
@@ -204,7 +203,10 @@ def decode(q, k, v, state: DecodingState, freqs_sin, freqs_cos, spec):
         weights = masked_weights(mm(q, c.T), visible, spec)
         return mm(weights, n.astype(accum)), (c, n, m + new)
 
-    h, (c, n, m) = jax.vmap(one_row)(*map(flat, (q, k, v, c, n, m)))
-    unflat = lambda x: x.reshape(*batch_shape, *x.shape[1:])
-    new_state = type(state)(unflat(c), unflat(n), unflat(m), identity)
-    return unflat(h).astype(spec.dtype), new_state
+    # One vmap per leading axis rather than a reshape merging them: inputs and states
+    # sharded over any leading axis then stay sharded.
+    rows = one_row
+    for _ in batch_shape:
+        rows = jax.vmap(rows)
+    h, (c, n, m) = rows(q, k, v, c, n, m)
+    return h.astype(spec.dtype), type(state)(c, n, m, identity)
