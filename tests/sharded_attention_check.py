@@ -105,6 +105,38 @@ def report(case, axis_name, hlo, got, spec, compared, want):
     )
 
 
+def checkpoint_case(mesh):
+    """Arrays sharded over batch and over heads through save_checkpoint/load_checkpoint:
+    the checksums are computed where the shards live, and the arrays come back with the
+    sharding of `like`."""
+    import tempfile
+
+    x = jax.random.normal(jax.random.key(2), (4, 4, 8, 16))
+    tree = {
+        "batch": jax.device_put(x, NamedSharding(mesh, PartitionSpec("x"))),
+        "heads": jax.device_put(x * 2, NamedSharding(mesh, PartitionSpec(None, "x"))),
+    }
+    with tempfile.TemporaryDirectory() as folder:
+        ex.save_checkpoint(f"{folder}/ckpt", tree, {"step": 1})
+        like = jax.tree.map(
+            lambda a: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=a.sharding), tree
+        )
+        restored, _ = ex.load_checkpoint(f"{folder}/ckpt", like)
+    for name, array in restored.items():
+        print(
+            json.dumps(
+                {
+                    "case": f"checkpoint-{name}",
+                    "sharding": str(array.sharding.spec),
+                    "expected": str(tree[name].sharding.spec),
+                    "equal": bool(jnp.all(array == tree[name])),
+                }
+            ),
+            flush=True,
+        )
+
+
 if __name__ == "__main__":
     main()
     decoding_cases(Mesh(np.array(jax.devices()), ("x",)))
+    checkpoint_case(Mesh(np.array(jax.devices()), ("x",)))

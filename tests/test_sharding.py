@@ -2,7 +2,8 @@
 Triton kernels (Pallas interpret mode) run shard-local on inputs sharded over a leading
 (batch or heads) axis: no collective in the compiled forward or gradient, outputs and
 gradients keep the inputs' sharding, and the results equal one device's; decoding too,
-with its KV cache or linear state sharded like the inputs."""
+with its KV cache or linear state sharded like the inputs; and sharded arrays through a
+checkpoint."""
 
 import json
 import os
@@ -24,6 +25,12 @@ def test_paths_are_shard_local_over_batch_and_heads():
     )
     assert result.returncode == 0, result.stderr[-3000:]
     rows = [json.loads(line) for line in result.stdout.splitlines()]
+    checkpoints = [row for row in rows if row["case"].startswith("checkpoint")]
+    rows = [row for row in rows if not row["case"].startswith("checkpoint")]
+    # Sharded arrays through a checkpoint: back equal, with the sharding asked for.
+    assert len(checkpoints) == 2
+    for row in checkpoints:
+        assert row["equal"] and row["sharding"] == row["expected"], row
     # 5 paths, one vmapped over heads and 2 decoding states, each sharded two ways
     assert len(rows) == 16
     for row in rows:
