@@ -52,15 +52,17 @@ def _ocp():
     return ocp
 
 
+def _is_stored(leaf: Any) -> bool:
+    """Whether a checkpoint stores `leaf`: jax or NumPy arrays, or their shapes
+    (`jax.ShapeDtypeStruct` in a `like`)."""
+    return eqx.is_array(leaf) or isinstance(leaf, jax.ShapeDtypeStruct)
+
+
 def _array_leaves(tree: PyTree) -> tuple[list[str], list[Any]]:
     """The paths and values of `tree`'s array leaves (jax or NumPy arrays, or
     `jax.ShapeDtypeStruct`s), in flattening order."""
     leaves = jax.tree_util.tree_flatten_with_path(tree)[0]
-    kept = [
-        (jax.tree_util.keystr(path), leaf)
-        for path, leaf in leaves
-        if eqx.is_array(leaf) or isinstance(leaf, jax.ShapeDtypeStruct)
-    ]
+    kept = [(jax.tree_util.keystr(path), leaf) for path, leaf in leaves if _is_stored(leaf)]
     return [path for path, _ in kept], [leaf for _, leaf in kept]
 
 
@@ -251,8 +253,5 @@ def load_checkpoint(path: str | os.PathLike, like: PyTree) -> tuple[PyTree, dict
 def _replace_array_leaves(like: PyTree, values: list[Any]) -> PyTree:
     leaves, treedef = jax.tree_util.tree_flatten(like)
     values = iter(values)
-    leaves = [
-        next(values) if eqx.is_array(leaf) or isinstance(leaf, jax.ShapeDtypeStruct) else leaf
-        for leaf in leaves
-    ]
+    leaves = [next(values) if _is_stored(leaf) else leaf for leaf in leaves]
     return jax.tree_util.tree_unflatten(treedef, leaves)

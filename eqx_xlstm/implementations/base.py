@@ -56,6 +56,22 @@ def as_rows(x: Array, spec: AttentionSpec, multiple: int) -> Array:
     return jnp.pad(x, ((0, 0), (0, padded - seq_len), (0, 0)))
 
 
-def from_rows(out: Array, batch_shape: tuple[int, ...], spec: AttentionSpec) -> Array:
-    """`(N, S', DV)` from `as_rows`' layout back to `(*batch_shape, S, DV)`."""
-    return out[:, : spec.seq_len].reshape(*batch_shape, spec.seq_len, spec.dv)
+def from_rows(x: Array, batch_shape: tuple[int, ...], spec: AttentionSpec) -> Array:
+    """`(N, S', D)` from `as_rows`' layout back to `(*batch_shape, S, D)`."""
+    return x[:, : spec.seq_len].reshape(*batch_shape, spec.seq_len, x.shape[-1])
+
+
+def in_blocks(x: Array, block: int) -> Array:
+    """`(*batch, S, D)` -> `(*batch, nb, block, D)`, the sequence zero-padded at the end.
+    The leading axes stay separate (never merged by a reshape), so that inputs sharded
+    over any of them partition without gathering."""
+    *batch, seq_len, dim = x.shape
+    n_blocks = -(-seq_len // block)
+    x = jnp.pad(x, ((0, 0),) * len(batch) + ((0, n_blocks * block - seq_len), (0, 0)))
+    return x.reshape(*batch, n_blocks, block, dim)
+
+
+def from_blocks(x: Array, seq_len: int) -> Array:
+    """`(*batch, nb, block, D)` from `in_blocks`' layout back to `(*batch, S, D)`."""
+    *batch, n_blocks, block, dim = x.shape
+    return x.reshape(*batch, n_blocks * block, dim)[..., :seq_len, :]

@@ -17,7 +17,7 @@ from jax import lax
 
 from .. import maths
 from ..spec import AttentionSpec
-from .base import Implementation
+from .base import Implementation, from_blocks, in_blocks
 from .reference import matmul_precision
 
 
@@ -129,15 +129,6 @@ def _blockwise_bwd(spec, precision, residuals, d_out):
 _blockwise.defvjp(_blockwise_fwd, _blockwise_bwd)
 
 
-def _to_blocks(x, n_blocks, block):
-    """(*batch, S, D) -> (nb, *batch, C, D), zero-padded at the end of the sequence.
-    The leading axes stay separate (never merged by a reshape), so that inputs sharded
-    over any of them partition without gathering."""
-    *batch, seq_len, dim = x.shape
-    x = jnp.pad(x, ((0, 0),) * len(batch) + ((0, n_blocks * block - seq_len), (0, 0)))
-    return jnp.moveaxis(x.reshape(*batch, n_blocks, block, dim), -3, 0)
-
-
 @dataclasses.dataclass(frozen=True)
 class Chunked(Implementation):
     """Blockwise attention in XLA with memory linear in S, any mask, any platform.
@@ -159,13 +150,13 @@ class Chunked(Implementation):
         return None
 
     def __call__(self, q, k, v, spec, mask):
-        seq_len, dv = spec.seq_len, spec.dv
+        seq_len = spec.seq_len
         block = max(1, min(self.block, seq_len))
-        n_blocks = -(-seq_len // block)
-        qb, kb, vb = (_to_blocks(x.astype(spec.accum_dtype), n_blocks, block) for x in (q, k, v))
+        # (nb, *batch, block, D): the loops index blocks on the first axis.
+        to_blocks = lambda x: jnp.moveaxis(in_blocks(x.astype(spec.accum_dtype), block), -3, 0)
+        qb, kb, vb = (to_blocks(x) for x in (q, k, v))
         if mask is not None:
-            pad = n_blocks * block - seq_len
+            pad = qb.shape[0] * block - seq_len
             mask = jnp.pad(mask, ((0, pad), (0, pad)))
         out = _blockwise(qb, kb, vb, mask, spec, matmul_precision(spec.dtype))
-        out = jnp.moveaxis(out, 0, -3)
-        return out.reshape(*out.shape[:-3], n_blocks * block, dv)[..., :seq_len, :]
+        return from_blocks(jnp.moveaxis(out, 0, -3), seq_len)

@@ -17,7 +17,7 @@ import jax.numpy as jnp
 
 from .. import maths
 from ..spec import AttentionSpec
-from .base import Implementation
+from .base import Implementation, from_blocks, in_blocks
 from .reference import matmul_precision
 
 
@@ -53,21 +53,12 @@ class Linear(Implementation):
         return None
 
     def __call__(self, q, k, v, spec, mask):
-        seq_len, dv = spec.seq_len, spec.dv
+        seq_len = spec.seq_len
         chunk = max(1, min(self.chunk_for(spec), seq_len))
-        n_chunks = -(-seq_len // chunk)
-        pad = n_chunks * chunk - seq_len
         # bf16 operands keep the fast matmuls (float32's range); float16 ones would
         # overflow on raw q . k and on the state sums, so float16 runs in float32.
         operand = spec.dtype if spec.dtype == jnp.bfloat16 else spec.accum_dtype
-
-        # Leading axes stay separate (never merged by a reshape), so that inputs sharded
-        # over any of them partition without gathering.
-        lead = [(0, 0)] * (q.ndim - 2)
-
-        def chunks(x):
-            x = jnp.pad(x.astype(operand), (*lead, (0, pad), (0, 0)))
-            return x.reshape(*x.shape[:-2], n_chunks, chunk, x.shape[-1])
+        chunks = lambda x: in_blocks(x.astype(operand), chunk)
 
         qc, kc, vc = chunks(q), chunks(k), chunks(v)
         einsum = functools.partial(
@@ -77,12 +68,11 @@ class Linear(Implementation):
         )
         kv = einsum("...ckd,...ckv->...cdv", kc, vc)
         # Exclusive cumulative sum: the state before each chunk.
-        before = jnp.pad(kv[..., :-1, :, :], (*lead, (1, 0), (0, 0), (0, 0)))
+        before = jnp.pad(kv[..., :-1, :, :], ((0, 0),) * (kv.ndim - 3) + ((1, 0), (0, 0), (0, 0)))
         states = jnp.cumsum(before, axis=-3)
         inter = einsum("...cqd,...cdv->...cqv", qc, states.astype(operand))
         scores = einsum("...cqd,...ckd->...cqk", qc, kc)
         positions = jnp.arange(chunk)
         scores = jnp.where(maths.visible(positions[:, None], positions[None, :]), scores, 0.0)
         intra = einsum("...cqk,...ckv->...cqv", scores.astype(operand), vc)
-        out = (inter + intra) * spec.scale
-        return out.reshape(*out.shape[:-3], n_chunks * chunk, dv)[..., :seq_len, :]
+        return from_blocks((inter + intra) * spec.scale, seq_len)

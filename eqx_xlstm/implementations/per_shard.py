@@ -16,7 +16,7 @@ from jax.experimental.custom_partitioning import custom_partitioning
 from jax.sharding import NamedSharding, PartitionSpec
 
 from ..spec import AttentionSpec
-from .base import as_rows
+from .base import as_rows, from_rows
 
 
 def _leading(sharding, batch_ndim: int) -> tuple:
@@ -89,6 +89,10 @@ class RowKernels:
     """Run per shard; False for kernels XLA cannot partition as a custom op (Mosaic GPU
     interpret mode, whose callbacks have ordered effects)."""
 
+    def batch_ndim(self, q) -> int:
+        """How many leading axes of `q` `per_shard` partitions over."""
+        return q.ndim - 2 if self.partition else 0
+
 
 def row_attention(kernels: RowKernels, q, k, v):
     """Differentiable attention of `(*batch, S, D)` inputs through `kernels`, each pass
@@ -104,7 +108,7 @@ def _forward_outputs(kernels: RowKernels, q, k, v):
         outs = kernels.forward(*(as_rows(x, spec, multiple) for x in (q, k, v)))
         return tuple(o.reshape(*batch, *o.shape[1:]) for o in outs)  # rows kept padded
 
-    return per_shard(fn, q, k, v, batch_ndim=q.ndim - 2 if kernels.partition else 0)
+    return per_shard(fn, q, k, v, batch_ndim=kernels.batch_ndim(q))
 
 
 @functools.partial(jax.custom_vjp, nondiff_argnums=(3,))
@@ -121,7 +125,7 @@ def _row_attention_fwd(q, k, v, kernels):
 
 def _row_attention_bwd(kernels, residuals, d_out):
     q, k, v, outs = residuals
-    spec, multiple, seq_len = kernels.spec, kernels.multiple, kernels.spec.seq_len
+    spec, multiple = kernels.spec, kernels.multiple
     dtypes = (q.dtype, k.dtype, v.dtype)
 
     def fn(q, k, v, d_out, *outs):
@@ -129,13 +133,9 @@ def _row_attention_bwd(kernels, residuals, d_out):
         rows = [as_rows(x, spec, multiple) for x in (q, k, v, d_out)]
         outs = [o.reshape(-1, *o.shape[len(batch) :]) for o in outs]
         grads = kernels.backward(*rows[:3], *outs, rows[3])
-        return tuple(
-            g[:, :seq_len].reshape(*batch, seq_len, g.shape[-1]).astype(dtype)
-            for g, dtype in zip(grads, dtypes)
-        )
+        return tuple(from_rows(g, batch, spec).astype(t) for g, t in zip(grads, dtypes))
 
-    batch_ndim = q.ndim - 2 if kernels.partition else 0
-    return per_shard(fn, q, k, v, d_out, *outs, batch_ndim=batch_ndim)
+    return per_shard(fn, q, k, v, d_out, *outs, batch_ndim=kernels.batch_ndim(q))
 
 
 _row_attention.defvjp(_row_attention_fwd, _row_attention_bwd)

@@ -56,18 +56,15 @@ class Mosaic(Implementation):
     def __call__(self, q, k, v, spec, mask):
         fused = self.fused_backward_from is not None and spec.seq_len >= self.fused_backward_from
         interpret = spec.platform != "gpu"
+        backward = functools.partial(_backward_kernels, spec=spec, interpret=interpret, fused=fused)
         row_kernels = RowKernels(
             forward=functools.partial(_forward_kernel, spec=spec, interpret=interpret),
-            backward=functools.partial(
-                _backward_kernels, spec=spec, interpret=interpret, fused=fused
-            ),
+            backward=None if spec.activation == "softmax" else backward,
             spec=spec,
             multiple=PADDING,
-            no_backward=NO_SOFTMAX_BACKWARD if spec.activation == "softmax" else "",
+            no_backward=NO_SOFTMAX_BACKWARD,
             partition=not interpret,
         )
-        if spec.activation == "softmax":
-            row_kernels = dataclasses.replace(row_kernels, backward=None)
         return row_attention(row_kernels, q, k, v)
 
 

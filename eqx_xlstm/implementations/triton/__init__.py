@@ -58,20 +58,9 @@ class Triton(Implementation):
         step = math.lcm(*self.forward[:2], *self.backward[:2])
         launch = Launch(spec, self.forward, self.backward, interpret=spec.platform != "gpu")
         row_kernels = RowKernels(
-            forward=functools.partial(_forward_kernel, launch=launch),
-            backward=functools.partial(_backward_kernels, launch=launch),
+            forward=functools.partial(kernels.forward, launch=launch),
+            backward=functools.partial(kernels.backward, launch=launch),
             spec=spec,
             multiple=step,
         )
         return row_attention(row_kernels, q, k, v)
-
-
-def _forward_kernel(q, k, v, launch):
-    """(out, lse) for softmax, (out,) otherwise."""
-    out, lse = kernels.forward(q, k, v, launch)
-    return (out,) if lse is None else (out, lse)
-
-
-def _backward_kernels(q, k, v, out, *lse_and_d_out, launch):
-    *lse, d_out = lse_and_d_out
-    return kernels.backward(q, k, v, out, lse[0] if lse else None, d_out, launch)

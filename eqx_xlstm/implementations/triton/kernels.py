@@ -192,7 +192,7 @@ def _call(kernel, name, blocks: Blocks, launch, n_blocks, in_specs, out_specs, o
 
 
 def forward(q, k, v, launch: Launch):
-    """The output and, for softmax, each row's log2-sum-exp2 (else None)."""
+    """`(out,)`, and for softmax `(out, lse)`: each row's log2-sum-exp2 too."""
     (n, padded, dqk), dv = q.shape, v.shape[-1]
     bq = launch.forward.block_q
     in_specs = [_rows(bq, dqk), _whole(padded, dqk), _whole(padded, dv)]
@@ -210,14 +210,18 @@ def forward(q, k, v, launch: Launch):
         out_specs,
         out_shape,
     )(q, k, v)
-    return outs[0], (outs[1] if len(outs) > 1 else None)
+    return tuple(outs)
 
 
-def backward(q, k, v, out, lse, d_out, launch: Launch):
+def backward(q, k, v, *outs_and_d_out, launch: Launch):
+    """`(dq, dk, dv)` from the inputs, what `forward` returned, and the output's
+    cotangent."""
+    *outs, d_out = outs_and_d_out
     (_, padded, dqk), dv = q.shape, v.shape[-1]
     bq, bk = launch.backward.block_q, launch.backward.block_k
     stats, stat_rows, stat_whole = [], [], []
     if launch.spec.activation == "softmax":
+        out, lse = outs
         delta = jnp.sum(d_out.astype(jnp.float32) * out.astype(jnp.float32), axis=-1)
         stats, stat_rows, stat_whole = [lse, delta], [_rows(bq)] * 2, [_whole(padded)] * 2
     dq = _call(
@@ -241,21 +245,3 @@ def backward(q, k, v, out, lse, d_out, launch: Launch):
         [jax.ShapeDtypeStruct(k.shape, k.dtype), jax.ShapeDtypeStruct(v.shape, v.dtype)],
     )(q, k, v, d_out, *stats)
     return dq, dk, dv_
-
-
-@functools.partial(jax.custom_vjp, nondiff_argnums=(3,))
-def flash(q, k, v, launch: Launch):
-    """Causal attention of `(N, S, D)` inputs through the Triton kernels."""
-    return forward(q, k, v, launch)[0]
-
-
-def _flash_fwd(q, k, v, launch):
-    out, lse = forward(q, k, v, launch)
-    return out, (q, k, v, out, lse)
-
-
-def _flash_bwd(launch, residuals, d_out):
-    return backward(*residuals, d_out, launch)
-
-
-flash.defvjp(_flash_fwd, _flash_bwd)
