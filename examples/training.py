@@ -323,7 +323,10 @@ def _loop(config, optimizer, run: Run, make_batch, folder: RunFolder, identity: 
         updates, opt_state = optimizer.update(grads, opt_state, params)
         return eqx.apply_updates(params, updates), opt_state, loss
 
+    # The newest checkpoint of this run: the one resumed from, then each one saved.
     saved_step, saved_path = None, None
+    if config.resume:
+        saved_step, saved_path = run.step, folder.checkpoints / str(run.step)
 
     def save() -> None:
         nonlocal saved_step, saved_path
@@ -337,8 +340,7 @@ def _loop(config, optimizer, run: Run, make_batch, folder: RunFolder, identity: 
         metadata = {"identity": identity, "step": run.step, "losses": list(run.losses)}
         saved_step, saved_path = run.step, folder.save(run.step, run.saved(), metadata, config.keep)
 
-    if run.step == 0:
-        save()  # so that `--resume` works after a kill at any moment
+    save()  # a fresh run's step 0, so that `--resume` works after a kill at any moment
     last = config.stop_after or config.steps
     data_key = jax.random.fold_in(jax.random.wrap_key_data(run.key), 1)
     progress = _progress(run.step, last, not config.progress)

@@ -1,6 +1,7 @@
 """The example training scripts: runs as commands (output, resume, sharding, the CLI's
 errors) and, for settings refused before any work, `main(config)` called directly."""
 
+import dataclasses
 import fcntl
 import json
 import os
@@ -66,11 +67,18 @@ def shared_compilation_cache(tmp_path_factory, worker_id):
     CACHE_ENV.clear()
 
 
-def run(script, *args, devices=None, code=None):
-    """Run an example script with `args`, or Python `code` beside the examples."""
+def example_env(devices=None) -> dict:
+    """The environment of an example process: the CPU, the shared compilation cache,
+    and `devices` host devices if given."""
     env = {**os.environ, **CACHE_ENV, "JAX_PLATFORMS": "cpu"}
     if devices:
         env["XLA_FLAGS"] = f"--xla_force_host_platform_device_count={devices}"
+    return env
+
+
+def run(script, *args, devices=None, code=None):
+    """Run an example script with `args`, or Python `code` beside the examples."""
+    env = example_env(devices)
     command = ["-c", code] if code else [str(EXAMPLES / script), *args]
     return subprocess.run(
         [sys.executable, *command],
@@ -120,10 +128,9 @@ RUN = ["--steps", "40", "--checkpoint-every", "5", *MQAR_SMALL]
 
 def start(*args, out):
     """`train_mqar.py` with `args` as a running process (stdout and stderr piped)."""
-    env = {**os.environ, **CACHE_ENV, "JAX_PLATFORMS": "cpu"}
     command = [sys.executable, str(EXAMPLES / "train_mqar.py"), *args, "--out", str(out)]
     return subprocess.Popen(
-        command, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True
+        command, env=example_env(), stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True
     )
 
 
@@ -256,6 +263,28 @@ def test_non_finite_loss_stops_and_keeps_the_last_good_checkpoint(tmp_path):
         assert all(np.isfinite(x).all() for x in jax.tree.leaves(saved))
         assert np.isfinite(header["losses"]).all()
     assert (out / "run.lock").read_text() == ""
+
+
+def test_a_resumed_run_that_diverges_names_the_checkpoint_it_resumed_from(tmp_path):
+    # The training loop itself, on a tiny model: a learning rate of 1e30 is 0 at step 0
+    # (warmup), so the first checkpoint is good; after resuming, AdamW steps overflow.
+    out = tmp_path / "resumed"
+    config = training.TrainConfig(
+        steps=20, out=str(out), batch_size=2, lr=1e30, stop_after=1, progress=False
+    )
+    sizes = dict(vocab_size=16, context_length=8, embedding_dim=16, num_heads=2, num_blocks=1)
+
+    def make_batch(key, step):
+        tokens = jax.random.randint(jax.random.fold_in(key, step), (2, 9), 0, 16)
+        return tokens[:, :-1], tokens[:, 1:], np.ones((2, 8), np.float32)
+
+    model_config = training.model_config(config, **sizes)
+    with jax.numpy_dtype_promotion("standard"):
+        training.train(config, model_config, make_batch, data_settings={})
+        resumed = dataclasses.replace(config, stop_after=None, resume=True)
+        with pytest.raises(training.TrainingStopped) as info:
+            training.train(resumed, model_config, make_batch, data_settings={})
+    assert f"the last good checkpoint is {out / 'checkpoints' / '1'} " in str(info.value)
 
 
 def test_charlm_checks_sampling_settings_before_training(tmp_path):
