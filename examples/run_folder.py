@@ -44,8 +44,9 @@ class RunFolder:
         self._fd: int | None = None
         self._manager = None
 
-    def problem(self) -> str | None:
-        """Why this folder cannot be used now (a file, or in use), without writing."""
+    def _path_problem(self) -> str | None:
+        """Why no folder can be written at this path (a file there or above it, or a
+        read-only folder), or None."""
         if self.path.exists() and not self.path.is_dir():
             return f"--out {self.path} is a file; give a folder"
         existing = next(p for p in (self.path, *self.path.absolute().parents) if p.exists())
@@ -53,6 +54,12 @@ class RunFolder:
             return f"--out {self.path} cannot be created: {existing} is a file"
         if not os.access(existing, os.W_OK | os.X_OK):
             return f"--out {self.path} is not writable ({existing} is read-only to this user)"
+        return None
+
+    def problem(self) -> str | None:
+        """Why this folder cannot be used now (not writable, or in use), without writing."""
+        if problem := self._path_problem():
+            return problem
         lock = self.path / LOCK
         if not lock.is_file():
             return None
@@ -69,8 +76,8 @@ class RunFolder:
         return None
 
     def __enter__(self) -> "RunFolder":
-        if self.path.exists() and not self.path.is_dir():
-            raise FolderError(f"--out {self.path} is a file; give a folder")
+        if problem := self._path_problem():
+            raise FolderError(problem)
         try:
             self.path.mkdir(parents=True, exist_ok=True)
             fd = os.open(self.path / LOCK, os.O_RDWR | os.O_CREAT, 0o644)

@@ -37,8 +37,7 @@ def attention(implementation, activation, vmap_heads):
     return f
 
 
-def main():
-    mesh = Mesh(np.array(jax.devices()), ("x",))
+def main(mesh):
     keys = jax.random.split(jax.random.key(0), 3)
     q, k, v = (jax.random.normal(key, (4, 4, 160, 16)) for key in keys)  # (B, H, S, D)
     for (implementation, activation), vmap_heads in [(case, False) for case in CASES] + [
@@ -137,6 +136,7 @@ def checkpoint_case(mesh):
 
 
 if __name__ == "__main__":
-    main()
-    decoding_cases(Mesh(np.array(jax.devices()), ("x",)))
-    checkpoint_case(Mesh(np.array(jax.devices()), ("x",)))
+    mesh = Mesh(np.array(jax.devices()), ("x",))
+    main(mesh)
+    decoding_cases(mesh)
+    checkpoint_case(mesh)
