@@ -12,7 +12,7 @@ from jax.typing import DTypeLike
 
 ACTIVATIONS = ("softmax", "sigmoid", "none")
 PRE_ACTIVATIONS = ("none", "swish", "silu")
-MASKS = ("causal", "explicit")
+MASKS = ("causal", "explicit", "full")
 HALF_DTYPES = (np.dtype(jnp.bfloat16), np.dtype(jnp.float16))
 
 
@@ -97,7 +97,8 @@ class AttentionSpec:
     pre_activation: str
     """`"none"` or `"swish"` (`"silu"` arrives as `"swish"`)."""
     mask: str
-    """`"causal"`, or `"explicit"` for a bool `(S, S)` mask array."""
+    """`"causal"`, `"explicit"` for a bool `(S, S)` mask array, or `"full"` (every key
+    visible: the off-diagonal pieces of context-parallel attention)."""
     dtype: DTypeLike
     """The dtype q, k, v are computed in and the output is returned in (stored as a
     `numpy.dtype`)."""

@@ -23,9 +23,11 @@ from .reference import matmul_precision
 
 def _block_allowed(i, j, block, spec, mask):
     """Bool `(block, block)`: which (query, key) pairs of block pair (i, j) attend."""
-    if mask is None:  # causal; keys past the end are padding
+    if mask is None:  # causal or full; keys past the end are padding
         q_pos = i * block + jnp.arange(block)[:, None]
         k_pos = j * block + jnp.arange(block)[None, :]
+        if spec.mask == "full":
+            return jnp.broadcast_to(k_pos < spec.seq_len, (block, block))
         return maths.visible(q_pos, k_pos) & (k_pos < spec.seq_len)
     return lax.dynamic_slice(mask, (i * block, j * block), (block, block))
 
@@ -60,12 +62,14 @@ def _forward(q, k, v, mask, spec, precision):
             acc = decay[..., None] * acc + einsum("...qk,...kd->...qd", p, v[j])
             return new_max, row_sum, acc
 
-        acc0 = jnp.zeros((*batch, block, v.shape[-1]), accum)
+        # Initial carries made `_like` the inputs, so that inside `shard_map` they
+        # vary over the same mesh axes as the loop's results.
+        rows0 = jnp.zeros_like(q_i[..., 0], dtype=accum)
+        acc0 = jnp.broadcast_to(rows0[..., None], (*batch, block, v.shape[-1]))
         stop = i + 1 if spec.causal else n_blocks
         if not softmax:
-            return lax.fori_loop(0, stop, step, acc0), jnp.zeros((*batch, block), accum)
-        rows = (*batch, block)
-        init = (jnp.full(rows, -jnp.inf, accum), jnp.zeros(rows, accum), acc0)
+            return lax.fori_loop(0, stop, step, acc0), rows0
+        init = (jnp.full_like(rows0, -jnp.inf), rows0, acc0)
         row_max, row_sum, acc = lax.fori_loop(0, stop, step, init)
         nonempty = row_sum > 0
         total = jnp.where(nonempty, row_sum, 1.0)
@@ -127,6 +131,38 @@ def _blockwise_bwd(spec, precision, residuals, d_out):
 
 
 _blockwise.defvjp(_blockwise_fwd, _blockwise_bwd)
+
+
+def _to_blocks(x, block):
+    """`(*batch, S, D)` -> `(nb, *batch, block, D)`: the loops index blocks first."""
+    return jnp.moveaxis(in_blocks(x, block), -3, 0)
+
+
+def _from_blocks(x, seq_len):
+    return from_blocks(jnp.moveaxis(x, 0, -3), seq_len)
+
+
+def piece_forward(q, k, v, spec: AttentionSpec, block: int):
+    """One piece of a longer attention: `(*batch, L, D)` queries against as many keys,
+    `spec.mask` `"causal"` or `"full"` (`spec.seq_len == L`). Returns the output
+    (normalised for softmax, in `spec.accum_dtype`) and each row's log2-sum-exp2
+    `(*batch, L)`, +inf for rows that see no key (zeros unless softmax)."""
+    block = max(1, min(block, spec.seq_len))
+    qb, kb, vb = (_to_blocks(x.astype(spec.accum_dtype), block) for x in (q, k, v))
+    out, lse = _forward(qb, kb, vb, None, spec, matmul_precision(spec.dtype))
+    return _from_blocks(out, spec.seq_len), _from_blocks(lse[..., None], spec.seq_len)[..., 0]
+
+
+def piece_backward(q, k, v, out, lse, d_out, spec: AttentionSpec, block: int):
+    """Gradients `(dq, dk, dv)` of one piece (as `piece_forward`'s) given the output
+    and log2-sum-exp2 of the whole rows, which softmax's gradient needs."""
+    block = max(1, min(block, spec.seq_len))
+    accum = spec.accum_dtype
+    blocks = [_to_blocks(x.astype(accum), block) for x in (q, k, v, out, d_out)]
+    lse_b = _to_blocks(lse[..., None], block)[..., 0]
+    qb, kb, vb, ob, dob = blocks
+    grads = _backward(qb, kb, vb, None, ob, lse_b, dob, spec, matmul_precision(spec.dtype))
+    return tuple(_from_blocks(g, spec.seq_len) for g in grads)
 
 
 @dataclasses.dataclass(frozen=True)

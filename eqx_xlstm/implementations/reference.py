@@ -59,7 +59,9 @@ class Reference(Implementation):
         return None
 
     def __call__(self, q, k, v, spec, mask):
-        if mask is None:
+        if spec.mask == "full":
+            mask = jnp.ones((spec.seq_len, spec.seq_len), bool)
+        elif mask is None:
             mask = causal_mask(spec.seq_len)
         accum = spec.accum_dtype
         precision = matmul_precision(spec.dtype)
