@@ -11,9 +11,10 @@ from jax.typing import DTypeLike
 from jaxtyping import Array, Float
 
 from . import maths
+from .implementations.base import SequenceLayout
 from .implementations.chunked import Chunked
 from .implementations.linear import Linear
-from .implementations.ring import SequenceLayout, linear_prefix, ring_attention
+from .implementations.ring import linear_prefix, ring_attention
 from .nn.rope import check_even, check_theta
 from .spec import (
     ACTIVATIONS,
@@ -149,7 +150,7 @@ def context_parallel_attention(
     k = _rope(keys, starts, count, spec.pre_activation, theta, accum)
     v = values.astype(dtype)
     if activation_function == "none":
-        out = linear_prefix(q, k, v, spec, sequence, Linear())
+        out = linear_prefix(q, k, v, spec, sequence, lambda *xs: Linear()(*xs, None))
     else:
         out = ring_attention(q, k, v, spec, sequence, Chunked(block).block)
     return out.astype(dtype)

@@ -75,3 +75,26 @@ def from_blocks(x: Array, seq_len: int) -> Array:
     """`(*batch, nb, block, D)` from `in_blocks`' layout back to `(*batch, S, D)`."""
     *batch, n_blocks, block, dim = x.shape
     return x.reshape(*batch, n_blocks * block, dim)[..., :seq_len, :]
+
+
+@dataclasses.dataclass(frozen=True)
+class SequenceLayout:
+    """Where each device's shard sits in the sequence: `devices` shards over the mesh
+    axis `axis_name`; contiguous (device d holds positions `[d L, (d + 1) L)`) or
+    zig-zag (the sequence in `2 devices` chunks, device d holding chunks d and
+    `2 devices - 1 - d`, in that order)."""
+
+    axis_name: str | tuple[str, ...]
+    devices: int
+    zigzag: bool
+
+    @property
+    def chunks(self) -> int:
+        """Chunks per device."""
+        return 2 if self.zigzag else 1
+
+    def global_chunk(self, device, j: int):
+        """The global index of chunk `j` of `device`'s shard (of `chunks * devices`)."""
+        if not self.zigzag:
+            return device
+        return device if j == 0 else 2 * self.devices - 1 - device

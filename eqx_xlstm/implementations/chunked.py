@@ -1,168 +1,65 @@
-"""Memory-lean blockwise attention with a recomputing backward pass.
-
-Queries and keys are cut into blocks of `block` positions. The forward pass visits,
-for each query block, the key blocks it may see (only those on or below the diagonal
-when causal), keeping a running max and sum for softmax (flash-style, Dao et al. 2022)
-and plain sums for sigmoid and 'none'. It stores the output and, for softmax, one
-log2-sum-exp2 per row. The backward pass (`jax.custom_vjp`) recomputes each block's
-weights instead of storing S x S residuals, so memory grows linearly with S.
-"""
+"""The chunked path: blockwise attention in XLA (`blockwise`), memory linear in S,
+any mask, any platform; context-parallel when its causal inputs are sharded over the
+sequence."""
 
 import dataclasses
 import functools
 
 import jax
 import jax.numpy as jnp
-from jax import lax
 
-from .. import maths
 from ..spec import AttentionSpec
+from . import ring
 from .base import Implementation, from_blocks, in_blocks
+from .blockwise import blockwise, piece_backward, piece_forward
+from .per_shard import per_shard
 from .reference import matmul_precision
 
 
-def _block_allowed(i, j, block, spec, mask):
-    """Bool `(block, block)`: which (query, key) pairs of block pair (i, j) attend."""
-    if mask is None:  # causal or full; keys past the end are padding
-        q_pos = i * block + jnp.arange(block)[:, None]
-        k_pos = j * block + jnp.arange(block)[None, :]
-        if spec.mask == "full":
-            return jnp.broadcast_to(k_pos < spec.seq_len, (block, block))
-        return maths.visible(q_pos, k_pos) & (k_pos < spec.seq_len)
-    return lax.dynamic_slice(mask, (i * block, j * block), (block, block))
+def _causal_forward(q, k, v, spec, block):
+    """`(out, lse)`, per device's shard: of the leading axes, or of the sequence (the
+    ring, zig-zag balanced)."""
+    return per_shard(
+        lambda q, k, v: piece_forward(q, k, v, spec, block),
+        q,
+        k,
+        v,
+        batch_ndim=q.ndim - 2,
+        over_sequence=lambda layout: functools.partial(
+            ring.balanced_forward, spec=spec, layout=layout, block=block
+        ),
+    )
 
 
-def _forward(q, k, v, mask, spec, precision):
-    """q, k: (nb, *batch, C, D); v: (nb, *batch, C, DV). Returns out (nb, *batch, C, DV)
-    and each row's log2-sum-exp2 of the logits (nb, *batch, C); +inf for rows that see
-    no key."""
-    n_blocks, *batch, block, _ = q.shape
-    scale, accum = spec.scale, spec.accum_dtype
-    einsum = functools.partial(jnp.einsum, precision=precision)
-    softmax = spec.activation == "softmax"
-
-    def query_block(i):
-        q_i = q[i]
-
-        def step(j, carry):
-            scores = einsum("...qd,...kd->...qk", q_i, k[j])
-            allowed = _block_allowed(i, j, block, spec, mask)
-            if not softmax:
-                p = maths.weights(scores, spec.activation, scale, spec.sigmoid_bias)
-                return carry + einsum("...qk,...kd->...qd", jnp.where(allowed, p, 0.0), v[j])
-            row_max, row_sum, acc = carry  # row_max: of raw scores
-            new_max = jnp.maximum(row_max, jnp.max(jnp.where(allowed, scores, -jnp.inf), -1))
-            shift = jnp.where(jnp.isfinite(new_max), new_max, 0.0)
-            p = maths.weights(scores, "softmax", scale, row_stat=shift * scale * maths.LOG2E)
-            p = jnp.where(allowed, p, 0.0)
-            decay = jnp.where(
-                jnp.isfinite(row_max), jnp.exp2((row_max - shift) * (scale * maths.LOG2E)), 0.0
-            )
-            row_sum = decay * row_sum + jnp.sum(p, -1)
-            acc = decay[..., None] * acc + einsum("...qk,...kd->...qd", p, v[j])
-            return new_max, row_sum, acc
-
-        # Initial carries made `_like` the inputs, so that inside `shard_map` they
-        # vary over the same mesh axes as the loop's results.
-        rows0 = jnp.zeros_like(q_i[..., 0], dtype=accum)
-        acc0 = jnp.broadcast_to(rows0[..., None], (*batch, block, v.shape[-1]))
-        stop = i + 1 if spec.causal else n_blocks
-        if not softmax:
-            return lax.fori_loop(0, stop, step, acc0), rows0
-        init = (jnp.full_like(rows0, -jnp.inf), rows0, acc0)
-        row_max, row_sum, acc = lax.fori_loop(0, stop, step, init)
-        nonempty = row_sum > 0
-        total = jnp.where(nonempty, row_sum, 1.0)
-        shift = jnp.where(jnp.isfinite(row_max), row_max, 0.0) * (scale * maths.LOG2E)
-        return acc / total[..., None], jnp.where(nonempty, shift + jnp.log2(total), jnp.inf)
-
-    return lax.map(query_block, jnp.arange(n_blocks))
+@functools.partial(jax.custom_vjp, nondiff_argnums=(3, 4))
+def _causal(q, k, v, spec, block):
+    return _causal_forward(q, k, v, spec, block)[0]
 
 
-def _backward(q, k, v, mask, out, lse, d_out, spec, precision):
-    n_blocks = q.shape[0]
-    block = q.shape[-2]
-    scale = spec.scale
-    einsum = functools.partial(jnp.einsum, precision=precision)
-    delta = jnp.sum(d_out * out, axis=-1) if spec.activation == "softmax" else None
-
-    def key_block(dq, j):
-        k_j, v_j = k[j], v[j]
-
-        def step(i, carry):
-            dq, dk_j, dv_j = carry
-            q_i, do_i = q[i], d_out[i]
-            scores = einsum("...qd,...kd->...qk", q_i, k_j)
-            allowed = _block_allowed(i, j, block, spec, mask)
-            row_lse = lse[i] if delta is not None else None
-            p = maths.weights(scores, spec.activation, scale, spec.sigmoid_bias, row_lse)
-            p = jnp.where(allowed, p, 0.0)
-            dv_j = dv_j + einsum("...qk,...qd->...kd", p, do_i)
-            dp = einsum("...qd,...kd->...qk", do_i, v_j)
-            row_delta = delta[i] if delta is not None else None
-            ds = maths.score_grad(dp, p, spec.activation, allowed, row_delta) * scale
-            dq = dq.at[i].add(einsum("...qk,...kd->...qd", ds, k_j))
-            dk_j = dk_j + einsum("...qk,...qd->...kd", ds, q_i)
-            return dq, dk_j, dv_j
-
-        start = j if spec.causal else 0
-        dq, dk_j, dv_j = lax.fori_loop(
-            start, n_blocks, step, (dq, jnp.zeros_like(k_j), jnp.zeros_like(v_j))
-        )
-        return dq, (dk_j, dv_j)
-
-    dq, (dk, dv) = lax.scan(key_block, jnp.zeros_like(q), jnp.arange(n_blocks))
-    return dq, dk, dv
+def _causal_fwd(q, k, v, spec, block):
+    out, lse = _causal_forward(q, k, v, spec, block)
+    return out, (q, k, v, out, lse)
 
 
-@functools.partial(jax.custom_vjp, nondiff_argnums=(4, 5))
-def _blockwise(q, k, v, mask, spec, precision):
-    return _forward(q, k, v, mask, spec, precision)[0]
+def _causal_bwd(spec, block, residuals, d_out):
+    q, k, v, out, lse = residuals
+    grads = per_shard(
+        lambda *xs: piece_backward(*xs, spec, block),
+        q,
+        k,
+        v,
+        out,
+        lse,
+        d_out.astype(out.dtype),
+        batch_ndim=q.ndim - 2,
+        over_sequence=lambda layout: functools.partial(
+            ring.balanced_backward, spec=spec, layout=layout, block=block
+        ),
+    )
+    return tuple(g.astype(x.dtype) for g, x in zip(grads, (q, k, v)))
 
 
-def _blockwise_fwd(q, k, v, mask, spec, precision):
-    out, lse = _forward(q, k, v, mask, spec, precision)
-    return out, (q, k, v, mask, out, lse)
-
-
-def _blockwise_bwd(spec, precision, residuals, d_out):
-    q, k, v, mask, out, lse = residuals
-    return (*_backward(q, k, v, mask, out, lse, d_out, spec, precision), None)
-
-
-_blockwise.defvjp(_blockwise_fwd, _blockwise_bwd)
-
-
-def _to_blocks(x, block):
-    """`(*batch, S, D)` -> `(nb, *batch, block, D)`: the loops index blocks first."""
-    return jnp.moveaxis(in_blocks(x, block), -3, 0)
-
-
-def _from_blocks(x, seq_len):
-    return from_blocks(jnp.moveaxis(x, 0, -3), seq_len)
-
-
-def piece_forward(q, k, v, spec: AttentionSpec, block: int):
-    """One piece of a longer attention: `(*batch, L, D)` queries against as many keys,
-    `spec.mask` `"causal"` or `"full"` (`spec.seq_len == L`). Returns the output
-    (normalised for softmax, in `spec.accum_dtype`) and each row's log2-sum-exp2
-    `(*batch, L)`, +inf for rows that see no key (zeros unless softmax)."""
-    block = max(1, min(block, spec.seq_len))
-    qb, kb, vb = (_to_blocks(x.astype(spec.accum_dtype), block) for x in (q, k, v))
-    out, lse = _forward(qb, kb, vb, None, spec, matmul_precision(spec.dtype))
-    return _from_blocks(out, spec.seq_len), _from_blocks(lse[..., None], spec.seq_len)[..., 0]
-
-
-def piece_backward(q, k, v, out, lse, d_out, spec: AttentionSpec, block: int):
-    """Gradients `(dq, dk, dv)` of one piece (as `piece_forward`'s) given the output
-    and log2-sum-exp2 of the whole rows, which softmax's gradient needs."""
-    block = max(1, min(block, spec.seq_len))
-    accum = spec.accum_dtype
-    blocks = [_to_blocks(x.astype(accum), block) for x in (q, k, v, out, d_out)]
-    lse_b = _to_blocks(lse[..., None], block)[..., 0]
-    qb, kb, vb, ob, dob = blocks
-    grads = _backward(qb, kb, vb, None, ob, lse_b, dob, spec, matmul_precision(spec.dtype))
-    return tuple(_from_blocks(g, spec.seq_len) for g in grads)
+_causal.defvjp(_causal_fwd, _causal_bwd)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -170,7 +67,9 @@ class Chunked(Implementation):
     """Blockwise attention in XLA with memory linear in S, any mask, any platform.
 
     The causal mask skips blocks above the diagonal; an explicit bool `(S, S)` mask is
-    read block by block and every block is visited.
+    read block by block and every block is visited. Causal inputs sharded over the
+    sequence axis (under `jax.jit` with `NamedSharding`s) run as context-parallel
+    ring attention (`ring`), each device holding its shard.
     """
 
     name = "chunked"
@@ -186,6 +85,8 @@ class Chunked(Implementation):
         return None
 
     def __call__(self, q, k, v, spec, mask):
+        if spec.causal:
+            return _causal(q, k, v, spec, max(1, min(self.block, spec.seq_len)))
         seq_len = spec.seq_len
         block = max(1, min(self.block, seq_len))
         # (nb, *batch, block, D): the loops index blocks on the first axis.
@@ -194,5 +95,5 @@ class Chunked(Implementation):
         if mask is not None:
             pad = qb.shape[0] * block - seq_len
             mask = jnp.pad(mask, ((0, pad), (0, pad)))
-        out = _blockwise(qb, kb, vb, mask, spec, matmul_precision(spec.dtype))
+        out = blockwise(qb, kb, vb, mask, spec, matmul_precision(spec.dtype))
         return from_blocks(jnp.moveaxis(out, 0, -3), seq_len)

@@ -9,6 +9,7 @@ same sharding. The other axes (sequence, features) are kept whole on each device
 
 import dataclasses
 import functools
+import math
 from collections.abc import Callable
 
 import jax
@@ -16,12 +17,13 @@ from jax.experimental.custom_partitioning import custom_partitioning
 from jax.sharding import NamedSharding, PartitionSpec
 
 from ..spec import AttentionSpec
-from .base import as_rows, from_rows
+from .base import SequenceLayout, as_rows, from_rows
 
 
-def _leading(sharding, batch_ndim: int) -> tuple:
+def _axes(sharding, ndim: int) -> tuple:
+    """The mesh axes of each of the first `ndim` axes of `sharding` (None: whole)."""
     spec = tuple(getattr(sharding, "spec", ()))
-    return tuple(spec[i] if i < len(spec) else None for i in range(batch_ndim))
+    return tuple(spec[i] if i < len(spec) else None for i in range(ndim))
 
 
 def _sharded_like(mesh, shapes, leading: tuple):
@@ -31,35 +33,65 @@ def _sharded_like(mesh, shapes, leading: tuple):
     return jax.tree.map(whole, shapes)
 
 
-def per_shard(fn, *arrays, batch_ndim: int):
+def _sequence_layout(mesh, shape, axes, batch_ndim: int) -> SequenceLayout | None:
+    """The contiguous layout of a sequence axis sharded over mesh `axes`, or None when
+    it is not sharded or its length is not a multiple of the device count."""
+    if axes is None:
+        return None
+    names = (axes,) if isinstance(axes, str) else tuple(axes)
+    devices = math.prod(mesh.shape[name] for name in names)
+    if devices == 1 or shape[batch_ndim] % devices:
+        return None
+    return SequenceLayout(axes, devices, zigzag=False)
+
+
+def per_shard(fn, *arrays, batch_ndim: int, over_sequence: Callable | None = None):
     """`fn(*arrays)`, run shard by shard when the arrays are sharded over their first
     `batch_ndim` axes (shared by every array and result; `fn` returns a tuple of
-    arrays)."""
-    if batch_ndim == 0:
+    arrays).
+
+    With `over_sequence`, the next axis of every array and result (the sequence) may
+    be sharded too: then each device runs `over_sequence(layout)` on its shards, a
+    function like `fn` that may communicate over `layout.axis_name` (a contiguous
+    `SequenceLayout`). A sequence whose length is not a multiple of the device count
+    is gathered instead.
+    """
+    if batch_ndim == 0 and over_sequence is None:
         return fn(*arrays)
     results = jax.eval_shape(fn, *arrays)
 
-    # Shardy: the leading axes pass through; every other axis stays whole.
+    # Shardy: the leading axes pass through, and the sequence when `over_sequence`;
+    # every other axis stays whole.
     factors, mappings = [], []
     for group in (arrays, results):
         parts = []
         for x in group:
-            names = [f"f{len(factors) + i}" for i in range(x.ndim - batch_ndim)]
+            rest = x.ndim - batch_ndim - (over_sequence is not None)
+            names = [f"f{len(factors) + i}" for i in range(rest)]
             factors += names
-            parts.append(" ".join(["...", *names]))
+            parts.append(" ".join(["...", *(["s"] if over_sequence else []), *names]))
         mappings.append(", ".join(parts))
     rule = f"{mappings[0]} -> {mappings[1]}"
+    kept = batch_ndim + (over_sequence is not None)
+
+    def placement(mesh, arg_shapes):
+        axes = _axes(arg_shapes[0].sharding, kept)
+        layout = None
+        if over_sequence is not None:
+            layout = _sequence_layout(mesh, arg_shapes[0].shape, axes[-1], batch_ndim)
+            axes = (*axes[:-1], layout.axis_name if layout else None)
+        return axes, layout
 
     def infer(mesh, arg_shapes, result_shapes):
-        return _sharded_like(mesh, result_shapes, _leading(arg_shapes[0].sharding, batch_ndim))
+        return _sharded_like(mesh, result_shapes, placement(mesh, arg_shapes)[0])
 
     def partition(mesh, arg_shapes, result_shapes):
-        leading = _leading(arg_shapes[0].sharding, batch_ndim)
+        axes, layout = placement(mesh, arg_shapes)
         return (
             mesh,
-            fn,
-            _sharded_like(mesh, result_shapes, leading),
-            _sharded_like(mesh, arg_shapes, leading),
+            fn if layout is None else over_sequence(layout),
+            _sharded_like(mesh, result_shapes, axes),
+            _sharded_like(mesh, arg_shapes, axes),
         )
 
     op = custom_partitioning(fn)

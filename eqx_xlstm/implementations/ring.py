@@ -21,34 +21,12 @@ import functools
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 from jax import lax
 
 from ..spec import AttentionSpec
-from .chunked import piece_backward, piece_forward
-from .linear import Linear
-
-
-@dataclasses.dataclass(frozen=True)
-class SequenceLayout:
-    """Where each device's shard sits in the sequence: `devices` shards over the mesh
-    axis `axis_name`; contiguous (device d holds positions `[d L, (d + 1) L)`) or
-    zig-zag (the sequence in `2 devices` chunks, device d holding chunks d and
-    `2 devices - 1 - d`, in that order)."""
-
-    axis_name: str | tuple[str, ...]
-    devices: int
-    zigzag: bool
-
-    @property
-    def chunks(self) -> int:
-        """Chunks per device."""
-        return 2 if self.zigzag else 1
-
-    def global_chunk(self, device, j: int):
-        """The global index of chunk `j` of `device`'s shard (of `chunks * devices`)."""
-        if not self.zigzag:
-            return device
-        return device if j == 0 else 2 * self.devices - 1 - device
+from .base import SequenceLayout
+from .blockwise import piece_backward, piece_forward
 
 
 def _split(x, parts: int, axis: int = -2):
@@ -194,10 +172,11 @@ def _ring_bwd(spec, layout, block, residuals, cotangents):
 _ring.defvjp(_ring_fwd, _ring_bwd)
 
 
-def linear_prefix(q, k, v, spec: AttentionSpec, layout: SequenceLayout, linear: Linear):
+def linear_prefix(q, k, v, spec: AttentionSpec, layout: SequenceLayout, local):
     """Causal 'none' attention of the whole sequence for this device's shard: each
     chunk's local linear attention plus its queries against the k^T v state of every
-    earlier chunk (an all-gather of one D x DV state per chunk; no ring)."""
+    earlier chunk (an all-gather of one D x DV state per chunk; no ring).
+    `local(q, k, v, spec)` is causal 'none' attention of one chunk."""
     device = lax.axis_index(layout.axis_name)
     chunks = layout.chunks
     size = q.shape[-2] // chunks
@@ -215,47 +194,69 @@ def linear_prefix(q, k, v, spec: AttentionSpec, layout: SequenceLayout, linear: 
         )
         earlier = earlier.reshape(earlier.shape + (1,) * (every.ndim - 2))
         before = jnp.sum(jnp.where(earlier, every, 0.0), axis=(0, 1))
-        local = linear(qs[a], ks[a], vs[a], piece, None)
+        local_out = local(qs[a], ks[a], vs[a], piece)
         carried = einsum("...qd,...dv->...qv", qs[a].astype(spec.accum_dtype), before)
-        outs.append(local + carried * spec.scale)
+        outs.append(local_out + carried * spec.scale)
     return jnp.concatenate(outs, axis=-2)
 
 
-def _halves_moved(x, layout: SequenceLayout, to_zigzag: bool):
+def _halves_moved(x, layout: SequenceLayout, to_zigzag: bool, axis: int):
     """Move the two halves of each device's shard between the contiguous and the
-    zig-zag layout (global chunk g of 2n: contiguous on device g // 2, slot g % 2;
-    zig-zag on device min(g, 2n - 1 - g), slot g >= n)."""
+    zig-zag layout. Global chunk g of 2n sits on device g // 2 in slot g % 2 when
+    contiguous, on device min(g, 2n - 1 - g) in slot g >= n when zig-zag. The even
+    chunks move in one `ppermute` and the odd ones in another: within each, every
+    device sends one half and receives one, in slots that depend on the device."""
     n = layout.devices
     contiguous = lambda g: (g // 2, g % 2)
     zigzag = lambda g: (min(g, 2 * n - 1 - g), int(g >= n))
     src, dst = (contiguous, zigzag) if to_zigzag else (zigzag, contiguous)
-    halves = _split(x, 2)
-    received = [None, None]
-    for slot in (0, 1):
-        # Every half in `slot` on its source device moves in one ppermute; which slot
-        # it lands in depends on the receiving device.
-        chunks = [g for g in range(2 * n) if src(g)[1] == slot]
-        pairs = [(src(g)[0], dst(g)[0]) for g in chunks]
-        landing = jnp.asarray([0] * n)
+    me = lax.axis_index(layout.axis_name)
+    halves = _split(x, 2, axis)
+    received = [jnp.zeros_like(halves[0]), jnp.zeros_like(halves[1])]
+    for parity in (0, 1):
+        chunks = range(parity, 2 * n, 2)
+        send_slot, land_slot = np.zeros(n, np.int32), np.zeros(n, np.int32)
         for g in chunks:
-            landing = landing.at[dst(g)[0]].set(dst(g)[1])
-        moved = lax.ppermute(halves[slot], layout.axis_name, pairs)
-        here = landing[lax.axis_index(layout.axis_name)]
-        for target in (0, 1):
-            take = here == target
-            received[target] = (
-                jnp.where(take, moved, received[target])
-                if received[target] is not None
-                else jnp.where(take, moved, jnp.zeros_like(moved))
-            )
-    return jnp.concatenate(received, axis=-2)
+            send_slot[src(g)[0]], land_slot[dst(g)[0]] = src(g)[1], dst(g)[1]
+        sent = jnp.where(jnp.asarray(send_slot)[me] == 0, halves[0], halves[1])
+        moved = lax.ppermute(sent, layout.axis_name, [(src(g)[0], dst(g)[0]) for g in chunks])
+        lands = jnp.asarray(land_slot)[me]
+        received = [jnp.where(lands == slot, moved, r) for slot, r in enumerate(received)]
+    return jnp.concatenate(received, axis=axis)
 
 
-def to_zigzag(x, layout: SequenceLayout):
-    """This device's contiguous shard `(..., L, D)` -> its zig-zag shard."""
-    return _halves_moved(x, layout, to_zigzag=True)
+def to_zigzag(x, layout: SequenceLayout, axis: int = -2):
+    """This device's contiguous shard (the sequence on `axis`) -> its zig-zag shard."""
+    return _halves_moved(x, layout, True, axis)
 
 
-def from_zigzag(x, layout: SequenceLayout):
+def from_zigzag(x, layout: SequenceLayout, axis: int = -2):
     """This device's zig-zag shard -> its contiguous shard."""
-    return _halves_moved(x, layout, to_zigzag=False)
+    return _halves_moved(x, layout, False, axis)
+
+
+def _balance(layout: SequenceLayout, shard_len: int) -> SequenceLayout:
+    """The zig-zag layout of contiguous `layout`, if its shards split in two."""
+    if layout.devices > 1 and shard_len % 2 == 0:
+        return dataclasses.replace(layout, zigzag=True)
+    return layout
+
+
+def balanced_forward(q, k, v, *, spec, layout: SequenceLayout, block: int):
+    """`(out, lse)` of contiguous shards, computed in the zig-zag layout."""
+    zigzag = _balance(layout, q.shape[-2])
+    if zigzag is layout:
+        return _forward(q, k, v, spec, layout, block)
+    out, lse = _forward(*(to_zigzag(x, zigzag) for x in (q, k, v)), spec, zigzag, block)
+    return from_zigzag(out, zigzag), from_zigzag(lse, zigzag, axis=-1)
+
+
+def balanced_backward(q, k, v, out, lse, d_out, *, spec, layout: SequenceLayout, block: int):
+    """`(dq, dk, dv)` of contiguous shards, computed in the zig-zag layout."""
+    zigzag = _balance(layout, q.shape[-2])
+    if zigzag is layout:
+        return _backward(q, k, v, out, lse, d_out, spec, layout, block)
+    moved = [to_zigzag(x, zigzag) for x in (q, k, v, out, d_out)]
+    lse = to_zigzag(lse, zigzag, axis=-1)
+    grads = _backward(*moved[:4], lse, moved[4], spec, zigzag, block)
+    return tuple(from_zigzag(g, zigzag) for g in grads)
