@@ -14,6 +14,7 @@ from .checkpoint import (
     read_checkpoint_metadata,
     save_checkpoint,
 )
+from .context_parallel import context_parallel_attention
 from .functional import attention
 from .nn.attention_backend import mLSTMBackendAttention, mLSTMBackendAttentionConfig
 from .nn.backend import mLSTMBackend
@@ -39,6 +40,7 @@ __all__ = [
     "apply_rotary_emb",
     "attention",
     "checkpoint_args",
+    "context_parallel_attention",
     "create_mlstm_backend",
     "implementations",
     "load_checkpoint",

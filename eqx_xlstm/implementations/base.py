@@ -93,8 +93,8 @@ class SequenceLayout:
         """Chunks per device."""
         return 2 if self.zigzag else 1
 
-    def global_chunk(self, device, j: int):
+    def global_chunk(self, device, j):
         """The global index of chunk `j` of `device`'s shard (of `chunks * devices`)."""
         if not self.zigzag:
             return device
-        return device if j == 0 else 2 * self.devices - 1 - device
+        return jnp.where(j == 0, device, 2 * self.devices - 1 - device)

@@ -73,83 +73,131 @@ def ring_attention(q, k, v, spec: AttentionSpec, layout: SequenceLayout, block: 
     return _ring(q, k, v, spec, layout, block)[0]
 
 
+def _around(layout: SequenceLayout, held, carry, visit):
+    """`carry = visit(step, held, carry)` for ring steps 1 .. n-1, `held` being the
+    k/v shards of the device `step` places back; each step's transfer of the next
+    shards is issued before its work, so that the two overlap. One loop body, so
+    temporaries are those of one step whatever the device count."""
+    n = layout.devices
+    if n == 1:
+        return carry
+    held = _next_device(held, layout)
+
+    def body(step, state):
+        held, carry = state
+        coming = _next_device(held, layout)
+        return coming, visit(step, held, carry)
+
+    held, carry = lax.fori_loop(1, n - 1, body, (held, carry))
+    return visit(n - 1, held, carry)
+
+
+def _in_chunks(x, chunks: int, axis: int = -2):
+    """The sequence `axis` of `x` cut into `chunks`: a new axis before it."""
+    axis %= x.ndim
+    return x.reshape(*x.shape[:axis], chunks, x.shape[axis] // chunks, *x.shape[axis + 1 :])
+
+
+def _chunk(x, index, axis: int = -3):
+    return lax.dynamic_index_in_dim(x, index, axis, keepdims=False)
+
+
+def _set_chunk(x, value, index, axis: int = -3):
+    return lax.dynamic_update_index_in_dim(x, value, index, axis)
+
+
+CAUSAL, FULL, EMPTY = 0, 1, 2
+
+
+def _kind(layout: SequenceLayout, step, a, b):
+    """How query chunk a here meets key chunk b of the device `step` places back:
+    CAUSAL (the same chunk), FULL (an earlier chunk) or EMPTY (a later one)."""
+    device = lax.axis_index(layout.axis_name)
+    source = (device - step) % layout.devices
+    mine, theirs = layout.global_chunk(device, a), layout.global_chunk(source, b)
+    return jnp.where(theirs == mine, CAUSAL, jnp.where(theirs < mine, FULL, EMPTY))
+
+
+def _each_pair(layout: SequenceLayout, step, carry, piece):
+    """`carry = piece(kind, a, b, carry)` for each (query chunk a, key chunk b), one
+    after another (one piece's temporaries at a time)."""
+    chunks = layout.chunks
+
+    def body(pair, carry):
+        a, b = pair // chunks, pair % chunks
+        return piece(_kind(layout, step, a, b), a, b, carry)
+
+    return lax.fori_loop(0, chunks * chunks, body, carry)
+
+
 def _forward(q, k, v, spec, layout, block):
     accum, softmax = spec.accum_dtype, spec.activation == "softmax"
-    device = lax.axis_index(layout.axis_name)
     causal, full = _pieces(spec, layout, q.shape[-2])
-    qs = _split(q, layout.chunks)
-    acc = [None] * layout.chunks
-    held = (k, v)
-    for step in range(layout.devices):
-        if step + 1 < layout.devices:  # on its way while this step computes
-            coming = _next_device(held, layout)
-        ks, vs = _split(held[0], layout.chunks), _split(held[1], layout.chunks)
-        source = (device - step) % layout.devices
-        for a, q_a in enumerate(qs):
-            for b, (k_b, v_b) in enumerate(zip(ks, vs)):
-                if step == 0:  # own chunks, in global order: below or on the diagonal
-                    if b > a:
-                        continue
-                    piece = piece_forward(q_a, k_b, v_b, causal if a == b else full, block)
-                else:
-                    sees = layout.global_chunk(source, b) < layout.global_chunk(device, a)
-                    piece = lax.cond(
-                        sees,
-                        lambda *xs: piece_forward(*xs, full, block),
-                        lambda q_a, k_b, v_b: _empty_piece(q_a, v_b, accum),
-                        q_a,
-                        k_b,
-                        v_b,
-                    )
-                if softmax:  # piece_forward marks empty rows +inf; merging wants -inf
-                    piece = (piece[0], jnp.where(piece[1] == jnp.inf, -jnp.inf, piece[1]))
-                acc[a] = _merge(acc[a], piece, softmax)
-        if step + 1 < layout.devices:
-            held = coming
-    out = jnp.concatenate([o for o, _ in acc], axis=-2)
-    lse = jnp.concatenate([rows for _, rows in acc], axis=-1)
+    chunks = layout.chunks
+    qs = _in_chunks(q, chunks)
+    empty = lambda q_a, k_b, v_b: _empty_piece(q_a, v_b, accum)
+    branches = [
+        lambda *xs: piece_forward(*xs, causal, block),
+        lambda *xs: piece_forward(*xs, full, block),
+        empty,
+    ]
+
+    def visit(step, held, acc):
+        ks, vs = (_in_chunks(x, chunks) for x in held)
+
+        def piece(kind, a, b, acc):
+            outs, lses = acc
+            out, lse = lax.switch(kind, branches, _chunk(qs, a), _chunk(ks, b), _chunk(vs, b))
+            if softmax:  # piece_forward marks empty rows +inf; merging wants -inf
+                lse = jnp.where(lse == jnp.inf, -jnp.inf, lse)
+            out, lse = _merge((_chunk(outs, a), _chunk(lses, a, -2)), (out, lse), softmax)
+            return _set_chunk(outs, out, a), _set_chunk(lses, lse, a, -2)
+
+        return _each_pair(layout, step, acc, piece)
+
+    out0, lse0 = empty(q, k, v)
+    acc = (_in_chunks(out0, chunks), _in_chunks(lse0, chunks, -1))
+    acc = visit(0, (k, v), acc)
+    outs, lses = _around(layout, (k, v), acc, visit)
+    out, lse = outs.reshape(out0.shape), lses.reshape(lse0.shape)
     return out, jnp.where(lse == -jnp.inf, jnp.inf, lse)
 
 
 def _backward(q, k, v, out, lse, d_out, spec, layout, block):
-    device = lax.axis_index(layout.axis_name)
     causal, full = _pieces(spec, layout, q.shape[-2])
     chunks = layout.chunks
-    qs, outs, d_outs = (_split(x, chunks) for x in (q, out, d_out))
-    lses = _split(lse, chunks, axis=-1)
-    dqs = [jnp.zeros_like(x) for x in qs]
-    held, travelling = (k, v), None
-    for step in range(layout.devices):
-        if step + 1 < layout.devices:
-            coming = _next_device(held, layout)
-        ks, vs = _split(held[0], chunks), _split(held[1], chunks)
-        dks, dvs = [jnp.zeros_like(x) for x in ks], [jnp.zeros_like(x) for x in vs]
-        source = (device - step) % layout.devices
-        for a in range(chunks):
-            for b in range(chunks):
-                args = (qs[a], ks[b], vs[b], outs[a], lses[a], d_outs[a])
-                if step == 0:
-                    if b > a:
-                        continue
-                    grads = piece_backward(*args, causal if a == b else full, block)
-                else:
-                    sees = layout.global_chunk(source, b) < layout.global_chunk(device, a)
-                    grads = lax.cond(
-                        sees,
-                        lambda *xs: piece_backward(*xs, full, block),
-                        lambda q_a, k_b, v_b, *_: tuple(map(jnp.zeros_like, (q_a, k_b, v_b))),
-                        *args,
-                    )
-                dqs[a] = dqs[a] + grads[0]
-                dks[b], dvs[b] = dks[b] + grads[1], dvs[b] + grads[2]
-        mine = (jnp.concatenate(dks, axis=-2), jnp.concatenate(dvs, axis=-2))
-        if travelling is not None:  # the sums so far for this shard, from the last device
-            mine = jax.tree.map(jnp.add, mine, travelling)
-        travelling = _next_device(mine, layout)  # the last send takes them home
-        if step + 1 < layout.devices:
-            held = coming
-    dk, dv = travelling
-    return jnp.concatenate(dqs, axis=-2), dk, dv
+    qs, outs, d_outs = (_in_chunks(x, chunks) for x in (q, out, d_out))
+    lses = _in_chunks(lse, chunks, -1)
+    zeros = lambda q_a, k_b, v_b, *_: tuple(map(jnp.zeros_like, (q_a, k_b, v_b)))
+    branches = [
+        lambda *xs: piece_backward(*xs, causal, block),
+        lambda *xs: piece_backward(*xs, full, block),
+        zeros,
+    ]
+
+    def visit(step, held, carry):
+        """Add this step's dq; send on the held shards' dk, dv with the sums that
+        came with them (the last send takes them home)."""
+        travelling, dqs = carry
+        ks, vs = (_in_chunks(x, chunks) for x in held)
+
+        def piece(kind, a, b, grads):
+            dqs, dks, dvs = grads
+            rows = (_chunk(qs, a), _chunk(ks, b), _chunk(vs, b), _chunk(outs, a))
+            dq, dk, dv = lax.switch(kind, branches, *rows, _chunk(lses, a, -2), _chunk(d_outs, a))
+            return (
+                _set_chunk(dqs, _chunk(dqs, a) + dq, a),
+                _set_chunk(dks, _chunk(dks, b) + dk, b),
+                _set_chunk(dvs, _chunk(dvs, b) + dv, b),
+            )
+
+        dqs, dks, dvs = _each_pair(layout, step, (dqs, *travelling), piece)
+        return _next_device((dks, dvs), layout), dqs
+
+    start = (jnp.zeros_like(qs), jnp.zeros_like(_in_chunks(k, chunks)))
+    carry = visit(0, (k, v), ((start[1], jnp.zeros_like(_in_chunks(v, chunks))), start[0]))
+    (dks, dvs), dqs = _around(layout, (k, v), carry, visit)
+    return dqs.reshape(q.shape), dks.reshape(k.shape), dvs.reshape(v.shape)
 
 
 @functools.partial(jax.custom_vjp, nondiff_argnums=(3, 4, 5))

@@ -1,0 +1,135 @@
+"""Run by tests/test_context_parallel.py in a process with 4 CPU host devices: attention
+on inputs sharded over the sequence axis, automatic (`jax.jit` on `NamedSharding`
+inputs) and explicit (`context_parallel_attention` inside `shard_map`), against one
+device; and the per-device memory of a sequence-sharded gradient. Prints one JSON line
+per case."""
+
+import functools
+import json
+import re
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from jax.sharding import Mesh, NamedSharding, PartitionSpec
+
+import eqx_xlstm as ex
+
+COLLECTIVES = ("all-gather", "all-reduce", "all-to-all", "collective-permute", "reduce-scatter")
+SEQ = PartitionSpec(None, None, "x", None)
+
+
+def inputs(seq_len, batch=2, heads=2, dim=16, seed=0):
+    keys = jax.random.split(jax.random.key(seed), 3)
+    return [jax.random.normal(key, (batch, heads, seq_len, dim)) for key in keys]
+
+
+def value_and_grads(f):
+    loss = lambda q, k, v: jnp.sum(jnp.sin(f(q, k, v)))
+    grad = jax.grad(loss, argnums=(0, 1, 2))
+    return lambda q, k, v: (f(q, k, v), *grad(q, k, v))
+
+
+def rel_err(got, want):
+    return max(float(jnp.max(jnp.abs(a - b)) / jnp.max(jnp.abs(b))) for a, b in zip(got, want))
+
+
+def report(**row):
+    print(json.dumps(row), flush=True)
+
+
+def collectives(hlo):
+    return {c: n for c in COLLECTIVES if (n := len(re.findall(c + r"(?:-start)?\(", hlo)))}
+
+
+def automatic(mesh):
+    cases = [
+        ("chunked", "softmax", 256),
+        ("chunked", "sigmoid", 256),
+        ("chunked", "none", 256),
+        ("linear", "none", 256),
+        ("chunked", "softmax", 252),  # not a multiple of 4 devices: gathered, still exact
+    ]
+    for implementation, activation, seq_len in cases:
+        f = value_and_grads(
+            lambda q, k, v, i=implementation, a=activation: ex.attention(
+                q,
+                k,
+                v,
+                activation_function=a,
+                qk_pre_activation_function="swish",
+                implementation=i,
+            )
+        )
+        q, k, v = inputs(seq_len)
+        want = jax.jit(f)(q, k, v)
+        sharded = [jax.device_put(x, NamedSharding(mesh, SEQ)) for x in (q, k, v)]
+        got = jax.jit(f)(*sharded)
+        report(
+            case=f"auto-{implementation}-{activation}-{seq_len}",
+            collectives=collectives(jax.jit(f).lower(*sharded).compile().as_text()),
+            shardings=sorted({str(x.sharding.spec) for x in got}),
+            max_rel_err=rel_err(got, want),
+        )
+
+
+def explicit(mesh):
+    from eqx_xlstm import context_parallel_attention
+
+    seq_len, n = 256, mesh.devices.size
+    q, k, v = inputs(seq_len, seed=1)
+    order = [c for d in range(n) for c in (d, 2 * n - 1 - d)]
+    chunks = lambda x: x.reshape(*x.shape[:-2], 2 * n, seq_len // (2 * n), x.shape[-1])
+    zigzag = lambda x: chunks(x)[..., order, :, :].reshape(x.shape)
+    unzig = lambda x: chunks(x)[..., np.argsort(order), :, :].reshape(x.shape)
+    for activation in ("softmax", "sigmoid", "none"):
+        one = lambda q, k, v, a=activation: ex.attention(
+            q, k, v, activation_function=a, qk_pre_activation_function="swish"
+        )
+        want = jax.jit(value_and_grads(one))(q, k, v)
+        for layout in ("contiguous", "zigzag"):
+            inner = functools.partial(
+                context_parallel_attention,
+                axis_name="x",
+                layout=layout,
+                activation_function=activation,
+                qk_pre_activation_function="swish",
+                block=16,
+            )
+            mapped = jax.shard_map(inner, mesh=mesh, in_specs=SEQ, out_specs=SEQ)
+            there, back = (zigzag, unzig) if layout == "zigzag" else (lambda x: x,) * 2
+            f = value_and_grads(lambda q, k, v, m=mapped, t=there, b=back: b(m(t(q), t(k), t(v))))
+            report(
+                case=f"explicit-{activation}-{layout}",
+                max_rel_err=rel_err(jax.jit(f)(q, k, v), want),
+            )
+
+
+def memory(mesh, seq_len=4096):
+    """Bytes a device holds for a sequence-sharded gradient (arguments, outputs and
+    temporaries of the compiled program), against one device's for the whole."""
+    for implementation, activation in (("chunked", "softmax"), ("linear", "none")):
+        f = lambda q, k, v, i=implementation, a=activation: ex.attention(
+            q, k, v, activation_function=a, implementation=i
+        )
+        grad = jax.grad(lambda q, k, v, f=f: jnp.sum(f(q, k, v) ** 2), argnums=(0, 1, 2))
+        shapes = [jax.ShapeDtypeStruct((1, 4, seq_len, 64), jnp.float32)] * 3
+        per_device = lambda compiled: (
+            (m := compiled.memory_analysis()).argument_size_in_bytes
+            + m.output_size_in_bytes
+            + m.temp_size_in_bytes
+        )
+        one = per_device(jax.jit(grad).lower(*shapes).compile())
+        sharded = [
+            jax.ShapeDtypeStruct(s.shape, s.dtype, sharding=NamedSharding(mesh, SEQ))
+            for s in shapes
+        ]
+        many = per_device(jax.jit(grad).lower(*sharded).compile())
+        report(case=f"memory-{implementation}-{activation}", one=one, sharded=many)
+
+
+if __name__ == "__main__":
+    mesh = Mesh(np.array(jax.devices()), ("x",))
+    automatic(mesh)
+    explicit(mesh)
+    memory(mesh)

@@ -1,0 +1,101 @@
+"""Context parallelism (issue #9): the sequence sharded over devices. On 4 CPU host
+devices, automatic (jit on sequence-sharded inputs) and explicit
+(`context_parallel_attention` in `shard_map`) equal one device for every activation
+and layout, move data only by ring transfers (or D x DV state gathers for 'none'),
+keep the sequence sharding, and a sequence-sharded gradient needs at most 0.6x one
+device's memory at S = 4096. Argument errors are checked in this process."""
+
+import json
+import os
+import pathlib
+import subprocess
+import sys
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+from jax.sharding import Mesh, PartitionSpec
+
+import eqx_xlstm as ex
+from eqx_xlstm import context_parallel_attention
+
+CHECK = pathlib.Path(__file__).with_name("context_parallel_check.py")
+
+
+@pytest.fixture(scope="module")
+def rows():
+    env = {
+        **os.environ,
+        "JAX_PLATFORMS": "cpu",
+        "XLA_FLAGS": "--xla_force_host_platform_device_count=4",
+    }
+    result = subprocess.run(
+        [sys.executable, str(CHECK)], capture_output=True, text=True, env=env, timeout=300
+    )
+    assert result.returncode == 0, result.stderr[-3000:]
+    return {row["case"]: row for row in map(json.loads, result.stdout.splitlines())}
+
+
+def test_sequence_sharded_jit_runs_as_a_ring(rows):
+    auto = {case: row for case, row in rows.items() if case.startswith("auto-")}
+    assert len(auto) == 5
+    for case, row in auto.items():
+        assert row["max_rel_err"] < 1e-5, row
+        assert row["shardings"] == ["P(None, None, 'x', None)"], row
+        if case.endswith("-256"):
+            # chunked: k/v shards around the ring; linear: one D x DV state gathered
+            # per device and direction; never q, k or v gathered.
+            allowed = {"all-gather"} if "linear" in case else {"collective-permute"}
+            assert set(row["collectives"]) == allowed, row
+
+
+def test_explicit_function_in_shard_map_matches_one_device(rows):
+    explicit = [row for case, row in rows.items() if case.startswith("explicit-")]
+    assert len(explicit) == 6  # 3 activations x 2 layouts
+    for row in explicit:
+        assert row["max_rel_err"] < 1e-5, row
+
+
+def test_sequence_sharded_gradient_memory_shrinks(rows):
+    for case in ("memory-chunked-softmax", "memory-linear-none"):
+        row = rows[case]
+        assert row["sharded"] <= 0.6 * row["one"], row
+
+
+def one_device_mesh():
+    return Mesh(np.array(jax.devices()[:1]), ("seq",))
+
+
+def test_one_device_equals_attention():
+    keys = jax.random.split(jax.random.key(3), 3)
+    q, k, v = (jax.random.normal(key, (2, 64, 16)) for key in keys)
+    spec = PartitionSpec(None, "seq", None)
+    for activation in ("softmax", "sigmoid", "none"):
+        f = lambda q, k, v, a=activation: context_parallel_attention(
+            q, k, v, axis_name="seq", activation_function=a, layout="zigzag", block=16
+        )
+        got = jax.shard_map(f, mesh=one_device_mesh(), in_specs=spec, out_specs=spec)(q, k, v)
+        want = ex.attention(q, k, v, activation_function=activation)
+        np.testing.assert_allclose(got, want, rtol=1e-5, atol=1e-5)
+
+
+def test_argument_errors_name_the_argument():
+    q = jnp.ones((2, 6, 8))
+    with pytest.raises(ValueError, match="axis_name"):
+        context_parallel_attention(q, q, q, axis_name="seq")
+    spec = PartitionSpec(None, "seq", None)
+    call = lambda **kw: jax.shard_map(
+        lambda x: context_parallel_attention(x, x, x, axis_name="seq", **kw),
+        mesh=one_device_mesh(),
+        in_specs=spec,
+        out_specs=spec,
+    )
+    with pytest.raises(ValueError, match="layout"):
+        call(layout="striped")(q)
+    with pytest.raises(ValueError, match="even shard length"):
+        call(layout="zigzag")(jnp.ones((2, 7, 8)))
+    with pytest.raises(ValueError, match="block"):
+        call(block=0)(q)
+    with pytest.raises(ValueError, match="activation_function"):
+        call(activation_function="relu")(q)
