@@ -168,7 +168,9 @@ def _backward(q, k, v, out, lse, d_out, spec, layout, block):
     chunks = layout.chunks
     qs, outs, d_outs = (_in_chunks(x, chunks) for x in (q, out, d_out))
     lses = _in_chunks(lse, chunks, -1)
-    zeros = lambda q_a, k_b, v_b, *_: tuple(map(jnp.zeros_like, (q_a, k_b, v_b)))
+    accum = spec.accum_dtype
+    zeros_of = lambda x: jnp.zeros_like(x, dtype=accum)
+    zeros = lambda q_a, k_b, v_b, *_: tuple(map(zeros_of, (q_a, k_b, v_b)))
     branches = [
         lambda *xs: piece_backward(*xs, causal, block),
         lambda *xs: piece_backward(*xs, full, block),
@@ -194,8 +196,8 @@ def _backward(q, k, v, out, lse, d_out, spec, layout, block):
         dqs, dks, dvs = _each_pair(layout, step, (dqs, *travelling), piece)
         return _next_device((dks, dvs), layout), dqs
 
-    start = (jnp.zeros_like(qs), jnp.zeros_like(_in_chunks(k, chunks)))
-    carry = visit(0, (k, v), ((start[1], jnp.zeros_like(_in_chunks(v, chunks))), start[0]))
+    dkv = (zeros_of(_in_chunks(k, chunks)), zeros_of(_in_chunks(v, chunks)))
+    carry = visit(0, (k, v), (dkv, zeros_of(qs)))
     (dks, dvs), dqs = _around(layout, (k, v), carry, visit)
     return dqs.reshape(q.shape), dks.reshape(k.shape), dvs.reshape(v.shape)
 

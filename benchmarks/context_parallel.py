@@ -1,0 +1,87 @@
+"""Context parallelism: causal attention fwd+bwd with the sequence sharded over all
+visible devices, against one device, in one run.
+
+    python benchmarks/context_parallel.py --seq-lens 65536 262144
+
+For each activation and S: the median time of the gradient (value and gradient of a
+sum) on one device with the default path (cuDNN for softmax, Mosaic kernels for
+sigmoid, the linear form for 'none' on an H200) and with the engine the sequence-sharded
+path runs per device (blockwise `chunked` pieces; `linear` for 'none'), then jitted on
+inputs sharded over the sequence across every device (automatic context parallelism).
+"speedup" is the one-device time of the same engine over the sharded time; "exposed"
+estimates the time not hidden behind compute: sharded time minus the one-device time
+divided by the device count.
+"""
+
+import argparse
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from jax.sharding import Mesh, NamedSharding, PartitionSpec
+from timing import median_ms, print_table_header, random_qkv
+
+import eqx_xlstm as ex
+
+ENGINE = {"softmax": "chunked", "sigmoid": "chunked", "none": "linear"}
+
+
+def gradient(activation, implementation):
+    def loss(q, k, v):
+        out = ex.attention(
+            q,
+            k,
+            v,
+            activation_function=activation,
+            qk_pre_activation_function="swish",
+            implementation=implementation,
+        )
+        return jnp.sum(out.astype(jnp.float32))
+
+    return jax.grad(loss, argnums=(0, 1, 2))
+
+
+def main():
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--seq-lens", type=int, nargs="+", default=[65536])
+    parser.add_argument("--activations", nargs="+", default=["softmax", "sigmoid", "none"])
+    parser.add_argument("--heads", type=int, default=16)
+    parser.add_argument("--head-dim", type=int, default=128)
+    parser.add_argument("--repeats", type=int, default=3)
+    parser.add_argument("--skip-default", action="store_true", help="no default-path column")
+    args = parser.parse_args()
+
+    devices = jax.devices()
+    mesh = Mesh(np.array(devices), ("seq",))
+    sharding = NamedSharding(mesh, PartitionSpec(None, None, "seq", None))
+    print(f"{len(devices)} x {devices[0].device_kind}, jax {jax.__version__}; bf16, B=1, "
+          f"NH={args.heads}, D={args.head_dim}, swish, causal; fwd+bwd median ms")
+    print_table_header(
+        "| activation | S | one device, default path | one device, engine | "
+        f"{len(devices)} devices, sequence-sharded | speedup vs engine | "
+        "speedup vs default | exposed ms |"
+    )
+    for seq_len in args.seq_lens:
+        shape = (1, args.heads, seq_len, args.head_dim)
+        one = [jax.device_put(x, devices[0]) for x in random_qkv(shape, jnp.bfloat16)]
+        many = [jax.device_put(x, sharding) for x in one]
+        for activation in args.activations:
+            engine = ENGINE[activation]
+            t_default = (
+                float("nan")
+                if args.skip_default
+                else median_ms(gradient(activation, None), *one, repeats=args.repeats)
+            )
+            t_engine = median_ms(gradient(activation, engine), *one, repeats=args.repeats)
+            t_many = median_ms(gradient(activation, engine), *many, repeats=args.repeats)
+            exposed = t_many - t_engine / len(devices)
+            print(
+                f"| {activation} | {seq_len} | {t_default:.1f} | {t_engine:.1f} | "
+                f"{t_many:.1f} | {t_engine / t_many:.2f} | {t_default / t_many:.2f} | "
+                f"{exposed:.1f} |",
+                flush=True,
+            )
+
+
+if __name__ == "__main__":
+    main()
