@@ -27,6 +27,7 @@ from jax import lax
 from ..spec import AttentionSpec
 from .base import SequenceLayout
 from .blockwise import piece_backward, piece_forward
+from .reference import matmul_precision
 
 
 def _split(x, parts: int, axis: int = -2):
@@ -231,7 +232,11 @@ def linear_prefix(q, k, v, spec: AttentionSpec, layout: SequenceLayout, local):
     chunks = layout.chunks
     size = q.shape[-2] // chunks
     piece = spec.replace(seq_len=size)
-    einsum = functools.partial(jnp.einsum, preferred_element_type=spec.accum_dtype)
+    einsum = functools.partial(
+        jnp.einsum,
+        precision=matmul_precision(spec.dtype),
+        preferred_element_type=spec.accum_dtype,
+    )
     qs, ks, vs = (_split(x, chunks) for x in (q, k, v))
     states = jnp.stack([einsum("...kd,...kv->...dv", k_c, v_c) for k_c, v_c in zip(ks, vs)])
     every = lax.all_gather(states, layout.axis_name)  # (devices, chunks, *batch, D, DV)
