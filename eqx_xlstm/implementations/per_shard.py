@@ -13,6 +13,7 @@ import math
 from collections.abc import Callable
 
 import jax
+import jax.numpy as jnp
 from jax.experimental.custom_partitioning import custom_partitioning
 from jax.sharding import NamedSharding, PartitionSpec
 
@@ -55,9 +56,30 @@ def per_shard(fn, *arrays, batch_ndim: int, over_sequence: Callable | None = Non
     function like `fn` that may communicate over `layout.axis_name` (a contiguous
     `SequenceLayout`). A sequence whose length is not a multiple of the device count
     is gathered instead.
+
+    Under `jax.vmap` (custom_partitioning has no batching rule) the mapped axis
+    becomes one more leading axis: `fn` takes any number of them.
     """
     if batch_ndim == 0 and over_sequence is None:
         return fn(*arrays)
+
+    @jax.custom_batching.custom_vmap
+    def call(*arrays):
+        return _partitioned(fn, arrays, batch_ndim, over_sequence)
+
+    @call.def_vmap
+    def _mapped_axis_in_front(axis_size, in_batched, *arrays):
+        arrays = [
+            x if batched else jnp.broadcast_to(x, (axis_size, *x.shape))
+            for x, batched in zip(arrays, in_batched)
+        ]
+        results = per_shard(fn, *arrays, batch_ndim=batch_ndim + 1, over_sequence=over_sequence)
+        return results, jax.tree.map(lambda _: True, results)
+
+    return call(*arrays)
+
+
+def _partitioned(fn, arrays, batch_ndim, over_sequence):
     results = jax.eval_shape(fn, *arrays)
 
     # Shardy: the leading axes pass through, and the sequence when `over_sequence`;
