@@ -5,9 +5,11 @@ visible devices, against one device, in one run.
 
 For each activation and S: the median time of the gradient (value and gradient of a
 sum) on one device with the default path (cuDNN for softmax, Mosaic kernels for
-sigmoid, the linear form for 'none' on an H200) and with the engine the sequence-sharded
-path runs per device (blockwise `chunked` pieces; `linear` for 'none'), then jitted on
-inputs sharded over the sequence across every device (automatic context parallelism).
+sigmoid, the linear form for 'none' on an H200) and with the path asked for on
+sequence-sharded inputs (`--engine`; default Triton for softmax, whose ring pieces are
+Triton kernels; Mosaic for sigmoid, whose ring pieces are Triton kernels too; linear
+for 'none'), then that path jitted on inputs sharded over the sequence across every
+device (automatic context parallelism).
 "speedup" is the one-device time of the same engine over the sharded time; "exposed"
 estimates the time not hidden behind compute: sharded time minus the one-device time
 divided by the device count.
@@ -23,7 +25,7 @@ from timing import median_ms, print_table_header, random_qkv
 
 import eqx_xlstm as ex
 
-ENGINE = {"softmax": "chunked", "sigmoid": "chunked", "none": "linear"}
+ENGINE = {"softmax": "triton", "sigmoid": "mosaic", "none": "linear"}
 
 
 def gradient(activation, implementation):
@@ -49,16 +51,26 @@ def main():
     parser.add_argument("--head-dim", type=int, default=128)
     parser.add_argument("--repeats", type=int, default=3)
     parser.add_argument("--skip-default", action="store_true", help="no default-path column")
+    parser.add_argument(
+        "--engine",
+        nargs="+",
+        default=[],
+        metavar="ACTIVATION=IMPLEMENTATION",
+        help="the path per activation, e.g. softmax=chunked",
+    )
     args = parser.parse_args()
+    engines = {**ENGINE, **dict(item.split("=", 1) for item in args.engine)}
 
     devices = jax.devices()
     mesh = Mesh(np.array(devices), ("seq",))
     sharding = NamedSharding(mesh, PartitionSpec(None, None, "seq", None))
-    print(f"{len(devices)} x {devices[0].device_kind}, jax {jax.__version__}; bf16, B=1, "
-          f"NH={args.heads}, D={args.head_dim}, swish, causal; fwd+bwd median ms")
+    print(
+        f"{len(devices)} x {devices[0].device_kind}, jax {jax.__version__}; bf16, B=1, "
+        f"NH={args.heads}, D={args.head_dim}, swish, causal; fwd+bwd median ms"
+    )
     print_table_header(
-        "| activation | S | one device, default path | one device, engine | "
-        f"{len(devices)} devices, sequence-sharded | speedup vs engine | "
+        "| activation | S | one device, default path | path | one device, path | "
+        f"{len(devices)} devices, sequence-sharded | speedup vs path | "
         "speedup vs default | exposed ms |"
     )
     for seq_len in args.seq_lens:
@@ -66,7 +78,7 @@ def main():
         one = [jax.device_put(x, devices[0]) for x in random_qkv(shape, jnp.bfloat16)]
         many = [jax.device_put(x, sharding) for x in one]
         for activation in args.activations:
-            engine = ENGINE[activation]
+            engine = engines[activation]
             t_default = (
                 float("nan")
                 if args.skip_default
@@ -76,7 +88,7 @@ def main():
             t_many = median_ms(gradient(activation, engine), *many, repeats=args.repeats)
             exposed = t_many - t_engine / len(devices)
             print(
-                f"| {activation} | {seq_len} | {t_default:.1f} | {t_engine:.1f} | "
+                f"| {activation} | {seq_len} | {t_default:.1f} | {engine} | {t_engine:.1f} | "
                 f"{t_many:.1f} | {t_engine / t_many:.2f} | {t_default / t_many:.2f} | "
                 f"{exposed:.1f} |",
                 flush=True,

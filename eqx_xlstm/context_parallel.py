@@ -14,7 +14,8 @@ from . import maths
 from .implementations.base import SequenceLayout
 from .implementations.chunked import Chunked
 from .implementations.linear import Linear
-from .implementations.ring import linear_prefix, ring_attention
+from .implementations.ring import BlockwisePieces, linear_prefix, ring_attention
+from .implementations.triton import Triton, TritonPieces
 from .nn.rope import check_even, check_theta
 from .spec import (
     ACTIVATIONS,
@@ -65,6 +66,13 @@ def _rope(x, starts, chunk_count, pre_activation, theta, accum):
     return jnp.concatenate(out, axis=-2)
 
 
+def _pieces(spec: AttentionSpec, block: int):
+    """The Triton kernels on a GPU where they serve the call; else blockwise XLA."""
+    if spec.platform == "gpu" and Triton().unsupported(spec) is None:
+        return TritonPieces(Triton())
+    return BlockwisePieces(Chunked(block).block)
+
+
 @typechecked
 def context_parallel_attention(
     queries: Float[Array, "*batch shard dqk"],
@@ -86,8 +94,9 @@ def context_parallel_attention(
 
     Softmax and sigmoid pass key/value shards around the devices in a ring, each
     transfer overlapping a step of work; 'none' exchanges only one D x DV state per
-    chunk. Per-device memory is that of the device's shard. Pieces run blockwise in
-    XLA (`implementations.Chunked`, `block` positions per block) on any platform.
+    chunk. Per-device memory is that of the device's shard. The pieces run in the
+    Triton kernels on a GPU (float16/bfloat16), blockwise in XLA otherwise
+    (`implementations.Chunked`, `block` positions per block).
 
     **Arguments:**
 
@@ -101,7 +110,7 @@ def context_parallel_attention(
     - `qkv_dtype`, `activation_function`, `qk_pre_activation_function`, `theta`: as in
         `attention`. RoPE uses each position's place in the whole sequence.
     - `sigmoid_bias`: default $-\log S$ of the whole sequence, as one device would use.
-    - `block`: the blockwise pieces' block length.
+    - `block`: the blockwise pieces' block length (when they run in XLA).
 
     **Returns:**
 
@@ -152,5 +161,5 @@ def context_parallel_attention(
     if activation_function == "none":
         out = linear_prefix(q, k, v, spec, sequence, lambda *xs: Linear()(*xs, None))
     else:
-        out = ring_attention(q, k, v, spec, sequence, Chunked(block).block)
+        out = ring_attention(q, k, v, spec, sequence, _pieces(spec, block))
     return out.astype(dtype)

@@ -26,7 +26,7 @@ def _causal_forward(q, k, v, spec, block):
         v,
         batch_ndim=q.ndim - 2,
         over_sequence=lambda layout: functools.partial(
-            ring.balanced_forward, spec=spec, layout=layout, block=block
+            ring.balanced_forward, spec=spec, layout=layout, pieces=ring.BlockwisePieces(block)
         ),
     )
 
@@ -53,7 +53,7 @@ def _causal_bwd(spec, block, residuals, d_out):
         d_out.astype(out.dtype),
         batch_ndim=q.ndim - 2,
         over_sequence=lambda layout: functools.partial(
-            ring.balanced_backward, spec=spec, layout=layout, block=block
+            ring.balanced_backward, spec=spec, layout=layout, pieces=ring.BlockwisePieces(block)
         ),
     )
     return tuple(g.astype(x.dtype) for g, x in zip(grads, (q, k, v)))

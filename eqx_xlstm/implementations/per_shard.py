@@ -11,6 +11,7 @@ import dataclasses
 import functools
 import math
 from collections.abc import Callable
+from typing import Any
 
 import jax
 import jax.numpy as jnp
@@ -18,6 +19,7 @@ from jax.experimental.custom_partitioning import custom_partitioning
 from jax.sharding import NamedSharding, PartitionSpec
 
 from ..spec import AttentionSpec
+from . import ring
 from .base import SequenceLayout, as_rows, from_rows
 
 
@@ -142,10 +144,47 @@ class RowKernels:
     partition: bool = True
     """Run per shard; False for kernels XLA cannot partition as a custom op (Mosaic GPU
     interpret mode, whose callbacks have ordered effects)."""
+    sequence_pieces: Any = None
+    """The pieces (`ring.BlockwisePieces` or kernels) of context-parallel attention when
+    the sequence is sharded; None gathers it. Used when S is a multiple of `multiple`
+    (the kernels' padded residuals are then the unpadded sequence)."""
 
     def batch_ndim(self, q) -> int:
         """How many leading axes of `q` `per_shard` partitions over."""
         return q.ndim - 2 if self.partition else 0
+
+    def over_sequence(self, forward: bool, results):
+        """`per_shard`'s `over_sequence` for the forward or backward pass (whose
+        results look like `results`), or None when the sequence is gathered."""
+        spec = self.spec
+        if not self.partition or self.sequence_pieces is None or spec.seq_len % self.multiple:
+            return None
+
+        def make(layout):
+            def run(*arrays):
+                if forward:
+                    outs = ring.balanced_forward(
+                        *arrays, spec=spec, layout=layout, pieces=self.sequence_pieces
+                    )
+                else:
+                    q, k, v, d_out, out, *lse = arrays
+                    lse = lse[0] if lse else jnp.zeros_like(out[..., 0], dtype=jnp.float32)
+                    outs = ring.balanced_backward(
+                        q,
+                        k,
+                        v,
+                        out,
+                        lse,
+                        d_out,
+                        spec=spec,
+                        layout=layout,
+                        pieces=self.sequence_pieces,
+                    )
+                return tuple(x.astype(r.dtype) for x, r in zip(outs, results))
+
+            return run
+
+        return make
 
 
 def row_attention(kernels: RowKernels, q, k, v):
@@ -162,7 +201,9 @@ def _forward_outputs(kernels: RowKernels, q, k, v):
         outs = kernels.forward(*(as_rows(x, spec, multiple) for x in (q, k, v)))
         return tuple(o.reshape(*batch, *o.shape[1:]) for o in outs)  # rows kept padded
 
-    return per_shard(fn, q, k, v, batch_ndim=kernels.batch_ndim(q))
+    results = jax.eval_shape(fn, q, k, v)
+    over_sequence = kernels.over_sequence(True, results)
+    return per_shard(fn, q, k, v, batch_ndim=kernels.batch_ndim(q), over_sequence=over_sequence)
 
 
 @functools.partial(jax.custom_vjp, nondiff_argnums=(3,))
@@ -189,7 +230,10 @@ def _row_attention_bwd(kernels, residuals, d_out):
         grads = kernels.backward(*rows[:3], *outs, rows[3])
         return tuple(from_rows(g, batch, spec).astype(t) for g, t in zip(grads, dtypes))
 
-    return per_shard(fn, q, k, v, d_out, *outs, batch_ndim=kernels.batch_ndim(q))
+    over_sequence = kernels.over_sequence(False, (q, k, v))
+    return per_shard(
+        fn, q, k, v, d_out, *outs, batch_ndim=kernels.batch_ndim(q), over_sequence=over_sequence
+    )
 
 
 _row_attention.defvjp(_row_attention_fwd, _row_attention_bwd)

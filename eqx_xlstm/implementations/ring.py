@@ -30,6 +30,21 @@ from .blockwise import piece_backward, piece_forward
 from .reference import matmul_precision
 
 
+@dataclasses.dataclass(frozen=True)
+class BlockwisePieces:
+    """Ring pieces computed blockwise in XLA (any platform, any dtype)."""
+
+    block: int = 512
+
+    def forward(self, q, k, v, spec: AttentionSpec):
+        """`(out, lse)` of a causal or full piece (`piece_forward`)."""
+        return piece_forward(q, k, v, spec, self.block)
+
+    def backward(self, q, k, v, out, lse, d_out, spec: AttentionSpec):
+        """`(dq, dk, dv)` of a piece, given the whole rows' out and lse."""
+        return piece_backward(q, k, v, out, lse, d_out, spec, self.block)
+
+
 def _split(x, parts: int, axis: int = -2):
     return jnp.split(x, parts, axis=axis) if parts > 1 else [x]
 
@@ -67,11 +82,12 @@ def _pieces(spec: AttentionSpec, layout: SequenceLayout, shard_len: int):
     return spec.replace(seq_len=size, mask="causal"), spec.replace(seq_len=size, mask="full")
 
 
-def ring_attention(q, k, v, spec: AttentionSpec, layout: SequenceLayout, block: int):
+def ring_attention(q, k, v, spec: AttentionSpec, layout: SequenceLayout, pieces):
     """Causal attention of the whole sequence for this device's shard `(*batch, L, D)`
     (queries and keys through swish and RoPE); call inside `shard_map` (or a
-    custom-partitioned op) over `layout.axis_name`. Returns `spec.accum_dtype`."""
-    return _ring(q, k, v, spec, layout, block)[0]
+    custom-partitioned op) over `layout.axis_name`; `pieces` computes each piece
+    (`BlockwisePieces`, or kernels). Returns `spec.accum_dtype`."""
+    return _ring(q, k, v, spec, layout, pieces)[0]
 
 
 def _around(layout: SequenceLayout, held, carry, visit):
@@ -110,6 +126,10 @@ def _set_chunk(x, value, index, axis: int = -3):
 CAUSAL, FULL, EMPTY = 0, 1, 2
 
 
+def _in(dtype, arrays):
+    return tuple(x.astype(dtype) for x in arrays)
+
+
 def _kind(layout: SequenceLayout, step, a, b):
     """How query chunk a here meets key chunk b of the device `step` places back:
     CAUSAL (the same chunk), FULL (an earlier chunk) or EMPTY (a later one)."""
@@ -131,15 +151,15 @@ def _each_pair(layout: SequenceLayout, step, carry, piece):
     return lax.fori_loop(0, chunks * chunks, body, carry)
 
 
-def _forward(q, k, v, spec, layout, block):
+def _forward(q, k, v, spec, layout, pieces):
     accum, softmax = spec.accum_dtype, spec.activation == "softmax"
     causal, full = _pieces(spec, layout, q.shape[-2])
     chunks = layout.chunks
     qs = _in_chunks(q, chunks)
     empty = lambda q_a, k_b, v_b: _empty_piece(q_a, v_b, accum)
     branches = [
-        lambda *xs: piece_forward(*xs, causal, block),
-        lambda *xs: piece_forward(*xs, full, block),
+        lambda *xs: _in(accum, pieces.forward(*xs, causal)),
+        lambda *xs: _in(accum, pieces.forward(*xs, full)),
         empty,
     ]
 
@@ -164,7 +184,7 @@ def _forward(q, k, v, spec, layout, block):
     return out, jnp.where(lse == -jnp.inf, jnp.inf, lse)
 
 
-def _backward(q, k, v, out, lse, d_out, spec, layout, block):
+def _backward(q, k, v, out, lse, d_out, spec, layout, pieces):
     causal, full = _pieces(spec, layout, q.shape[-2])
     chunks = layout.chunks
     qs, outs, d_outs = (_in_chunks(x, chunks) for x in (q, out, d_out))
@@ -173,8 +193,8 @@ def _backward(q, k, v, out, lse, d_out, spec, layout, block):
     zeros_of = lambda x: jnp.zeros_like(x, dtype=accum)
     zeros = lambda q_a, k_b, v_b, *_: tuple(map(zeros_of, (q_a, k_b, v_b)))
     branches = [
-        lambda *xs: piece_backward(*xs, causal, block),
-        lambda *xs: piece_backward(*xs, full, block),
+        lambda *xs: _in(accum, pieces.backward(*xs, causal)),
+        lambda *xs: _in(accum, pieces.backward(*xs, full)),
         zeros,
     ]
 
@@ -204,19 +224,19 @@ def _backward(q, k, v, out, lse, d_out, spec, layout, block):
 
 
 @functools.partial(jax.custom_vjp, nondiff_argnums=(3, 4, 5))
-def _ring(q, k, v, spec, layout, block):
-    return _forward(q, k, v, spec, layout, block)
+def _ring(q, k, v, spec, layout, pieces):
+    return _forward(q, k, v, spec, layout, pieces)
 
 
-def _ring_fwd(q, k, v, spec, layout, block):
-    out, lse = _forward(q, k, v, spec, layout, block)
+def _ring_fwd(q, k, v, spec, layout, pieces):
+    out, lse = _forward(q, k, v, spec, layout, pieces)
     return (out, lse), (q, k, v, out, lse)
 
 
-def _ring_bwd(spec, layout, block, residuals, cotangents):
+def _ring_bwd(spec, layout, pieces, residuals, cotangents):
     q, k, v, out, lse = residuals
     d_out = cotangents[0].astype(out.dtype)
-    dq, dk, dv = _backward(q, k, v, out, lse, d_out, spec, layout, block)
+    dq, dk, dv = _backward(q, k, v, out, lse, d_out, spec, layout, pieces)
     return dq.astype(q.dtype), dk.astype(k.dtype), dv.astype(v.dtype)
 
 
@@ -297,21 +317,21 @@ def _balance(layout: SequenceLayout, shard_len: int) -> SequenceLayout:
     return layout
 
 
-def balanced_forward(q, k, v, *, spec, layout: SequenceLayout, block: int):
+def balanced_forward(q, k, v, *, spec, layout: SequenceLayout, pieces):
     """`(out, lse)` of contiguous shards, computed in the zig-zag layout."""
     zigzag = _balance(layout, q.shape[-2])
     if zigzag is layout:
-        return _forward(q, k, v, spec, layout, block)
-    out, lse = _forward(*(to_zigzag(x, zigzag) for x in (q, k, v)), spec, zigzag, block)
+        return _forward(q, k, v, spec, layout, pieces)
+    out, lse = _forward(*(to_zigzag(x, zigzag) for x in (q, k, v)), spec, zigzag, pieces)
     return from_zigzag(out, zigzag), from_zigzag(lse, zigzag, axis=-1)
 
 
-def balanced_backward(q, k, v, out, lse, d_out, *, spec, layout: SequenceLayout, block: int):
+def balanced_backward(q, k, v, out, lse, d_out, *, spec, layout: SequenceLayout, pieces):
     """`(dq, dk, dv)` of contiguous shards, computed in the zig-zag layout."""
     zigzag = _balance(layout, q.shape[-2])
     if zigzag is layout:
-        return _backward(q, k, v, out, lse, d_out, spec, layout, block)
+        return _backward(q, k, v, out, lse, d_out, spec, layout, pieces)
     moved = [to_zigzag(x, zigzag) for x in (q, k, v, out, d_out)]
     lse = to_zigzag(lse, zigzag, axis=-1)
-    grads = _backward(*moved[:4], lse, moved[4], spec, zigzag, block)
+    grads = _backward(*moved[:4], lse, moved[4], spec, zigzag, pieces)
     return tuple(from_zigzag(g, zigzag) for g in grads)

@@ -8,6 +8,7 @@ import jax
 from ...spec import AttentionSpec
 from ..base import Implementation
 from ..per_shard import RowKernels, row_attention
+from ..triton import Triton, TritonPieces
 from .backward import mosaic_dkv, mosaic_dq
 from .forward import mosaic_forward
 from .jax_private import interpret_available
@@ -64,6 +65,9 @@ class Mosaic(Implementation):
             multiple=PADDING,
             no_backward=NO_SOFTMAX_BACKWARD,
             partition=not interpret,
+            # Sequence-sharded: a ring whose pieces run in the Triton kernels (the
+            # Mosaic kernels have no full-block mode).
+            sequence_pieces=TritonPieces(Triton()),
         )
         return row_attention(row_kernels, q, k, v)
 

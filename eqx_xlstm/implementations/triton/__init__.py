@@ -5,8 +5,10 @@ import functools
 import math
 from collections.abc import Sequence
 
+import jax.numpy as jnp
+
 from ...spec import AttentionSpec
-from ..base import Implementation
+from ..base import Implementation, as_rows, from_rows
 from ..per_shard import RowKernels, row_attention
 from . import kernels
 from .kernels import Blocks, Launch
@@ -39,7 +41,7 @@ class Triton(Implementation):
             object.__setattr__(self, field, blocks)
 
     def unsupported(self, spec: AttentionSpec) -> str | None:
-        if not spec.causal:
+        if spec.mask == "explicit":
             return "it is used with the causal mask only (attention_mask=None)"
         if spec.dqk % 16 or spec.dv % 16 or max(spec.dqk, spec.dv) > 256:
             return (
@@ -54,13 +56,50 @@ class Triton(Implementation):
             return f"its kernels accumulate in float32, so they do not take {spec.dtype}"
         return None
 
-    def __call__(self, q, k, v, spec, mask):
+    def _launch(self, spec: AttentionSpec) -> tuple[Launch, int]:
+        """The kernels' settings for `spec`, and the multiple rows are padded to."""
         step = math.lcm(*self.forward[:2], *self.backward[:2])
-        launch = Launch(spec, self.forward, self.backward, interpret=spec.platform != "gpu")
+        return Launch(spec, self.forward, self.backward, interpret=spec.platform != "gpu"), step
+
+    def __call__(self, q, k, v, spec, mask):
+        launch, step = self._launch(spec)
         row_kernels = RowKernels(
             forward=functools.partial(kernels.forward, launch=launch),
             backward=functools.partial(kernels.backward, launch=launch),
             spec=spec,
             multiple=step,
+            sequence_pieces=TritonPieces(self),
         )
         return row_attention(row_kernels, q, k, v)
+
+
+@dataclasses.dataclass(frozen=True)
+class TritonPieces:
+    """The pieces of context-parallel attention (`ring`) through these kernels: a
+    chunk against itself (causal) or against an earlier chunk (full)."""
+
+    triton: Triton
+
+    def forward(self, q, k, v, spec: AttentionSpec):
+        """`(out, lse)`: the output and each row's log2-sum-exp2 (zeros unless
+        softmax)."""
+        launch, step = self.triton._launch(spec)
+        batch = q.shape[:-2]
+        outs = kernels.forward(*(as_rows(x, spec, step) for x in (q, k, v)), launch=launch)
+        out = from_rows(outs[0], batch, spec)
+        if spec.activation != "softmax":
+            return out, jnp.zeros_like(out[..., 0], dtype=jnp.float32)
+        return out, outs[1][:, : spec.seq_len].reshape(*batch, spec.seq_len)
+
+    def backward(self, q, k, v, out, lse, d_out, spec: AttentionSpec):
+        """`(dq, dk, dv)`, given the output and lse of the whole rows."""
+        launch, step = self.triton._launch(spec)
+        batch = q.shape[:-2]
+        rows = [as_rows(x, spec, step) for x in (q, k, v, out, d_out)]
+        outs = rows[3:4]
+        if spec.activation == "softmax":
+            padded = rows[0].shape[1]
+            lse = lse.astype(jnp.float32).reshape(-1, spec.seq_len)
+            outs.append(jnp.pad(lse, ((0, 0), (0, padded - spec.seq_len))))
+        grads = kernels.backward(*rows[:3], *outs, rows[4], launch=launch)
+        return tuple(from_rows(g, batch, spec) for g in grads)

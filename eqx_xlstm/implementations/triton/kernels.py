@@ -1,5 +1,6 @@
 """Flash-style causal attention kernels in Pallas, lowered through Triton: softmax,
-sigmoid and 'none'.
+sigmoid and 'none'; also with every key visible (`spec.mask == "full"`), the
+off-diagonal pieces of context-parallel attention.
 
 Each query block walks the key blocks on or below the diagonal; key blocks wholly below
 it skip the mask. Softmax keeps a running max and sum (in log2 units, so the kernel uses
@@ -55,11 +56,23 @@ def _dot(a, b, trans_b=False):
     return jax.lax.dot_general(a, b, dims, preferred_element_type=jnp.float32)
 
 
-def _allowed(q_start, k_start, shape, seq_len):
-    """Causal mask of one block pair, also hiding padded keys."""
-    q_pos = q_start + jax.lax.broadcasted_iota(jnp.int32, shape, 0)
+def _allowed(q_start, k_start, shape, spec: AttentionSpec):
+    """The mask of one block pair: causal (or every key, for `spec.mask == "full"`),
+    hiding padded keys."""
     k_pos = k_start + jax.lax.broadcasted_iota(jnp.int32, shape, 1)
-    return maths.visible(q_pos, k_pos) & (k_pos < seq_len)
+    real = k_pos < spec.seq_len
+    if not spec.causal:
+        return real
+    q_pos = q_start + jax.lax.broadcasted_iota(jnp.int32, shape, 0)
+    return maths.visible(q_pos, k_pos) & real
+
+
+def _key_blocks(i, bq, bk, spec: AttentionSpec):
+    """`(n_full, n_all)` for query block i: key blocks [0, n_full) need no mask, those
+    in [n_full, n_all) do (the diagonal, or the end of the sequence)."""
+    if spec.causal:
+        return (i * bq) // bk, pl.cdiv((i + 1) * bq, bk)
+    return spec.seq_len // bk, pl.cdiv(spec.seq_len, bk)
 
 
 def _weights(q, k, mask, launch: Launch, lse=None):
@@ -85,7 +98,7 @@ def _fwd_kernel(q_ref, k_ref, v_ref, out_ref, *lse_ref, launch: Launch):
     def body(j, carry, masked):
         k = k_ref[pl.ds(j * bk, bk), :]
         v = v_ref[pl.ds(j * bk, bk), :]
-        mask = _allowed(i * bq, j * bk, (bq, bk), spec.seq_len) if masked else None
+        mask = _allowed(i * bq, j * bk, (bq, bk), spec) if masked else None
         if spec.activation != "softmax":
             return carry + _dot(_weights(q, k, mask, launch).astype(v.dtype), v)
         acc, m, total = carry  # m: the running max of the logits in log2 units
@@ -99,9 +112,9 @@ def _fwd_kernel(q_ref, k_ref, v_ref, out_ref, *lse_ref, launch: Launch):
         return acc, m_new, total * rescale + p.sum(axis=1)
 
     acc = jnp.zeros(out_ref.shape, jnp.float32)
-    if spec.activation == "softmax":  # every causal row sees key 0, so m turns finite at once
+    if spec.activation == "softmax":  # every row sees key 0, so m turns finite at once
         acc = (acc, jnp.full((bq,), -1e30, jnp.float32), jnp.zeros((bq,), jnp.float32))
-    n_full, n_all = (i * bq) // bk, pl.cdiv((i + 1) * bq, bk)
+    n_full, n_all = _key_blocks(i, bq, bk, spec)
     acc = _masked_then_full(n_full, n_all, 0, n_full, body, acc)
     if spec.activation == "softmax":
         acc, m, total = acc
@@ -121,12 +134,12 @@ def _dq_kernel(q_ref, k_ref, v_ref, do_ref, *refs, launch: Launch):
     def body(j, dq, masked):
         k = k_ref[pl.ds(j * bk, bk), :]
         v = v_ref[pl.ds(j * bk, bk), :]
-        mask = _allowed(i * bq, j * bk, (bq, bk), spec.seq_len) if masked else None
+        mask = _allowed(i * bq, j * bk, (bq, bk), spec) if masked else None
         p = _weights(q, k, mask, launch, lse)
         ds = maths.score_grad(_dot(do, v, trans_b=True), p, spec.activation, mask, delta)
         return dq + _dot((ds * spec.scale).astype(k.dtype), k)
 
-    n_full, n_all = (i * bq) // bk, pl.cdiv((i + 1) * bq, bk)
+    n_full, n_all = _key_blocks(i, bq, bk, spec)
     dq = _masked_then_full(n_full, n_all, 0, n_full, body, jnp.zeros(q.shape, jnp.float32))
     dq_ref[...] = dq.astype(dq_ref.dtype)
 
@@ -143,15 +156,16 @@ def _dkv_kernel(q_ref, k_ref, v_ref, do_ref, *refs, launch: Launch, n_q_blocks: 
         q = q_ref[pl.ds(i * bq, bq), :]
         do = do_ref[pl.ds(i * bq, bq), :]
         lse, delta = (ref[pl.ds(i * bq, bq)] for ref in stats) if stats else (None, None)
-        mask = _allowed(i * bq, j * bk, (bq, bk), spec.seq_len) if masked else None
+        mask = _allowed(i * bq, j * bk, (bq, bk), spec) if masked else None
         p = _weights(q, k, mask, launch, lse)
         dv = dv + _dot(p.T.astype(do.dtype), do)
         ds = maths.score_grad(_dot(do, v, trans_b=True), p, spec.activation, mask, delta)
         return dk + _dot((ds * spec.scale).T.astype(q.dtype), q), dv
 
     # Query blocks that straddle the diagonal (or this key block's padding) need the
-    # mask; those wholly after it do not.
-    first, first_full = (j * bk) // bq, pl.cdiv((j + 1) * bk, bq)
+    # mask; those wholly after it do not. Without the causal mask every query block
+    # sees this key block.
+    first, first_full = ((j * bk) // bq, pl.cdiv((j + 1) * bk, bq)) if spec.causal else (0, 0)
     first_full = jnp.where((j + 1) * bk > spec.seq_len, n_q_blocks, first_full)
     zeros = (jnp.zeros(k.shape, jnp.float32), jnp.zeros(v.shape, jnp.float32))
     dk, dv = _masked_then_full(first, first_full, first_full, n_q_blocks, body, zeros)
