@@ -165,7 +165,8 @@ def _dkv_kernel(q_ref, k_ref, v_ref, do_ref, *refs, launch: Launch, n_q_blocks: 
     # Query blocks that straddle the diagonal (or this key block's padding) need the
     # mask; those wholly after it do not. Without the causal mask every query block
     # sees this key block.
-    first, first_full = ((j * bk) // bq, pl.cdiv((j + 1) * bk, bq)) if spec.causal else (0, 0)
+    # (`j * 0`, not 0: Triton's loop lowering wants traced bounds here.)
+    first, first_full = ((j * bk) // bq, pl.cdiv((j + 1) * bk, bq)) if spec.causal else (j * 0,) * 2
     first_full = jnp.where((j + 1) * bk > spec.seq_len, n_q_blocks, first_full)
     zeros = (jnp.zeros(k.shape, jnp.float32), jnp.zeros(v.shape, jnp.float32))
     dk, dv = _masked_then_full(first, first_full, first_full, n_q_blocks, body, zeros)
