@@ -23,6 +23,7 @@ from .nn.decoding import KVCache, LinearState, StateIdentity
 from .nn.layers import Block, LanguageModel, ModelConfig, MultiHeadMixer
 from .nn.registry import BACKENDS, create_mlstm_backend
 from .nn.rope import apply_rotary_emb, precompute_freqs
+from .nn.sharding import partition_specs
 from .spec import AttentionSpec
 from .typecheck import set_typechecking, typechecking_enabled
 
@@ -47,6 +48,7 @@ __all__ = [
     "mLSTMBackend",
     "mLSTMBackendAttention",
     "mLSTMBackendAttentionConfig",
+    "partition_specs",
     "precompute_freqs",
     "read_checkpoint_metadata",
     "save_checkpoint",

@@ -11,12 +11,12 @@ import sys
 import time
 from collections.abc import Callable
 
+import device_mesh
 import equinox as eqx
 import jax
 import jax.numpy as jnp
 import numpy as np
 import optax
-from jax.sharding import Mesh, NamedSharding, PartitionSpec
 from run_folder import FolderError, RunFolder
 from stop_signals import StopSignals
 
@@ -47,7 +47,11 @@ class TrainConfig:
     activation: str = "softmax"
     backend: str = "attention"
     devices: int = 1
-    """Shard the batch over this many devices (jax.sharding); part of the run's identity."""
+    """Shard the batch over this many devices (jax.sharding): `mesh` "data=N"."""
+    mesh: str | None = None
+    """The device mesh "data=D,model=M,seq=S" (sizes multiplying to at most the visible
+    devices): the batch and the parameters (FSDP-style) over `data`, the heads over
+    `model`, the positions over `seq`. Part of the run's identity."""
     progress: bool = True
 
 
@@ -92,6 +96,12 @@ def add_arguments(parser: argparse.ArgumentParser, defaults: TrainConfig) -> Non
     add("--activation", default=defaults.activation, help="softmax, sigmoid or none")
     add("--backend", default=defaults.backend, help="mLSTM backend name")
     add("--devices", type=int, default=defaults.devices, help="shard the batch over N devices")
+    add(
+        "--mesh",
+        default=defaults.mesh,
+        metavar="data=D,model=M,seq=S",
+        help="data, tensor (heads) and sequence parallelism (instead of --devices)",
+    )
     add("--batch-size", type=int, default=defaults.batch_size)
     add("--lr", type=float, default=defaults.lr, help="peak learning rate (finite, > 0)")
     add("--no-progress", action="store_true", help="hide the progress bar")
@@ -113,6 +123,7 @@ def from_arguments(args: argparse.Namespace) -> TrainConfig:
         activation=args.activation,
         backend=args.backend,
         devices=args.devices,
+        mesh=args.mesh,
         progress=not args.no_progress,
     )
 
@@ -139,15 +150,17 @@ def check(config: TrainConfig) -> None:
         raise UsageError(f"--seed must be < 2**32, got {config.seed}")
     if not (math.isfinite(config.lr) and config.lr > 0):
         raise UsageError(f"--lr must be a finite number > 0, got {config.lr}")
-    if config.devices < 1 or config.devices > len(jax.devices()):
+    sizes = mesh_sizes(config)
+    flag = f"--mesh {config.mesh}" if config.mesh else f"--devices {config.devices}"
+    count = sizes["data"] * sizes["model"] * sizes["seq"]
+    if count > len(jax.devices()):
         raise UsageError(
-            f"--devices {config.devices} but {len(jax.devices())} device(s) are visible; on a "
+            f"{flag} needs {count} devices but {len(jax.devices())} are visible; on a "
             "CPU set XLA_FLAGS=--xla_force_host_platform_device_count=N first"
         )
-    if config.batch_size % config.devices:
-        raise UsageError(
-            f"--batch-size {config.batch_size} is not divisible by --devices {config.devices}"
-        )
+    if config.batch_size % sizes["data"]:
+        what = f"the data axis ({sizes['data']})" if config.mesh else flag
+        raise UsageError(f"--batch-size {config.batch_size} is not divisible by {what}")
     if config.stop_after is not None and not 1 <= config.stop_after <= config.steps:
         raise UsageError(f"--stop-after must be between 1 and --steps ({config.steps})")
     if config.resume and config.overwrite:
@@ -163,6 +176,21 @@ def check(config: TrainConfig) -> None:
             f"{folder.checkpoints} holds checkpoints; pass --resume to continue them or "
             "--overwrite to replace them"
         )
+
+
+def mesh_sizes(config: TrainConfig) -> dict[str, int]:
+    """The mesh's axis sizes from `--mesh`, or `--devices` as data=N; a UsageError for
+    a malformed one."""
+    if config.mesh is None:
+        if config.devices < 1:
+            raise UsageError(f"--devices must be >= 1, got {config.devices}")
+        return {"data": config.devices, "model": 1, "seq": 1}
+    if config.devices != 1:
+        raise UsageError("--devices N is --mesh data=N: pass one of them")
+    try:
+        return device_mesh.parse_mesh(config.mesh)
+    except ValueError as err:
+        raise UsageError(str(err)) from None
 
 
 def run_main(main: Callable, config) -> None:
@@ -233,14 +261,14 @@ def _fresh(config: TrainConfig, model_config: ex.ModelConfig):
 
 def _identity(config: TrainConfig, model_config: ex.ModelConfig, data_settings: dict) -> dict:
     """What a checkpoint must match to be resumed; the model config as data. The device
-    count is part of it: sharding changes the order of floating-point sums."""
+    mesh is part of it: sharding changes the order of floating-point sums."""
     return {
         "model_config": model_config.to_dict(),
         "steps": config.steps,
         "lr": config.lr,
         "seed": config.seed,
         "batch_size": config.batch_size,
-        "devices": config.devices,
+        "mesh": device_mesh.describe(mesh_sizes(config)),
         "data": data_settings,
     }
 
@@ -307,10 +335,13 @@ def train(
 
 
 def _loop(config, optimizer, run: Run, make_batch, folder: RunFolder, identity: dict) -> None:
-    mesh = Mesh(np.array(jax.devices()[: config.devices]), ("data",))
-    replicated = NamedSharding(mesh, PartitionSpec())
-    by_batch = NamedSharding(mesh, PartitionSpec("data"))
-    run.params, run.opt_state = jax.device_put((run.params, run.opt_state), replicated)
+    mesh = device_mesh.build_mesh(mesh_sizes(config))
+    devices = mesh.devices.size
+    param_shardings = device_mesh.shardings_of(run.params, mesh)
+    opt_shardings = device_mesh.like_params(run.opt_state, param_shardings, mesh)
+    by_batch = device_mesh.batch_sharding(mesh)
+    run.params = eqx.filter_shard(run.params, param_shardings)
+    run.opt_state = eqx.filter_shard(run.opt_state, opt_shardings)
     static = run.static
 
     @eqx.filter_jit
@@ -321,7 +352,8 @@ def _loop(config, optimizer, run: Run, make_batch, folder: RunFolder, identity: 
 
         loss, grads = eqx.filter_value_and_grad(loss_fn)(params)
         updates, opt_state = optimizer.update(grads, opt_state, params)
-        return eqx.apply_updates(params, updates), opt_state, loss
+        params = eqx.filter_shard(eqx.apply_updates(params, updates), param_shardings)
+        return params, eqx.filter_shard(opt_state, opt_shardings), loss
 
     # The newest checkpoint of this run: the one resumed from, then each one saved.
     saved_step, saved_path = None, None
@@ -361,7 +393,9 @@ def _loop(config, optimizer, run: Run, make_batch, folder: RunFolder, identity: 
             tokens_seen += batch[0].size
             rate = tokens_seen / (time.perf_counter() - start)
             progress.update(1)
-            progress.set_postfix(loss=f"{loss:.4f}", tok_s=f"{rate:,.0f}")
+            progress.set_postfix(
+                loss=f"{loss:.4f}", tok_s=f"{rate:,.0f}", tok_s_per_device=f"{rate / devices:,.0f}"
+            )
             if run.step % config.checkpoint_every == 0 or run.step == last:
                 save()
         progress.close()

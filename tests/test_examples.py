@@ -297,13 +297,16 @@ def test_charlm_checks_sampling_settings_before_training(tmp_path):
     assert not (tmp_path / "x").exists()
 
 
-def test_sharded_run_matches_one_device_and_devices_identify_the_run(one_go, tmp_path):
+def test_sharded_run_matches_one_device_and_the_mesh_identifies_the_run(one_go, tmp_path):
+    # A 2 x 2 mesh: batch and parameters (FSDP) over `data`, heads over `model`.
     out = tmp_path / "four"
-    sharded = final(run("train_mqar.py", *RUN, "--devices", "4", "--out", str(out), devices=4))
-    assert sharded["loss"] == pytest.approx(one_go[1]["loss"], rel=1e-5)
-    # Resuming on another device count is refused (sums would run in another order).
+    args = (*RUN, "--mesh", "data=2,model=2", "--out", str(out))
+    sharded = final(run("train_mqar.py", *args, devices=4))
+    assert sharded["loss"] == pytest.approx(one_go[1]["loss"], rel=1e-4)
+    assert sharded["accuracy"] == pytest.approx(one_go[1]["accuracy"], abs=1e-3)
+    # Resuming on another mesh is refused (sums would run in another order).
     message = refusal(train_mqar, *RUN, "--resume", "--out", str(out))
-    assert "different run (devices differ)" in message
+    assert "different run (mesh differ)" in message
 
 
 @pytest.mark.parametrize(
@@ -312,6 +315,10 @@ def test_sharded_run_matches_one_device_and_devices_identify_the_run(one_go, tmp
         (["--backend", "slstm"], "unknown --backend 'slstm'; valid: attention"),
         (["--activation", "relu"], "unknown --activation 'relu'"),
         (["--devices", "64"], "xla_force_host_platform_device_count"),
+        (["--mesh", "data=2,model=32"], "--mesh data=2,model=32 needs 64 devices"),
+        (["--mesh", "data=2,heads=2"], "each part must be AXIS=SIZE"),
+        (["--mesh", "data=0"], "the size of 'data' must be an int >= 1"),
+        (["--mesh", "data=2", "--devices", "2"], "pass one of them"),
         (["--resume"], "no checkpoint"),
         (["--vocab-size", "8"], "too few keys"),
         (["--num-pairs", "0"], "--num-pairs must be >= 1, got 0"),
