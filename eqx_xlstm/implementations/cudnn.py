@@ -3,6 +3,7 @@
 import dataclasses
 
 import jax
+import jax.numpy as jnp
 
 from ..spec import AttentionSpec
 from .base import Implementation, as_rows, from_rows
@@ -11,8 +12,10 @@ from .base import Implementation, as_rows, from_rows
 @dataclasses.dataclass(frozen=True)
 class CuDNN(Implementation):
     """`jax.nn.dot_product_attention(..., is_causal=True, implementation="cudnn")`:
-    causal softmax in float16/bfloat16 on an NVIDIA GPU; every leading axis, heads
-    included, rides in cuDNN's batch axis.
+    causal softmax in float16/bfloat16 on an NVIDIA GPU. With two or more leading
+    axes the last (the heads) is cuDNN's head axis and the others its batch, so inputs
+    sharded over batch or heads stay so (cuDNN's own partitioning); a single leading
+    axis rides in cuDNN's batch.
 
     cuDNN's backward pass refuses odd sequence lengths, so an odd S is padded with one
     zero position at the end. That is exact under the causal mask: no real query sees
@@ -38,9 +41,27 @@ class CuDNN(Implementation):
         return None
 
     def __call__(self, q, k, v, spec, mask):
-        # Rows of cuDNN's batch with one head each: (B, T, N=1, H), T made even.
-        bthn = [as_rows(x, spec, 2)[:, :, None, :] for x in (q, k, v)]
+        batch = q.shape[:-2]
+        if len(batch) < 2:  # rows of cuDNN's batch, one head each: (B, T, N=1, H)
+            bthn = [as_rows(x, spec, 2)[:, :, None, :] for x in (q, k, v)]
+            out = jax.nn.dot_product_attention(
+                *bthn, scale=spec.scale, is_causal=True, implementation="cudnn"
+            )
+            return from_rows(out[:, :, 0, :], batch, spec)
+        # The last leading axis (the heads) is cuDNN's N, the others its B: cuDNN's own
+        # partitioning rule then keeps inputs sharded over either shard-local.
+        padded = -(-spec.seq_len // 2) * 2
+
+        def to_bthn(x):
+            x = x.astype(spec.dtype).reshape(-1, *x.shape[-3:])  # (B, N, T, H)
+            x = jnp.pad(x, ((0, 0), (0, 0), (0, padded - spec.seq_len), (0, 0)))
+            return jnp.swapaxes(x, 1, 2)
+
         out = jax.nn.dot_product_attention(
-            *bthn, scale=spec.scale, is_causal=True, implementation="cudnn"
+            *(to_bthn(x) for x in (q, k, v)),
+            scale=spec.scale,
+            is_causal=True,
+            implementation="cudnn",
         )
-        return from_rows(out[:, :, 0, :], q.shape[:-2], spec)
+        out = jnp.swapaxes(out, 1, 2)[:, :, : spec.seq_len]
+        return out.reshape(*batch, spec.seq_len, out.shape[-1])
