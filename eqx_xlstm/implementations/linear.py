@@ -9,16 +9,10 @@ where the states S_c (DQK x DV) are an exclusive cumulative sum over chunks. All
 are computed in parallel; cost O(S * C * D + S * D^2) instead of O(S^2 * D), memory
 O(S * C + S * D^2 / C). Exact, not an approximation: only the summation order differs.
 
-The backward pass is written out (`jax.custom_vjp`) in the same form: with
-dS_c = scale * q_c^T dO_c and G_c = sum_{c' > c} dS_c' (an exclusive suffix sum),
-
-    dq_c = scale * (dO_c S_c^T + tril(dO_c v_c^T) k_c)
-    dk_c = v_c G_c^T + scale * tril(dO_c v_c^T)^T q_c
-    dv_c = k_c G_c + scale * tril(q_c k_c^T)^T dO_c.
-
-Sharded over the sequence, a device's S_c also holds the k^T v sum of the devices
-before it, and its G_c the dS sum of those after it: one D x DV all-gather each way,
-whatever S is.
+The one step that crosses chunks, the exclusive prefix sum of the states, is an op of
+its own (`_states_before`): sharded over the sequence, each device adds the sum of the
+devices before it (one D x DV all-gather, whatever S is); its gradient, the suffix sum,
+likewise. Everything else is chunk-local XLA that partitions by itself.
 """
 
 import dataclasses
@@ -35,43 +29,8 @@ from .per_shard import per_shard
 from .reference import matmul_precision
 
 
-@dataclasses.dataclass(frozen=True)
-class _Form:
-    """The chunked layout and matmuls of one call."""
-
-    spec: AttentionSpec
-    chunk: int
-
-    @property
-    def operand(self):
-        """bf16 operands keep the fast matmuls (float32's range); float16 ones would
-        overflow on raw q . k and on the state sums, so float16 runs in float32."""
-        spec = self.spec
-        return spec.dtype if spec.dtype == jnp.bfloat16 else spec.accum_dtype
-
-    def einsum(self, *args):
-        return jnp.einsum(
-            *args,
-            precision=matmul_precision(self.spec.dtype),
-            preferred_element_type=self.spec.accum_dtype,
-        )
-
-    def chunks(self, x):
-        return in_blocks(x.astype(self.operand), self.chunk)
-
-    def op(self, x):
-        return x.astype(self.operand)
-
-    def scores(self, a, b):
-        """tril(a_c b_c^T) per chunk, in the operand dtype."""
-        positions = jnp.arange(self.chunk)
-        tril = maths.visible(positions[:, None], positions[None, :])
-        s = self.einsum("...cqd,...ckd->...cqk", a, b)
-        return jnp.where(tril, s, 0.0).astype(self.operand)
-
-
 def _shift(x, forward: bool):
-    """Exclusive cumulative sum over the chunk axis (-3): of those before each chunk
+    """Exclusive cumulative sum over the chunk axis (-3): of the chunks before each one
     (`forward`), or of those after it."""
     pad = ((0, 0),) * (x.ndim - 3)
     if forward:
@@ -80,11 +39,9 @@ def _shift(x, forward: bool):
     return jnp.flip(jnp.cumsum(jnp.flip(after, -3), axis=-3), -3)
 
 
-def _from_devices(total, layout: SequenceLayout | None, before: bool):
+def _from_devices(total, layout: SequenceLayout, before: bool):
     """The sum of `total` over the devices before this one (or after it) on the
-    sequence axis; zero unsharded."""
-    if layout is None:
-        return jnp.zeros_like(total)
+    sequence axis."""
     every = lax.all_gather(total, layout.axis_name)
     me = lax.axis_index(layout.axis_name)
     index = jnp.arange(layout.devices).reshape((-1,) + (1,) * total.ndim)
@@ -92,73 +49,30 @@ def _from_devices(total, layout: SequenceLayout | None, before: bool):
     return jnp.sum(jnp.where(keep, every, 0.0), axis=0)
 
 
-def _forward(q, k, v, form: _Form, layout=None):
-    qc, kc, vc = form.chunks(q), form.chunks(k), form.chunks(v)
-    kv = form.einsum("...ckd,...ckv->...cdv", kc, vc)
-    carried = _from_devices(jnp.sum(kv, axis=-3), layout, before=True)
-    states = _shift(kv, forward=True) + carried[..., None, :, :]
-    inter = form.einsum("...cqd,...cdv->...cqv", qc, form.op(states))
-    intra = form.einsum("...cqk,...ckv->...cqv", form.scores(qc, kc), vc)
-    return (from_blocks((inter + intra) * form.spec.scale, form.spec.seq_len),)
+def _exclusive(x, forward: bool):
+    """`_shift` as an op per device's shard: of the leading axes, or of the chunks."""
+
+    def over_sequence(layout):
+        def shard(x):
+            carried = _from_devices(jnp.sum(x, axis=-3), layout, before=forward)
+            return (_shift(x, forward) + carried[..., None, :, :],)
+
+        return shard
+
+    fn = lambda x: (_shift(x, forward),)
+    return per_shard(fn, x, batch_ndim=x.ndim - 3, over_sequence=over_sequence)[0]
 
 
-def _backward(q, k, v, d_out, form: _Form, layout=None):
-    spec = form.spec
-    qc, kc, vc, dc = (form.chunks(x) for x in (q, k, v, d_out))
-    kv = form.einsum("...ckd,...ckv->...cdv", kc, vc)
-    carried = _from_devices(jnp.sum(kv, axis=-3), layout, before=True)
-    states = form.op(_shift(kv, forward=True) + carried[..., None, :, :])
-    d_state = form.einsum("...cqd,...cqv->...cdv", qc, dc) * spec.scale
-    later = _from_devices(jnp.sum(d_state, axis=-3), layout, before=False)
-    after = form.op(_shift(d_state, forward=False) + later[..., None, :, :])
-    d_scores = form.scores(dc, vc)  # tril(dO_c v_c^T)
-    dq = form.einsum("...cqv,...cdv->...cqd", dc, states) + form.einsum(
-        "...cqk,...ckd->...cqd", d_scores, kc
-    )
-    dk = form.einsum("...ckv,...cdv->...ckd", vc, after) + spec.scale * form.einsum(
-        "...cqk,...cqd->...ckd", d_scores, qc
-    )
-    dv = form.einsum("...ckd,...cdv->...ckv", kc, after) + spec.scale * form.einsum(
-        "...cqk,...cqv->...ckv", form.scores(qc, kc), dc
-    )
-    grads = (dq * spec.scale, dk, dv)
-    return tuple(from_blocks(g, spec.seq_len) for g in grads)
+@jax.custom_vjp
+def _states_before(kv):
+    """`(*batch, chunks, D, DV)` -> for each chunk, the sum of those before it."""
+    return _exclusive(kv, forward=True)
 
 
-def _over_sequence(fn, form):
-    return lambda layout: lambda *xs: fn(*xs, form, layout)
-
-
-@functools.partial(jax.custom_vjp, nondiff_argnums=(3,))
-def _linear(q, k, v, form: _Form):
-    return _linear_fwd(q, k, v, form)[0]
-
-
-def _linear_fwd(q, k, v, form):
-    local = lambda q, k, v: _forward(q, k, v, form)
-    batch_ndim = q.ndim - 2
-    (out,) = per_shard(
-        local, q, k, v, batch_ndim=batch_ndim, over_sequence=_over_sequence(_forward, form)
-    )
-    return out, (q, k, v)
-
-
-def _linear_bwd(form, residuals, d_out):
-    q, k, v = residuals
-    local = lambda q, k, v, d_out: _backward(q, k, v, d_out, form)
-    grads = per_shard(
-        local,
-        q,
-        k,
-        v,
-        d_out,
-        batch_ndim=q.ndim - 2,
-        over_sequence=_over_sequence(_backward, form),
-    )
-    return tuple(g.astype(x.dtype) for g, x in zip(grads, residuals))
-
-
-_linear.defvjp(_linear_fwd, _linear_bwd)
+_states_before.defvjp(
+    lambda kv: (_exclusive(kv, forward=True), None),
+    lambda _, g: (_exclusive(g, forward=False),),
+)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -193,5 +107,24 @@ class Linear(Implementation):
         return None
 
     def __call__(self, q, k, v, spec, mask):
-        chunk = max(1, min(self.chunk_for(spec), spec.seq_len))
-        return _linear(q, k, v, _Form(spec, chunk))
+        seq_len = spec.seq_len
+        chunk = max(1, min(self.chunk_for(spec), seq_len))
+        # bf16 operands keep the fast matmuls (float32's range); float16 ones would
+        # overflow on raw q . k and on the state sums, so float16 runs in float32.
+        operand = spec.dtype if spec.dtype == jnp.bfloat16 else spec.accum_dtype
+        chunks = lambda x: in_blocks(x.astype(operand), chunk)
+
+        qc, kc, vc = chunks(q), chunks(k), chunks(v)
+        einsum = functools.partial(
+            jnp.einsum,
+            precision=matmul_precision(spec.dtype),
+            preferred_element_type=spec.accum_dtype,
+        )
+        kv = einsum("...ckd,...ckv->...cdv", kc, vc)
+        states = _states_before(kv)
+        inter = einsum("...cqd,...cdv->...cqv", qc, states.astype(operand))
+        scores = einsum("...cqd,...ckd->...cqk", qc, kc)
+        positions = jnp.arange(chunk)
+        scores = jnp.where(maths.visible(positions[:, None], positions[None, :]), scores, 0.0)
+        intra = einsum("...cqk,...ckv->...cqv", scores.astype(operand), vc)
+        return from_blocks((inter + intra) * spec.scale, seq_len)
