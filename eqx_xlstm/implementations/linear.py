@@ -12,7 +12,8 @@ O(S * C + S * D^2 / C). Exact, not an approximation: only the summation order di
 The one step that crosses chunks, the exclusive prefix sum of the states, is an op of
 its own (`_states_before`): sharded over the sequence, each device adds the sum of the
 devices before it (one D x DV all-gather, whatever S is); its gradient, the suffix sum,
-likewise. Everything else is chunk-local XLA that partitions by itself.
+likewise. Everything else is chunk-local XLA that partitions by itself. With a single
+device the op is plain XLA (as an op it cost 5% of fwd+bwd on an H200 at S=8192).
 """
 
 import dataclasses
@@ -36,7 +37,7 @@ def _shift(x, forward: bool):
     if forward:
         return jnp.cumsum(jnp.pad(x[..., :-1, :, :], (*pad, (1, 0), (0, 0), (0, 0))), axis=-3)
     after = jnp.pad(x[..., 1:, :, :], (*pad, (0, 1), (0, 0), (0, 0)))
-    return jnp.flip(jnp.cumsum(jnp.flip(after, -3), axis=-3), -3)
+    return lax.cumsum(after, axis=x.ndim - 3, reverse=True)
 
 
 def _from_devices(total, layout: SequenceLayout, before: bool):
@@ -59,6 +60,8 @@ def _exclusive(x, forward: bool):
 
         return shard
 
+    if jax.device_count() == 1:  # nothing to partition: keep XLA's fusions
+        return _shift(x, forward)
     fn = lambda x: (_shift(x, forward),)
     return per_shard(fn, x, batch_ndim=x.ndim - 3, over_sequence=over_sequence)[0]
 
