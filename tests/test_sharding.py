@@ -2,8 +2,8 @@
 Triton kernels (Pallas interpret mode) run shard-local on inputs sharded over a leading
 (batch or heads) axis: no collective in the compiled forward or gradient, outputs and
 gradients keep the inputs' sharding, and the results equal one device's; decoding too,
-with its KV cache or linear state sharded like the inputs; and sharded arrays through a
-checkpoint."""
+with its KV cache or linear state sharded like the inputs; sharded arrays through a
+checkpoint; and a language model placed on a 2 x 2 mesh by `ex.partition_specs`."""
 
 import json
 import os
@@ -26,7 +26,18 @@ def test_paths_are_shard_local_over_batch_and_heads():
     assert result.returncode == 0, result.stderr[-3000:]
     rows = [json.loads(line) for line in result.stdout.splitlines()]
     checkpoints = [row for row in rows if row["case"].startswith("checkpoint")]
+    (model_parallel,) = [row for row in rows if row["case"] == "model-parallel"]
+    rows = [row for row in rows if row["case"] not in ("model-parallel",)]
     rows = [row for row in rows if not row["case"].startswith("checkpoint")]
+    # A language model on a 2 x 2 (data, model) mesh placed by ex.partition_specs:
+    # Megatron-style column/row-parallel projections with FSDP over data; loss and
+    # gradients equal one device's; the decoding state's per-head arrays over `model`.
+    assert model_parallel["max_rel_err"] < 1e-5, model_parallel
+    assert model_parallel["q_proj"] == model_parallel["ffn_up"] == "P('model', 'data')"
+    assert model_parallel["out_proj"] == "P('data', 'model')"
+    assert model_parallel["head"] == "P('model', 'data')"
+    assert model_parallel["embedding"] == "P('data', None)"
+    assert "P('model',)" in model_parallel["state_shardings"], model_parallel
     # Sharded arrays through a checkpoint: back equal, with the sharding asked for.
     assert len(checkpoints) == 2
     for row in checkpoints:
