@@ -39,7 +39,7 @@ def rows():
 
 def test_sequence_sharded_jit_runs_as_a_ring(rows):
     auto = {case: row for case, row in rows.items() if case.startswith("auto-")}
-    assert len(auto) == 7
+    assert len(auto) == 6
     for case, row in auto.items():
         assert row["max_rel_err"] < 1e-5, row
         assert row["sharded_as_inputs"], row
@@ -52,7 +52,7 @@ def test_sequence_sharded_jit_runs_as_a_ring(rows):
 
 def test_explicit_function_in_shard_map_matches_one_device(rows):
     explicit = [row for case, row in rows.items() if case.startswith("explicit-")]
-    assert len(explicit) == 6  # 3 activations x 2 layouts
+    assert len(explicit) == 4  # every activation; both layouts for softmax
     for row in explicit:
         assert row["max_rel_err"] < 1e-5, row
 
@@ -68,16 +68,16 @@ def one_device_mesh():
 
 
 def test_one_device_equals_attention():
+    # The ring of one device: its own two zig-zag chunks (every activation on 4 devices
+    # in the subprocess above).
     keys = jax.random.split(jax.random.key(3), 3)
     q, k, v = (jax.random.normal(key, (2, 64, 16)) for key in keys)
     spec = PartitionSpec(None, "seq", None)
-    for activation in ("softmax", "sigmoid", "none"):
-        f = lambda q, k, v, a=activation: context_parallel_attention(
-            q, k, v, axis_name="seq", activation_function=a, layout="zigzag", block=16
-        )
-        got = jax.shard_map(f, mesh=one_device_mesh(), in_specs=spec, out_specs=spec)(q, k, v)
-        want = ex.attention(q, k, v, activation_function=activation)
-        np.testing.assert_allclose(got, want, rtol=1e-5, atol=1e-5)
+    f = lambda q, k, v: context_parallel_attention(
+        q, k, v, axis_name="seq", activation_function="softmax", layout="zigzag", block=16
+    )
+    got = jax.shard_map(f, mesh=one_device_mesh(), in_specs=spec, out_specs=spec)(q, k, v)
+    np.testing.assert_allclose(got, ex.attention(q, k, v), rtol=1e-5, atol=1e-5)
 
 
 def test_argument_errors_name_the_argument():

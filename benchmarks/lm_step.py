@@ -1,0 +1,105 @@
+"""A language-model training step on device meshes: tokens/s of one AdamW step with the
+model placed by `ex.partition_specs`, for each mesh asked for, in one run.
+
+    python benchmarks/lm_step.py --meshes data=1 data=2 model=2 data=1,model=2,seq=1
+
+Default model: width 1024, 8 blocks, 16 heads, S=4096, bf16 parameters' compute (the
+issue's "big enough to matter"); `--small` for a CPU smoke run. Each mesh uses the first
+`data * model * seq` devices; the batch is `--batch-per-data` sequences per data shard.
+"scaling" is tokens/s over the first mesh's.
+"""
+
+import argparse
+import sys
+
+import equinox as eqx
+import jax
+import jax.numpy as jnp
+import numpy as np
+import optax
+from jax.sharding import Mesh, NamedSharding, PartitionSpec
+from timing import median_ms, print_table_header
+
+import eqx_xlstm as ex
+
+sys.path.insert(0, str(__import__("pathlib").Path(__file__).parents[1] / "examples"))
+from device_mesh import AXES, describe, like_params, parse_mesh  # noqa: E402
+
+
+def step_fn(static, optimizer, param_shardings, opt_shardings):
+    def step(params, opt_state, tokens):
+        def loss_fn(params):
+            model = eqx.combine(params, static)
+            logits = jax.vmap(model)(tokens[:, :-1])
+            return optax.softmax_cross_entropy_with_integer_labels(
+                logits.astype(jnp.float32), tokens[:, 1:]
+            ).mean()
+
+        loss, grads = eqx.filter_value_and_grad(loss_fn)(params)
+        updates, opt_state = optimizer.update(grads, opt_state, params)
+        params = eqx.filter_shard(eqx.apply_updates(params, updates), param_shardings)
+        return params, eqx.filter_shard(opt_state, opt_shardings), loss
+
+    return step
+
+
+def main():
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--meshes", nargs="+", default=["data=1", "data=2", "model=2"])
+    parser.add_argument("--small", action="store_true", help="a tiny model for a CPU")
+    parser.add_argument("--batch-per-data", type=int, default=4)
+    parser.add_argument("--activation", default="sigmoid")
+    parser.add_argument("--no-fsdp", action="store_true")
+    parser.add_argument("--repeats", type=int, default=5)
+    args = parser.parse_args()
+    width, blocks, heads, seq = (64, 2, 4, 128) if args.small else (1024, 8, 16, 4096)
+    config = ex.ModelConfig(
+        vocab_size=256,
+        context_length=seq,
+        embedding_dim=width,
+        num_heads=heads,
+        num_blocks=blocks,
+        backend_config=ex.mLSTMBackendAttentionConfig(activation_function=args.activation),
+    )
+    model = ex.LanguageModel(config, key=jax.random.key(0))
+    dtype = jnp.float32 if args.small else jnp.bfloat16
+    model = jax.tree.map(lambda x: x.astype(dtype) if eqx.is_inexact_array(x) else x, model)
+    params, static = eqx.partition(model, ex.trainable_filter(model))
+    optimizer = optax.adamw(1e-4)
+    devices = jax.devices()
+    print(
+        f"{devices[0].device_kind} x{len(devices)}, jax {jax.__version__}; width {width}, "
+        f"{blocks} blocks, {heads} heads, S={seq}, {np.dtype(dtype).name}, "
+        f"{args.activation}, FSDP {'off' if args.no_fsdp else 'on'}; one AdamW step"
+    )
+    print_table_header("| mesh | devices | batch | step ms | tokens/s | per device | scaling |")
+    first = None
+    for text in args.meshes:
+        sizes = parse_mesh(text)
+        count = int(np.prod([sizes[a] for a in AXES]))
+        if count > len(devices):
+            print(f"| {describe(sizes)} | {count} | - | skipped: {len(devices)} visible | | | |")
+            continue
+        mesh = Mesh(np.array(devices[:count]).reshape([sizes[a] for a in AXES]), AXES)
+        specs = ex.partition_specs(params, mesh, data_axis=None if args.no_fsdp else "data")
+        param_shardings = jax.tree.map(lambda s: NamedSharding(mesh, s), specs)
+        placed = eqx.filter_shard(params, param_shardings)
+        opt_state = optimizer.init(placed)
+        opt_shardings = like_params(opt_state, param_shardings, mesh)
+        opt_state = eqx.filter_shard(opt_state, opt_shardings)
+        batch = args.batch_per_data * sizes["data"]
+        tokens = jax.random.randint(jax.random.key(1), (batch, seq + 1), 0, 256)
+        tokens = jax.device_put(tokens, NamedSharding(mesh, PartitionSpec("data")))
+        step = step_fn(static, optimizer, param_shardings, opt_shardings)
+        ms = median_ms(step, placed, opt_state, tokens, repeats=args.repeats)
+        rate = batch * seq / (ms / 1e3)
+        first = first or rate
+        print(
+            f"| {describe(sizes)} | {count} | {batch} | {ms:.1f} | {rate:,.0f} | "
+            f"{rate / count:,.0f} | {rate / first:.2f} |",
+            flush=True,
+        )
+
+
+if __name__ == "__main__":
+    main()
