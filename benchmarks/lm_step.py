@@ -82,7 +82,7 @@ def main():
             continue
         mesh = Mesh(np.array(devices[:count]).reshape([sizes[a] for a in AXES]), AXES)
         specs = ex.partition_specs(params, mesh, data_axis=None if args.no_fsdp else "data")
-        param_shardings = jax.tree.map(lambda s: NamedSharding(mesh, s), specs)
+        param_shardings = jax.tree.map(lambda s, m=mesh: NamedSharding(m, s), specs)
         placed = eqx.filter_shard(params, param_shardings)
         opt_state = optimizer.init(placed)
         opt_shardings = like_params(opt_state, param_shardings, mesh)
