@@ -62,8 +62,6 @@ def _empty_piece(q, v, accum):
 
 def _merge(acc, piece, softmax: bool):
     """Combine two partial results `(out, lse)` of the same rows; lse -inf = empty."""
-    if acc is None:
-        return piece
     (o1, l1), (o2, l2) = acc, piece
     if not softmax:
         return o1 + o2, l1
