@@ -144,6 +144,44 @@ def _default(spec, which):
     raise AssertionError("the reference row serves every call")  # unreachable
 
 
+KERNELS = ("cudnn", "triton", "mosaic")
+"""Implementations whose calls JAX's explicit sharding mode cannot type."""
+
+
+def _explicit_spec(x) -> tuple | None:
+    """The PartitionSpec of `x`'s type when it is sharded over Explicit mesh axes (JAX's
+    explicit sharding mode); None otherwise (Auto axes type no sharding)."""
+    spec = getattr(getattr(jax.typeof(x), "sharding", None), "spec", None)
+    if spec is None or all(entry is None for entry in spec):
+        return None
+    return tuple(spec)
+
+
+def check_explicit_sharding(q, chosen: Plan) -> None:
+    """A ValueError for inputs sharded in JAX's explicit sharding mode where that is
+    not supported yet: over the sequence axis, or into a kernel implementation. (Over
+    leading axes the XLA paths work; every path works with Auto mesh axes.)"""
+    spec = _explicit_spec(q)
+    if spec is None:
+        return
+    sequence = len(spec) > q.ndim - 2 and spec[q.ndim - 2] is not None
+    kernels = {impl.name for impl in (chosen.forward, chosen.gradient)} & set(KERNELS)
+    if sequence or kernels:
+        what = (
+            "queries sharded over the sequence axis"
+            if sequence
+            else f"implementation={min(kernels)!r} on sharded queries"
+        )
+        raise ValueError(
+            f"{what} in JAX's explicit sharding mode (a mesh with AxisType.Explicit axes; "
+            f"the queries' type shows {spec}) is not supported yet. Use a mesh with "
+            "AxisType.Auto axes, e.g. jax.make_mesh(shape, names, axis_types="
+            "(jax.sharding.AxisType.Auto,) * len(names))"
+            + ("" if sequence else ", or implementation='chunked'")
+            + "."
+        )
+
+
 def run(q, k, v, mask, sin, cos, spec: AttentionSpec, chosen: Plan):
     """Swish, RoPE and attention as `chosen` says; returns `spec.dtype`.
 
@@ -156,6 +194,7 @@ def run(q, k, v, mask, sin, cos, spec: AttentionSpec, chosen: Plan):
     """
     if q.size == 0 or v.size == 0:  # no positions, no rows or no value features
         return jnp.zeros(v.shape, spec.dtype)
+    check_explicit_sharding(q, chosen)
     axis = mapped_axis(q, k, v, others=(mask, sin, cos))
     if axis is None or axis > q.ndim - 2:  # mapped along the sequence or feature axis
         return _run(q, k, v, mask, sin, cos, spec=spec, chosen=chosen)

@@ -132,8 +132,30 @@ def memory(mesh, seq_len=4096):
         report(case=f"memory-{implementation}-{activation}", one=one, sharded=many)
 
 
+def explicit_mode():
+    """JAX's explicit sharding mode (Explicit mesh axes): the XLA paths over a leading
+    axis run; sequence sharding and the kernels raise a ValueError saying what to use."""
+    mesh = jax.make_mesh((4,), ("x",), axis_types=(jax.sharding.AxisType.Explicit,))
+    q = inputs(64, batch=4, heads=4)[0]
+    for name, spec, implementation in (
+        ("heads-chunked", PartitionSpec(None, "x"), "chunked"),
+        ("sequence-chunked", SEQ, "chunked"),
+        ("heads-triton", PartitionSpec(None, "x"), SMALL_TRITON),
+    ):
+        sharded = jax.device_put(q, NamedSharding(mesh, spec))
+        f = jax.jit(lambda q, i=implementation: ex.attention(q, q, q, implementation=i))
+        try:
+            with jax.set_mesh(mesh):
+                got = f(sharded)
+            row = {"max_rel_err": rel_err([got], [ex.attention(q, q, q, implementation="chunked")])}
+        except ValueError as err:
+            row = {"error": str(err)}
+        report(case=f"mode-explicit-{name}", **row)
+
+
 if __name__ == "__main__":
     mesh = Mesh(np.array(jax.devices()), ("x",))
     automatic(mesh)
     explicit(mesh)
     memory(mesh)
+    explicit_mode()
