@@ -48,7 +48,7 @@ def _rope(x, starts, chunk_count, pre_activation, theta, accum):
     """Swish and RoPE on each chunk of `x` (equal parts, one per entry of `starts`, the
     chunks' traced global indices among `chunk_count`). The angle of position
     `start + i` is that of `start` plus that of `i`, each rounded once from float64,
-    joined by the angle-sum identities: float32-exact at any sequence length."""
+    joined by the angle-sum identities: within a few float32 roundings at any length."""
     parts = len(starts)
     size, dim = x.shape[-2] // parts, x.shape[-1]
     inv_wavelength = 1.0 / theta ** (np.arange(0, dim, 2, dtype=np.float64) / dim)
