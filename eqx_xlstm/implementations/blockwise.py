@@ -120,25 +120,27 @@ def blockwise(q, k, v, mask, spec, precision):
     return _forward(q, k, v, mask, spec, precision)[0]
 
 
-def blockwise_fwd(q, k, v, mask, spec, precision):
+def _blockwise_fwd(q, k, v, mask, spec, precision):
     out, lse = _forward(q, k, v, mask, spec, precision)
     return out, (q, k, v, mask, out, lse)
 
 
-def blockwise_bwd(spec, precision, residuals, d_out):
+def _blockwise_bwd(spec, precision, residuals, d_out):
     q, k, v, mask, out, lse = residuals
     return (*_backward(q, k, v, mask, out, lse, d_out, spec, precision), None)
 
 
-blockwise.defvjp(blockwise_fwd, blockwise_bwd)
+blockwise.defvjp(_blockwise_fwd, _blockwise_bwd)
 
 
-def _to_blocks(x, block):
-    """`(*batch, S, D)` -> `(nb, *batch, block, D)`: the loops index blocks first."""
+def leading_blocks(x, block):
+    """`(*batch, S, D)` -> `(nb, *batch, block, D)`, the layout the loops take: blocks
+    first, the sequence zero-padded at the end."""
     return jnp.moveaxis(in_blocks(x, block), -3, 0)
 
 
-def _from_blocks(x, seq_len):
+def from_leading_blocks(x, seq_len):
+    """`(nb, *batch, block, D)` from `leading_blocks`' layout back to `(*batch, S, D)`."""
     return from_blocks(jnp.moveaxis(x, 0, -3), seq_len)
 
 
@@ -148,9 +150,10 @@ def piece_forward(q, k, v, spec: AttentionSpec, block: int):
     (normalised for softmax, in `spec.accum_dtype`) and each row's log2-sum-exp2
     `(*batch, L)`, +inf for rows that see no key (zeros unless softmax)."""
     block = max(1, min(block, spec.seq_len))
-    qb, kb, vb = (_to_blocks(x.astype(spec.accum_dtype), block) for x in (q, k, v))
+    qb, kb, vb = (leading_blocks(x.astype(spec.accum_dtype), block) for x in (q, k, v))
     out, lse = _forward(qb, kb, vb, None, spec, matmul_precision(spec.dtype))
-    return _from_blocks(out, spec.seq_len), _from_blocks(lse[..., None], spec.seq_len)[..., 0]
+    lse = from_leading_blocks(lse[..., None], spec.seq_len)[..., 0]
+    return from_leading_blocks(out, spec.seq_len), lse
 
 
 def piece_backward(q, k, v, out, lse, d_out, spec: AttentionSpec, block: int):
@@ -158,8 +161,8 @@ def piece_backward(q, k, v, out, lse, d_out, spec: AttentionSpec, block: int):
     and log2-sum-exp2 of the whole rows, which softmax's gradient needs."""
     block = max(1, min(block, spec.seq_len))
     accum = spec.accum_dtype
-    blocks = [_to_blocks(x.astype(accum), block) for x in (q, k, v, out, d_out)]
-    lse_b = _to_blocks(lse[..., None], block)[..., 0]
+    blocks = [leading_blocks(x.astype(accum), block) for x in (q, k, v, out, d_out)]
+    lse_b = leading_blocks(lse[..., None], block)[..., 0]
     qb, kb, vb, ob, dob = blocks
     grads = _backward(qb, kb, vb, None, ob, lse_b, dob, spec, matmul_precision(spec.dtype))
-    return tuple(_from_blocks(g, spec.seq_len) for g in grads)
+    return tuple(from_leading_blocks(g, spec.seq_len) for g in grads)

@@ -10,8 +10,14 @@ import jax.numpy as jnp
 
 from ..spec import AttentionSpec
 from . import ring
-from .base import Implementation, from_blocks, in_blocks
-from .blockwise import blockwise, piece_backward, piece_forward
+from .base import Implementation
+from .blockwise import (
+    blockwise,
+    from_leading_blocks,
+    leading_blocks,
+    piece_backward,
+    piece_forward,
+)
 from .per_shard import per_shard
 from .reference import matmul_precision
 
@@ -86,14 +92,12 @@ class Chunked(Implementation):
 
     def __call__(self, q, k, v, spec, mask):
         if spec.causal:
-            return _causal(q, k, v, spec, max(1, min(self.block, spec.seq_len)))
+            return _causal(q, k, v, spec, self.block)  # the pieces clamp the block
         seq_len = spec.seq_len
         block = max(1, min(self.block, seq_len))
-        # (nb, *batch, block, D): the loops index blocks on the first axis.
-        to_blocks = lambda x: jnp.moveaxis(in_blocks(x.astype(spec.accum_dtype), block), -3, 0)
-        qb, kb, vb = (to_blocks(x) for x in (q, k, v))
+        qb, kb, vb = (leading_blocks(x.astype(spec.accum_dtype), block) for x in (q, k, v))
         if mask is not None:
             pad = qb.shape[0] * block - seq_len
             mask = jnp.pad(mask, ((0, pad), (0, pad)))
         out = blockwise(qb, kb, vb, mask, spec, matmul_precision(spec.dtype))
-        return from_blocks(jnp.moveaxis(out, 0, -3), seq_len)
+        return from_leading_blocks(out, seq_len)
