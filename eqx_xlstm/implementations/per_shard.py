@@ -56,8 +56,9 @@ def per_shard(fn, *arrays, batch_ndim: int, over_sequence: Callable | None = Non
     With `over_sequence`, the next axis of every array and result (the sequence) may
     be sharded too: then each device runs `over_sequence(layout)` on its shards, a
     function like `fn` that may communicate over `layout.axis_name` (a contiguous
-    `SequenceLayout`). A sequence whose length is not a multiple of the device count
-    is gathered instead.
+    `SequenceLayout`); of its results the op keeps as many as `fn` returns, in `fn`'s
+    dtypes. A sequence whose length is not a multiple of the device count is gathered
+    instead.
 
     Under `jax.vmap` (custom_partitioning has no batching rule) the mapped axis
     becomes one more leading axis: `fn` takes any number of them.
@@ -109,11 +110,15 @@ def _partitioned(fn, arrays, batch_ndim, over_sequence):
     def infer(mesh, arg_shapes, result_shapes):
         return _sharded_like(mesh, result_shapes, placement(mesh, arg_shapes)[0])
 
+    def like_results(shard_fn):
+        # `over_sequence` may compute in other dtypes, or more: the op's results are fn's.
+        return lambda *xs: tuple(x.astype(r.dtype) for x, r in zip(shard_fn(*xs), results))
+
     def partition(mesh, arg_shapes, result_shapes):
         axes, layout = placement(mesh, arg_shapes)
         return (
             mesh,
-            fn if layout is None else over_sequence(layout),
+            fn if layout is None else like_results(over_sequence(layout)),
             _sharded_like(mesh, result_shapes, axes),
             _sharded_like(mesh, arg_shapes, axes),
         )
@@ -153,34 +158,23 @@ class RowKernels:
         """How many leading axes of `q` `per_shard` partitions over."""
         return q.ndim - 2 if self.partition else 0
 
-    def over_sequence(self, forward: bool, results):
-        """`per_shard`'s `over_sequence` for the forward or backward pass (whose
-        results look like `results`), or None when the sequence is gathered."""
+    def over_sequence(self, forward: bool):
+        """`per_shard`'s `over_sequence` for the forward or backward pass, or None when
+        the sequence is gathered."""
         spec = self.spec
         if not self.partition or self.sequence_pieces is None or spec.seq_len % self.multiple:
             return None
 
         def make(layout):
             def run(*arrays):
-                if forward:
-                    outs = ring.balanced_forward(
-                        *arrays, spec=spec, layout=layout, pieces=self.sequence_pieces
-                    )
-                else:
-                    q, k, v, d_out, out, *lse = arrays
-                    lse = lse[0] if lse else jnp.zeros_like(out[..., 0], dtype=jnp.float32)
-                    outs = ring.balanced_backward(
-                        q,
-                        k,
-                        v,
-                        out,
-                        lse,
-                        d_out,
-                        spec=spec,
-                        layout=layout,
-                        pieces=self.sequence_pieces,
-                    )
-                return tuple(x.astype(r.dtype) for x, r in zip(outs, results))
+                pieces = self.sequence_pieces
+                if forward:  # (out, lse): per_shard keeps as many as the kernels return
+                    return ring.balanced_forward(*arrays, spec=spec, layout=layout, pieces=pieces)
+                q, k, v, d_out, out, *lse = arrays
+                lse = lse[0] if lse else jnp.zeros_like(out[..., 0], dtype=jnp.float32)
+                return ring.balanced_backward(
+                    q, k, v, out, lse, d_out, spec=spec, layout=layout, pieces=pieces
+                )
 
             return run
 
@@ -201,8 +195,7 @@ def _forward_outputs(kernels: RowKernels, q, k, v):
         outs = kernels.forward(*(as_rows(x, spec, multiple) for x in (q, k, v)))
         return tuple(o.reshape(*batch, *o.shape[1:]) for o in outs)  # rows kept padded
 
-    results = jax.eval_shape(fn, q, k, v)
-    over_sequence = kernels.over_sequence(True, results)
+    over_sequence = kernels.over_sequence(True)
     return per_shard(fn, q, k, v, batch_ndim=kernels.batch_ndim(q), over_sequence=over_sequence)
 
 
@@ -230,7 +223,7 @@ def _row_attention_bwd(kernels, residuals, d_out):
         grads = kernels.backward(*rows[:3], *outs, rows[3])
         return tuple(from_rows(g, batch, spec).astype(t) for g, t in zip(grads, dtypes))
 
-    over_sequence = kernels.over_sequence(False, (q, k, v))
+    over_sequence = kernels.over_sequence(False)
     return per_shard(
         fn, q, k, v, d_out, *outs, batch_ndim=kernels.batch_ndim(q), over_sequence=over_sequence
     )
