@@ -12,10 +12,10 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 from jax.sharding import Mesh, NamedSharding, PartitionSpec
+from sharded_attention_check import COLLECTIVES  # this folder is the script's path
 
 import eqx_xlstm as ex
 
-COLLECTIVES = ("all-gather", "all-reduce", "all-to-all", "collective-permute", "reduce-scatter")
 SEQ = PartitionSpec(None, None, "x", None)
 SMALL_TRITON = ex.implementations.Triton(forward=(16, 16, 4, 1), backward=(16, 16, 4, 1))
 

@@ -1,9 +1,12 @@
 """What the tests share: one input helper, the tolerances, golden-vector loading, a
-float64 NumPy reference, and specs for the implementation protocol."""
+float64 NumPy reference, specs for the implementation protocol, and running a check
+script on CPU host devices."""
 
 import json
 import os
 import pathlib
+import subprocess
+import sys
 
 import jax
 import jax.numpy as jnp
@@ -167,3 +170,19 @@ def naive_attention(
 # whole number of them.
 SMALL_CHUNKED = ex.implementations.Chunked(block=5)
 SMALL_LINEAR = ex.implementations.Linear(chunk=4)
+
+
+def run_on_host_devices(script: str, devices: int = 4) -> list[dict]:
+    """Run `tests/<script>` in a process with `devices` CPU host devices; its JSON
+    lines, one dict each (the test fails with its stderr if it fails)."""
+    env = {
+        **os.environ,
+        "JAX_PLATFORMS": "cpu",
+        "XLA_FLAGS": f"--xla_force_host_platform_device_count={devices}",
+    }
+    path = pathlib.Path(__file__).with_name(script)
+    result = subprocess.run(
+        [sys.executable, str(path)], capture_output=True, text=True, env=env, timeout=300
+    )
+    assert result.returncode == 0, result.stderr[-3000:]
+    return [json.loads(line) for line in result.stdout.splitlines()]

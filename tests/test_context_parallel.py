@@ -5,36 +5,20 @@ and layout, move data only by ring transfers (or D x DV state gathers for 'none'
 keep the sequence sharding, and a sequence-sharded gradient needs at most 0.6x one
 device's memory at S = 4096. Argument errors are checked in this process."""
 
-import json
-import os
-import pathlib
-import subprocess
-import sys
-
 import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
+from helpers import run_on_host_devices
 from jax.sharding import Mesh, PartitionSpec
 
 import eqx_xlstm as ex
 from eqx_xlstm import context_parallel_attention
 
-CHECK = pathlib.Path(__file__).with_name("context_parallel_check.py")
-
 
 @pytest.fixture(scope="module")
 def rows():
-    env = {
-        **os.environ,
-        "JAX_PLATFORMS": "cpu",
-        "XLA_FLAGS": "--xla_force_host_platform_device_count=4",
-    }
-    result = subprocess.run(
-        [sys.executable, str(CHECK)], capture_output=True, text=True, env=env, timeout=300
-    )
-    assert result.returncode == 0, result.stderr[-3000:]
-    return {row["case"]: row for row in map(json.loads, result.stdout.splitlines())}
+    return {row["case"]: row for row in run_on_host_devices("context_parallel_check.py")}
 
 
 def test_sequence_sharded_jit_runs_as_a_ring(rows):

@@ -5,26 +5,11 @@ gradients keep the inputs' sharding, and the results equal one device's; decodin
 with its KV cache or linear state sharded like the inputs; sharded arrays through a
 checkpoint; and a language model placed on a 2 x 2 mesh by `ex.partition_specs`."""
 
-import json
-import os
-import pathlib
-import subprocess
-import sys
-
-CHECK = pathlib.Path(__file__).with_name("sharded_attention_check.py")
+from helpers import run_on_host_devices
 
 
 def test_paths_are_shard_local_over_batch_and_heads():
-    env = {
-        **os.environ,
-        "JAX_PLATFORMS": "cpu",
-        "XLA_FLAGS": "--xla_force_host_platform_device_count=4",
-    }
-    result = subprocess.run(
-        [sys.executable, str(CHECK)], capture_output=True, text=True, env=env, timeout=300
-    )
-    assert result.returncode == 0, result.stderr[-3000:]
-    rows = [json.loads(line) for line in result.stdout.splitlines()]
+    rows = run_on_host_devices("sharded_attention_check.py")
     checkpoints = [row for row in rows if row["case"].startswith("checkpoint")]
     (model_parallel,) = [row for row in rows if row["case"] == "model-parallel"]
     rows = [row for row in rows if row["case"] not in ("model-parallel",)]
