@@ -17,13 +17,20 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import optax
-from jax.sharding import Mesh, NamedSharding, PartitionSpec
+from jax.sharding import NamedSharding, PartitionSpec
 from timing import median_ms, print_table_header
 
 import eqx_xlstm as ex
 
 sys.path.insert(0, str(__import__("pathlib").Path(__file__).parents[1] / "examples"))
-from device_mesh import AXES, describe, like_params, parse_mesh  # noqa: E402
+from device_mesh import (  # noqa: E402
+    AXES,
+    build_mesh,
+    describe,
+    like_params,
+    parse_mesh,
+    shardings_of,
+)
 
 
 def step_fn(static, optimizer, param_shardings, opt_shardings):
@@ -80,9 +87,8 @@ def main():
         if count > len(devices):
             print(f"| {describe(sizes)} | {count} | - | skipped: {len(devices)} visible | | | |")
             continue
-        mesh = Mesh(np.array(devices[:count]).reshape([sizes[a] for a in AXES]), AXES)
-        specs = ex.partition_specs(params, mesh, data_axis=None if args.no_fsdp else "data")
-        param_shardings = jax.tree.map(lambda s, m=mesh: NamedSharding(m, s), specs)
+        mesh = build_mesh(sizes)
+        param_shardings = shardings_of(params, mesh, fsdp=not args.no_fsdp)
         placed = eqx.filter_shard(params, param_shardings)
         opt_state = optimizer.init(placed)
         opt_shardings = like_params(opt_state, param_shardings, mesh)

@@ -46,9 +46,10 @@ def build_mesh(sizes: dict[str, int]) -> Mesh:
     return Mesh(grid, AXES)
 
 
-def shardings_of(tree, mesh: Mesh):
-    """NamedShardings for the model parameters `tree` (`ex.partition_specs`)."""
-    specs = ex.partition_specs(tree, mesh, model_axis="model", data_axis="data")
+def shardings_of(tree, mesh: Mesh, fsdp: bool = True):
+    """NamedShardings for the model parameters `tree` (`ex.partition_specs`; without
+    `fsdp` they are not split over `data`)."""
+    specs = ex.partition_specs(tree, mesh, model_axis="model", data_axis="data" if fsdp else None)
     return jax.tree.map(lambda spec: NamedSharding(mesh, spec), specs)
 
 
