@@ -12,7 +12,6 @@ from jaxtyping import Array, Float
 
 from . import maths
 from .implementations.base import SequenceLayout
-from .implementations.chunked import Chunked
 from .implementations.linear import Linear
 from .implementations.ring import BlockwisePieces, linear_prefix, ring_attention
 from .implementations.triton import Triton, TritonPieces
@@ -70,7 +69,7 @@ def _pieces(spec: AttentionSpec, block: int):
     """The Triton kernels on a GPU where they serve the call; else blockwise XLA."""
     if spec.platform == "gpu" and Triton().unsupported(spec) is None:
         return TritonPieces(Triton())
-    return BlockwisePieces(Chunked(block).block)
+    return BlockwisePieces(block)
 
 
 @typechecked
@@ -96,7 +95,7 @@ def context_parallel_attention(
     transfer overlapping a step of work; 'none' exchanges only one D x DV state per
     chunk. Per-device memory is that of the device's shard. The pieces run in the
     Triton kernels on a GPU (float16/bfloat16), blockwise in XLA otherwise
-    (`implementations.Chunked`, `block` positions per block).
+    (as `implementations.Chunked`, `block` positions per block).
 
     **Arguments:**
 
