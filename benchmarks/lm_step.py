@@ -2,11 +2,14 @@
 model placed by `ex.partition_specs`, for each mesh asked for, in one run.
 
     python benchmarks/lm_step.py --meshes data=1 data=2 model=2 data=1,model=2,seq=1
+    python benchmarks/lm_step.py --seq 262144 --batch-per-data 1 --meshes seq=1 seq=2
 
 Default model: width 1024, 8 blocks, 16 heads, S=4096, bf16 parameters' compute (the
 issue's "big enough to matter"); `--small` for a CPU smoke run. Each mesh uses the first
-`data * model * seq` devices; the batch is `--batch-per-data` sequences per data shard.
-"scaling" is tokens/s over the first mesh's.
+`data * model * seq` devices; the batch is `--batch-per-data` sequences per data shard,
+its positions split over `seq`. "scaling" is tokens/s over the first mesh's. Each step
+is compiled first and its per-device memory read from XLA's analysis; a step that needs
+more than a device holds is reported as not fitting instead of run.
 """
 
 import argparse
@@ -17,14 +20,14 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import optax
-from jax.sharding import NamedSharding, PartitionSpec
-from timing import median_ms, print_table_header
+from timing import compiled_median_ms, print_table_header
 
 import eqx_xlstm as ex
 
 sys.path.insert(0, str(__import__("pathlib").Path(__file__).parents[1] / "examples"))
 from device_mesh import (  # noqa: E402
     AXES,
+    batch_sharding,
     build_mesh,
     describe,
     like_params,
@@ -34,12 +37,12 @@ from device_mesh import (  # noqa: E402
 
 
 def step_fn(static, optimizer, param_shardings, opt_shardings):
-    def step(params, opt_state, tokens):
+    def step(params, opt_state, inputs, targets):
         def loss_fn(params):
             model = eqx.combine(params, static)
-            logits = jax.vmap(model)(tokens[:, :-1])
+            logits = jax.vmap(model)(inputs)
             return optax.softmax_cross_entropy_with_integer_labels(
-                logits.astype(jnp.float32), tokens[:, 1:]
+                logits.astype(jnp.float32), targets
             ).mean()
 
         loss, grads = eqx.filter_value_and_grad(loss_fn)(params)
@@ -57,9 +60,11 @@ def main():
     parser.add_argument("--batch-per-data", type=int, default=4)
     parser.add_argument("--activation", default="sigmoid")
     parser.add_argument("--no-fsdp", action="store_true")
+    parser.add_argument("--seq", type=int, help="sequence length (default 4096; 128 small)")
     parser.add_argument("--repeats", type=int, default=5)
     args = parser.parse_args()
     width, blocks, heads, seq = (64, 2, 4, 128) if args.small else (1024, 8, 16, 4096)
+    seq = args.seq or seq
     config = ex.ModelConfig(
         vocab_size=256,
         context_length=seq,
@@ -79,7 +84,10 @@ def main():
         f"{blocks} blocks, {heads} heads, S={seq}, {np.dtype(dtype).name}, "
         f"{args.activation}, FSDP {'off' if args.no_fsdp else 'on'}; one AdamW step"
     )
-    print_table_header("| mesh | devices | batch | step ms | tokens/s | per device | scaling |")
+    capacity = device_memory(devices[0])
+    print_table_header(
+        "| mesh | devices | batch | GiB per device | step ms | tokens/s | per device | scaling |"
+    )
     first = None
     for text in args.meshes:
         sizes = parse_mesh(text)
@@ -95,16 +103,42 @@ def main():
         opt_state = eqx.filter_shard(opt_state, opt_shardings)
         batch = args.batch_per_data * sizes["data"]
         tokens = jax.random.randint(jax.random.key(1), (batch, seq + 1), 0, 256)
-        tokens = jax.device_put(tokens, NamedSharding(mesh, PartitionSpec("data")))
+        inputs, targets = (
+            jax.device_put(x, batch_sharding(mesh)) for x in (tokens[:, :-1], tokens[:, 1:])
+        )
         step = step_fn(static, optimizer, param_shardings, opt_shardings)
-        ms = median_ms(step, placed, opt_state, tokens, repeats=args.repeats)
+        state = (placed, opt_state, inputs, targets)
+        compiled = jax.jit(step).lower(*state).compile()
+        need = compiled_bytes(compiled)
+        row = f"| {describe(sizes)} | {count} | {batch} | {need / 2**30:.2f} |"
+        if capacity is not None and need > capacity:
+            print(f"{row} does not fit ({capacity / 2**30:.0f} GiB) | | | |", flush=True)
+            continue
+        ms = compiled_median_ms(compiled, *state, repeats=args.repeats)
         rate = batch * seq / (ms / 1e3)
         first = first or rate
         print(
-            f"| {describe(sizes)} | {count} | {batch} | {ms:.1f} | {rate:,.0f} | "
-            f"{rate / count:,.0f} | {rate / first:.2f} |",
+            f"{row} {ms:.1f} | {rate:,.0f} | {rate / count:,.0f} | {rate / first:.2f} |",
             flush=True,
         )
+
+
+def device_memory(device) -> int | None:
+    """Bytes a device can hold (None where the backend does not say, e.g. the CPU)."""
+    stats = device.memory_stats() or {}
+    return stats.get("bytes_limit")
+
+
+def compiled_bytes(compiled) -> int:
+    """Peak bytes per device of a compiled step by XLA's analysis: arguments, outputs
+    and temporaries."""
+    mem = compiled.memory_analysis()
+    return (
+        mem.argument_size_in_bytes
+        + mem.output_size_in_bytes
+        - mem.alias_size_in_bytes
+        + mem.temp_size_in_bytes
+    )
 
 
 if __name__ == "__main__":

@@ -14,7 +14,13 @@ def median_ms(fn, *xs, repeats=10, sample_ms=10.0):
     timed. A sample issues enough calls back to back to last about `sample_ms` (one for
     calls longer than that) and waits for the last, so that short calls are timed on
     the device, not by the host's round trip per call."""
-    compiled = jax.jit(fn).lower(*xs).compile()
+    return compiled_median_ms(
+        jax.jit(fn).lower(*xs).compile(), *xs, repeats=repeats, sample_ms=sample_ms
+    )
+
+
+def compiled_median_ms(compiled, *xs, repeats=10, sample_ms=10.0):
+    """`median_ms` of an already compiled function."""
     jax.block_until_ready(compiled(*xs))
     start = time.perf_counter()
     jax.block_until_ready(compiled(*xs))
