@@ -18,6 +18,8 @@ from helpers import (
 
 import eqx_xlstm as ex
 from eqx_xlstm.implementations import Chunked, Mosaic, Triton
+from eqx_xlstm.implementations.mosaic import MosaicPieces
+from eqx_xlstm.implementations.ring import BlockwisePieces
 
 ON_GPU = jax.default_backend() == "gpu"
 # What the kernels take here: 16-bit on a GPU; float32 in interpret mode on a CPU.
@@ -204,6 +206,39 @@ def test_mosaic_matches_reference(activation, fused, dtype):
     kwargs = dict(activation_function=activation, qk_pre_activation_function="swish")
     got, expected = against_reference(implementation, q, k, v, g, jit=True, **kwargs)
     assert_all_close(got, expected, dtype)
+
+
+@pytest.mark.parametrize(
+    "activation, fused, mask", [("sigmoid", False, "full"), ("none", True, "full")]
+)
+def test_mosaic_ring_pieces_match_blockwise(activation, fused, mask):
+    # Context parallelism's pieces through the Mosaic kernels (the `full` mask mode
+    # of all three kernels; the causal mode is `attention`'s), against the blockwise
+    # XLA pieces; S = 200 pads to 256.
+    mosaic_or_skip()
+    seq, dtype = 200, jnp.bfloat16
+    spec = here(
+        activation=activation,
+        mask=mask,
+        dtype=dtype,
+        seq_len=seq,
+        batch_shape=(2,),
+        dqk=64,
+        dv=64,
+        sigmoid_bias=-2.0,
+    )
+    q, k, v, d_out = random_inputs(seq, batch=(2,), dqk=64, dv=64, dtype=dtype, seed=5)
+    mosaic = MosaicPieces(Mosaic(fused_backward_from=0 if fused else None))
+    blockwise = BlockwisePieces(block=64)
+
+    def run(pieces):
+        # One jit per pass: interpreted kernels in one program with the other pass's
+        # may deadlock JAX's interpreter threads.
+        out, lse = jax.jit(lambda q, k, v: pieces.forward(q, k, v, spec))(q, k, v)
+        grads = jax.jit(lambda *xs: pieces.backward(*xs, spec))(q, k, v, out, lse, d_out)
+        return [np.asarray(x, np.float32) for x in (out, *grads)]
+
+    assert_all_close(run(mosaic), run(blockwise), dtype)
 
 
 def test_mosaic_softmax_is_forward_only():

@@ -4,9 +4,10 @@ import dataclasses
 import functools
 
 import jax
+import jax.numpy as jnp
 
 from ...spec import AttentionSpec
-from ..base import Implementation
+from ..base import Implementation, as_rows, from_rows
 from ..per_shard import RowKernels, row_attention
 from ..triton import Triton, TritonPieces
 from .backward import mosaic_dkv, mosaic_dq
@@ -54,10 +55,15 @@ class Mosaic(Implementation):
             )
         return None
 
+    def fused(self, spec: AttentionSpec) -> bool:
+        """Whether the backward of `spec` is the one fused kernel."""
+        return self.fused_backward_from is not None and spec.seq_len >= self.fused_backward_from
+
     def __call__(self, q, k, v, spec, mask):
-        fused = self.fused_backward_from is not None and spec.seq_len >= self.fused_backward_from
         interpret = spec.platform != "gpu"
-        backward = functools.partial(_backward_kernels, spec=spec, interpret=interpret, fused=fused)
+        backward = functools.partial(
+            _backward_kernels, spec=spec, interpret=interpret, fused=self.fused(spec)
+        )
         row_kernels = RowKernels(
             forward=functools.partial(_forward_kernel, spec=spec, interpret=interpret),
             backward=None if spec.activation == "softmax" else backward,
@@ -65,11 +71,39 @@ class Mosaic(Implementation):
             multiple=PADDING,
             no_backward=NO_SOFTMAX_BACKWARD,
             partition=not interpret,
-            # Sequence-sharded: a ring whose pieces run in the Triton kernels (the
-            # Mosaic kernels have no full-block mode).
-            sequence_pieces=TritonPieces(Triton()),
+            sequence_pieces=MosaicPieces(self),
         )
         return row_attention(row_kernels, q, k, v)
+
+
+@dataclasses.dataclass(frozen=True)
+class MosaicPieces:
+    """The pieces of context-parallel attention (`ring`) through these kernels: a chunk
+    against itself (causal) or against an earlier chunk (full), sigmoid and 'none'.
+    Softmax pieces run in `softmax_pieces`: the Mosaic forward returns no log-sum-exp
+    and has no softmax backward."""
+
+    mosaic: Mosaic
+    softmax_pieces: TritonPieces = TritonPieces(Triton())
+
+    def forward(self, q, k, v, spec: AttentionSpec):
+        """`(out, lse)`: lse is zeros (sigmoid and 'none' pieces simply add)."""
+        if spec.activation == "softmax":
+            return self.softmax_pieces.forward(q, k, v, spec)
+        rows = [as_rows(x, spec, PADDING) for x in (q, k, v)]
+        (out,) = _forward_kernel(*rows, spec=spec, interpret=spec.platform != "gpu")
+        out = from_rows(out, q.shape[:-2], spec)
+        return out, jnp.zeros(out.shape[:-1], jnp.float32)
+
+    def backward(self, q, k, v, out, lse, d_out, spec: AttentionSpec):
+        """`(dq, dk, dv)` of a piece (sigmoid and 'none' need neither out nor lse)."""
+        if spec.activation == "softmax":
+            return self.softmax_pieces.backward(q, k, v, out, lse, d_out, spec)
+        rows = [as_rows(x, spec, PADDING) for x in (q, k, v, d_out)]
+        interpret = spec.platform != "gpu"
+        fused = self.mosaic.fused(spec)
+        grads = _backward_kernels(*rows[:3], None, rows[3], spec, interpret, fused)
+        return tuple(from_rows(g, q.shape[:-2], spec) for g in grads)
 
 
 NO_SOFTMAX_BACKWARD = (
@@ -81,11 +115,13 @@ NO_SOFTMAX_BACKWARD = (
 
 
 def _forward_kernel(q, k, v, spec, interpret):
-    return (mosaic_forward(q, k, v, spec.activation, spec.sigmoid_bias, interpret),)
+    full = spec.mask == "full"
+    return (mosaic_forward(q, k, v, spec.activation, spec.sigmoid_bias, interpret, full),)
 
 
 def _backward_kernels(q, k, v, out, d_out, spec, interpret, fused):
     args = (q, k, v, d_out, spec.activation, spec.sigmoid_bias, interpret)
+    full = spec.mask == "full"
     if fused:
-        return mosaic_dkv(*args, fused=True)
-    return (mosaic_dq(*args), *mosaic_dkv(*args))
+        return mosaic_dkv(*args, fused=True, full=full)
+    return (mosaic_dq(*args, full=full), *mosaic_dkv(*args, full=full))

@@ -77,7 +77,7 @@ def _dq_part_width(dim):
     return dim if dim < 128 else dim // 2
 
 
-def _kernel(*refs, activation, bias, scale, n_tiles, interpret, fused):
+def _kernel(*refs, activation, bias, scale, n_tiles, full, interpret, fused):
     n_in = (6 if interpret else 4) + fused
     (q_ref, k_ref, v_ref, do_ref, *rest), (dk_ref, dv_ref) = refs[:n_in], refs[n_in:-1]
     transposed, dq_ref = (rest[:-1], rest[-1]) if fused else (rest, None)
@@ -89,13 +89,15 @@ def _kernel(*refs, activation, bias, scale, n_tiles, interpret, fused):
     n = jax.lax.axis_index("n")
     block = jax.lax.axis_index("k")
     wg = jax.lax.axis_index("wg")
-    first = 2 * block  # the first query tile this block needs (warpgroup 0's diagonal)
+    # The first query tile this block needs: warpgroup 0's diagonal, or tile 0 when
+    # every query sees every key (`full`).
+    first = 0 if full else 2 * block
     block_steps = n_tiles - first
 
     @pl.when(wg < 2)
     def _compute():
         claim_registers()
-        key0 = (first + wg) * rows
+        key0 = (2 * block + wg) * rows
         own_k, own_v = k_smem.at[wg], v_smem.at[wg]
         plgpu.copy_gmem_to_smem(k_ref.at[n, pl.ds(key0, rows)], own_k, k_bar.at[wg])
         plgpu.copy_gmem_to_smem(v_ref.at[n, pl.ds(key0, rows)], own_v, v_bar.at[wg])
@@ -197,8 +199,11 @@ def _kernel(*refs, activation, bias, scale, n_tiles, interpret, fused):
             return carry
 
         def accumulate(dk_acc, dv_acc):
-            jax.lax.fori_loop(0, wg, skip, None)
-            for lo, hi, masked in ((wg, wg + 1, True), (wg + 1, block_steps, False)):
+            loops = ((0, block_steps, False),)
+            if not full:
+                jax.lax.fori_loop(0, wg, skip, None)
+                loops = ((wg, wg + 1, True), (wg + 1, block_steps, False))
+            for lo, hi, masked in loops:
                 body = functools.partial(step, dk_acc=dk_acc, dv_acc=dv_acc, masked=masked)
                 jax.lax.fori_loop(lo, hi, lambda t, c, body=body: body(t) or c, None)
             if fused:
@@ -236,21 +241,22 @@ def _kernel(*refs, activation, bias, scale, n_tiles, interpret, fused):
         stream_tiles(load, block_steps, stages, (free,), n_tiles)
 
 
-def mosaic_dkv(q, k, v, d_out, activation, bias, interpret, fused=False):
+def mosaic_dkv(q, k, v, d_out, activation, bias, interpret, fused=False, full=False):
     """dK, dV for `q`, `k`, `v`, `d_out`: `(N, S, D)`, S a multiple of 128. With
     `fused`, dQ too, `(dq, dk, dv)`: the same kernel adds each tile's dS K into a
-    float32 sum across CUDA blocks, so the weights are computed once, not twice. Under
+    float32 sum across CUDA blocks, so the weights are computed once, not twice. With
+    `full`, every query sees every key (a piece of context-parallel attention). Under
     `jax.vmap` the mapped axis joins N (the fused kernel only where `in_gmem` can hide
     its in-place sum)."""
     run = functools.partial(
-        _dkv, activation=activation, bias=bias, interpret=interpret, fused=fused
+        _dkv, activation=activation, bias=bias, interpret=interpret, fused=fused, full=full
     )
     if fused and jax_private.ref_type_mappings() is None:
         return run(q, k, v, d_out)
     return fold_vmap(run, q, k, v, d_out)
 
 
-def _dkv(q, k, v, d_out, activation, bias, interpret, fused):
+def _dkv(q, k, v, d_out, activation, bias, interpret, fused, full):
     n, seq, dim = q.shape
     n_tiles = seq // ROWS
     scale = dim**-0.5
@@ -260,6 +266,7 @@ def _dkv(q, k, v, d_out, activation, bias, interpret, fused):
         bias=bias,
         scale=scale,
         n_tiles=n_tiles,
+        full=full,
         interpret=interpret,
         fused=fused,
     )
@@ -313,7 +320,7 @@ def _dkv(q, k, v, d_out, activation, bias, interpret, fused):
     return dq.astype(q.dtype), dk, dv
 
 
-def _dq_kernel(*refs, activation, bias, scale, n_pairs, interpret):
+def _dq_kernel(*refs, activation, bias, scale, n_pairs, full, interpret):
     n_in = 6 if interpret else 4
     (q_ref, k_ref, v_ref, do_ref, *transposed), (dq_ref,) = refs[:n_in], refs[n_in:-1]
     # v_tiles: value tiles (128, D) on a GPU, transposed (D, 128) when interpreting.
@@ -323,7 +330,8 @@ def _dq_kernel(*refs, activation, bias, scale, n_pairs, interpret):
     n = jax.lax.axis_index("n")
     pair = n_pairs - 1 - jax.lax.axis_index("q")  # the longest rows start first
     wg = jax.lax.axis_index("wg")
-    steps = pair + 1  # key tiles of 128 up to this pair's diagonal (both warpgroups)
+    # Key tiles of 128 up to this pair's diagonal (all of them when `full`).
+    steps = n_pairs if full else pair + 1
 
     @pl.when(wg < 2)
     def _compute():
@@ -361,7 +369,10 @@ def _dq_kernel(*refs, activation, bias, scale, n_pairs, interpret):
             plgpu.barrier_arrive(free.at[slot])
 
         def accumulate(dq_acc):
-            for lo, hi, masked in ((0, steps - 1, False), (steps - 1, steps, True)):
+            loops = (
+                ((0, steps, False),) if full else ((0, steps - 1, False), (steps - 1, steps, True))
+            )
+            for lo, hi, masked in loops:
                 body = functools.partial(step, dq_acc=dq_acc, masked=masked)
                 jax.lax.fori_loop(lo, hi, lambda t, c, body=body: body(t) or c, None)
             return dq_acc[...]
@@ -385,14 +396,14 @@ def _dq_kernel(*refs, activation, bias, scale, n_pairs, interpret):
         stream_tiles(load, steps, stages, (free,), n_pairs)
 
 
-def mosaic_dq(q, k, v, d_out, activation, bias, interpret):
-    """dQ for `q`, `k`, `v`, `d_out`: `(N, S, D)`, S a multiple of 128. Under
-    `jax.vmap` the mapped axis joins N."""
-    run = functools.partial(_dq, activation=activation, bias=bias, interpret=interpret)
+def mosaic_dq(q, k, v, d_out, activation, bias, interpret, full=False):
+    """dQ for `q`, `k`, `v`, `d_out`: `(N, S, D)`, S a multiple of 128 (`full`: every
+    query sees every key). Under `jax.vmap` the mapped axis joins N."""
+    run = functools.partial(_dq, activation=activation, bias=bias, interpret=interpret, full=full)
     return fold_vmap(run, q, k, v, d_out)
 
 
-def _dq(q, k, v, d_out, activation, bias, interpret):
+def _dq(q, k, v, d_out, activation, bias, interpret, full):
     n, seq, dim = q.shape
     n_pairs = seq // (2 * ROWS)
     kernel = functools.partial(
@@ -401,6 +412,7 @@ def _dq(q, k, v, d_out, activation, bias, interpret):
         bias=bias,
         scale=dim**-0.5,
         n_pairs=n_pairs,
+        full=full,
         interpret=interpret,
     )
     value_tile = (STAGES, dim, 2 * ROWS) if interpret else (STAGES, 2 * ROWS, dim)

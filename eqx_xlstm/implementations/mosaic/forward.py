@@ -48,14 +48,18 @@ BLOCK_K = 2 * BLOCK_Q  # key rows per tile: both warpgroups then walk as many ti
 STAGES = 3  # key/value slots in flight
 
 
-def _kernel(q_ref, k_ref, v_ref, out_ref, scratch, *, activation, bias, scale, n_blocks, interpret):
+def _kernel(
+    q_ref, k_ref, v_ref, out_ref, scratch, *, activation, bias, scale, n_blocks, full, interpret
+):
     q_smem, k_smem, v_smem, q_bar, k_bar, v_bar, k_free, v_free, turn, *p_smem = scratch
     bq, bk, stages = BLOCK_Q, BLOCK_K, STAGES
     n = jax.lax.axis_index("n")
     pair = n_blocks - 1 - jax.lax.axis_index("q")  # the longest rows start first
     wg = jax.lax.axis_index("wg")
-    # Key tiles this block needs: up to the diagonal of its second query block.
-    block_steps = pl.cdiv((pair + 1) * 2 * bq, bk)
+    # Key tiles this block needs: up to the diagonal of its second query block (all of
+    # them with the `full` mask).
+    n_tiles = n_blocks * 2 * bq // bk
+    block_steps = n_tiles if full else pl.cdiv((pair + 1) * 2 * bq, bk)
 
     @pl.when(wg < 2)
     def _compute():
@@ -64,8 +68,8 @@ def _kernel(q_ref, k_ref, v_ref, out_ref, scratch, *, activation, bias, scale, n
         own = q_smem.at[wg]
         plgpu.copy_gmem_to_smem(q_ref.at[n, pl.ds(row0, bq)], own, q_bar.at[wg])
         plgpu.barrier_wait(q_bar.at[wg])
-        steps = pl.cdiv(row0 + bq, bk)
-        full = row0 // bk
+        steps = block_steps if full else pl.cdiv(row0 + bq, bk)
+        unmasked = steps if full else row0 // bk  # tiles wholly visible
         dv = v_ref.shape[-1]
 
         def key_tile(slot):
@@ -116,7 +120,7 @@ def _kernel(q_ref, k_ref, v_ref, out_ref, scratch, *, activation, bias, scale, n
             p = jnp.zeros((bq, bk), v_smem.dtype)
             if not interpret:
                 p = plgpu.layout_cast(p, plgpu.Layout.WGMMA)
-            for lo, hi, masked in ((0, full, False), (full, steps, True)):
+            for lo, hi, masked in ((0, unmasked, False), (unmasked, steps, True)):
                 body = functools.partial(pingpong_step, o_acc=o_acc, masked=masked)
                 p = jax.lax.fori_loop(lo, hi, body, p)
             last = jax.lax.rem(steps - 1, stages)
@@ -200,7 +204,7 @@ def _kernel(q_ref, k_ref, v_ref, out_ref, scratch, *, activation, bias, scale, n
                 fill((bq,), -jnp.inf, rows),
                 fill((bq,), 0.0, rows),
             )
-            for lo, hi, masked in ((0, full, False), (full, steps, True)):
+            for lo, hi, masked in ((0, unmasked, False), (unmasked, steps, True)):
                 body = functools.partial(softmax_step, masked=masked)
                 carry = jax.lax.fori_loop(lo, hi, body, carry)
             p, o, _, row_sum = carry
@@ -232,17 +236,20 @@ def _kernel(q_ref, k_ref, v_ref, out_ref, scratch, *, activation, bias, scale, n
             plgpu.copy_gmem_to_smem(keys, k_smem.at[slot], k_bar.at[slot])
             plgpu.copy_gmem_to_smem(v_ref.at[n, cols], v_smem.at[slot], v_bar.at[slot])
 
-        stream_tiles(load, block_steps, stages, (k_free, v_free), n_blocks * 2 * bq // bk)
+        stream_tiles(load, block_steps, stages, (k_free, v_free), n_tiles)
 
 
-def mosaic_forward(q, k, v, activation, bias, interpret):
+def mosaic_forward(q, k, v, activation, bias, interpret, full=False):
     """Causal attention output for `q`, `k`, `v`: `(N, S, D)`, S a multiple of
-    `2 * BLOCK_Q` and of `BLOCK_K`. Under `jax.vmap` the mapped axis joins N."""
-    run = functools.partial(_forward, activation=activation, bias=bias, interpret=interpret)
+    `2 * BLOCK_Q` and of `BLOCK_K`; with `full`, every query sees every key (a piece
+    of context-parallel attention). Under `jax.vmap` the mapped axis joins N."""
+    run = functools.partial(
+        _forward, activation=activation, bias=bias, interpret=interpret, full=full
+    )
     return fold_vmap(run, q, k, v)
 
 
-def _forward(q, k, v, activation, bias, interpret):
+def _forward(q, k, v, activation, bias, interpret, full):
     n, seq, dqk = q.shape
     dv = v.shape[-1]
     n_blocks = seq // (2 * BLOCK_Q)
@@ -252,6 +259,7 @@ def _forward(q, k, v, activation, bias, interpret):
         bias=bias,
         scale=dqk**-0.5,
         n_blocks=n_blocks,
+        full=full,
         interpret=interpret,
     )
 
