@@ -6,10 +6,10 @@ visible devices, against one device, in one run.
 For each activation and S: the median time of the gradient (value and gradient of a
 sum) on one device with the default path (cuDNN for softmax, Mosaic kernels for
 sigmoid, the linear form for 'none' on an H200) and with the path asked for on
-sequence-sharded inputs (`--engine`; default Triton for softmax, whose ring pieces are
-Triton kernels; Mosaic for sigmoid, whose ring pieces are Triton kernels too; linear
-for 'none'), then that path jitted on inputs sharded over the sequence across every
-device (automatic context parallelism).
+sequence-sharded inputs (`--engine`; default cuDNN for softmax and the Mosaic kernels
+for sigmoid, each ring's pieces being its own kernels; linear for 'none'), then that
+path jitted on inputs sharded over the sequence across every device (automatic context
+parallelism).
 "speedup" is the one-device time of the same engine over the sharded time; "exposed"
 estimates the time not hidden behind compute: sharded time minus the one-device time
 divided by the device count.
@@ -25,7 +25,7 @@ from timing import median_ms, print_table_header, random_qkv
 
 import eqx_xlstm as ex
 
-ENGINE = {"softmax": "triton", "sigmoid": "mosaic", "none": "linear"}
+ENGINE = {"softmax": "cudnn", "sigmoid": "mosaic", "none": "linear"}
 
 
 def gradient(activation, implementation):

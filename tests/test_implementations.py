@@ -17,7 +17,8 @@ from helpers import (
 )
 
 import eqx_xlstm as ex
-from eqx_xlstm.implementations import Chunked, Mosaic, Triton
+from eqx_xlstm.implementations import Chunked, CuDNN, Mosaic, Triton, cudnn_private
+from eqx_xlstm.implementations.cudnn import CuDNNPieces
 from eqx_xlstm.implementations.mosaic import MosaicPieces
 from eqx_xlstm.implementations.ring import BlockwisePieces
 
@@ -208,15 +209,10 @@ def test_mosaic_matches_reference(activation, fused, dtype):
     assert_all_close(got, expected, dtype)
 
 
-@pytest.mark.parametrize(
-    "activation, fused, mask", [("sigmoid", False, "full"), ("none", True, "full")]
-)
-def test_mosaic_ring_pieces_match_blockwise(activation, fused, mask):
-    # Context parallelism's pieces through the Mosaic kernels (the `full` mask mode
-    # of all three kernels; the causal mode is `attention`'s), against the blockwise
-    # XLA pieces; S = 200 pads to 256.
-    mosaic_or_skip()
-    seq, dtype = 200, jnp.bfloat16
+def pieces_against_blockwise(pieces, activation, mask, seq=200):
+    """Context parallelism's ring pieces through `pieces` and through the blockwise
+    XLA pieces: (got, expected) lists of out, dq, dk, dv, and lse for softmax."""
+    dtype = jnp.bfloat16
     spec = here(
         activation=activation,
         mask=mask,
@@ -228,17 +224,39 @@ def test_mosaic_ring_pieces_match_blockwise(activation, fused, mask):
         sigmoid_bias=-2.0,
     )
     q, k, v, d_out = random_inputs(seq, batch=(2,), dqk=64, dv=64, dtype=dtype, seed=5)
-    mosaic = MosaicPieces(Mosaic(fused_backward_from=0 if fused else None))
-    blockwise = BlockwisePieces(block=64)
 
     def run(pieces):
         # One jit per pass: interpreted kernels in one program with the other pass's
         # may deadlock JAX's interpreter threads.
         out, lse = jax.jit(lambda q, k, v: pieces.forward(q, k, v, spec))(q, k, v)
         grads = jax.jit(lambda *xs: pieces.backward(*xs, spec))(q, k, v, out, lse, d_out)
-        return [np.asarray(x, np.float32) for x in (out, *grads)]
+        extra = [lse] if activation == "softmax" else []
+        return [np.asarray(x, np.float32) for x in (out, *grads, *extra)]
 
-    assert_all_close(run(mosaic), run(blockwise), dtype)
+    return run(pieces), run(BlockwisePieces(block=64))
+
+
+@pytest.mark.parametrize(
+    "activation, fused, mask", [("sigmoid", False, "full"), ("none", True, "full")]
+)
+def test_mosaic_ring_pieces_match_blockwise(activation, fused, mask):
+    # The Mosaic kernels' `full` mask mode (forward, dQ, dK/dV, fused; the causal mode
+    # is `attention`'s); S = 200 pads to 256.
+    mosaic_or_skip()
+    mosaic = MosaicPieces(Mosaic(fused_backward_from=0 if fused else None))
+    got, expected = pieces_against_blockwise(mosaic, activation, mask)
+    assert_all_close(got, expected, jnp.bfloat16)
+
+
+@pytest.mark.skipif(not ON_GPU, reason="cuDNN needs an NVIDIA GPU")
+@pytest.mark.parametrize("mask", ["full", "causal"])
+@pytest.mark.parametrize("seq", [256, 37])  # odd: the Triton pieces stand in
+def test_cudnn_ring_pieces_match_blockwise(mask, seq):
+    if not cudnn_private.available():
+        pytest.skip(f"jax {jax.__version__} lacks the private cuDNN API the pieces use")
+    got, expected = pieces_against_blockwise(CuDNNPieces(), "softmax", mask, seq)
+    assert_all_close(got[:4], expected[:4], jnp.bfloat16)
+    np.testing.assert_allclose(got[4], expected[4], atol=2e-3, rtol=1e-3, err_msg="lse")
 
 
 def test_mosaic_softmax_is_forward_only():
@@ -276,11 +294,12 @@ def test_chunked_memory_grows_linearly():
 
 
 @pytest.mark.skipif(not ON_GPU, reason="cuDNN needs an NVIDIA GPU")
+@pytest.mark.parametrize("ring", [True, False])  # its kernels as ops, or the public API
 @pytest.mark.parametrize("pre", ["none", "swish"])
 @pytest.mark.parametrize("seq", [1, 37, 256])
-def test_cudnn_matches_reference_on_gpu(seq, pre):
+def test_cudnn_matches_reference_on_gpu(seq, pre, ring):
     q, k, v, g = random_inputs(seq, dqk=64, dv=64, dtype=jnp.bfloat16)
-    got, expected = against_reference("cudnn", q, k, v, g, qk_pre_activation_function=pre)
+    got, expected = against_reference(CuDNN(ring=ring), q, k, v, g, qk_pre_activation_function=pre)
     for name, a, b in zip(("out", "dq", "dk", "dv"), got, expected):
         np.testing.assert_allclose(a, b, atol=BF16["atol"], rtol=2e-2, err_msg=name)
     default = ex.attention(q, k, v, qk_pre_activation_function=pre)

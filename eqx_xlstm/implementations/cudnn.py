@@ -1,12 +1,18 @@
-"""cuDNN's fused causal softmax attention, through `jax.nn.dot_product_attention`."""
+"""cuDNN's fused causal softmax attention: its kernels as ops of their own (JAX's
+private cuDNN API, `cudnn_private`), or through `jax.nn.dot_product_attention`."""
 
 import dataclasses
+import functools
+import math
 
 import jax
 import jax.numpy as jnp
 
 from ..spec import AttentionSpec
+from . import cudnn_private
 from .base import Implementation, as_rows, from_rows
+from .per_shard import RowKernels, row_attention
+from .triton import Triton, TritonPieces
 
 
 @dataclasses.dataclass(frozen=True)
@@ -23,6 +29,12 @@ class CuDNN(Implementation):
     """
 
     name = "cudnn"
+    ring: bool = True
+    """Run cuDNN's forward and backward kernels as ops of their own (JAX's private
+    cuDNN API, where this jax has it as expected), like the Pallas kernels: inputs
+    sharded over the sequence then run as a ring of cuDNN pieces (context
+    parallelism). False, or without that API: `jax.nn.dot_product_attention`, which
+    gathers a sequence-sharded input onto every device."""
 
     def unsupported(self, spec: AttentionSpec) -> str | None:
         if spec.platform != "gpu":
@@ -41,27 +53,92 @@ class CuDNN(Implementation):
         return None
 
     def __call__(self, q, k, v, spec, mask):
-        batch = q.shape[:-2]
-        if len(batch) < 2:  # rows of cuDNN's batch, one head each: (B, T, N=1, H)
-            bthn = [as_rows(x, spec, 2)[:, :, None, :] for x in (q, k, v)]
-            out = jax.nn.dot_product_attention(
-                *bthn, scale=spec.scale, is_causal=True, implementation="cudnn"
+        if self.ring and cudnn_private.available():
+            row_kernels = RowKernels(
+                forward=functools.partial(_forward_rows, spec=spec),
+                backward=functools.partial(_backward_rows, spec=spec),
+                spec=spec,
+                multiple=2,
+                sequence_pieces=CuDNNPieces(),
             )
-            return from_rows(out[:, :, 0, :], batch, spec)
-        # The last leading axis (the heads) is cuDNN's N, the others its B: cuDNN's own
-        # partitioning rule then keeps inputs sharded over either shard-local.
-        padded = -(-spec.seq_len // 2) * 2
+            return row_attention(row_kernels, q, k, v)
+        return _public_attention(q, k, v, spec)
 
-        def to_bthn(x):
-            x = x.astype(spec.dtype).reshape(-1, *x.shape[-3:])  # (B, N, T, H)
-            x = jnp.pad(x, ((0, 0), (0, 0), (0, padded - spec.seq_len), (0, 0)))
-            return jnp.swapaxes(x, 1, 2)
 
+def _public_attention(q, k, v, spec):
+    """Through `jax.nn.dot_product_attention` (see `CuDNN`)."""
+    batch = q.shape[:-2]
+    if len(batch) < 2:  # rows of cuDNN's batch, one head each: (B, T, N=1, H)
+        bthn = [as_rows(x, spec, 2)[:, :, None, :] for x in (q, k, v)]
         out = jax.nn.dot_product_attention(
-            *(to_bthn(x) for x in (q, k, v)),
-            scale=spec.scale,
-            is_causal=True,
-            implementation="cudnn",
+            *bthn, scale=spec.scale, is_causal=True, implementation="cudnn"
         )
-        out = jnp.swapaxes(out, 1, 2)[:, :, : spec.seq_len]
-        return out.reshape(*batch, spec.seq_len, out.shape[-1])
+        return from_rows(out[:, :, 0, :], batch, spec)
+    # The last leading axis (the heads) is cuDNN's N, the others its B: cuDNN's own
+    # partitioning rule then keeps inputs sharded over either shard-local.
+    padded = -(-spec.seq_len // 2) * 2
+
+    def to_bthn(x):
+        x = x.astype(spec.dtype).reshape(-1, *x.shape[-3:])  # (B, N, T, H)
+        x = jnp.pad(x, ((0, 0), (0, 0), (0, padded - spec.seq_len), (0, 0)))
+        return jnp.swapaxes(x, 1, 2)
+
+    out = jax.nn.dot_product_attention(
+        *(to_bthn(x) for x in (q, k, v)),
+        scale=spec.scale,
+        is_causal=True,
+        implementation="cudnn",
+    )
+    out = jnp.swapaxes(out, 1, 2)[:, :, : spec.seq_len]
+    return out.reshape(*batch, spec.seq_len, out.shape[-1])
+
+
+def _btnh(x):
+    """Rows `(N, S, D)` as cuDNN's `(B, T, N, H)`, one head per batch row."""
+    return x[:, :, None, :]
+
+
+def _forward_rows(q, k, v, spec):
+    """`(out, lse)` of rows; lse in log2 (as the Triton kernels and the ring keep it)."""
+    out, lse = cudnn_private.forward(
+        *(_btnh(x) for x in (q, k, v)), scale=spec.scale, causal=spec.causal
+    )
+    return out[:, :, 0], lse[:, 0] * (1 / math.log(2))
+
+
+def _backward_rows(q, k, v, out, lse, d_out, spec):
+    """`(dq, dk, dv)` of rows, given the whole rows' output and log2-sum-exp2."""
+    natural = (lse * math.log(2)).astype(jnp.float32)[:, None, :]
+    arrays = [_btnh(x) for x in (q, k, v, out)]
+    grads = cudnn_private.backward(
+        *arrays, natural, _btnh(d_out), scale=spec.scale, causal=spec.causal
+    )
+    return tuple(g[:, :, 0] for g in grads)
+
+
+@dataclasses.dataclass(frozen=True)
+class CuDNNPieces:
+    """The softmax pieces of context-parallel attention (`ring`) through cuDNN's
+    kernels: a chunk against itself (causal) or an earlier chunk (full). A piece of odd
+    length, which cuDNN's backward refuses and which zero padding would change without
+    the causal mask, runs in `odd_pieces`."""
+
+    odd_pieces: TritonPieces = TritonPieces(Triton())
+
+    def forward(self, q, k, v, spec: AttentionSpec):
+        """`(out, lse)`: the output and each row's log2-sum-exp2."""
+        if spec.seq_len % 2:
+            return self.odd_pieces.forward(q, k, v, spec)
+        batch = q.shape[:-2]
+        out, lse = _forward_rows(*(as_rows(x, spec, 2) for x in (q, k, v)), spec)
+        return from_rows(out, batch, spec), lse.reshape(*batch, spec.seq_len)
+
+    def backward(self, q, k, v, out, lse, d_out, spec: AttentionSpec):
+        """`(dq, dk, dv)`, given the output and lse of the whole rows."""
+        if spec.seq_len % 2:
+            return self.odd_pieces.backward(q, k, v, out, lse, d_out, spec)
+        batch = q.shape[:-2]
+        rows = [as_rows(x, spec, 2) for x in (q, k, v, out, d_out)]
+        lse = lse.reshape(-1, spec.seq_len)
+        grads = _backward_rows(*rows[:4], lse, rows[4], spec)
+        return tuple(from_rows(g, batch, spec) for g in grads)
