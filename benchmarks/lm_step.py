@@ -14,6 +14,7 @@ more than a device holds is reported as not fitting instead of run.
 
 import argparse
 import sys
+import time
 
 import equinox as eqx
 import jax
@@ -113,7 +114,9 @@ def main():
         step = step_fn(static, optimizer, param_shardings, opt_shardings)
         replicated = NamedSharding(mesh, PartitionSpec())
         state = (placed, opt_state, jax.device_put(buffers, replicated), inputs, targets)
+        start = time.perf_counter()
         compiled = jax.jit(step).lower(*state).compile()
+        print(f"compiled {describe(sizes)} in {time.perf_counter() - start:.0f} s", flush=True)
         need = compiled_bytes(compiled)
         row = f"| {describe(sizes)} | {count} | {batch} | {need / 2**30:.2f} |"
         if capacity is not None and need > capacity:
