@@ -63,7 +63,9 @@ def main():
     parser.add_argument("--activation", default="sigmoid")
     parser.add_argument("--no-fsdp", action="store_true")
     parser.add_argument("--seq", type=int, help="sequence length (default 4096; 128 small)")
-    parser.add_argument("--repeats", type=int, default=5)
+    parser.add_argument(
+        "--repeats", type=int, default=5, help="timed samples (0: time one step, the first)"
+    )
     args = parser.parse_args()
     width, blocks, heads, seq = (64, 2, 4, 128) if args.small else (1024, 8, 16, 4096)
     seq = args.seq or seq
@@ -123,7 +125,12 @@ def main():
             print(f"{row} does not fit ({capacity / 2**30:.0f} GiB) | | | |", flush=True)
             continue
         try:
-            ms = compiled_median_ms(compiled, *state, repeats=args.repeats)
+            if args.repeats:
+                ms = compiled_median_ms(compiled, *state, repeats=args.repeats)
+            else:  # one step, the first after compiling
+                start = time.perf_counter()
+                jax.block_until_ready(compiled(*state))
+                ms = (time.perf_counter() - start) * 1e3
         except jax.errors.JaxRuntimeError as error:  # XLA's estimate was short
             if "RESOURCE_EXHAUSTED" not in str(error):
                 raise
