@@ -88,6 +88,8 @@ def test_argument_errors_name_the_argument():
 def test_explicit_sharding_mode_runs_or_says_what_to_use(rows):
     # Explicit mesh axes type the sharding: leading-axis sharding of the XLA paths
     # runs; what cannot be typed yet is a ValueError naming the way out.
+    for case in ("heads-chunked", "sequence-chunked", "heads-triton"):
+        assert "crash" not in rows[f"mode-explicit-{case}"], rows[f"mode-explicit-{case}"]
     assert rows["mode-explicit-heads-chunked"]["max_rel_err"] < 1e-5
     for case, what in (("sequence-chunked", "over the sequence axis"), ("heads-triton", "triton")):
         message = rows[f"mode-explicit-{case}"]["error"]
