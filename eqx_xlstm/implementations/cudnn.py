@@ -17,11 +17,16 @@ from .triton import Triton, TritonPieces
 
 @dataclasses.dataclass(frozen=True)
 class CuDNN(Implementation):
-    """`jax.nn.dot_product_attention(..., is_causal=True, implementation="cudnn")`:
-    causal softmax in float16/bfloat16 on an NVIDIA GPU. With two or more leading
-    axes the last (the heads) is cuDNN's head axis and the others its batch, so inputs
-    sharded over batch or heads stay so (cuDNN's own partitioning); a single leading
-    axis rides in cuDNN's batch.
+    """cuDNN's fused causal softmax in float16/bfloat16 on an NVIDIA GPU.
+
+    By default (`ring`) its forward and backward kernels run as ops of their own, each
+    row of q, k, v one cuDNN batch entry, through `per_shard.row_attention` like the
+    Pallas kernels: inputs sharded over leading axes stay so, and inputs sharded over
+    the sequence run as a ring of cuDNN pieces. Otherwise it is
+    `jax.nn.dot_product_attention(..., is_causal=True, implementation="cudnn")`: with
+    two or more leading axes the last (the heads) is cuDNN's head axis and the others
+    its batch, so inputs sharded over batch or heads stay so (cuDNN's own
+    partitioning); a sequence-sharded input is gathered.
 
     cuDNN's backward pass refuses odd sequence lengths, so an odd S is padded with one
     zero position at the end. That is exact under the causal mask: no real query sees

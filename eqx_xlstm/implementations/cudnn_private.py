@@ -9,6 +9,7 @@ whether this jax has them as this module expects (checked by signature); without
 them the callers keep to the public API.
 """
 
+import functools
 import inspect
 
 import jax.numpy as jnp
@@ -34,6 +35,7 @@ def _module():
     return fused_attention_stablehlo
 
 
+@functools.cache
 def available() -> bool:
     """Whether this jax's private cuDNN attention module has what `forward` and
     `backward` call, with the parameters they pass."""
