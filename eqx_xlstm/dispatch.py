@@ -13,7 +13,7 @@ from collections.abc import Callable
 import jax
 import jax.numpy as jnp
 
-from . import maths
+from . import explicit_mode, maths
 from ._private_jax import mapped_axis
 from .implementations import (
     Chunked,
@@ -148,20 +148,11 @@ KERNELS = ("cudnn", "triton", "mosaic")
 """Implementations whose calls JAX's explicit sharding mode cannot type."""
 
 
-def _explicit_spec(x) -> tuple | None:
-    """The PartitionSpec of `x`'s type when it is sharded over Explicit mesh axes (JAX's
-    explicit sharding mode); None otherwise (Auto axes type no sharding)."""
-    spec = getattr(getattr(jax.typeof(x), "sharding", None), "spec", None)
-    if spec is None or all(entry is None for entry in spec):
-        return None
-    return tuple(spec)
-
-
-def check_explicit_sharding(q, chosen: Plan) -> None:
-    """A ValueError for inputs sharded in JAX's explicit sharding mode where that is
-    not supported yet: over the sequence axis, or into a kernel implementation. (Over
-    leading axes the XLA paths work; every path works with Auto mesh axes.)"""
-    spec = _explicit_spec(q)
+def check_explicit_sharding_under_vmap(q, chosen: Plan) -> None:
+    """Under `jax.vmap`, inputs typed as sharded (JAX's explicit sharding mode) run on
+    the XLA paths over leading axes only: a ValueError for sequence sharding or a
+    kernel implementation. (Without vmap, `explicit_mode` runs every sharding.)"""
+    spec = explicit_mode.typed_spec(q)
     if spec is None:
         return
     sequence = len(spec) > q.ndim - 2 and spec[q.ndim - 2] is not None
@@ -173,8 +164,9 @@ def check_explicit_sharding(q, chosen: Plan) -> None:
             else f"implementation={min(kernels)!r} on sharded queries"
         )
         raise ValueError(
-            f"{what} in JAX's explicit sharding mode (a mesh with AxisType.Explicit axes; "
-            f"the queries' type shows {spec}) is not supported yet. Use a mesh with "
+            f"{what} under jax.vmap in JAX's explicit sharding mode (a mesh with "
+            f"AxisType.Explicit axes; the queries' type shows {spec}) is not supported "
+            "yet. Call attention on the whole arrays (no vmap), or use a mesh with "
             "AxisType.Auto axes, e.g. jax.make_mesh(shape, names, axis_types="
             "(jax.sharding.AxisType.Auto,) * len(names))"
             + ("" if sequence else ", or implementation='chunked'")
@@ -194,8 +186,13 @@ def run(q, k, v, mask, sin, cos, spec: AttentionSpec, chosen: Plan):
     """
     if q.size == 0 or v.size == 0:  # no positions, no rows or no value features
         return jnp.zeros(v.shape, spec.dtype)
-    check_explicit_sharding(q, chosen)
     axis = mapped_axis(q, k, v, others=(mask, sin, cos))
+    if axis is None and explicit_mode.typed_spec(q) is not None:
+        run_local = lambda *arrays: _run(*arrays[:-1], spec=arrays[-1], chosen=chosen)
+        return explicit_mode.run_sharded(
+            q, k, v, mask, sin, cos, spec=spec, chosen=chosen, run_local=run_local
+        )
+    check_explicit_sharding_under_vmap(q, chosen)
     if axis is None or axis > q.ndim - 2:  # mapped along the sequence or feature axis
         return _run(q, k, v, mask, sin, cos, spec=spec, chosen=chosen)
 

@@ -133,25 +133,52 @@ def memory(mesh, seq_len=4096):
 
 
 def explicit_mode():
-    """JAX's explicit sharding mode (Explicit mesh axes): the XLA paths over a leading
-    axis run; sequence sharding and the kernels raise a ValueError saying what to use."""
+    """JAX's explicit sharding mode (Explicit mesh axes): every path runs on inputs typed
+    as sharded over a leading or the sequence axis (inside shard_map), values and
+    gradients as one device's; under jax.vmap the kernels and sequence sharding raise a
+    ValueError saying what to use."""
     mesh = jax.make_mesh((4,), ("x",), axis_types=(jax.sharding.AxisType.Explicit,))
-    q = inputs(64, batch=4, heads=4)[0]
-    for name, spec, implementation in (
-        ("heads-chunked", PartitionSpec(None, "x"), "chunked"),
-        ("sequence-chunked", SEQ, "chunked"),
-        ("heads-triton", PartitionSpec(None, "x"), SMALL_TRITON),
+    heads = PartitionSpec(None, "x")
+    q, k, v = inputs(64, batch=2, heads=4)
+    for name, spec, implementation, activation in (
+        ("heads-chunked", heads, "chunked", "softmax"),
+        ("sequence-chunked", SEQ, "chunked", "softmax"),
+        ("sequence-chunked-sigmoid", SEQ, "chunked", "sigmoid"),
+        ("sequence-linear", SEQ, "linear", "none"),
+        ("heads-triton", heads, SMALL_TRITON, "sigmoid"),
+        ("sequence-triton", SEQ, SMALL_TRITON, "softmax"),
     ):
-        sharded = jax.device_put(q, NamedSharding(mesh, spec))
-        f = jax.jit(lambda q, i=implementation: ex.attention(q, q, q, implementation=i))
+        f = value_and_grads(
+            lambda q, k, v, i=implementation, a=activation: ex.attention(
+                q, k, v, implementation=i, activation_function=a, qk_pre_activation_function="swish"
+            )
+        )
+        want = jax.jit(f)(q, k, v)
         try:
             with jax.set_mesh(mesh):
-                got = f(sharded)
-            row = {"max_rel_err": rel_err([got], [ex.attention(q, q, q, implementation="chunked")])}
-        except ValueError as err:
-            row = {"error": str(err)}
+                sharded = [jax.device_put(x, NamedSharding(mesh, spec)) for x in (q, k, v)]
+                got = jax.jit(f)(*sharded)
+                hlo = jax.jit(f).lower(*sharded).compile().as_text()
+            row = {
+                "max_rel_err": rel_err(got, want),
+                "out_spec": list(got[0].sharding.spec) + [None] * (4 - len(got[0].sharding.spec)),
+                "collectives": collectives(hlo),
+            }
         except Exception as err:  # reported, so that the other checks' tests still run
             row = {"crash": f"{type(err).__name__}: {err}"[:2000]}
+        report(case=f"mode-explicit-{name}", **row)
+    for name, spec, implementation in (
+        ("vmap-sequence-chunked", SEQ, "chunked"),
+        ("vmap-heads-triton", heads, SMALL_TRITON),
+    ):
+        per_batch = lambda q, i=implementation: ex.attention(q, q, q, implementation=i)
+        try:
+            with jax.set_mesh(mesh):
+                sharded = jax.device_put(q, NamedSharding(mesh, spec))
+                jax.jit(jax.vmap(per_batch))(sharded)
+            row = {"error": None}
+        except ValueError as err:
+            row = {"error": str(err)}
         report(case=f"mode-explicit-{name}", **row)
 
 

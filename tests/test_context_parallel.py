@@ -86,12 +86,28 @@ def test_argument_errors_name_the_argument():
 
 
 def test_explicit_sharding_mode_runs_or_says_what_to_use(rows):
-    # Explicit mesh axes type the sharding: leading-axis sharding of the XLA paths
-    # runs; what cannot be typed yet is a ValueError naming the way out.
-    for case in ("heads-chunked", "sequence-chunked", "heads-triton"):
-        assert "crash" not in rows[f"mode-explicit-{case}"], rows[f"mode-explicit-{case}"]
-    assert rows["mode-explicit-heads-chunked"]["max_rel_err"] < 1e-5
-    for case, what in (("sequence-chunked", "over the sequence axis"), ("heads-triton", "triton")):
+    # Explicit mesh axes type the sharding: every path runs on each device's shard
+    # (shard_map), sequence sharding as a ring; leading axes need no communication.
+    for case in ("heads-chunked", "heads-triton"):
+        row = rows[f"mode-explicit-{case}"]
+        assert "crash" not in row, row
+        assert row["max_rel_err"] < 1e-5, row
+        assert row["out_spec"] == [None, "x", None, None], row
+        assert row["collectives"] == {}, row
+    for case in ("sequence-chunked", "sequence-chunked-sigmoid", "sequence-triton"):
+        row = rows[f"mode-explicit-{case}"]
+        assert "crash" not in row, row
+        assert row["max_rel_err"] < 1e-5, row
+        assert row["out_spec"] == [None, None, "x", None], row
+        assert set(row["collectives"]) == {"collective-permute"}, row  # the ring only
+    row = rows["mode-explicit-sequence-linear"]
+    assert "crash" not in row and row["max_rel_err"] < 1e-5, row
+    assert "collective-permute" not in row["collectives"], row  # a state prefix, no ring
+    # Under jax.vmap the kernels and sequence sharding are not typed yet: a ValueError.
+    for case, what in (
+        ("vmap-sequence-chunked", "over the sequence axis"),
+        ("vmap-heads-triton", "triton"),
+    ):
         message = rows[f"mode-explicit-{case}"]["error"]
-        assert "explicit sharding mode" in message and what in message, message
+        assert message and "explicit sharding mode" in message and what in message, message
         assert "AxisType.Auto" in message

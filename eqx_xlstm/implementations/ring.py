@@ -308,7 +308,7 @@ def from_zigzag(x, layout: SequenceLayout, axis: int = -2):
     return _halves_moved(x, layout, False, axis)
 
 
-def _balance(layout: SequenceLayout, shard_len: int) -> SequenceLayout:
+def balanced_layout(layout: SequenceLayout, shard_len: int) -> SequenceLayout:
     """The zig-zag layout of contiguous `layout`, if its shards split in two."""
     if layout.devices > 1 and shard_len % 2 == 0:
         return dataclasses.replace(layout, zigzag=True)
@@ -317,7 +317,7 @@ def _balance(layout: SequenceLayout, shard_len: int) -> SequenceLayout:
 
 def balanced_forward(q, k, v, *, spec, layout: SequenceLayout, pieces):
     """`(out, lse)` of contiguous shards, computed in the zig-zag layout."""
-    zigzag = _balance(layout, q.shape[-2])
+    zigzag = balanced_layout(layout, q.shape[-2])
     if zigzag is layout:
         return _forward(q, k, v, spec, layout, pieces)
     out, lse = _forward(*(to_zigzag(x, zigzag) for x in (q, k, v)), spec, zigzag, pieces)
@@ -326,7 +326,7 @@ def balanced_forward(q, k, v, *, spec, layout: SequenceLayout, pieces):
 
 def balanced_backward(q, k, v, out, lse, d_out, *, spec, layout: SequenceLayout, pieces):
     """`(dq, dk, dv)` of contiguous shards, computed in the zig-zag layout."""
-    zigzag = _balance(layout, q.shape[-2])
+    zigzag = balanced_layout(layout, q.shape[-2])
     if zigzag is layout:
         return _backward(q, k, v, out, lse, d_out, spec, layout, pieces)
     moved = [to_zigzag(x, zigzag) for x in (q, k, v, out, d_out)]

@@ -1,0 +1,115 @@
+"""Attention on inputs typed as sharded (JAX's explicit sharding mode, mesh axes of type
+`AxisType.Explicit`): each device's shard runs inside `jax.shard_map`.
+
+Explicit axes put the sharding in the arrays' types, which an op JAX cannot type (a
+Pallas or Mosaic call, a `custom_partitioning` op) refuses. So `dispatch.run` hands such
+inputs here: over leading (batch, heads) axes every device runs the chosen path on its
+shard, with no communication; over the sequence axis the shards run as context-parallel
+attention (`ring`: k/v shards around the devices in the zig-zag layout, or the linear
+form's state prefix for 'none'), the pieces in the chosen implementation's kernels.
+"""
+
+import jax
+from jax.sharding import PartitionSpec
+
+from . import maths
+from .implementations import ring
+from .implementations.base import Implementation, SequenceLayout
+from .implementations.chunked import Chunked
+from .implementations.cudnn import CuDNN, CuDNNPieces
+from .implementations.linear import Linear
+from .implementations.mosaic import Mosaic, MosaicPieces
+from .implementations.triton import Triton, TritonPieces
+from .spec import AttentionSpec
+
+
+def typed_spec(x) -> tuple | None:
+    """The PartitionSpec in `x`'s type when it is sharded over Explicit mesh axes; None
+    otherwise (Auto axes type no sharding)."""
+    spec = getattr(getattr(jax.typeof(x), "sharding", None), "spec", None)
+    if spec is None or all(entry is None for entry in spec):
+        return None
+    return tuple(spec)
+
+
+def ring_pieces(implementation: Implementation):
+    """The pieces context parallelism runs in for `implementation` (its kernels where it
+    has ring pieces; blockwise XLA otherwise)."""
+    if isinstance(implementation, Triton):
+        return TritonPieces(implementation)
+    if isinstance(implementation, Mosaic):
+        return MosaicPieces(implementation)
+    if isinstance(implementation, CuDNN):
+        return CuDNNPieces()
+    if isinstance(implementation, Chunked):
+        return ring.BlockwisePieces(implementation.block)
+    return ring.BlockwisePieces()
+
+
+def check_supported(q, mask, spec: AttentionSpec, typed: tuple) -> None:
+    """A ValueError, naming the argument, for shardings this mode cannot run."""
+    typed = typed + (None,) * (q.ndim - len(typed))
+    if typed[-1] is not None:
+        raise ValueError(
+            f"`queries` sharded over the feature (last) axis, {typed}, is not supported: "
+            "shard the leading (batch, heads) or the sequence axis."
+        )
+    if typed[-2] is not None and mask is not None:
+        raise ValueError(
+            "`attention_mask` with queries sharded over the sequence axis is not "
+            "supported: context parallelism is causal (attention_mask=None)."
+        )
+
+
+def run_sharded(q, k, v, mask, sin, cos, *, spec: AttentionSpec, chosen, run_local):
+    """Attention of inputs typed as sharded like `q`: `run_local(q, k, v, mask, sin,
+    cos, spec)` on each device's shard of the leading axes; a ring when the sequence
+    axis is sharded too. k and v are resharded like q where they differ."""
+    typed = typed_spec(q)
+    check_supported(q, mask, spec, typed)
+    nb = q.ndim - 2
+    typed = typed + (None,) * (q.ndim - len(typed))
+    leading, sequence = typed[:nb], typed[nb]
+    rows = PartitionSpec(*leading, sequence, None)
+    tables = PartitionSpec(sequence, None)
+    mesh = jax.typeof(q).sharding.mesh
+    reshard = jax.sharding.reshard
+    q, k, v = (reshard(x, rows) for x in (q, k, v))
+    sin, cos = (reshard(x, tables) for x in (sin, cos))
+    if mask is not None:
+        mask = reshard(mask, PartitionSpec())
+
+    def local(q, k, v, mask, sin, cos):
+        local_spec = spec.replace(batch_shape=q.shape[:-2])
+        if sequence is None:
+            return run_local(q, k, v, mask, sin, cos, local_spec)
+        return _sequence_parallel(q, k, v, sin, cos, local_spec, sequence, chosen.gradient)
+
+    mask_spec = None if mask is None else PartitionSpec()
+    return jax.shard_map(
+        local,
+        mesh=mesh,
+        in_specs=(rows, rows, rows, mask_spec, tables, tables),
+        out_specs=rows,
+        check_vma=False,
+    )(q, k, v, mask, sin, cos)
+
+
+def _sequence_parallel(q, k, v, sin, cos, spec, axis_name, implementation):
+    """Causal attention of this device's contiguous shards of a sequence sharded over
+    `axis_name` (RoPE tables sharded alike, so positions are global)."""
+    accum = spec.accum_dtype
+    q, k = (maths.prepare(x, spec.pre_activation, sin, cos, accum) for x in (q, k))
+    v = v.astype(spec.dtype)
+    devices = jax.lax.axis_size(axis_name)
+    layout = SequenceLayout(axis_name, devices, zigzag=False)
+    if spec.activation == "none":  # one D x DV state per device: no ring
+        out = ring.linear_prefix(q, k, v, spec, layout, lambda *xs: Linear()(*xs, None))
+        return out.astype(spec.dtype)
+    pieces = ring_pieces(implementation)
+    zigzag = ring.balanced_layout(layout, q.shape[-2])
+    if zigzag is layout:
+        return ring.ring_attention(q, k, v, spec, layout, pieces).astype(spec.dtype)
+    moved = [ring.to_zigzag(x, zigzag) for x in (q, k, v)]
+    out = ring.ring_attention(*moved, spec, zigzag, pieces)
+    return ring.from_zigzag(out.astype(spec.dtype), zigzag)
