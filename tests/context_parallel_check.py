@@ -167,15 +167,17 @@ def explicit_mode():
         except Exception as err:  # reported, so that the other checks' tests still run
             row = {"crash": f"{type(err).__name__}: {err}"[:2000]}
         report(case=f"mode-explicit-{name}", **row)
-    for name, spec, implementation in (
-        ("vmap-sequence-chunked", SEQ, "chunked"),
-        ("vmap-heads-triton", heads, SMALL_TRITON),
+    for name, spec, implementation, vmapped in (
+        ("vmap-sequence-chunked", SEQ, "chunked", True),
+        ("vmap-heads-triton", heads, SMALL_TRITON, True),
+        ("features-chunked", PartitionSpec(None, None, None, "x"), "chunked", False),
     ):
         per_batch = lambda q, i=implementation: ex.attention(q, q, q, implementation=i)
+        per_batch = jax.vmap(per_batch) if vmapped else per_batch
         try:
             with jax.set_mesh(mesh):
                 sharded = jax.device_put(q, NamedSharding(mesh, spec))
-                jax.jit(jax.vmap(per_batch))(sharded)
+                jax.jit(per_batch)(sharded)
             row = {"error": None}
         except ValueError as err:
             row = {"error": str(err)}

@@ -111,3 +111,5 @@ def test_explicit_sharding_mode_runs_or_says_what_to_use(rows):
         message = rows[f"mode-explicit-{case}"]["error"]
         assert message and "explicit sharding mode" in message and what in message, message
         assert "AxisType.Auto" in message
+    message = rows["mode-explicit-features-chunked"]["error"]
+    assert message and "`queries`" in message and "feature (last) axis" in message, message
