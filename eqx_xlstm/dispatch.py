@@ -144,36 +144,6 @@ def _default(spec, which):
     raise AssertionError("the reference row serves every call")  # unreachable
 
 
-KERNELS = ("cudnn", "triton", "mosaic")
-"""Implementations whose calls JAX's explicit sharding mode cannot type."""
-
-
-def check_explicit_sharding_under_vmap(q, chosen: Plan) -> None:
-    """Under `jax.vmap`, inputs typed as sharded (JAX's explicit sharding mode) run on
-    the XLA paths over leading axes only: a ValueError for sequence sharding or a
-    kernel implementation. (Without vmap, `explicit_mode` runs every sharding.)"""
-    spec = explicit_mode.typed_spec(q)
-    if spec is None:
-        return
-    sequence = len(spec) > q.ndim - 2 and spec[q.ndim - 2] is not None
-    kernels = {impl.name for impl in (chosen.forward, chosen.gradient)} & set(KERNELS)
-    if sequence or kernels:
-        what = (
-            "queries sharded over the sequence axis"
-            if sequence
-            else f"implementation={min(kernels)!r} on sharded queries"
-        )
-        raise ValueError(
-            f"{what} under jax.vmap in JAX's explicit sharding mode (a mesh with "
-            f"AxisType.Explicit axes; the queries' type shows {spec}) is not supported "
-            "yet. Call attention on the whole arrays (no vmap), or use a mesh with "
-            "AxisType.Auto axes, e.g. jax.make_mesh(shape, names, axis_types="
-            "(jax.sharding.AxisType.Auto,) * len(names))"
-            + ("" if sequence else ", or implementation='chunked'")
-            + "."
-        )
-
-
 def run(q, k, v, mask, sin, cos, spec: AttentionSpec, chosen: Plan):
     """Swish, RoPE and attention as `chosen` says; returns `spec.dtype`.
 
@@ -187,18 +157,12 @@ def run(q, k, v, mask, sin, cos, spec: AttentionSpec, chosen: Plan):
     if q.size == 0 or v.size == 0:  # no positions, no rows or no value features
         return jnp.zeros(v.shape, spec.dtype)
     axis = mapped_axis(q, k, v, others=(mask, sin, cos))
-    if axis is None and explicit_mode.typed_spec(q) is not None:
-        run_local = lambda *arrays: _run(*arrays[:-1], spec=arrays[-1], chosen=chosen)
-        return explicit_mode.run_sharded(
-            q, k, v, mask, sin, cos, spec=spec, chosen=chosen, run_local=run_local
-        )
-    check_explicit_sharding_under_vmap(q, chosen)
     if axis is None or axis > q.ndim - 2:  # mapped along the sequence or feature axis
-        return _run(q, k, v, mask, sin, cos, spec=spec, chosen=chosen)
+        return _run_typed(q, k, v, mask, sin, cos, spec, chosen)
 
     @jax.custom_batching.custom_vmap
     def call(q, k, v, mask, sin, cos):
-        return _run(q, k, v, mask, sin, cos, spec=spec, chosen=chosen)
+        return _run_typed(q, k, v, mask, sin, cos, spec, chosen)
 
     @call.def_vmap
     def _keep_in_place(axis_size, in_batched, q, k, v, mask, sin, cos):
@@ -206,12 +170,22 @@ def run(q, k, v, mask, sin, cos, spec: AttentionSpec, chosen: Plan):
         # the two transposes, and run with it as one more batch axis.
         q, k, v = (jnp.moveaxis(x, 0, axis) for x in (q, k, v))
         batch_shape = q.shape[:-2]
-        out = _run(
-            q, k, v, mask, sin, cos, spec=spec.replace(batch_shape=batch_shape), chosen=chosen
-        )
+        spec_here = spec.replace(batch_shape=batch_shape)
+        out = _run_typed(q, k, v, mask, sin, cos, spec_here, chosen)
         return jnp.moveaxis(out, axis, 0), True
 
     return call(q, k, v, mask, sin, cos)
+
+
+def _run_typed(q, k, v, mask, sin, cos, spec: AttentionSpec, chosen: Plan):
+    """`_run`, or each device's shard of it where the inputs' types say they are
+    sharded (JAX's explicit sharding mode, `explicit_mode`)."""
+    if explicit_mode.typed_spec(q) is None:
+        return _run(q, k, v, mask, sin, cos, spec=spec, chosen=chosen)
+    run_local = lambda *arrays: _run(*arrays[:-1], spec=arrays[-1], chosen=chosen)
+    return explicit_mode.run_sharded(
+        q, k, v, mask, sin, cos, spec=spec, chosen=chosen, run_local=run_local
+    )
 
 
 @functools.partial(jax.jit, static_argnames=("spec", "chosen"))

@@ -8,6 +8,7 @@ import functools
 import json
 import re
 
+import equinox as eqx
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -134,25 +135,26 @@ def memory(mesh, seq_len=4096):
 
 def explicit_mode():
     """JAX's explicit sharding mode (Explicit mesh axes): every path runs on inputs typed
-    as sharded over a leading or the sequence axis (inside shard_map), values and
-    gradients as one device's; under jax.vmap the kernels and sequence sharding raise a
-    ValueError saying what to use."""
+    as sharded over a leading or the sequence axis (inside shard_map), also under
+    jax.vmap (as the layers call it), values and gradients as one device's; a sharded
+    feature axis is a ValueError naming the argument."""
     mesh = jax.make_mesh((4,), ("x",), axis_types=(jax.sharding.AxisType.Explicit,))
     heads = PartitionSpec(None, "x")
     q, k, v = inputs(64, batch=2, heads=4)
-    for name, spec, implementation, activation in (
-        ("heads-chunked", heads, "chunked", "softmax"),
-        ("sequence-chunked", SEQ, "chunked", "softmax"),
-        ("sequence-chunked-sigmoid", SEQ, "chunked", "sigmoid"),
-        ("sequence-linear", SEQ, "linear", "none"),
-        ("heads-triton", heads, SMALL_TRITON, "sigmoid"),
-        ("sequence-triton", SEQ, SMALL_TRITON, "softmax"),
+    for name, spec, implementation, activation, vmapped in (
+        ("heads-chunked", heads, "chunked", "softmax", False),
+        ("sequence-chunked", SEQ, "chunked", "softmax", False),
+        ("sequence-chunked-sigmoid", SEQ, "chunked", "sigmoid", False),
+        ("sequence-linear", SEQ, "linear", "none", False),
+        ("heads-triton", heads, SMALL_TRITON, "sigmoid", False),
+        ("sequence-triton", SEQ, SMALL_TRITON, "softmax", False),
+        ("vmap-heads-triton", heads, SMALL_TRITON, "softmax", True),
+        ("vmap-sequence-chunked", SEQ, "chunked", "sigmoid", True),
     ):
-        f = value_and_grads(
-            lambda q, k, v, i=implementation, a=activation: ex.attention(
-                q, k, v, implementation=i, activation_function=a, qk_pre_activation_function="swish"
-            )
+        attend = lambda q, k, v, i=implementation, a=activation: ex.attention(
+            q, k, v, implementation=i, activation_function=a, qk_pre_activation_function="swish"
         )
+        f = value_and_grads(jax.vmap(attend) if vmapped else attend)
         want = jax.jit(f)(q, k, v)
         try:
             with jax.set_mesh(mesh):
@@ -167,21 +169,44 @@ def explicit_mode():
         except Exception as err:  # reported, so that the other checks' tests still run
             row = {"crash": f"{type(err).__name__}: {err}"[:2000]}
         report(case=f"mode-explicit-{name}", **row)
-    for name, spec, implementation, vmapped in (
-        ("vmap-sequence-chunked", SEQ, "chunked", True),
-        ("vmap-heads-triton", heads, SMALL_TRITON, True),
-        ("features-chunked", PartitionSpec(None, None, None, "x"), "chunked", False),
-    ):
-        per_batch = lambda q, i=implementation: ex.attention(q, q, q, implementation=i)
-        per_batch = jax.vmap(per_batch) if vmapped else per_batch
+    language_model_explicit()
+    try:
+        with jax.set_mesh(mesh):
+            sharded = jax.device_put(q, NamedSharding(mesh, PartitionSpec(None, None, None, "x")))
+            jax.jit(lambda q: ex.attention(q, q, q))(sharded)
+        row = {"error": None}
+    except ValueError as err:
+        row = {"error": str(err)}
+    report(case="mode-explicit-features", **row)
+
+
+def language_model_explicit():
+    """A language model's loss and gradients on tokens typed as sharded over a 2 x 2
+    (data, seq) mesh of Explicit axes, against one device."""
+    axes = ("data", "seq")
+    mesh = jax.make_mesh((2, 2), axes, axis_types=(jax.sharding.AxisType.Explicit,) * 2)
+    tokens = jax.random.randint(jax.random.key(1), (4, 64), 0, 32)
+    for activation in ("softmax", "none"):
+        config = ex.ModelConfig(
+            vocab_size=32,
+            context_length=64,
+            embedding_dim=32,
+            num_heads=2,
+            num_blocks=1,
+            backend_config=ex.mLSTMBackendAttentionConfig(activation_function=activation),
+        )
+        model = ex.LanguageModel(config, key=jax.random.key(0))
+        loss = lambda m, t: jnp.mean(jnp.sin(jax.vmap(m)(t)))
+        value_grad = eqx.filter_jit(eqx.filter_value_and_grad(loss))
+        want = jax.tree.leaves(value_grad(model, tokens))
         try:
             with jax.set_mesh(mesh):
-                sharded = jax.device_put(q, NamedSharding(mesh, spec))
-                jax.jit(per_batch)(sharded)
-            row = {"error": None}
-        except ValueError as err:
-            row = {"error": str(err)}
-        report(case=f"mode-explicit-{name}", **row)
+                sharded = jax.device_put(tokens, NamedSharding(mesh, PartitionSpec(*axes)))
+                got = jax.tree.leaves(value_grad(model, sharded))
+            row = {"max_abs_err": max(float(jnp.max(jnp.abs(a - b))) for a, b in zip(got, want))}
+        except Exception as err:
+            row = {"crash": f"{type(err).__name__}: {err}"[:2000]}
+        report(case=f"mode-explicit-lm-{activation}", **row)
 
 
 if __name__ == "__main__":

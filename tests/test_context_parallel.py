@@ -85,16 +85,22 @@ def test_argument_errors_name_the_argument():
         call(activation_function="relu")(q)
 
 
-def test_explicit_sharding_mode_runs_or_says_what_to_use(rows):
+def test_explicit_sharding_mode_runs_every_path(rows):
     # Explicit mesh axes type the sharding: every path runs on each device's shard
-    # (shard_map), sequence sharding as a ring; leading axes need no communication.
-    for case in ("heads-chunked", "heads-triton"):
+    # (shard_map), under jax.vmap too; sequence sharding as a ring; leading axes with no
+    # communication.
+    for case in ("heads-chunked", "heads-triton", "vmap-heads-triton"):
         row = rows[f"mode-explicit-{case}"]
         assert "crash" not in row, row
         assert row["max_rel_err"] < 1e-5, row
         assert row["out_spec"] == [None, "x", None, None], row
         assert row["collectives"] == {}, row
-    for case in ("sequence-chunked", "sequence-chunked-sigmoid", "sequence-triton"):
+    for case in (
+        "sequence-chunked",
+        "sequence-chunked-sigmoid",
+        "sequence-triton",
+        "vmap-sequence-chunked",
+    ):
         row = rows[f"mode-explicit-{case}"]
         assert "crash" not in row, row
         assert row["max_rel_err"] < 1e-5, row
@@ -103,13 +109,8 @@ def test_explicit_sharding_mode_runs_or_says_what_to_use(rows):
     row = rows["mode-explicit-sequence-linear"]
     assert "crash" not in row and row["max_rel_err"] < 1e-5, row
     assert "collective-permute" not in row["collectives"], row  # a state prefix, no ring
-    # Under jax.vmap the kernels and sequence sharding are not typed yet: a ValueError.
-    for case, what in (
-        ("vmap-sequence-chunked", "over the sequence axis"),
-        ("vmap-heads-triton", "triton"),
-    ):
-        message = rows[f"mode-explicit-{case}"]["error"]
-        assert message and "explicit sharding mode" in message and what in message, message
-        assert "AxisType.Auto" in message
-    message = rows["mode-explicit-features-chunked"]["error"]
+    for activation in ("softmax", "none"):  # a language model on a (data, seq) mesh
+        row = rows[f"mode-explicit-lm-{activation}"]
+        assert "crash" not in row and row["max_abs_err"] < 1e-5, row
+    message = rows["mode-explicit-features"]["error"]
     assert message and "`queries`" in message and "feature (last) axis" in message, message

@@ -244,7 +244,7 @@ _ring.defvjp(_ring_fwd, _ring_bwd)
 def linear_prefix(q, k, v, spec: AttentionSpec, layout: SequenceLayout, local):
     """Causal 'none' attention of the whole sequence for this device's shard: each
     chunk's local linear attention plus its queries against the k^T v state of every
-    earlier chunk (an all-gather of one D x DV state per chunk; no ring).
+    earlier chunk (an all-reduce of one D x DV state per chunk and device; no ring).
     `local(q, k, v, spec)` is causal 'none' attention of one chunk."""
     device = lax.axis_index(layout.axis_name)
     chunks = layout.chunks
@@ -257,7 +257,11 @@ def linear_prefix(q, k, v, spec: AttentionSpec, layout: SequenceLayout, local):
     )
     qs, ks, vs = (_split(x, chunks) for x in (q, k, v))
     states = jnp.stack([einsum("...kd,...kv->...dv", k_c, v_c) for k_c, v_c in zip(ks, vs)])
-    every = lax.all_gather(states, layout.axis_name)  # (devices, chunks, *batch, D, DV)
+    # Every device's states, (devices, chunks, *batch, D, DV): each put in its place and
+    # summed (one all-reduce; an all-gather of them loses its sharding type under
+    # jax.vmap in JAX's explicit sharding mode).
+    mine = (jnp.arange(layout.devices) == device).reshape(-1, *[1] * states.ndim)
+    every = lax.psum(jnp.where(mine, states[None], 0.0), layout.axis_name)
     owners = jnp.arange(layout.devices)
     outs = []
     for a in range(chunks):

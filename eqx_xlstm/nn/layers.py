@@ -7,8 +7,10 @@ from typing import Any
 import equinox as eqx
 import jax
 import jax.numpy as jnp
+from jax.sharding import PartitionSpec
 from jaxtyping import Array, Float, Int, PRNGKeyArray
 
+from .. import explicit_mode
 from ..spec import whole_number
 from ..typecheck import typechecked
 from .backend import mLSTMBackend
@@ -214,10 +216,18 @@ class LanguageModel(eqx.Module):
         """Next-token logits for every position of `tokens` (length <= context_length)."""
         self._check_length(tokens.shape[0], "tokens")
         self._check_ids(tokens, "tokens")
-        x = jax.vmap(self.embedding)(tokens)
+        x = self._embed(tokens)
         for block in self.blocks:
             x = block(x)
         return self._logits(x)
+
+    def _embed(self, tokens):
+        """The embedding of each token. Tokens typed as sharded (JAX's explicit sharding
+        mode) give embeddings sharded alike, which JAX asks the lookup to say."""
+        typed = explicit_mode.typed_spec(tokens)
+        if typed is None:
+            return jax.vmap(self.embedding)(tokens)
+        return self.embedding.weight.at[tokens].get(out_sharding=PartitionSpec(*typed, None))
 
     @typechecked
     def decode(
@@ -226,7 +236,7 @@ class LanguageModel(eqx.Module):
         """Logits for `tokens` that continue the sequence held in `states` (one state
         per block, as returned by the previous call; None to start)."""
         self._check_ids(tokens, "tokens")
-        x = jax.vmap(self.embedding)(tokens)
+        x = self._embed(tokens)
         states = (None,) * len(self.blocks) if states is None else states
         new_states = []
         for block, state in zip(self.blocks, states, strict=True):
