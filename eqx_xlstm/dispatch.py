@@ -180,11 +180,12 @@ def run(q, k, v, mask, sin, cos, spec: AttentionSpec, chosen: Plan):
 def _run_typed(q, k, v, mask, sin, cos, spec: AttentionSpec, chosen: Plan):
     """`_run`, or each device's shard of it where the inputs' types say they are
     sharded (JAX's explicit sharding mode, `explicit_mode`)."""
-    if explicit_mode.typed_spec(q) is None:
+    typed = explicit_mode.typed_spec(q)
+    if typed is None:
         return _run(q, k, v, mask, sin, cos, spec=spec, chosen=chosen)
-    run_local = lambda *arrays: _run(*arrays[:-1], spec=arrays[-1], chosen=chosen)
+    run_local = functools.partial(_run, chosen=chosen)
     return explicit_mode.run_sharded(
-        q, k, v, mask, sin, cos, spec=spec, chosen=chosen, run_local=run_local
+        q, k, v, mask, sin, cos, typed=typed, spec=spec, chosen=chosen, run_local=run_local
     )
 
 

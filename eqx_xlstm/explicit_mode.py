@@ -14,12 +14,8 @@ from jax.sharding import PartitionSpec
 
 from . import maths
 from .implementations import ring
-from .implementations.base import Implementation, SequenceLayout
-from .implementations.chunked import Chunked
-from .implementations.cudnn import CuDNN, CuDNNPieces
+from .implementations.base import SequenceLayout
 from .implementations.linear import Linear
-from .implementations.mosaic import Mosaic, MosaicPieces
-from .implementations.triton import Triton, TritonPieces
 from .spec import AttentionSpec
 
 
@@ -32,23 +28,9 @@ def typed_spec(x) -> tuple | None:
     return tuple(spec)
 
 
-def ring_pieces(implementation: Implementation):
-    """The pieces context parallelism runs in for `implementation` (its kernels where it
-    has ring pieces; blockwise XLA otherwise)."""
-    if isinstance(implementation, Triton):
-        return TritonPieces(implementation)
-    if isinstance(implementation, Mosaic):
-        return MosaicPieces(implementation)
-    if isinstance(implementation, CuDNN):
-        return CuDNNPieces()
-    if isinstance(implementation, Chunked):
-        return ring.BlockwisePieces(implementation.block)
-    return ring.BlockwisePieces()
-
-
-def check_supported(q, mask, spec: AttentionSpec, typed: tuple) -> None:
-    """A ValueError, naming the argument, for shardings this mode cannot run."""
-    typed = typed + (None,) * (q.ndim - len(typed))
+def _check_supported(typed: tuple, mask) -> None:
+    """A ValueError, naming the argument, for shardings this mode cannot run (`typed`:
+    one entry per axis of the queries)."""
     if typed[-1] is not None:
         raise ValueError(
             f"`queries` sharded over the feature (last) axis, {typed}, is not supported: "
@@ -61,15 +43,14 @@ def check_supported(q, mask, spec: AttentionSpec, typed: tuple) -> None:
         )
 
 
-def run_sharded(q, k, v, mask, sin, cos, *, spec: AttentionSpec, chosen, run_local):
-    """Attention of inputs typed as sharded like `q`: `run_local(q, k, v, mask, sin,
-    cos, spec)` on each device's shard of the leading axes; a ring when the sequence
-    axis is sharded too. k and v are resharded like q where they differ."""
-    typed = typed_spec(q)
-    check_supported(q, mask, spec, typed)
-    nb = q.ndim - 2
+def run_sharded(q, k, v, mask, sin, cos, *, typed: tuple, spec: AttentionSpec, chosen, run_local):
+    """Attention of inputs typed as sharded like `q` (`typed`, its `typed_spec`):
+    `run_local(q, k, v, mask, sin, cos, spec=...)` on each device's shard of the leading
+    axes; a ring when the sequence axis is sharded too. k and v are resharded like q
+    where they differ."""
     typed = typed + (None,) * (q.ndim - len(typed))
-    leading, sequence = typed[:nb], typed[nb]
+    _check_supported(typed, mask)
+    leading, sequence = typed[:-2], typed[-2]
     rows = PartitionSpec(*leading, sequence, None)
     tables = PartitionSpec(sequence, None)
     mesh = jax.typeof(q).sharding.mesh
@@ -82,7 +63,7 @@ def run_sharded(q, k, v, mask, sin, cos, *, spec: AttentionSpec, chosen, run_loc
     def local(q, k, v, mask, sin, cos):
         local_spec = spec.replace(batch_shape=q.shape[:-2])
         if sequence is None:
-            return run_local(q, k, v, mask, sin, cos, local_spec)
+            return run_local(q, k, v, mask, sin, cos, spec=local_spec)
         return _sequence_parallel(q, k, v, sin, cos, local_spec, sequence, chosen.gradient)
 
     mask_spec = None if mask is None else PartitionSpec()
@@ -106,10 +87,5 @@ def _sequence_parallel(q, k, v, sin, cos, spec, axis_name, implementation):
     if spec.activation == "none":  # one D x DV state per device: no ring
         out = ring.linear_prefix(q, k, v, spec, layout, lambda *xs: Linear()(*xs, None))
         return out.astype(spec.dtype)
-    pieces = ring_pieces(implementation)
-    zigzag = ring.balanced_layout(layout, q.shape[-2])
-    if zigzag is layout:
-        return ring.ring_attention(q, k, v, spec, layout, pieces).astype(spec.dtype)
-    moved = [ring.to_zigzag(x, zigzag) for x in (q, k, v)]
-    out = ring.ring_attention(*moved, spec, zigzag, pieces)
-    return ring.from_zigzag(out.astype(spec.dtype), zigzag)
+    pieces = implementation.ring_pieces() or ring.BlockwisePieces()
+    return ring.balanced_attention(q, k, v, spec, layout, pieces)

@@ -42,6 +42,12 @@ class Implementation(abc.ABC):
         mask (None when `spec.mask == "causal"`). Any float dtype may come back: the
         caller casts to `spec.dtype`. Differentiable with respect to q, k and v."""
 
+    def ring_pieces(self) -> Any:
+        """The pieces (forward and backward of a causal or full chunk pair, with their
+        log-sum-exp) context parallelism runs in for this implementation: its own
+        kernels where it has such pieces; None for the blockwise XLA ones."""
+        return None
+
     def to_dict(self) -> dict[str, Any]:
         """The name and tuning fields, JSON-serialisable (see `from_dict`)."""
         return {"name": self.name, **dataclasses.asdict(self)}

@@ -90,6 +90,9 @@ class Chunked(Implementation):
     def unsupported(self, spec: AttentionSpec) -> str | None:
         return None
 
+    def ring_pieces(self) -> ring.BlockwisePieces:
+        return ring.BlockwisePieces(self.block)
+
     def __call__(self, q, k, v, spec, mask):
         if spec.causal:
             return _causal(q, k, v, spec, self.block)  # the pieces clamp the block

@@ -3,11 +3,11 @@ private cuDNN API, `cudnn_private`), or through `jax.nn.dot_product_attention`."
 
 import dataclasses
 import functools
-import math
 
 import jax
 import jax.numpy as jnp
 
+from .. import maths
 from ..spec import AttentionSpec
 from . import cudnn_private
 from .base import Implementation, as_rows, from_rows
@@ -57,14 +57,20 @@ class CuDNN(Implementation):
             )
         return None
 
+    def ring_pieces(self) -> "CuDNNPieces | None":
+        """cuDNN's own pieces where its kernels run as ops (`ring` and the private API);
+        otherwise None (blockwise XLA)."""
+        return CuDNNPieces() if self.ring and cudnn_private.available() else None
+
     def __call__(self, q, k, v, spec, mask):
-        if self.ring and cudnn_private.available():
+        pieces = self.ring_pieces()
+        if pieces is not None:
             row_kernels = RowKernels(
                 forward=functools.partial(_forward_rows, spec=spec),
                 backward=functools.partial(_backward_rows, spec=spec),
                 spec=spec,
                 multiple=2,
-                sequence_pieces=CuDNNPieces(),
+                sequence_pieces=pieces,
             )
             return row_attention(row_kernels, q, k, v)
         return _public_attention(q, k, v, spec)
@@ -108,12 +114,12 @@ def _forward_rows(q, k, v, spec):
     out, lse = cudnn_private.forward(
         *(_btnh(x) for x in (q, k, v)), scale=spec.scale, causal=spec.causal
     )
-    return out[:, :, 0], lse[:, 0] * (1 / math.log(2))
+    return out[:, :, 0], lse[:, 0] * maths.LOG2E
 
 
 def _backward_rows(q, k, v, out, lse, d_out, spec):
     """`(dq, dk, dv)` of rows, given the whole rows' output and log2-sum-exp2."""
-    natural = (lse * math.log(2)).astype(jnp.float32)[:, None, :]
+    natural = (lse / maths.LOG2E).astype(jnp.float32)[:, None, :]
     arrays = [_btnh(x) for x in (q, k, v, out)]
     grads = cudnn_private.backward(
         *arrays, natural, _btnh(d_out), scale=spec.scale, causal=spec.causal

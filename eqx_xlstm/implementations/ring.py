@@ -319,6 +319,16 @@ def balanced_layout(layout: SequenceLayout, shard_len: int) -> SequenceLayout:
     return layout
 
 
+def balanced_attention(q, k, v, spec: AttentionSpec, layout: SequenceLayout, pieces):
+    """`ring_attention` (differentiable) of contiguous shards, computed in the zig-zag
+    layout; in `spec.dtype` (cast before the output moves back)."""
+    zigzag = balanced_layout(layout, q.shape[-2])
+    if zigzag is layout:
+        return ring_attention(q, k, v, spec, layout, pieces).astype(spec.dtype)
+    out = ring_attention(*(to_zigzag(x, zigzag) for x in (q, k, v)), spec, zigzag, pieces)
+    return from_zigzag(out.astype(spec.dtype), zigzag)
+
+
 def balanced_forward(q, k, v, *, spec, layout: SequenceLayout, pieces):
     """`(out, lse)` of contiguous shards, computed in the zig-zag layout."""
     zigzag = balanced_layout(layout, q.shape[-2])

@@ -59,6 +59,9 @@ class Mosaic(Implementation):
         """Whether the backward of `spec` is the one fused kernel."""
         return self.fused_backward_from is not None and spec.seq_len >= self.fused_backward_from
 
+    def ring_pieces(self) -> "MosaicPieces":
+        return MosaicPieces(self)
+
     def __call__(self, q, k, v, spec, mask):
         interpret = spec.platform != "gpu"
         backward = functools.partial(
@@ -71,7 +74,7 @@ class Mosaic(Implementation):
             multiple=PADDING,
             no_backward=NO_SOFTMAX_BACKWARD,
             partition=not interpret,
-            sequence_pieces=MosaicPieces(self),
+            sequence_pieces=self.ring_pieces(),
         )
         return row_attention(row_kernels, q, k, v)
 

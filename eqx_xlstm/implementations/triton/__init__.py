@@ -61,6 +61,9 @@ class Triton(Implementation):
         step = math.lcm(*self.forward[:2], *self.backward[:2])
         return Launch(spec, self.forward, self.backward, interpret=spec.platform != "gpu"), step
 
+    def ring_pieces(self) -> "TritonPieces":
+        return TritonPieces(self)
+
     def __call__(self, q, k, v, spec, mask):
         launch, step = self._launch(spec)
         row_kernels = RowKernels(
@@ -68,7 +71,7 @@ class Triton(Implementation):
             backward=functools.partial(kernels.backward, launch=launch),
             spec=spec,
             multiple=step,
-            sequence_pieces=TritonPieces(self),
+            sequence_pieces=self.ring_pieces(),
         )
         return row_attention(row_kernels, q, k, v)
 
