@@ -118,8 +118,12 @@ def main():
         state = (placed, opt_state, jax.device_put(buffers, replicated), inputs, targets)
         start = time.perf_counter()
         compiled = jax.jit(step).lower(*state).compile()
-        print(f"compiled {describe(sizes)} in {time.perf_counter() - start:.0f} s", flush=True)
         need = compiled_bytes(compiled)
+        print(
+            f"compiled {describe(sizes)} in {time.perf_counter() - start:.0f} s, "
+            f"{need / 2**30:.2f} GiB per device",
+            flush=True,
+        )
         row = f"| {describe(sizes)} | {count} | {batch} | {need / 2**30:.2f} |"
         if capacity is not None and need > capacity:
             print(f"{row} does not fit ({capacity / 2**30:.0f} GiB) | | | |", flush=True)
