@@ -144,8 +144,13 @@ def _default(spec, which):
     raise AssertionError("the reference row serves every call")  # unreachable
 
 
-def run(q, k, v, mask, sin, cos, spec: AttentionSpec, chosen: Plan):
+def run(q, k, v, mask, sin, cos, spec: AttentionSpec, chosen: Plan, first_key=None):
     """Swish, RoPE and attention as `chosen` says; returns `spec.dtype`.
+
+    `sin`, `cos`: the RoPE tables, `(S, D/2)`, or per sequence `(..., S, D/2)` when
+    positions restart (segments). `first_key`: each query's first visible key,
+    `(..., S)` broadcasting against the batch axes, when `spec.bounded`. With
+    `spec.kv_groups = G > 1`, k and v have H / G heads on axis -3.
 
     Inputs with no elements (S = 0, an empty batch axis, DV = 0) give the empty
     output, the same on every path. Under `jax.vmap` over a leading axis of q, k and v
@@ -156,66 +161,94 @@ def run(q, k, v, mask, sin, cos, spec: AttentionSpec, chosen: Plan):
     """
     if q.size == 0 or v.size == 0:  # no positions, no rows or no value features
         return jnp.zeros(v.shape, spec.dtype)
-    axis = mapped_axis(q, k, v, others=(mask, sin, cos))
+    axis = mapped_axis(q, k, v, others=(mask, sin, cos, first_key))
     if axis is None or axis > q.ndim - 2:  # mapped along the sequence or feature axis
-        return _run_typed(q, k, v, mask, sin, cos, spec, chosen)
+        return _run_typed(q, k, v, mask, sin, cos, first_key, spec, chosen)
 
     @jax.custom_batching.custom_vmap
-    def call(q, k, v, mask, sin, cos):
-        return _run_typed(q, k, v, mask, sin, cos, spec, chosen)
+    def call(q, k, v, mask, sin, cos, first_key):
+        return _run_typed(q, k, v, mask, sin, cos, first_key, spec, chosen)
 
     @call.def_vmap
-    def _keep_in_place(axis_size, in_batched, q, k, v, mask, sin, cos):
+    def _keep_in_place(axis_size, in_batched, q, k, v, mask, sin, cos, first_key):
         # jax moved the mapped axis to the front; move it back, so that XLA cancels
         # the two transposes, and run with it as one more batch axis.
         q, k, v = (jnp.moveaxis(x, 0, axis) for x in (q, k, v))
         batch_shape = q.shape[:-2]
         spec_here = spec.replace(batch_shape=batch_shape)
-        out = _run_typed(q, k, v, mask, sin, cos, spec_here, chosen)
+        out = _run_typed(q, k, v, mask, sin, cos, first_key, spec_here, chosen)
         return jnp.moveaxis(out, axis, 0), True
 
-    return call(q, k, v, mask, sin, cos)
+    return call(q, k, v, mask, sin, cos, first_key)
 
 
-def _run_typed(q, k, v, mask, sin, cos, spec: AttentionSpec, chosen: Plan):
+def _run_typed(q, k, v, mask, sin, cos, first_key, spec: AttentionSpec, chosen: Plan):
     """`_run`, or each device's shard of it where the inputs' types say they are
     sharded (JAX's explicit sharding mode, `explicit_mode`)."""
     typed = explicit_mode.typed_spec(q)
     if typed is None:
-        return _run(q, k, v, mask, sin, cos, spec=spec, chosen=chosen)
-    run_local = functools.partial(_run, chosen=chosen)
+        return _run(q, k, v, mask, sin, cos, first_key, spec=spec, chosen=chosen)
+    if spec.bounded or spec.kv_groups > 1:
+        raise ValueError(
+            "`segment_ids`, `sliding_window` and grouped-query heads are not supported yet "
+            "on inputs typed as sharded (Explicit mesh axes); use Auto mesh axes."
+        )
+    run_local = functools.partial(_run, first_key=None, chosen=chosen)
     return explicit_mode.run_sharded(
         q, k, v, mask, sin, cos, typed=typed, spec=spec, chosen=chosen, run_local=run_local
     )
 
 
+def _grouped(q, k, v, first_key, spec: AttentionSpec):
+    """Grouped-query heads as implementations take them: q `(*b, Hkv, G, S, D)`, k and
+    v `(*b, Hkv, 1, S, D)` (a view, no copy), `first_key` broadcasting alike."""
+    groups = spec.kv_groups
+    *batch, heads = spec.batch_shape
+    q = q.reshape(*batch, heads // groups, groups, *q.shape[-2:])
+    k, v = (x[..., None, :, :] for x in (k, v))
+    if first_key is not None and first_key.ndim > 1:  # its head axis is 1
+        first_key = first_key[..., None, :]
+    return q, k, v, first_key, spec.replace(batch_shape=q.shape[:-2])
+
+
 @functools.partial(jax.jit, static_argnames=("spec", "chosen"))
-def _run(q, k, v, mask, sin, cos, *, spec: AttentionSpec, chosen: Plan):
+def _run(q, k, v, mask, sin, cos, first_key, *, spec: AttentionSpec, chosen: Plan):
     accum = spec.accum_dtype
     q = maths.prepare(q, spec.pre_activation, sin, cos, accum)
     k = maths.prepare(k, spec.pre_activation, sin, cos, accum)
     v = v.astype(spec.dtype)
+    inner = spec
+    if spec.kv_groups > 1:
+        q, k, v, first_key, inner = _grouped(q, k, v, first_key, spec)
     if chosen.forward == chosen.gradient:
-        out = chosen.forward(q, k, v, spec, mask)
+        out = _call(chosen.forward, q, k, v, inner, mask, first_key)
     else:
-        out = _forward_or_gradient(q, k, v, mask, spec, chosen)
-    return out.astype(spec.dtype)
+        out = _forward_or_gradient(q, k, v, mask, first_key, inner, chosen)
+    return out.reshape(*spec.batch_shape, *out.shape[-2:]).astype(spec.dtype)
 
 
-@functools.partial(jax.custom_vjp, nondiff_argnums=(4, 5))
-def _forward_or_gradient(q, k, v, mask, spec, chosen):
+def _call(implementation, q, k, v, spec, mask, first_key):
+    """`implementation(q, k, v, spec, mask)`, with `first_key` when the spec is bounded
+    (implementations written before segments and windows take five arguments)."""
+    if first_key is None:
+        return implementation(q, k, v, spec, mask)
+    return implementation(q, k, v, spec, mask, first_key)
+
+
+@functools.partial(jax.custom_vjp, nondiff_argnums=(5, 6))
+def _forward_or_gradient(q, k, v, mask, first_key, spec, chosen):
     """`chosen.forward` when no gradient is taken; `chosen.gradient` otherwise. Both
     return `spec.dtype`, as a custom_vjp's two forward rules must agree."""
-    return chosen.forward(q, k, v, spec, mask).astype(spec.dtype)
+    return _call(chosen.forward, q, k, v, spec, mask, first_key).astype(spec.dtype)
 
 
-def _forward_or_gradient_fwd(q, k, v, mask, spec, chosen):
-    run = lambda q, k, v: chosen.gradient(q, k, v, spec, mask).astype(spec.dtype)
+def _forward_or_gradient_fwd(q, k, v, mask, first_key, spec, chosen):
+    run = lambda q, k, v: _call(chosen.gradient, q, k, v, spec, mask, first_key).astype(spec.dtype)
     return jax.vjp(run, q, k, v)
 
 
 def _forward_or_gradient_bwd(spec, chosen, vjp, d_out):
-    return (*vjp(d_out), None)
+    return (*vjp(d_out), None, None)
 
 
 _forward_or_gradient.defvjp(_forward_or_gradient_fwd, _forward_or_gradient_bwd)

@@ -8,12 +8,22 @@ import numbers
 import jax.numpy as jnp
 import numpy as np
 from jax.typing import DTypeLike
-from jaxtyping import Array, Bool, Float
+from jaxtyping import Array, Bool, Float, Integer
 
-from . import dispatch
+from . import dispatch, maths
 from .implementations import Implementation
 from .nn.rope import rope_tables
-from .spec import ACTIVATIONS, PRE_ACTIVATIONS, build_spec, check_option, real_number, resolve_dtype
+from .spec import (
+    ACTIVATIONS,
+    PRE_ACTIVATIONS,
+    build_spec,
+    check_kv_heads,
+    check_option,
+    check_segment_ids,
+    check_window,
+    real_number,
+    resolve_dtype,
+)
 from .typecheck import typechecked
 
 ArrayLike = Array | np.ndarray
@@ -22,8 +32,8 @@ ArrayLike = Array | np.ndarray
 @typechecked
 def attention(
     queries: Float[ArrayLike, "*batch seq dqk"],
-    keys: Float[ArrayLike, "*batch seq dqk"],
-    values: Float[ArrayLike, "*batch seq dv"],
+    keys: Float[ArrayLike, "*kv_batch seq dqk"],
+    values: Float[ArrayLike, "*kv_batch seq dv"],
     attention_mask: Bool[ArrayLike, "seq seq"] | None = None,
     qkv_dtype: DTypeLike | None = None,
     activation_function: str = "softmax",
@@ -32,6 +42,8 @@ def attention(
     *,
     sigmoid_bias: numbers.Real | None = None,
     implementation: str | Implementation | None = None,
+    segment_ids: Integer[ArrayLike, "*segment_batch seq"] | None = None,
+    sliding_window: numbers.Integral | None = None,
 ) -> Float[Array, "*batch seq dv"]:
     r"""Attention with rotary embeddings, causal by default.
 
@@ -50,8 +62,10 @@ def attention(
 
     **Arguments:**
 
-    - `queries`, `keys`: `(*batch, S, DQK)`, DQK even; JAX or NumPy arrays.
-    - `values`: `(*batch, S, DV)`.
+    - `queries`: `(*batch, S, DQK)`, DQK even; JAX or NumPy arrays.
+    - `keys`, `values`: `(*batch, S, DQK)` and `(*batch, S, DV)`; for grouped-query
+        (or multi-query) heads, with fewer heads on axis -3 than `queries` (a divisor
+        of their count): query head h reads key/value head `h // (H / Hkv)`.
     - `attention_mask`: bool `(S, S)`, True = attend, shared by all leading axes.
         `None` (default) means causal.
     - `qkv_dtype`: dtype to cast q, k, v to. Without it they must share a dtype.
@@ -59,6 +73,12 @@ def attention(
     - `qk_pre_activation_function`: `"none"`, `"swish"` or `"silu"` (the same).
     - `theta`: RoPE wavelength base, a number > 0.
     - `sigmoid_bias`: the bias $b$ of `"sigmoid"`; default $-\log S$.
+    - `segment_ids`: int `(S,)` or `(*batch, S)` (size 1 on shared axes): packed
+        sequences. A query sees only keys of its own segment, a run of equal ids,
+        and RoPE positions restart at each segment's start, so each packed document's
+        output equals that document alone (with a fixed `sigmoid_bias`). Causal only.
+    - `sliding_window`: w >= 1: key j is visible from query i when i - w < j <= i.
+        Causal only; combines with `segment_ids`.
     - `implementation`: `None` picks the best path for platform, dtype and shape
         (`eqx_xlstm.dispatch.DEFAULTS`); a name forces one: `"reference"` (S x S
         weights, like the upstream), `"chunked"` (blockwise, memory linear in S),
@@ -82,6 +102,12 @@ def attention(
         attention_mask = jnp.asarray(attention_mask)
     dtype = resolve_dtype(queries, keys, values, qkv_dtype)
     seq_len, head_dim = queries.shape[-2:]
+    kv_groups = check_kv_heads(queries, keys, values)
+    causal = attention_mask is None
+    window = check_window(sliding_window, causal)
+    if segment_ids is not None:
+        segment_ids = jnp.asarray(segment_ids)
+    segment_ids = check_segment_ids(segment_ids, queries.shape[:-2], seq_len, kv_groups, causal)
     if sigmoid_bias is None:
         sigmoid_bias = -math.log(seq_len) if seq_len > 0 else 0.0
     spec = build_spec(
@@ -90,9 +116,20 @@ def attention(
         dtype=dtype,
         activation=activation_function,
         pre_activation=qk_pre_activation_function,
-        causal=attention_mask is None,
+        causal=causal,
         sigmoid_bias=real_number(sigmoid_bias, "sigmoid_bias"),
+        window=window,
+        segmented=segment_ids is not None,
+        kv_groups=kv_groups,
     )
     sin, cos = rope_tables(seq_len, head_dim, None, None, theta, dtype=spec.accum_dtype)
+    first_key = None
+    if spec.bounded:
+        first_key = maths.first_keys(seq_len, window, segment_ids)
+    if segment_ids is not None:  # positions restart at each segment's start
+        positions = maths.segment_positions(segment_ids)
+        sin, cos = sin[positions], cos[positions]
     chosen = dispatch.plan(spec, implementation)
-    return dispatch.run(queries, keys, values, attention_mask, sin, cos, spec, chosen)
+    return dispatch.run(
+        queries, keys, values, attention_mask, sin, cos, spec, chosen, first_key=first_key
+    )

@@ -19,10 +19,42 @@ import jax.numpy as jnp
 LOG2E = math.log2(math.e)
 
 
-def visible(query_pos, key_pos):
+def visible(query_pos, key_pos, first_key=None):
     """True where a query at `query_pos` attends to a key at `key_pos` (broadcasting):
-    the causal rule, key <= query."""
-    return key_pos <= query_pos
+    the causal rule, key <= query; with `first_key` (the query's first visible key,
+    broadcasting like `query_pos`: a sliding window's or its segment's start), also
+    key >= first_key."""
+    seen = key_pos <= query_pos
+    return seen if first_key is None else seen & (key_pos >= first_key)
+
+
+def segment_starts(segment_ids):
+    """`(..., S)` int ids -> for each position, where its segment (the run of equal
+    ids it belongs to) starts."""
+    positions = jnp.arange(segment_ids.shape[-1], dtype=jnp.int32)
+    changed = jnp.concatenate(
+        [jnp.ones_like(segment_ids[..., :1], bool), segment_ids[..., 1:] != segment_ids[..., :-1]],
+        axis=-1,
+    )
+    return jax.lax.cummax(jnp.where(changed, positions, 0), axis=segment_ids.ndim - 1)
+
+
+def segment_positions(segment_ids):
+    """Each position's offset from its segment's start: RoPE positions of packed
+    sequences."""
+    return jnp.arange(segment_ids.shape[-1], dtype=jnp.int32) - segment_starts(segment_ids)
+
+
+def first_keys(seq_len, window=None, segment_ids=None):
+    """Each query's first visible key, `(..., S)` int32: the later of its segment's
+    start (`segment_ids`, `(..., S)`) and `i - window + 1`."""
+    positions = jnp.arange(seq_len, dtype=jnp.int32)
+    first = jnp.zeros_like(positions)
+    if segment_ids is not None:
+        first = segment_starts(segment_ids)
+    if window is not None:
+        first = jnp.maximum(first, positions - (window - 1))
+    return first
 
 
 def weights(scores, activation, scale, bias=0.0, row_stat=None, tanh=jnp.tanh):
@@ -65,15 +97,16 @@ def swish(x):
 
 def rotate_pairs(x, sin, cos):
     """Rotate the interleaved pairs `(2i, 2i + 1)` of the last axis of `x` by
-    per-position angles; `sin`, `cos`: `(S, D // 2)` for `x` of `(..., S, D)`.
+    per-position angles; `sin`, `cos`: `(S, D // 2)` for `x` of `(..., S, D)`, or with
+    leading axes that broadcast against x's (per-sequence positions).
 
     Written as `x * cos2 + swap(x) * sin2` (`swap` exchanges each pair, the tables are
     interleaved to full width) so that XLA fuses it with neighbouring elementwise work
     into one pass over memory.
     """
-    seq_len, dim = x.shape[-2:]
+    dim = x.shape[-1]
     cos2 = jnp.repeat(cos, 2, axis=-1).astype(x.dtype)  # c0 c0 c1 c1 ...
-    sin2 = jnp.stack((-sin, sin), axis=-1).reshape(seq_len, dim).astype(x.dtype)
+    sin2 = jnp.stack((-sin, sin), axis=-1).reshape(*sin.shape[:-1], dim).astype(x.dtype)
     swapped = x.reshape(*x.shape[:-1], dim // 2, 2)[..., ::-1].reshape(x.shape)
     return x * cos2 + swapped * sin2
 

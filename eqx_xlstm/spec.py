@@ -112,11 +112,22 @@ class AttentionSpec:
     """Where the call runs: `"cpu"`, `"gpu"` or `"tpu"`."""
     gpu_capability: str | None = None
     """The GPU's compute capability (`"9.0"` on Hopper), when `platform == "gpu"`."""
+    window: int | None = None
+    """Sliding window w (causal only): key j is visible from query i when
+    `i - w < j <= i`; None: no window."""
+    segmented: bool = False
+    """Packed sequences (causal only): a query sees only keys of its own segment, a
+    run of equal segment ids, and RoPE positions restart at each segment's start."""
+    kv_groups: int = 1
+    """Grouped-query heads: query heads per key/value head. With G > 1, dispatch hands
+    implementations q of batch shape `(*b, Hkv, G)` and k, v of `(*b, Hkv, 1)`."""
 
     def __post_init__(self):
         check_option(self.activation, ACTIVATIONS, "activation")
         check_option(self.pre_activation, ("none", "swish"), "pre_activation")
         check_option(self.mask, MASKS, "mask")
+        if (self.window is not None or self.segmented) and self.mask != "causal":
+            raise ValueError("sliding windows and segments go with the causal mask only")
         object.__setattr__(self, "dtype", np.dtype(self.dtype))
         object.__setattr__(self, "batch_shape", tuple(int(n) for n in self.batch_shape))
         object.__setattr__(self, "sigmoid_bias", float(self.sigmoid_bias))
@@ -124,6 +135,12 @@ class AttentionSpec:
     @property
     def causal(self) -> bool:
         return self.mask == "causal"
+
+    @property
+    def bounded(self) -> bool:
+        """Whether queries see a bounded range of the earlier keys (a sliding window or
+        segments): then implementations get each query's first visible key."""
+        return self.window is not None or self.segmented
 
     @property
     def scale(self) -> float:
@@ -158,6 +175,9 @@ def build_spec(
     pre_activation: str,
     causal: bool,
     sigmoid_bias: float,
+    window: int | None = None,
+    segmented: bool = False,
+    kv_groups: int = 1,
 ) -> AttentionSpec:
     """The spec of a call on these (validated) inputs, on the default device."""
     *batch_shape, seq_len, dqk = queries.shape
@@ -174,4 +194,85 @@ def build_spec(
         sigmoid_bias=sigmoid_bias,
         platform=platform,
         gpu_capability=capability,
+        window=window,
+        segmented=segmented,
+        kv_groups=kv_groups,
     )
+
+
+def check_kv_heads(queries, keys, values) -> int:
+    """How many query heads share each key/value head (1 unless keys and values have
+    fewer heads, axis -3, than queries); a ValueError naming the argument otherwise."""
+    for name, x in (("keys", keys), ("values", values)):
+        if x.ndim != queries.ndim or x.shape[-2] != queries.shape[-2]:
+            raise ValueError(
+                f"`{name}` {x.shape} must have the rank and sequence length of `queries` "
+                f"{queries.shape}."
+            )
+    if keys.shape[:-1] != values.shape[:-1]:
+        raise ValueError(
+            f"`keys` {keys.shape} and `values` {values.shape} must agree on every axis but "
+            "the last."
+        )
+    if keys.shape[:-3] != queries.shape[:-3] or keys.shape[-1] != queries.shape[-1]:
+        raise ValueError(
+            f"`keys` {keys.shape} must match `queries` {queries.shape} on every axis but "
+            "the heads axis (-3)."
+        )
+    if keys.shape[:-2] == queries.shape[:-2]:
+        return 1
+    heads, kv_heads = queries.shape[-3], keys.shape[-3]
+    if kv_heads == 0 or heads % kv_heads:
+        raise ValueError(
+            f"Grouped-query heads: `keys` and `values` have {kv_heads} heads (axis -3), which "
+            f"must divide the {heads} heads of `queries`."
+        )
+    return heads // kv_heads
+
+
+def check_window(sliding_window: object, causal: bool) -> int | None:
+    """`sliding_window` as an int >= 1 or None; a TypeError/ValueError naming it."""
+    if sliding_window is None:
+        return None
+    window = whole_number(sliding_window, "sliding_window")
+    if window < 1:
+        raise ValueError(f"`sliding_window` must be >= 1, got {window}.")
+    if not causal:
+        raise ValueError(
+            "`sliding_window` goes with the causal mask (attention_mask=None); with an "
+            "explicit mask, put the window into the mask."
+        )
+    return window
+
+
+def check_segment_ids(segment_ids, batch_shape: tuple, seq_len: int, kv_groups: int, causal: bool):
+    """`segment_ids` validated: integers of shape `(S,)` or `(*batch, S)` (each leading
+    axis q's size or 1; the heads axis 1 with grouped-query heads); a TypeError or
+    ValueError naming it otherwise."""
+    if segment_ids is None:
+        return None
+    if not jnp.issubdtype(segment_ids.dtype, jnp.integer):
+        raise TypeError(f"`segment_ids` must be integers, got {segment_ids.dtype}.")
+    shape = segment_ids.shape
+    wanted = f"(S,) or (*batch, S) = {(*batch_shape, seq_len)} with 1 for any axis shared"
+    if not shape or shape[-1] != seq_len:
+        raise ValueError(f"`segment_ids` {shape} must be {wanted}.")
+    leading = shape[:-1]
+    if leading and (
+        len(leading) != len(batch_shape)
+        or any(n not in (1, b) for n, b in zip(leading, batch_shape))
+    ):
+        raise ValueError(
+            f"`segment_ids` {shape} must be {wanted} (for example `ids[:, None, :]` for "
+            "ids of shape (batch, S) and queries of (batch, heads, S, D))."
+        )
+    if leading and kv_groups > 1 and leading[-1] != 1:
+        raise ValueError(
+            f"`segment_ids` {shape}: with grouped-query heads its heads axis (-2) must be 1."
+        )
+    if not causal:
+        raise ValueError(
+            "`segment_ids` go with the causal mask (attention_mask=None); with an explicit "
+            "mask, put the segments into the mask."
+        )
+    return segment_ids

@@ -6,7 +6,7 @@ import dataclasses
 from typing import Any, ClassVar
 
 import jax.numpy as jnp
-from jaxtyping import Array, Bool, Float
+from jaxtyping import Array, Bool, Float, Int
 
 from ..spec import AttentionSpec
 
@@ -36,11 +36,15 @@ class Implementation(abc.ABC):
         v: Float[Array, "*batch seq dv"],
         spec: AttentionSpec,
         mask: Bool[Array, "seq seq"] | None,
+        first_key: Int[Array, "*#batch seq"] | None = None,
     ) -> Float[Array, "*batch seq dv"]:
         """The attention output for queries and keys already through swish and RoPE
         (in `spec.accum_dtype`) and values in `spec.dtype`; `mask` is the explicit
-        mask (None when `spec.mask == "causal"`). Any float dtype may come back: the
-        caller casts to `spec.dtype`. Differentiable with respect to q, k and v."""
+        mask (None when `spec.mask == "causal"`); `first_key`, when `spec.bounded`,
+        each query's first visible key (`maths.first_keys`). With `spec.kv_groups > 1`
+        k and v have a 1 where q has the group axis (-3). Any float dtype may come
+        back: the caller casts to `spec.dtype`. Differentiable with respect to q, k
+        and v."""
 
     def ring_pieces(self) -> Any:
         """The pieces (forward and backward of a causal or full chunk pair, with their
@@ -51,6 +55,14 @@ class Implementation(abc.ABC):
     def to_dict(self) -> dict[str, Any]:
         """The name and tuning fields, JSON-serialisable (see `from_dict`)."""
         return {"name": self.name, **dataclasses.asdict(self)}
+
+
+def plain_causal_only(spec: AttentionSpec) -> str | None:
+    """The reason an implementation that takes neither segments, windows nor grouped
+    heads gives for a spec with one of them; None if it has none."""
+    if spec.bounded or spec.kv_groups > 1:
+        return "it takes neither segment_ids, sliding_window nor grouped-query heads yet"
+    return None
 
 
 def as_rows(x: Array, spec: AttentionSpec, multiple: int) -> Array:

@@ -21,21 +21,43 @@ from .base import from_blocks, in_blocks
 from .reference import matmul_precision
 
 
-def _block_allowed(i, j, block, spec, mask):
-    """Bool `(block, block)`: which (query, key) pairs of block pair (i, j) attend."""
+def _block_allowed(i, j, block, spec, mask, first_key=None):
+    """Bool `(block, block)` (with `first_key`, `(..., block, block)`): which (query,
+    key) pairs of block pair (i, j) attend."""
     if mask is None:  # causal or full; keys past the end are padding
         q_pos = i * block + jnp.arange(block)[:, None]
         k_pos = j * block + jnp.arange(block)[None, :]
         if spec.mask == "full":
             return jnp.broadcast_to(k_pos < spec.seq_len, (block, block))
-        return maths.visible(q_pos, k_pos) & (k_pos < spec.seq_len)
+        first = None if first_key is None else first_key[i][..., :, None]
+        return maths.visible(q_pos, k_pos, first) & (k_pos < spec.seq_len)
     return lax.dynamic_slice(mask, (i * block, j * block), (block, block))
 
 
-def _forward(q, k, v, mask, spec, precision):
+def _sum_like(x, like):
+    """`x` summed over the axes where `like` has size 1 and `x` does not (grouped-query
+    heads: the gradient of a key/value head shared by a group of query heads)."""
+    axes = tuple(a for a in range(x.ndim) if like.shape[a] == 1 and x.shape[a] != 1)
+    return jnp.sum(x, axis=axes, keepdims=True) if axes else x
+
+
+def _first_block(first_key, i, block):
+    """The first key block any query of block i sees (`first_key`: each query's first
+    key, non-decreasing along the sequence)."""
+    return jnp.min(first_key[i][..., 0]) // block
+
+
+def _last_block(first_key, j, block, n_blocks):
+    """One past the last query block that sees a key of block j."""
+    key_end = (j + 1) * block - 1
+    seeing = jnp.max(jnp.sum(first_key <= key_end, axis=(0, -1)))  # a prefix of queries
+    return jnp.minimum(n_blocks, -(-seeing // block))
+
+
+def _forward(q, k, v, mask, spec, precision, first_key=None):
     """q, k: (nb, *batch, C, D); v: (nb, *batch, C, DV). Returns out (nb, *batch, C, DV)
     and each row's log2-sum-exp2 of the logits (nb, *batch, C); +inf for rows that see
-    no key."""
+    no key. `first_key`: (nb, ..., C), each query's first visible key."""
     n_blocks, *batch, block, _ = q.shape
     scale, accum = spec.scale, spec.accum_dtype
     einsum = functools.partial(jnp.einsum, precision=precision)
@@ -46,7 +68,7 @@ def _forward(q, k, v, mask, spec, precision):
 
         def step(j, carry):
             scores = einsum("...qd,...kd->...qk", q_i, k[j])
-            allowed = _block_allowed(i, j, block, spec, mask)
+            allowed = _block_allowed(i, j, block, spec, mask, first_key)
             if not softmax:
                 p = maths.weights(scores, spec.activation, scale, spec.sigmoid_bias)
                 return carry + einsum("...qk,...kd->...qd", jnp.where(allowed, p, 0.0), v[j])
@@ -67,10 +89,11 @@ def _forward(q, k, v, mask, spec, precision):
         rows0 = jnp.zeros_like(q_i[..., 0], dtype=accum)
         acc0 = jnp.broadcast_to(rows0[..., None], (*batch, block, v.shape[-1]))
         stop = i + 1 if spec.causal else n_blocks
+        start = 0 if first_key is None else _first_block(first_key, i, block)
         if not softmax:
-            return lax.fori_loop(0, stop, step, acc0), rows0
+            return lax.fori_loop(start, stop, step, acc0), rows0
         init = (jnp.full_like(rows0, -jnp.inf), rows0, acc0)
-        row_max, row_sum, acc = lax.fori_loop(0, stop, step, init)
+        row_max, row_sum, acc = lax.fori_loop(start, stop, step, init)
         nonempty = row_sum > 0
         total = jnp.where(nonempty, row_sum, 1.0)
         shift = jnp.where(jnp.isfinite(row_max), row_max, 0.0) * (scale * maths.LOG2E)
@@ -79,7 +102,7 @@ def _forward(q, k, v, mask, spec, precision):
     return lax.map(query_block, jnp.arange(n_blocks))
 
 
-def _backward(q, k, v, mask, out, lse, d_out, spec, precision):
+def _backward(q, k, v, mask, out, lse, d_out, spec, precision, first_key=None):
     n_blocks = q.shape[0]
     block = q.shape[-2]
     scale = spec.scale
@@ -93,21 +116,22 @@ def _backward(q, k, v, mask, out, lse, d_out, spec, precision):
             dq, dk_j, dv_j = carry
             q_i, do_i = q[i], d_out[i]
             scores = einsum("...qd,...kd->...qk", q_i, k_j)
-            allowed = _block_allowed(i, j, block, spec, mask)
+            allowed = _block_allowed(i, j, block, spec, mask, first_key)
             row_lse = lse[i] if delta is not None else None
             p = maths.weights(scores, spec.activation, scale, spec.sigmoid_bias, row_lse)
             p = jnp.where(allowed, p, 0.0)
-            dv_j = dv_j + einsum("...qk,...qd->...kd", p, do_i)
+            dv_j = dv_j + _sum_like(einsum("...qk,...qd->...kd", p, do_i), dv_j)
             dp = einsum("...qd,...kd->...qk", do_i, v_j)
             row_delta = delta[i] if delta is not None else None
             ds = maths.score_grad(dp, p, spec.activation, allowed, row_delta) * scale
             dq = dq.at[i].add(einsum("...qk,...kd->...qd", ds, k_j))
-            dk_j = dk_j + einsum("...qk,...qd->...kd", ds, q_i)
+            dk_j = dk_j + _sum_like(einsum("...qk,...qd->...kd", ds, q_i), dk_j)
             return dq, dk_j, dv_j
 
         start = j if spec.causal else 0
+        stop = n_blocks if first_key is None else _last_block(first_key, j, block, n_blocks)
         dq, dk_j, dv_j = lax.fori_loop(
-            start, n_blocks, step, (dq, jnp.zeros_like(k_j), jnp.zeros_like(v_j))
+            start, stop, step, (dq, jnp.zeros_like(k_j), jnp.zeros_like(v_j))
         )
         return dq, (dk_j, dv_j)
 
@@ -115,19 +139,22 @@ def _backward(q, k, v, mask, out, lse, d_out, spec, precision):
     return dq, dk, dv
 
 
-@functools.partial(jax.custom_vjp, nondiff_argnums=(4, 5))
-def blockwise(q, k, v, mask, spec, precision):
-    return _forward(q, k, v, mask, spec, precision)[0]
+@functools.partial(jax.custom_vjp, nondiff_argnums=(5, 6))
+def blockwise(q, k, v, mask, first_key, spec, precision):
+    """Blockwise attention of `leading_blocks` inputs; `mask` the explicit mask (padded
+    to whole blocks) or None; `first_key` `(nb, ..., C)` or None."""
+    return _forward(q, k, v, mask, spec, precision, first_key)[0]
 
 
-def _blockwise_fwd(q, k, v, mask, spec, precision):
-    out, lse = _forward(q, k, v, mask, spec, precision)
-    return out, (q, k, v, mask, out, lse)
+def _blockwise_fwd(q, k, v, mask, first_key, spec, precision):
+    out, lse = _forward(q, k, v, mask, spec, precision, first_key)
+    return out, (q, k, v, mask, first_key, out, lse)
 
 
 def _blockwise_bwd(spec, precision, residuals, d_out):
-    q, k, v, mask, out, lse = residuals
-    return (*_backward(q, k, v, mask, out, lse, d_out, spec, precision), None)
+    q, k, v, mask, first_key, out, lse = residuals
+    grads = _backward(q, k, v, mask, out, lse, d_out, spec, precision, first_key)
+    return (*grads, None, None)
 
 
 blockwise.defvjp(_blockwise_fwd, _blockwise_bwd)

@@ -72,10 +72,12 @@ _causal.defvjp(_causal_fwd, _causal_bwd)
 class Chunked(Implementation):
     """Blockwise attention in XLA with memory linear in S, any mask, any platform.
 
-    The causal mask skips blocks above the diagonal; an explicit bool `(S, S)` mask is
-    read block by block and every block is visited. Causal inputs sharded over the
-    sequence axis (under `jax.jit` with `NamedSharding`s) run as context-parallel
-    ring attention (`ring`), each device holding its shard.
+    The causal mask skips blocks above the diagonal, and with a sliding window or
+    segments the blocks before the first key any query of a block sees; an explicit
+    bool `(S, S)` mask is read block by block and every block is visited. Causal
+    inputs sharded over the sequence axis (under `jax.jit` with `NamedSharding`s) run
+    as context-parallel ring attention (`ring`), each device holding its shard
+    (not yet with segments, windows or grouped heads: XLA then gathers the sequence).
     """
 
     name = "chunked"
@@ -93,14 +95,18 @@ class Chunked(Implementation):
     def ring_pieces(self) -> ring.BlockwisePieces:
         return ring.BlockwisePieces(self.block)
 
-    def __call__(self, q, k, v, spec, mask):
-        if spec.causal:
+    def __call__(self, q, k, v, spec, mask, first_key=None):
+        if spec.causal and not spec.bounded and spec.kv_groups == 1:
             return _causal(q, k, v, spec, self.block)  # the pieces clamp the block
         seq_len = spec.seq_len
         block = max(1, min(self.block, seq_len))
         qb, kb, vb = (leading_blocks(x.astype(spec.accum_dtype), block) for x in (q, k, v))
+        pad = qb.shape[0] * block - seq_len
         if mask is not None:
-            pad = qb.shape[0] * block - seq_len
             mask = jnp.pad(mask, ((0, pad), (0, pad)))
-        out = blockwise(qb, kb, vb, mask, spec, matmul_precision(spec.dtype))
+        if first_key is not None:  # padded queries see nothing
+            widths = ((0, 0),) * (first_key.ndim - 1) + ((0, pad),)
+            first_key = jnp.pad(first_key, widths, constant_values=seq_len)
+            first_key = leading_blocks(first_key[..., None], block)[..., 0]
+        out = blockwise(qb, kb, vb, mask, first_key, spec, matmul_precision(spec.dtype))
         return from_leading_blocks(out, seq_len)

@@ -10,7 +10,7 @@ import jax.numpy as jnp
 from .. import maths
 from ..spec import AttentionSpec
 from . import cudnn_private
-from .base import Implementation, as_rows, from_rows
+from .base import Implementation, as_rows, from_rows, plain_causal_only
 from .per_shard import RowKernels, row_attention
 from .triton import Triton, TritonPieces
 
@@ -44,6 +44,8 @@ class CuDNN(Implementation):
     def unsupported(self, spec: AttentionSpec) -> str | None:
         if spec.platform != "gpu":
             return f"it needs an NVIDIA GPU, and the default backend is {spec.platform!r}"
+        if reason := plain_causal_only(spec):
+            return reason
         if spec.activation != "softmax":
             return f"it computes softmax only, not activation_function={spec.activation!r}"
         if not spec.causal:
@@ -62,7 +64,7 @@ class CuDNN(Implementation):
         otherwise None (blockwise XLA)."""
         return CuDNNPieces() if self.ring and cudnn_private.available() else None
 
-    def __call__(self, q, k, v, spec, mask):
+    def __call__(self, q, k, v, spec, mask, first_key=None):
         pieces = self.ring_pieces()
         if pieces is not None:
             row_kernels = RowKernels(

@@ -107,9 +107,11 @@ class Linear(Implementation):
             return f"it computes activation_function='none' only, not {spec.activation!r}"
         if not spec.causal:
             return "it is used with the causal mask only (attention_mask=None)"
+        if spec.window is not None:
+            return "it carries whole prefixes, not sliding windows (the chunked path skips blocks)"
         return None
 
-    def __call__(self, q, k, v, spec, mask):
+    def __call__(self, q, k, v, spec, mask, first_key=None):
         seq_len = spec.seq_len
         chunk = max(1, min(self.chunk_for(spec), seq_len))
         # bf16 operands keep the fast matmuls (float32's range); float16 ones would
@@ -123,11 +125,56 @@ class Linear(Implementation):
             precision=matmul_precision(spec.dtype),
             preferred_element_type=spec.accum_dtype,
         )
-        kv = einsum("...ckd,...ckv->...cdv", kc, vc)
-        states = _states_before(kv)
-        inter = einsum("...cqd,...cdv->...cqv", qc, states.astype(operand))
-        scores = einsum("...cqd,...ckd->...cqk", qc, kc)
         positions = jnp.arange(chunk)
-        scores = jnp.where(maths.visible(positions[:, None], positions[None, :]), scores, 0.0)
-        intra = einsum("...cqk,...ckv->...cqv", scores.astype(operand), vc)
+        if first_key is None:
+            kv = einsum("...ckd,...ckv->...cdv", kc, vc)
+            states = _states_before(kv)
+            inter = einsum("...cqd,...cdv->...cqv", qc, states.astype(operand))
+            seen = maths.visible(positions[:, None], positions[None, :])
+        else:
+            inter, seen = _segmented(qc, kc, vc, first_key, chunk, seq_len, einsum, operand)
+        scores = einsum("...cqd,...ckd->...cqk", qc, kc)
+        intra = einsum("...cqk,...ckv->...cqv", jnp.where(seen, scores, 0.0).astype(operand), vc)
         return from_blocks((inter + intra) * spec.scale, seq_len)
+
+
+def _segmented(qc, kc, vc, first_key, chunk, seq_len, einsum, operand):
+    """Packed sequences: the part of each query's output from earlier chunks, and which
+    keys of its own chunk it sees. `first_key` `(..., S)`: each query's segment start.
+
+    The state entering chunk c sums k v^T over the keys from the start of the segment
+    that covers c's first position; a query uses it only when its own segment started
+    at or before its chunk (otherwise everything it sees lies in its chunk). The states
+    follow `S_{c+1} = a_c S_c + b_c`: `a_c` is 1 unless a segment starts inside chunk
+    c, `b_c` the sum over c's keys from the last segment start on (an associative scan
+    over chunks)."""
+    n_chunks = qc.shape[-3]
+    padded = jnp.pad(
+        first_key,
+        ((0, 0),) * (first_key.ndim - 1) + ((0, n_chunks * chunk - seq_len),),
+        constant_values=seq_len,
+    )
+    first = padded.reshape(*padded.shape[:-1], n_chunks, chunk)  # (..., c, t)
+    starts = jnp.arange(n_chunks) * chunk  # each chunk's first position
+    positions = starts[:, None] + jnp.arange(chunk)  # (c, t)
+    # The segment start of the next chunk's first position, seen from chunk c's keys.
+    next_first = jnp.concatenate([first[..., 1:, 0], first[..., -1:, 0]], axis=-1)  # (..., c)
+    keep = (next_first <= starts)[..., None, None]  # no segment starts inside chunk c
+    tail = (positions >= next_first[..., None])[..., None]  # c's keys from it on
+    kv = einsum("...ckd,...ckv->...cdv", jnp.where(tail, kc, 0).astype(kc.dtype), vc)
+
+    def combine(earlier, later):
+        (a1, b1), (a2, b2) = earlier, later
+        return a1 * a2, a2 * b1 + b2
+
+    keep = jnp.broadcast_to(keep, jnp.broadcast_shapes(keep.shape, kv.shape)).astype(kv.dtype)
+    _, through = lax.associative_scan(combine, (keep, kv), axis=kv.ndim - 3)
+    states = jnp.concatenate([jnp.zeros_like(through[..., :1, :, :]), through[..., :-1, :, :]], -3)
+    carried = (first <= starts[:, None])[..., None]  # the query's segment covers its chunk start
+    inter = einsum(
+        "...cqd,...cdv->...cqv", jnp.where(carried, qc, 0).astype(qc.dtype), states.astype(operand)
+    )
+    local = first - starts[:, None]  # first visible key, as an offset in the chunk
+    offsets = jnp.arange(chunk)
+    seen = maths.visible(offsets[:, None], offsets[None, :], local[..., None])
+    return inter, seen

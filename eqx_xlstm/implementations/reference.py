@@ -12,10 +12,12 @@ from ..spec import AttentionSpec
 from .base import Implementation
 
 
-def causal_mask(seq_len: int) -> Bool[Array, "seq seq"]:
-    """True where query i attends to key j."""
+def causal_mask(seq_len: int, first_key=None) -> Bool[Array, "*#batch seq seq"]:
+    """True where query i attends to key j; with `first_key` `(..., S)`, each query's
+    first visible key (a window's or segment's start), `(..., S, S)`."""
     positions = jnp.arange(seq_len)
-    return maths.visible(positions[:, None], positions[None, :])
+    first = None if first_key is None else first_key[..., :, None]
+    return maths.visible(positions[:, None], positions[None, :], first)
 
 
 def masked_weights(
@@ -51,18 +53,19 @@ def matmul_precision(dtype) -> jax.lax.Precision:
 
 @dataclasses.dataclass(frozen=True)
 class Reference(Implementation):
-    """S x S logits and weights in `spec.accum_dtype`, any mask, any platform."""
+    """S x S logits and weights in `spec.accum_dtype`, any mask, segments, windows and
+    grouped heads, any platform."""
 
     name = "reference"
 
     def unsupported(self, spec: AttentionSpec) -> str | None:
         return None
 
-    def __call__(self, q, k, v, spec, mask):
+    def __call__(self, q, k, v, spec, mask, first_key=None):
         if spec.mask == "full":
             mask = jnp.ones((spec.seq_len, spec.seq_len), bool)
         elif mask is None:
-            mask = causal_mask(spec.seq_len)
+            mask = causal_mask(spec.seq_len, first_key)
         accum = spec.accum_dtype
         precision = matmul_precision(spec.dtype)
         scores = jnp.einsum(

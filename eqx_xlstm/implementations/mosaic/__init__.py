@@ -7,7 +7,7 @@ import jax
 import jax.numpy as jnp
 
 from ...spec import AttentionSpec
-from ..base import Implementation, as_rows, from_rows
+from ..base import Implementation, as_rows, from_rows, plain_causal_only
 from ..per_shard import RowKernels, row_attention
 from ..triton import Triton, TritonPieces
 from .backward import mosaic_dkv, mosaic_dq
@@ -36,6 +36,8 @@ class Mosaic(Implementation):
     from S=4096 on, H100 and H200; below, the two tie (docs/benchmarks.md)."""
 
     def unsupported(self, spec: AttentionSpec) -> str | None:
+        if reason := plain_causal_only(spec):
+            return reason
         if not spec.causal:
             return "it is used with the causal mask only (attention_mask=None)"
         if not spec.half:
@@ -62,7 +64,7 @@ class Mosaic(Implementation):
     def ring_pieces(self) -> "MosaicPieces":
         return MosaicPieces(self)
 
-    def __call__(self, q, k, v, spec, mask):
+    def __call__(self, q, k, v, spec, mask, first_key=None):
         interpret = spec.platform != "gpu"
         backward = functools.partial(
             _backward_kernels, spec=spec, interpret=interpret, fused=self.fused(spec)

@@ -8,7 +8,7 @@ from collections.abc import Sequence
 import jax.numpy as jnp
 
 from ...spec import AttentionSpec
-from ..base import Implementation, as_rows, from_rows
+from ..base import Implementation, as_rows, from_rows, plain_causal_only
 from ..per_shard import RowKernels, row_attention
 from . import kernels
 from .kernels import Blocks, Launch
@@ -41,6 +41,8 @@ class Triton(Implementation):
             object.__setattr__(self, field, blocks)
 
     def unsupported(self, spec: AttentionSpec) -> str | None:
+        if reason := plain_causal_only(spec):
+            return reason
         if spec.mask == "explicit":
             return "it is used with the causal mask only (attention_mask=None)"
         if spec.dqk % 16 or spec.dv % 16 or max(spec.dqk, spec.dv) > 256:
@@ -64,7 +66,7 @@ class Triton(Implementation):
     def ring_pieces(self) -> "TritonPieces":
         return TritonPieces(self)
 
-    def __call__(self, q, k, v, spec, mask):
+    def __call__(self, q, k, v, spec, mask, first_key=None):
         launch, step = self._launch(spec)
         row_kernels = RowKernels(
             forward=functools.partial(kernels.forward, launch=launch),
