@@ -22,7 +22,7 @@ def causal_mask(seq_len: int, first_key=None) -> Bool[Array, "*#batch seq seq"]:
 
 def masked_weights(
     scores: Float[Array, "*batch queries keys"],
-    mask: Bool[Array, "queries keys"],
+    mask: Bool[Array, "*#batch queries keys"],
     spec: AttentionSpec,
 ) -> Float[Array, "*batch queries keys"]:
     """Attention weights from raw scores; masked entries are exactly 0.
