@@ -11,7 +11,7 @@ from jax.sharding import PartitionSpec
 from jaxtyping import Array, Float, Int, PRNGKeyArray
 
 from .. import explicit_mode
-from ..spec import whole_number
+from ..spec import real_number, whole_number
 from ..typecheck import typechecked
 from .backend import mLSTMBackend
 from .decoding import DecodingState
@@ -39,6 +39,16 @@ class ModelConfig:
     ffn_factor: numbers.Integral = 4
     backend: str = "attention"
     backend_config: Any = None
+    qk_norm: bool = False
+    """RMS-normalise each head's queries and keys (a learnt scale per feature) before
+    swish and RoPE: bounds the logits, which sigmoid attention needs to train stably
+    at larger widths and learning rates (QK-norm)."""
+    layer_scale: numbers.Real | None = None
+    """Scale each residual branch by a learnt per-channel vector starting at this value
+    (LayerScale; e.g. 0.1): the blocks start close to the identity. None: off."""
+    post_norm: bool = False
+    """Also LayerNorm each branch's output before it joins the residual stream (hybrid
+    pre/post norm): keeps the stream's scale in check in deep stacks."""
 
     def __post_init__(self):
         sizes = ("vocab_size", "context_length", "embedding_dim", "num_heads", "num_blocks")
@@ -58,6 +68,14 @@ class ModelConfig:
                 f"embedding_dim={self.embedding_dim} is not divisible by num_heads="
                 f"{self.num_heads}; set qk_head_dim and v_head_dim explicitly."
             )
+        for name in ("qk_norm", "post_norm"):
+            if not isinstance(getattr(self, name), bool):
+                raise TypeError(f"`{name}` must be a bool, got {getattr(self, name)!r}.")
+        if self.layer_scale is not None:
+            scale = real_number(self.layer_scale, "layer_scale")
+            if scale <= 0:
+                raise ValueError(f"`layer_scale` must be > 0 or None, got {scale}.")
+            object.__setattr__(self, "layer_scale", scale)
         cls = backend_class(self.backend)
         if self.backend_config is not None and not isinstance(
             self.backend_config, cls.config_class
@@ -111,6 +129,8 @@ class MultiHeadMixer(eqx.Module):
     gate_proj: eqx.nn.Linear
     out_proj: eqx.nn.Linear
     backend: mLSTMBackend
+    q_norm: eqx.nn.RMSNorm | None
+    k_norm: eqx.nn.RMSNorm | None
     num_heads: int = eqx.field(static=True)
 
     def __init__(self, config: ModelConfig, *, key: PRNGKeyArray):
@@ -123,6 +143,8 @@ class MultiHeadMixer(eqx.Module):
         self.gate_proj = eqx.nn.Linear(emb, 2 * nh, key=kg)
         self.out_proj = eqx.nn.Linear(nh * dv, emb, use_bias=False, key=ko)
         self.backend = config.make_backend()
+        self.q_norm = eqx.nn.RMSNorm(dqk) if config.qk_norm else None
+        self.k_norm = eqx.nn.RMSNorm(dqk) if config.qk_norm else None
         self.num_heads = nh
 
     @typechecked
@@ -145,6 +167,8 @@ class MultiHeadMixer(eqx.Module):
             return y.reshape(seq_len, self.num_heads, -1).transpose(1, 0, 2)
 
         q, k, v = heads(self.q_proj), heads(self.k_proj), heads(self.v_proj)
+        if self.q_norm is not None:  # per head and position, over the features
+            q, k = (jax.vmap(jax.vmap(n))(x) for n, x in ((self.q_norm, q), (self.k_norm, k)))
         i, f = jnp.moveaxis(_linear_seq(self.gate_proj, x).reshape(seq_len, 2, -1), 0, -1)
 
         def run(q, k, v, i, f, state):
@@ -160,13 +184,19 @@ class MultiHeadMixer(eqx.Module):
 
 
 class Block(eqx.Module):
-    """Pre-norm residual block: x + mixer(norm(x)), then x + ffn(norm(x))."""
+    """Pre-norm residual block: x + mixer(norm(x)), then x + ffn(norm(x)); with the
+    config's `post_norm` each branch's output is normalised too, and with
+    `layer_scale` scaled by a learnt per-channel vector."""
 
     mixer_norm: eqx.nn.LayerNorm
     mixer: MultiHeadMixer
     ffn_norm: eqx.nn.LayerNorm
     ffn_up: eqx.nn.Linear
     ffn_down: eqx.nn.Linear
+    mixer_post_norm: eqx.nn.LayerNorm | None
+    ffn_post_norm: eqx.nn.LayerNorm | None
+    mixer_scale: Float[Array, " embed"] | None
+    ffn_scale: Float[Array, " embed"] | None
 
     def __init__(self, config: ModelConfig, *, key: PRNGKeyArray):
         km, ku, kd = jax.random.split(key, 3)
@@ -176,10 +206,15 @@ class Block(eqx.Module):
         self.ffn_norm = eqx.nn.LayerNorm(emb)
         self.ffn_up = eqx.nn.Linear(emb, config.ffn_factor * emb, key=ku)
         self.ffn_down = eqx.nn.Linear(config.ffn_factor * emb, emb, key=kd)
+        post = lambda: eqx.nn.LayerNorm(emb) if config.post_norm else None
+        self.mixer_post_norm, self.ffn_post_norm = post(), post()
+        scale = lambda: None if config.layer_scale is None else jnp.full(emb, config.layer_scale)
+        self.mixer_scale, self.ffn_scale = scale(), scale()
 
     @typechecked
     def __call__(self, x: Float[Array, "seq embed"]) -> Float[Array, "seq embed"]:
-        return self._feed_forward(x + self.mixer(jax.vmap(self.mixer_norm)(x)))
+        mixed = self.mixer(jax.vmap(self.mixer_norm)(x))
+        return self._feed_forward(x + self._branch(mixed, self.mixer_post_norm, self.mixer_scale))
 
     @typechecked
     def decode(
@@ -187,11 +222,20 @@ class Block(eqx.Module):
     ) -> tuple[Float[Array, "seq embed"], DecodingState]:
         """`__call__` continuing from the mixer's `state`; returns `(y, new_state)`."""
         mixed, state = self.mixer.decode(jax.vmap(self.mixer_norm)(x), state)
+        mixed = self._branch(mixed, self.mixer_post_norm, self.mixer_scale)
         return self._feed_forward(x + mixed), state
+
+    @staticmethod
+    def _branch(y, post_norm, scale):
+        """A residual branch's output as it joins the stream."""
+        if post_norm is not None:
+            y = jax.vmap(post_norm)(y)
+        return y if scale is None else y * scale.astype(y.dtype)
 
     def _feed_forward(self, x):
         hidden = jax.nn.gelu(_linear_seq(self.ffn_up, jax.vmap(self.ffn_norm)(x)))
-        return x + _linear_seq(self.ffn_down, hidden)
+        out = _linear_seq(self.ffn_down, hidden)
+        return x + self._branch(out, self.ffn_post_norm, self.ffn_scale)
 
 
 class LanguageModel(eqx.Module):

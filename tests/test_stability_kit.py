@@ -1,0 +1,85 @@
+"""The layers' options for stable sigmoid training: QK-norm, LayerScale and hybrid
+(post-branch) norm."""
+
+import equinox as eqx
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+import eqx_xlstm as ex
+
+
+def config(**changes):
+    base = dict(
+        vocab_size=13,
+        context_length=16,
+        embedding_dim=16,
+        num_heads=2,
+        backend_config=ex.mLSTMBackendAttentionConfig(activation_function="sigmoid"),
+    )
+    return ex.ModelConfig(**(base | changes))
+
+
+X = jax.random.normal(jax.random.key(1), (12, 16))
+
+
+@pytest.mark.parametrize("qk_norm", [True, False])
+def test_qk_norm_makes_the_mixer_blind_to_the_scale_of_queries_and_keys(qk_norm):
+    mixer = ex.MultiHeadMixer(config(qk_norm=qk_norm), key=jax.random.key(0))
+    louder = eqx.tree_at(
+        lambda m: (m.q_proj.weight, m.k_proj.weight),
+        mixer,
+        (mixer.q_proj.weight * 30.0, mixer.k_proj.weight * 30.0),
+    )
+    same = np.allclose(mixer(X), louder(X), atol=1e-4, rtol=1e-4)
+    assert same == qk_norm
+
+
+def test_layer_scale_starts_at_its_value_and_zero_makes_the_block_the_identity():
+    block = ex.Block(config(layer_scale=0.25), key=jax.random.key(0))
+    np.testing.assert_array_equal(block.mixer_scale, np.full(16, 0.25, np.float32))
+    np.testing.assert_array_equal(block.ffn_scale, np.full(16, 0.25, np.float32))
+    off = eqx.tree_at(lambda b: (b.mixer_scale, b.ffn_scale), block, (jnp.zeros(16), jnp.zeros(16)))
+    np.testing.assert_array_equal(off(X), X)
+    assert not np.allclose(block(X), X)
+    grads = jax.grad(lambda b: jnp.sum(b(X) ** 2))(block)
+    assert float(jnp.abs(grads.mixer_scale).max()) > 0  # learnt
+
+
+def test_post_norm_normalises_each_branch_before_it_joins():
+    block = ex.Block(config(post_norm=True, layer_scale=1.0), key=jax.random.key(0))
+    only_mixer = eqx.tree_at(lambda b: b.ffn_scale, block, jnp.zeros(16))
+    branch = np.asarray(only_mixer(X) - X)
+    np.testing.assert_allclose(branch.mean(-1), 0.0, atol=1e-5)
+    np.testing.assert_allclose(branch.std(-1), 1.0, atol=1e-2)
+
+
+def test_kit_decodes_in_pieces_like_the_parallel_pass():
+    model = ex.LanguageModel(
+        config(qk_norm=True, layer_scale=0.1, post_norm=True), key=jax.random.key(0)
+    )
+    tokens = jnp.arange(11) % 13
+    first, states = model.decode(tokens[:4])
+    rest, _ = model.decode(tokens[4:], states)
+    np.testing.assert_allclose(jnp.concatenate([first, rest]), model(tokens), atol=1e-5)
+
+
+@pytest.mark.parametrize(
+    "changes, error",
+    [
+        (dict(qk_norm="yes"), TypeError),
+        (dict(post_norm=1), TypeError),
+        (dict(layer_scale=0.0), ValueError),
+        (dict(layer_scale="0.1"), TypeError),
+    ],
+)
+def test_bad_kit_options_name_the_field(changes, error):
+    (name,) = changes
+    with pytest.raises(error, match=name):
+        config(**changes)
+
+
+def test_kit_options_survive_the_config_round_trip():
+    cfg = config(qk_norm=True, layer_scale=0.5, post_norm=True)
+    assert ex.ModelConfig.from_dict(cfg.to_dict()) == cfg
