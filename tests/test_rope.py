@@ -79,3 +79,19 @@ def test_works_under_jit():
     eager = ex.apply_rotary_emb(x, x, theta=50.0)
     jitted = jax.jit(ex.apply_rotary_emb, static_argnames="theta")(x, x, theta=50.0)
     np.testing.assert_allclose(eager[0], jitted[0], atol=1e-6)
+
+
+def test_long_tables_are_composed_on_the_device_within_float32_rounding():
+    """Beyond HOST_TABLES_UP_TO the tables are formed from two short host tables by
+    angle addition: within a few float32 roundings of the float64 angles, and the
+    traced program does not carry S x D/2 constants."""
+    from eqx_xlstm.nn.rope import HOST_TABLES_UP_TO, rope_angles, rope_tables
+
+    seq_len = HOST_TABLES_UP_TO * 3 + 5
+    sin, cos = rope_tables(seq_len, 64, None, None, 1e4)
+    angles = rope_angles(64, seq_len, 1e4)
+    np.testing.assert_allclose(sin, np.sin(angles), atol=5e-7, rtol=0)
+    np.testing.assert_allclose(cos, np.cos(angles), atol=5e-7, rtol=0)
+    x = jax.ShapeDtypeStruct((1, 65536, 64), jnp.float32)
+    text = jax.jit(lambda q, k, v: ex.attention(q, k, v, activation_function="none"))
+    assert len(text.lower(x, x, x).as_text()) < 4e6  # whole tables: about 70 MB
