@@ -16,6 +16,7 @@ divided by the device count.
 """
 
 import argparse
+import time
 
 import jax
 import jax.numpy as jnp
@@ -85,6 +86,7 @@ def main():
                 else median_ms(gradient(activation, None), *one, repeats=args.repeats)
             )
             t_engine = median_ms(gradient(activation, engine), *one, repeats=args.repeats)
+            progress(f"{activation} S={seq_len}: one device, {engine}: {t_engine:.1f} ms")
             t_many = median_ms(gradient(activation, engine), *many, repeats=args.repeats)
             exposed = t_many - t_engine / len(devices)
             print(
@@ -93,6 +95,11 @@ def main():
                 f"{exposed:.1f} |",
                 flush=True,
             )
+
+
+def progress(text):
+    """A line for whoever watches a long run (the table rows come at each row's end)."""
+    print(f"# {time.strftime('%H:%M:%S')} {text}", flush=True)
 
 
 if __name__ == "__main__":
