@@ -220,3 +220,63 @@ def test_paths_without_a_feature_refuse_it_with_a_reason(name):
     kwargs = dict(activation_function="none", sliding_window=4, implementation=name)
     with pytest.raises(ValueError, match="cannot serve"):
         ex.attention(q, k, v, **kwargs)
+
+
+@pytest.mark.parametrize("activation", ACTIVATIONS)
+def test_backend_with_grouped_heads_decodes_in_pieces_with_a_state_of_its_kv_heads(activation):
+    config = ex.mLSTMBackendAttentionConfig(context_length=20, activation_function=activation)
+    backend = ex.mLSTMBackendAttention(config, qk_head_dim=8)
+    q, _, _, _ = random_inputs(seq=13, batch=(2, 4))
+    _, k, v, _ = random_inputs(seq=13, batch=(2, 2), dv=8, seed=4)
+    whole = backend(q, k, v)
+    h1, state = backend(*(x[..., :5, :] for x in (q, k, v)), return_last_states=True)
+    h2, state = backend(*(x[..., 5:9, :] for x in (q, k, v)), state=state, return_last_states=True)
+    h3 = backend(*(x[..., 9:, :] for x in (q, k, v)), state=state)
+    np.testing.assert_allclose(jnp.concatenate([h1, h2, h3], -2), whole, **F32_OUT)
+    assert state.length.shape == (2, 2)  # the key/value heads, not the query heads
+
+
+def _mixer_config(kv_heads):
+    return ex.ModelConfig(
+        vocab_size=11,
+        context_length=16,
+        embedding_dim=32,
+        num_heads=4,
+        num_kv_heads=kv_heads,
+        backend_config=ex.mLSTMBackendAttentionConfig(activation_function="sigmoid"),
+    )
+
+
+def test_grouped_mixer_equals_a_mixer_with_each_kv_head_repeated():
+    import equinox as eqx
+
+    grouped = ex.MultiHeadMixer(_mixer_config(2), key=jax.random.key(0))
+    full = ex.MultiHeadMixer(_mixer_config(None), key=jax.random.key(0))
+
+    def repeat(weight):  # (2 * d, E) -> (4 * d, E): kv head h // 2 for query head h
+        return jnp.repeat(weight.reshape(2, -1, weight.shape[-1]), 2, axis=0).reshape(
+            -1, weight.shape[-1]
+        )
+
+    full = eqx.tree_at(
+        lambda m: (m.q_proj, m.k_proj.weight, m.v_proj.weight, m.gate_proj, m.out_proj),
+        full,
+        (
+            grouped.q_proj,
+            repeat(grouped.k_proj.weight),
+            repeat(grouped.v_proj.weight),
+            grouped.gate_proj,
+            grouped.out_proj,
+        ),
+    )
+    x = jax.random.normal(jax.random.key(1), (12, 32))
+    np.testing.assert_allclose(grouped(x), full(x), **F32_OUT)
+    y, state = grouped.decode(x)
+    _, full_state = full.decode(x)
+    np.testing.assert_allclose(y, grouped(x), **F32_OUT)
+    assert state.keys.size * 2 == full_state.keys.size  # the cache of 2 heads, not 4
+
+
+def test_num_kv_heads_must_divide_num_heads():
+    with pytest.raises(ValueError, match="num_kv_heads"):
+        _mixer_config(3)

@@ -18,6 +18,7 @@ from ..spec import (
     PRE_ACTIVATIONS,
     build_spec,
     canonical_pre_activation,
+    check_kv_heads,
     check_option,
     resolve_dtype,
     whole_number,
@@ -187,8 +188,8 @@ class mLSTMBackendAttention(mLSTMBackend):  # noqa: N801 (upstream name)
     def __call__(
         self,
         q: Float[ArrayLike, "*batch seq dqk"],
-        k: Float[ArrayLike, "*batch seq dqk"],
-        v: Float[ArrayLike, "*batch seq dv"],
+        k: Float[ArrayLike, "*kv_batch seq dqk"],
+        v: Float[ArrayLike, "*kv_batch seq dv"],
         i: Shaped[ArrayLike, "..."] | None = None,
         f: Shaped[ArrayLike, "..."] | None = None,
         c_initial: Shaped[ArrayLike, "..."] | None = None,
@@ -203,6 +204,8 @@ class mLSTMBackendAttention(mLSTMBackend):  # noqa: N801 (upstream name)
         - `q`, `k`: `(*batch, S, qk_head_dim)`; S plus the positions already in the
             state must not exceed `context_length`.
         - `v`: `(*batch, S, DV)`, same dtype as `q` and `k`.
+            Grouped-query heads: `k` and `v` may have fewer heads (axis -3) than `q`,
+            a divisor of q's; the state then holds only theirs.
         - `i`, `f`: gate pre-activations, ignored.
         - `c_initial`, `n_initial`, `m_initial`: the arrays of a state returned by this
             backend (`c, n, m = state`), to continue from (all three or none).
@@ -228,14 +231,16 @@ class mLSTMBackendAttention(mLSTMBackend):  # noqa: N801 (upstream name)
                 f"q and k have head dimension {head_dim}, but this backend was built "
                 f"with qk_head_dim={self.qk_head_dim}."
             )
+        kv_groups = check_kv_heads(q, k, v)
+        kv_batch_shape = tuple(k.shape[:-2])  # the state's batch shape
         identity = self.state_identity(v.shape[-1])
         if _given_states(c_initial, n_initial, m_initial):
             if state is not None:
                 raise ValueError("Pass `state` or c_initial/n_initial/m_initial, not both.")
             arrays = (jnp.asarray(x) for x in (c_initial, n_initial, m_initial))
-            state = from_arrays(identity, batch_shape, *arrays)  # checks the shapes
+            state = from_arrays(identity, kv_batch_shape, *arrays)  # checks the shapes
         elif state is not None:
-            check_state(state, identity, batch_shape)
+            check_state(state, identity, kv_batch_shape)
         spec = build_spec(
             q,
             v,
@@ -244,6 +249,7 @@ class mLSTMBackendAttention(mLSTMBackend):  # noqa: N801 (upstream name)
             pre_activation=self.config.qk_pre_activation_function,
             causal=True,
             sigmoid_bias=self.sigmoid_bias,
+            kv_groups=kv_groups,
         )
         freqs_sin, freqs_cos = self._tables(spec.accum_dtype)
         if state is not None:

@@ -170,9 +170,14 @@ def decode(q, k, v, state: DecodingState, freqs_sin, freqs_cos, spec):
     """Continue from `state` with T new positions; returns `(h, new_state)`.
 
     q, k: `(*batch, T, DQK)`; v: `(*batch, T, DV)`; `spec` the call's AttentionSpec.
+    With grouped-query heads k and v (and the state) have `spec.kv_groups` times fewer
+    heads than q: each row of the state serves a group of query heads.
     """
     identity = state.identity
-    *batch_shape, new, dqk = q.shape
+    *q_batch, new, dqk = q.shape
+    batch_shape = k.shape[:-2]  # the state's; with grouped heads q's rows hold a group
+    if spec.kv_groups > 1:
+        q = q.reshape(*batch_shape, spec.kv_groups, new, dqk)
     context_length = identity.context_length
     c, n, m = state
     if q.size == 0 or v.size == 0:  # no new positions or no rows: nothing changes
@@ -209,4 +214,5 @@ def decode(q, k, v, state: DecodingState, freqs_sin, freqs_cos, spec):
     for _ in batch_shape:
         rows = jax.vmap(rows)
     h, (c, n, m) = rows(q, k, v, c, n, m)
+    h = h.reshape(*q_batch, new, h.shape[-1])
     return h.astype(spec.dtype), type(state)(c, n, m, identity)

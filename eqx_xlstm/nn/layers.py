@@ -32,6 +32,10 @@ class ModelConfig:
     embedding_dim: numbers.Integral = 128
     num_heads: numbers.Integral = 4
     num_blocks: numbers.Integral = 2
+    num_kv_heads: numbers.Integral | None = None
+    """Key/value heads (grouped-query attention): a divisor of num_heads; each serves
+    num_heads / num_kv_heads query heads, and the decoding state holds only these.
+    Default: num_heads."""
     qk_head_dim: numbers.Integral | None = None
     """Per-head query/key size; default embedding_dim // num_heads."""
     v_head_dim: numbers.Integral | None = None
@@ -52,7 +56,7 @@ class ModelConfig:
 
     def __post_init__(self):
         sizes = ("vocab_size", "context_length", "embedding_dim", "num_heads", "num_blocks")
-        for name in (*sizes, "qk_head_dim", "v_head_dim", "ffn_factor"):
+        for name in (*sizes, "num_kv_heads", "qk_head_dim", "v_head_dim", "ffn_factor"):
             value = getattr(self, name)
             if value is None and name not in sizes:
                 continue
@@ -67,6 +71,10 @@ class ModelConfig:
             raise ValueError(
                 f"embedding_dim={self.embedding_dim} is not divisible by num_heads="
                 f"{self.num_heads}; set qk_head_dim and v_head_dim explicitly."
+            )
+        if self.num_kv_heads is not None and self.num_heads % self.num_kv_heads:
+            raise ValueError(
+                f"`num_kv_heads`={self.num_kv_heads} must divide num_heads={self.num_heads}."
             )
         for name in ("qk_norm", "post_norm"):
             if not isinstance(getattr(self, name), bool):
@@ -103,6 +111,11 @@ class ModelConfig:
         return cls(**data)
 
     @property
+    def kv_heads(self) -> int:
+        """The number of key/value heads."""
+        return self.num_kv_heads or self.num_heads
+
+    @property
     def head_dims(self) -> tuple[int, int]:
         default = self.embedding_dim // self.num_heads
         return self.qk_head_dim or default, self.v_head_dim or default
@@ -132,20 +145,23 @@ class MultiHeadMixer(eqx.Module):
     q_norm: eqx.nn.RMSNorm | None
     k_norm: eqx.nn.RMSNorm | None
     num_heads: int = eqx.field(static=True)
+    num_kv_heads: int = eqx.field(static=True)
 
     def __init__(self, config: ModelConfig, *, key: PRNGKeyArray):
         dqk, dv = config.head_dims
         nh, emb = config.num_heads, config.embedding_dim
         kq, kk, kv, kg, ko = jax.random.split(key, 5)
         self.q_proj = eqx.nn.Linear(emb, nh * dqk, use_bias=False, key=kq)
-        self.k_proj = eqx.nn.Linear(emb, nh * dqk, use_bias=False, key=kk)
-        self.v_proj = eqx.nn.Linear(emb, nh * dv, use_bias=False, key=kv)
+        nkv = config.kv_heads
+        self.k_proj = eqx.nn.Linear(emb, nkv * dqk, use_bias=False, key=kk)
+        self.v_proj = eqx.nn.Linear(emb, nkv * dv, use_bias=False, key=kv)
         self.gate_proj = eqx.nn.Linear(emb, 2 * nh, key=kg)
         self.out_proj = eqx.nn.Linear(nh * dv, emb, use_bias=False, key=ko)
         self.backend = config.make_backend()
         self.q_norm = eqx.nn.RMSNorm(dqk) if config.qk_norm else None
         self.k_norm = eqx.nn.RMSNorm(dqk) if config.qk_norm else None
         self.num_heads = nh
+        self.num_kv_heads = nkv
 
     @typechecked
     def __call__(self, x: Float[Array, "seq embed"]) -> Float[Array, "seq embed"]:
@@ -162,11 +178,11 @@ class MultiHeadMixer(eqx.Module):
     def _mix(self, x, state, want_state):
         seq_len = x.shape[0]
 
-        def heads(layer):  # (seq, nh * d) -> (nh, seq, d)
-            y = _linear_seq(layer, x)
-            return y.reshape(seq_len, self.num_heads, -1).transpose(1, 0, 2)
+        def heads(layer, count):  # (seq, count * d) -> (count, seq, d)
+            return _linear_seq(layer, x).reshape(seq_len, count, -1).transpose(1, 0, 2)
 
-        q, k, v = heads(self.q_proj), heads(self.k_proj), heads(self.v_proj)
+        q = heads(self.q_proj, self.num_heads)
+        k, v = heads(self.k_proj, self.num_kv_heads), heads(self.v_proj, self.num_kv_heads)
         if self.q_norm is not None:  # per head and position, over the features
             q, k = (jax.vmap(jax.vmap(n))(x) for n, x in ((self.q_norm, q), (self.k_norm, k)))
         i, f = jnp.moveaxis(_linear_seq(self.gate_proj, x).reshape(seq_len, 2, -1), 0, -1)
@@ -174,11 +190,16 @@ class MultiHeadMixer(eqx.Module):
         def run(q, k, v, i, f, state):
             return self.backend(q, k, v, i, f, return_last_states=want_state, state=state)
 
+        groups = self.num_heads // self.num_kv_heads
         if self.backend.can_vmap_over_heads:
+            if groups > 1:  # one call per key/value head: q (G, S, d), k and v (1, S, d)
+                q, i, f = (x.reshape(self.num_kv_heads, groups, *x.shape[1:]) for x in (q, i, f))
+                k, v = k[:, None], v[:, None]
             out = eqx.filter_vmap(run)(q, k, v, i, f, state)
         else:
             out = run(q, k, v, i, f, state)
         h, state = out if want_state else (out, None)
+        h = h.reshape(self.num_heads, *h.shape[-2:])
         y = _linear_seq(self.out_proj, h.transpose(1, 0, 2).reshape(seq_len, -1))
         return (y, state) if want_state else y
 
