@@ -280,3 +280,57 @@ def test_grouped_mixer_equals_a_mixer_with_each_kv_head_repeated():
 def test_num_kv_heads_must_divide_num_heads():
     with pytest.raises(ValueError, match="num_kv_heads"):
         _mixer_config(3)
+
+
+@pytest.mark.parametrize("activation", ACTIVATIONS)
+@pytest.mark.parametrize("window", [1, 4, 40])
+def test_windowed_backend_decodes_in_pieces_with_a_ring_buffer_of_the_window(activation, window):
+    config = ex.mLSTMBackendAttentionConfig(
+        context_length=20, activation_function=activation, sliding_window=window
+    )
+    backend = ex.mLSTMBackendAttention(config, qk_head_dim=8)
+    q, _, _, _ = random_inputs(seq=17, batch=(2, 4))
+    _, k, v, _ = random_inputs(seq=17, batch=(2, 2), dv=8, seed=5)
+    whole = backend(q, k, v)
+    expected = ex.attention(
+        q,
+        k,
+        v,
+        activation_function=activation,
+        sliding_window=window,
+        sigmoid_bias=backend.sigmoid_bias,
+        implementation="reference",
+    )
+    np.testing.assert_allclose(whole, expected, **F32_OUT)
+    outs, state = [], None
+    for start, stop in ((0, 5), (5, 6), (6, 13), (13, 17)):  # steps shorter and longer than w
+        piece = (x[..., start:stop, :] for x in (q, k, v))
+        h, state = backend(*piece, state=state, return_last_states=True)
+        outs.append(h)
+    np.testing.assert_allclose(jnp.concatenate(outs, -2), whole, **F32_OUT)
+    assert state.keys.shape == (2, 2, min(window, 20), 8)  # O(w), the kv heads only
+
+
+def test_language_model_on_packed_documents_equals_each_document_alone():
+    config = ex.ModelConfig(
+        vocab_size=11,
+        context_length=32,
+        embedding_dim=32,
+        num_heads=4,
+        num_kv_heads=2,
+        backend_config=ex.mLSTMBackendAttentionConfig(activation_function="sigmoid"),
+    )
+    model = ex.LanguageModel(config, key=jax.random.key(0))
+    tokens = jnp.arange(20) % 11
+    ids = jnp.asarray([0] * 7 + [1] * 9 + [2] * 4)
+    alone = jnp.concatenate([model(tokens[:7]), model(tokens[7:16]), model(tokens[16:])])
+    np.testing.assert_allclose(model(tokens, ids), alone, **F32_OUT)
+
+
+def test_backend_segments_are_for_parallel_calls_and_windows_are_checked():
+    backend = ex.mLSTMBackendAttention(ex.mLSTMBackendAttentionConfig(context_length=8), 8)
+    q, k, v, _ = random_inputs(seq=6, batch=(2,), dv=8)
+    with pytest.raises(ValueError, match="segment_ids"):
+        backend(q, k, v, return_last_states=True, segment_ids=jnp.zeros(6, int))
+    with pytest.raises(ValueError, match="sliding_window"):
+        ex.mLSTMBackendAttentionConfig(sliding_window=0)

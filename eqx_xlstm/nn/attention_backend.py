@@ -9,9 +9,9 @@ import equinox as eqx
 import jax
 import jax.numpy as jnp
 import numpy as np
-from jaxtyping import Array, Float, Shaped
+from jaxtyping import Array, Float, Integer, Shaped
 
-from .. import dispatch
+from .. import dispatch, maths
 from ..implementations import Implementation
 from ..spec import (
     ACTIVATIONS,
@@ -20,6 +20,8 @@ from ..spec import (
     canonical_pre_activation,
     check_kv_heads,
     check_option,
+    check_segment_ids,
+    check_window,
     resolve_dtype,
     whole_number,
 )
@@ -53,12 +55,17 @@ class mLSTMBackendAttentionConfig:  # noqa: N801 (upstream name)
     implementation: str | Implementation | None = None
     """Attention implementation, as `eqx_xlstm.attention`'s `implementation`: None
     (best for the inputs), a name, or an `Implementation` with its own tuning."""
+    sliding_window: numbers.Integral | None = None
+    """Sliding window w: key j is visible from query i when i - w < j <= i. Decoding
+    then keeps a ring buffer of min(w, context_length) positions (for 'none' too), so
+    the state does not grow with the context. None: the whole prefix."""
 
     def __post_init__(self):
         check_option(self.activation_function, ACTIVATIONS, "activation_function")
         check_option(self.qk_pre_activation_function, PRE_ACTIVATIONS, "qk_pre_activation_function")
         object.__setattr__(self, "theta", check_theta(self.theta))
         dispatch.check_implementation(self.implementation)
+        object.__setattr__(self, "sliding_window", check_window(self.sliding_window, True))
         try:
             context_length = whole_number(self.context_length, "context_length")
         except TypeError:
@@ -182,6 +189,7 @@ class mLSTMBackendAttention(mLSTMBackend):  # noqa: N801 (upstream name)
             context_length=self.config.context_length,
             qk_head_dim=self.qk_head_dim,
             v_head_dim=v_head_dim,
+            window=self.config.sliding_window,
         )
 
     @typechecked
@@ -198,6 +206,7 @@ class mLSTMBackendAttention(mLSTMBackend):  # noqa: N801 (upstream name)
         return_last_states: bool = False,
         *,
         state: DecodingState | None = None,
+        segment_ids: Integer[ArrayLike, "*segment_batch seq"] | None = None,
     ) -> Float[Array, "*batch seq dv"] | tuple[Float[Array, "*batch seq dv"], DecodingState]:
         """**Arguments:**
 
@@ -212,6 +221,8 @@ class mLSTMBackendAttention(mLSTMBackend):  # noqa: N801 (upstream name)
         - `return_last_states`: also return the state after these positions.
         - `state`: a state returned by this backend, to continue from (instead of
             `c_initial`, `n_initial`, `m_initial`).
+        - `segment_ids`: packed sequences, as `eqx_xlstm.attention`'s (parallel calls
+            only: not with a state or `return_last_states`).
 
         **Returns:**
 
@@ -249,15 +260,32 @@ class mLSTMBackendAttention(mLSTMBackend):  # noqa: N801 (upstream name)
             pre_activation=self.config.qk_pre_activation_function,
             causal=True,
             sigmoid_bias=self.sigmoid_bias,
+            window=self.config.sliding_window,
+            segmented=segment_ids is not None,
             kv_groups=kv_groups,
         )
         freqs_sin, freqs_cos = self._tables(spec.accum_dtype)
+        if segment_ids is not None:
+            if state is not None or return_last_states:
+                raise ValueError(
+                    "`segment_ids` go with parallel calls only, not with a decoding `state` "
+                    "or `return_last_states`."
+                )
+            segment_ids = check_segment_ids(
+                jnp.asarray(segment_ids), batch_shape, seq_len, kv_groups, True
+            )
         if state is not None:
             h, state = decode(q, k, v, state, freqs_sin, freqs_cos, spec)
             return (h, state) if return_last_states else h
         sin, cos = freqs_sin[:seq_len], freqs_cos[:seq_len]
+        first_key = None
+        if spec.bounded:
+            first_key = maths.first_keys(seq_len, spec.window, segment_ids)
+        if segment_ids is not None:  # positions restart at each segment's start
+            positions = maths.segment_positions(segment_ids)
+            sin, cos = sin[positions], cos[positions]
         chosen = dispatch.plan(spec, self.config.implementation)
-        h = dispatch.run(q, k, v, None, sin, cos, spec, chosen)
+        h = dispatch.run(q, k, v, None, sin, cos, spec, chosen, first_key=first_key)
         if not return_last_states:
             return h
         return h, prompt_state(k, v, sin, cos, identity, spec.accum_dtype)

@@ -41,6 +41,23 @@ class StateIdentity:
     context_length: int
     qk_head_dim: int
     v_head_dim: int
+    window: int | None = None
+    """The sliding window; the cache is then a ring buffer of `cache_length` slots."""
+
+    @property
+    def cache_length(self) -> int:
+        """Positions a key/value cache holds: the context, or the window if shorter."""
+        if self.window is None:
+            return self.context_length
+        return min(self.window, self.context_length)
+
+    @property
+    def state_class(self) -> "type[KVCache] | type[LinearState]":
+        """The linear state for 'none' over the whole prefix; a key/value cache
+        otherwise (a window's keys leave it, which a sum cannot undo)."""
+        if self.activation == "none" and self.window is None:
+            return LinearState
+        return KVCache
 
     def check(self, state_identity: "StateIdentity") -> None:
         """A ValueError naming every setting in which `state_identity` differs."""
@@ -93,18 +110,14 @@ class LinearState(eqx.Module):
 DecodingState = KVCache | LinearState
 
 
-def state_class(activation: str) -> type[KVCache] | type[LinearState]:
-    return LinearState if activation == "none" else KVCache
-
-
 def from_arrays(identity: StateIdentity, batch_shape: tuple[int, ...], c, n, m) -> DecodingState:
     """The state `(c, n, m)` unpacked from a state of a backend with `identity`; a
     ValueError if the shapes do not fit it."""
     context, dqk, dv = identity.context_length, identity.qk_head_dim, identity.v_head_dim
-    if identity.activation != "none":
+    if identity.state_class is KVCache:
         expected = {
-            "c_initial": (*batch_shape, context, dqk),
-            "n_initial": (*batch_shape, context, dv),
+            "c_initial": (*batch_shape, identity.cache_length, dqk),
+            "n_initial": (*batch_shape, identity.cache_length, dv),
         }
         kind = f"a key/value cache for activation_function={identity.activation!r}"
     else:
@@ -121,7 +134,7 @@ def from_arrays(identity: StateIdentity, batch_shape: tuple[int, ...], c, n, m) 
             )
     if not jnp.issubdtype(m.dtype, jnp.integer):
         raise ValueError(f"`m_initial` must hold integer positions, got dtype {m.dtype}.")
-    return state_class(identity.activation)(c, n, m.astype(jnp.int32), identity)
+    return identity.state_class(c, n, m.astype(jnp.int32), identity)
 
 
 def check_state(state: object, identity: StateIdentity, batch_shape: tuple[int, ...]) -> None:
@@ -159,6 +172,15 @@ def prompt_state(k, v, sin, cos, identity: StateIdentity, accum) -> DecodingStat
     k = maths.prepare(k, identity.pre_activation, sin, cos, accum)
     seq_len = k.shape[-2]
     m = jnp.full(k.shape[:-2], seq_len, jnp.int32)
+    if identity.window is not None:  # the last positions, each in its ring slot
+        kept = min(seq_len, identity.cache_length)
+        slots = jnp.arange(seq_len - kept, seq_len) % identity.cache_length
+        ring = lambda x: (
+            jnp.zeros((*x.shape[:-2], identity.cache_length, x.shape[-1]), x.dtype)
+            .at[..., slots, :]
+            .set(x[..., seq_len - kept :, :])
+        )
+        return KVCache(ring(k), ring(v), m, identity)
     if identity.activation != "none":
         pad = [(0, 0)] * (k.ndim - 2) + [(0, identity.context_length - seq_len), (0, 0)]
         return KVCache(jnp.pad(k, pad), jnp.pad(v, pad), m, identity)
@@ -193,6 +215,8 @@ def decode(q, k, v, state: DecodingState, freqs_sin, freqs_cos, spec):
         cos = jnp.take(freqs_cos, positions, axis=0)
         q = maths.prepare(q, identity.pre_activation, sin, cos, accum)
         k = maths.prepare(k, identity.pre_activation, sin, cos, accum)
+        if identity.window is not None:
+            return _ring_step(q, k, v, c, n, m, positions, identity, spec, mm)
         if identity.activation == "none":
             steps = jnp.arange(new)
             causal = maths.visible(steps[:, None], steps[None, :])
@@ -216,3 +240,25 @@ def decode(q, k, v, state: DecodingState, freqs_sin, freqs_cos, spec):
     h, (c, n, m) = rows(q, k, v, c, n, m)
     h = h.reshape(*q_batch, new, h.shape[-1])
     return h.astype(spec.dtype), type(state)(c, n, m, identity)
+
+
+def _ring_step(q, k, v, c, n, m, positions, identity: StateIdentity, spec, mm):
+    """One row's step with a sliding window: attend to the ring buffer's keys and the
+    new ones, by absolute position; then keep the newest in the ring."""
+    slots = identity.cache_length
+    ring = jnp.arange(slots, dtype=m.dtype)
+    held = m - 1 - (m - 1 - ring) % slots  # the newest position in each slot (< 0: empty)
+    keys = jnp.concatenate([c, k.astype(c.dtype)], axis=-2)
+    values = jnp.concatenate([n, v.astype(n.dtype)], axis=-2)
+    key_pos = jnp.concatenate([held, positions])
+    window_start = positions[:, None] - (identity.window - 1)
+    visible = maths.visible(positions[:, None], key_pos[None, :], window_start) & (
+        key_pos[None, :] >= 0
+    )
+    weights = masked_weights(mm(q, keys.T), visible, spec)
+    h = mm(weights, values.astype(weights.dtype))
+    kept = min(k.shape[-2], slots)  # static: the newest positions that stay
+    where = positions[-kept:] % slots
+    c = c.at[where].set(k[-kept:].astype(c.dtype))
+    n = n.at[where].set(v[-kept:].astype(n.dtype))
+    return h, (c, n, m + k.shape[-2])

@@ -164,8 +164,12 @@ class MultiHeadMixer(eqx.Module):
         self.num_kv_heads = nkv
 
     @typechecked
-    def __call__(self, x: Float[Array, "seq embed"]) -> Float[Array, "seq embed"]:
-        return self._mix(x, None, want_state=False)
+    def __call__(
+        self, x: Float[Array, "seq embed"], segment_ids: Int[Array, " seq"] | None = None
+    ) -> Float[Array, "seq embed"]:
+        """`segment_ids`: packed sequences (each position sees only its own segment,
+        a run of equal ids; RoPE positions restart at each)."""
+        return self._mix(x, None, want_state=False, segment_ids=segment_ids)
 
     @typechecked
     def decode(
@@ -175,7 +179,7 @@ class MultiHeadMixer(eqx.Module):
         its leading axis; None to start); returns the output and the new state."""
         return self._mix(x, state, want_state=True)
 
-    def _mix(self, x, state, want_state):
+    def _mix(self, x, state, want_state, segment_ids=None):
         seq_len = x.shape[0]
 
         def heads(layer, count):  # (seq, count * d) -> (count, seq, d)
@@ -188,6 +192,8 @@ class MultiHeadMixer(eqx.Module):
         i, f = jnp.moveaxis(_linear_seq(self.gate_proj, x).reshape(seq_len, 2, -1), 0, -1)
 
         def run(q, k, v, i, f, state):
+            if segment_ids is not None:  # parallel calls only
+                return self.backend(q, k, v, i, f, segment_ids=segment_ids)
             return self.backend(q, k, v, i, f, return_last_states=want_state, state=state)
 
         groups = self.num_heads // self.num_kv_heads
@@ -233,8 +239,10 @@ class Block(eqx.Module):
         self.mixer_scale, self.ffn_scale = scale(), scale()
 
     @typechecked
-    def __call__(self, x: Float[Array, "seq embed"]) -> Float[Array, "seq embed"]:
-        mixed = self.mixer(jax.vmap(self.mixer_norm)(x))
+    def __call__(
+        self, x: Float[Array, "seq embed"], segment_ids: Int[Array, " seq"] | None = None
+    ) -> Float[Array, "seq embed"]:
+        mixed = self.mixer(jax.vmap(self.mixer_norm)(x), segment_ids)
         return self._feed_forward(x + self._branch(mixed, self.mixer_post_norm, self.mixer_scale))
 
     @typechecked
@@ -277,13 +285,17 @@ class LanguageModel(eqx.Module):
         self.config = config
 
     @typechecked
-    def __call__(self, tokens: Int[Array, " seq"]) -> Float[Array, "seq vocab"]:
-        """Next-token logits for every position of `tokens` (length <= context_length)."""
+    def __call__(
+        self, tokens: Int[Array, " seq"], segment_ids: Int[Array, " seq"] | None = None
+    ) -> Float[Array, "seq vocab"]:
+        """Next-token logits for every position of `tokens` (length <= context_length).
+        `segment_ids`: packed documents, each position seeing only its own document
+        (a run of equal ids), with RoPE positions restarting at each."""
         self._check_length(tokens.shape[0], "tokens")
         self._check_ids(tokens, "tokens")
         x = self._embed(tokens)
         for block in self.blocks:
-            x = block(x)
+            x = block(x, segment_ids)
         return self._logits(x)
 
     def _embed(self, tokens):
