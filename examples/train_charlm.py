@@ -4,6 +4,12 @@ The text is on every machine without a download: a fixed list of modules from th
 running interpreter's standard library, as ASCII characters. The last 10% is held out
 for validation; the script reports validation loss and ends with a generated sample.
 
+The text is a sequence of documents, one per top-level definition (a line starting
+with "def " or "class ", or a module's header), packed into the training windows: each
+window position carries its document's id (`segment_ids`), so attention stays within
+a document and RoPE positions restart at each, and a position whose target starts the
+next document is not scored.
+
     python examples/train_charlm.py               # about a minute on a 2-core CPU
     python examples/train_charlm.py --activation sigmoid --steps 1000 --out runs/sig
 
@@ -76,31 +82,43 @@ class CharLMConfig:
         )
 
 
-def load_text(modules) -> np.ndarray:
-    """The modules' source as int32 ASCII codes."""
+def load_text(modules) -> tuple[np.ndarray, np.ndarray]:
+    """The modules' source as int32 ASCII codes, and each character's document number
+    (a new document at each top-level "def " or "class " line and each module)."""
     stdlib = pathlib.Path(sysconfig.get_paths()["stdlib"])
-    text = "\n".join(
-        (stdlib / name).read_text(encoding="utf-8") for name in modules if (stdlib / name).is_file()
-    )
-    return np.frombuffer(text.encode("ascii", errors="replace"), np.uint8).astype(np.int32)
+    codes, documents, count = [], [], 0
+    for name in modules:
+        if not (stdlib / name).is_file():
+            continue
+        lines = (stdlib / name).read_text(encoding="utf-8").splitlines(keepends=True)
+        for number, line in enumerate(lines):
+            if number == 0 or line.startswith(("def ", "class ")):
+                count += 1
+            encoded = line.encode("ascii", errors="replace")
+            codes.append(np.frombuffer(encoded, np.uint8))
+            documents.append(np.full(len(encoded), count, np.int32))
+    return np.concatenate(codes).astype(np.int32), np.concatenate(documents)
 
 
-def windows(source, starts, length):
-    """(tokens, targets, weights) for windows of `length` + 1 characters."""
+def windows(source, documents, starts, length):
+    """(tokens, targets, weights, segment_ids) for windows of `length` + 1 characters;
+    a target in another document than its token has weight 0."""
     index = starts[:, None] + jnp.arange(length + 1)[None, :]
-    chunk = source[index]
-    return chunk[:, :-1], chunk[:, 1:], jnp.ones(chunk[:, 1:].shape, jnp.float32)
+    chunk, ids = source[index], documents[index]
+    weights = (ids[:, 1:] == ids[:, :-1]).astype(jnp.float32)
+    return chunk[:, :-1], chunk[:, 1:], weights, ids[:, :-1]
 
 
 def main(config: CharLMConfig) -> dict:
     """Train, report validation loss and a sample, print and return the final values."""
     config.check()
-    data = load_text(config.modules)
+    data, documents = load_text(config.modules)
     split = int(0.9 * len(data))
     train_data, val_data = jnp.asarray(data[:split]), jnp.asarray(data[split:])
+    train_docs, val_docs = jnp.asarray(documents[:split]), jnp.asarray(documents[split:])
     print(
-        f"text: {len(data):,} characters from {len(config.modules)} stdlib modules; "
-        f"train {split:,}, validation {len(data) - split:,}"
+        f"text: {len(data):,} characters in {documents[-1]:,} documents from "
+        f"{len(config.modules)} stdlib modules; train {split:,}, validation {len(data) - split:,}"
     )
     length, batch_size = config.context_length, config.train.batch_size
 
@@ -109,7 +127,7 @@ def main(config: CharLMConfig) -> dict:
         """The batch of a step: random windows of the training text."""
         limit = len(train_data) - length - 1
         starts = jax.random.randint(jax.random.fold_in(key, step), (batch_size,), 0, limit)
-        return windows(train_data, starts, length)
+        return windows(train_data, train_docs, starts, length)
 
     settings = {"modules": list(config.modules), "chars": len(data)}
     run, model = training.train(
@@ -117,8 +135,13 @@ def main(config: CharLMConfig) -> dict:
     )
 
     val_starts = jnp.linspace(0, len(val_data) - length - 1, config.validation_windows).astype(int)
-    loss = lambda m, *b: training.masked_cross_entropy(jax.vmap(m)(b[0]), *b[1:])
-    val_loss = float(jax.jit(loss)(model, *windows(val_data, val_starts, length)))
+
+    def loss(model, tokens, targets, weights, segment_ids):
+        logits = jax.vmap(model)(tokens, segment_ids)
+        return training.masked_cross_entropy(logits, targets, weights)
+
+    val_batch = windows(val_data, val_docs, val_starts, length)
+    val_loss = float(jax.jit(loss)(model, *val_batch))
     print(f"validation loss: {val_loss:.4f} nats/char")
 
     prompt = jnp.asarray(list(config.sample_prompt.encode()), jnp.int32)

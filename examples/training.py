@@ -303,7 +303,8 @@ def train(
     checkpoints; returns the `Run` and the model.
 
     `make_batch(key, step)` returns `(tokens, targets, weights)`, each `(batch, length)`,
-    the same for the same key and step; the key is the run's, kept in the checkpoint, so
+    and optionally the tokens' `segment_ids` (packed documents) last, the same for the
+    same key and step; the key is the run's, kept in the checkpoint, so
     a resumed run sees the data it would have seen and ends exactly as an uninterrupted
     one. `data_settings` joins the model config in identifying the run: a checkpoint
     from other settings is refused. SIGINT/SIGTERM save at the next step boundary and
@@ -345,9 +346,9 @@ def _loop(config, optimizer, run: Run, make_batch, folder: RunFolder, identity: 
     static = run.static
 
     @eqx.filter_jit
-    def train_step(params, opt_state, tokens, targets, weights):
+    def train_step(params, opt_state, tokens, targets, weights, *segment_ids):
         def loss_fn(params):
-            logits = jax.vmap(eqx.combine(params, static))(tokens)
+            logits = jax.vmap(eqx.combine(params, static))(tokens, *segment_ids)
             return masked_cross_entropy(logits, targets, weights)
 
         loss, grads = eqx.filter_value_and_grad(loss_fn)(params)
