@@ -85,6 +85,45 @@ def decoding_cases(mesh):
             report(f"decode-{activation}", axis_name, hlo, arrays, spec, [h], [h_want])
 
 
+def bounded_cases(mesh):
+    """Packed sequences with a window, and grouped-query heads: shard-local too (the
+    ids sharded like the batch, or replicated when the heads are sharded)."""
+    keys = jax.random.split(jax.random.key(3), 3)
+    q, k, v = (jax.random.normal(key, (4, 4, 160, 16)) for key in keys)
+    ids = jnp.sort(jax.random.randint(jax.random.key(4), (4, 1, 160), 0, 6), axis=-1)
+    cases = [  # (label, implementation, activation, kwargs, kv heads, shardings)
+        ("bounded-chunked-sigmoid", "chunked", "sigmoid", {"sliding_window": 40}, 4, 2),
+        ("bounded-linear-none", "linear", "none", {}, 4, 2),
+        ("bounded-chunked-softmax-grouped", "chunked", "softmax", {}, 2, 1),
+    ]
+    for label, implementation, activation, kwargs, kv_heads, ways in cases:
+
+        def f(q, k, v, ids, implementation=implementation, activation=activation, kw=kwargs):
+            return ex.attention(
+                q,
+                k,
+                v,
+                activation_function=activation,
+                implementation=implementation,
+                segment_ids=ids,
+                **kw,
+            )
+
+        grad = jax.grad(lambda q, k, v, ids, f=f: jnp.sum(f(q, k, v, ids) ** 2), argnums=(0, 1, 2))
+        kk, vv = k[:, :kv_heads], v[:, :kv_heads]
+        want = [jax.jit(f)(q, kk, vv, ids), *jax.jit(grad)(q, kk, vv, ids)]
+        shardings = (
+            ("batch", PartitionSpec("x"), PartitionSpec("x")),
+            ("heads", PartitionSpec(None, "x"), PartitionSpec()),
+        )[:ways]
+        for axis_name, spec, id_spec in shardings:
+            sharded = [jax.device_put(x, NamedSharding(mesh, spec)) for x in (q, kk, vv)]
+            sharded.append(jax.device_put(ids, NamedSharding(mesh, id_spec)))
+            got = [jax.jit(f)(*sharded), *jax.jit(grad)(*sharded)]
+            hlo = "".join(jax.jit(fn).lower(*sharded).compile().as_text() for fn in (f, grad))
+            report(label, axis_name, hlo, got, spec, got, want)
+
+
 def report(case, axis_name, hlo, got, spec, compared, want):
     print(
         json.dumps(
@@ -185,6 +224,7 @@ def model_parallel_case():
 if __name__ == "__main__":
     mesh = Mesh(np.array(jax.devices()), ("x",))
     main(mesh)
+    bounded_cases(mesh)
     decoding_cases(mesh)
     checkpoint_case(mesh)
     model_parallel_case()

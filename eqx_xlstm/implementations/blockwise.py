@@ -171,25 +171,40 @@ def from_leading_blocks(x, seq_len):
     return from_blocks(jnp.moveaxis(x, 0, -3), seq_len)
 
 
-def piece_forward(q, k, v, spec: AttentionSpec, block: int):
+def first_key_blocks(first_key, block: int, seq_len: int):
+    """`(..., S)` first keys in `leading_blocks`' layout `(nb, ..., block)`; padded
+    queries get `seq_len`, so they see no key."""
+    if first_key is None:
+        return None
+    n_blocks = -(-seq_len // block)
+    widths = ((0, 0),) * (first_key.ndim - 1) + ((0, n_blocks * block - seq_len),)
+    padded = jnp.pad(first_key, widths, constant_values=seq_len)
+    return leading_blocks(padded[..., None], block)[..., 0]
+
+
+def piece_forward(q, k, v, spec: AttentionSpec, block: int, first_key=None):
     """One piece of a longer attention: `(*batch, L, D)` queries against as many keys,
-    `spec.mask` `"causal"` or `"full"` (`spec.seq_len == L`). Returns the output
-    (normalised for softmax, in `spec.accum_dtype`) and each row's log2-sum-exp2
-    `(*batch, L)`, +inf for rows that see no key (zeros unless softmax)."""
+    `spec.mask` `"causal"` or `"full"` (`spec.seq_len == L`); with `first_key`
+    (`(..., L)`), each query's first visible key too. Returns the output (normalised
+    for softmax, in `spec.accum_dtype`) and each row's log2-sum-exp2 `(*batch, L)`,
+    +inf for rows that see no key (zeros unless softmax)."""
     block = max(1, min(block, spec.seq_len))
     qb, kb, vb = (leading_blocks(x.astype(spec.accum_dtype), block) for x in (q, k, v))
-    out, lse = _forward(qb, kb, vb, None, spec, matmul_precision(spec.dtype))
+    fkb = first_key_blocks(first_key, block, spec.seq_len)
+    out, lse = _forward(qb, kb, vb, None, spec, matmul_precision(spec.dtype), fkb)
     lse = from_leading_blocks(lse[..., None], spec.seq_len)[..., 0]
     return from_leading_blocks(out, spec.seq_len), lse
 
 
-def piece_backward(q, k, v, out, lse, d_out, spec: AttentionSpec, block: int):
+def piece_backward(q, k, v, out, lse, d_out, spec: AttentionSpec, block: int, first_key=None):
     """Gradients `(dq, dk, dv)` of one piece (as `piece_forward`'s) given the output
     and log2-sum-exp2 of the whole rows, which softmax's gradient needs."""
     block = max(1, min(block, spec.seq_len))
     accum = spec.accum_dtype
     blocks = [leading_blocks(x.astype(accum), block) for x in (q, k, v, out, d_out)]
     lse_b = leading_blocks(lse[..., None], block)[..., 0]
+    fkb = first_key_blocks(first_key, block, spec.seq_len)
     qb, kb, vb, ob, dob = blocks
-    grads = _backward(qb, kb, vb, None, ob, lse_b, dob, spec, matmul_precision(spec.dtype))
+    precision = matmul_precision(spec.dtype)
+    grads = _backward(qb, kb, vb, None, ob, lse_b, dob, spec, precision, fkb)
     return tuple(from_leading_blocks(g, spec.seq_len) for g in grads)

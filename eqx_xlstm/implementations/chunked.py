@@ -68,6 +68,45 @@ def _causal_bwd(spec, block, residuals, d_out):
 _causal.defvjp(_causal_fwd, _causal_bwd)
 
 
+def _leading(q, spec):
+    """The axes per_shard partitions over: all leading axes but grouped heads' group
+    axis (q has G there, k and v 1)."""
+    return q.ndim - 2 - (spec.kv_groups > 1)
+
+
+def _bounded_forward(q, k, v, first_key, spec, block):
+    fn = lambda q, k, v, *first: piece_forward(q, k, v, spec, block, *first)
+    return per_shard(fn, q, k, v, *first_key, batch_ndim=_leading(q, spec))
+
+
+@functools.partial(jax.custom_vjp, nondiff_argnums=(4, 5))
+def _bounded(q, k, v, first_key, spec, block):
+    """Causal attention with first keys (a tuple: `(first_key,)` broadcast to q's
+    batch shape, or empty) or grouped heads, per device's shard of the leading axes."""
+    return _bounded_forward(q, k, v, first_key, spec, block)[0]
+
+
+def _bounded_fwd(q, k, v, first_key, spec, block):
+    out, lse = _bounded_forward(q, k, v, first_key, spec, block)
+    return out, (q, k, v, first_key, out, lse)
+
+
+def _bounded_bwd(spec, block, residuals, d_out):
+    q, k, v, first_key, out, lse = residuals
+
+    def fn(q, k, v, out, lse, d_out, *first):
+        return piece_backward(q, k, v, out, lse, d_out, spec, block, *first)
+
+    grads = per_shard(
+        fn, q, k, v, out, lse, d_out.astype(out.dtype), *first_key, batch_ndim=_leading(q, spec)
+    )
+    grads = tuple(g.astype(x.dtype) for g, x in zip(grads, (q, k, v)))
+    return (*grads, tuple(None for _ in first_key))
+
+
+_bounded.defvjp(_bounded_fwd, _bounded_bwd)
+
+
 @dataclasses.dataclass(frozen=True)
 class Chunked(Implementation):
     """Blockwise attention in XLA with memory linear in S, any mask, any platform.
@@ -98,6 +137,9 @@ class Chunked(Implementation):
     def __call__(self, q, k, v, spec, mask, first_key=None):
         if spec.causal and not spec.bounded and spec.kv_groups == 1:
             return _causal(q, k, v, spec, self.block)  # the pieces clamp the block
+        if spec.causal:  # per shard, each with its own block bounds
+            first = () if first_key is None else (jnp.broadcast_to(first_key, q.shape[:-1]),)
+            return _bounded(q, k, v, first, spec, self.block)
         seq_len = spec.seq_len
         block = max(1, min(self.block, seq_len))
         qb, kb, vb = (leading_blocks(x.astype(spec.accum_dtype), block) for x in (q, k, v))
