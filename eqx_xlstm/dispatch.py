@@ -144,13 +144,14 @@ def _default(spec, which):
     raise AssertionError("the reference row serves every call")  # unreachable
 
 
-def run(q, k, v, mask, sin, cos, spec: AttentionSpec, chosen: Plan, first_key=None):
+def run(q, k, v, mask, sin, cos, spec: AttentionSpec, chosen: Plan, first_key=None, bias=None):
     """Swish, RoPE and attention as `chosen` says; returns `spec.dtype`.
 
     `sin`, `cos`: the RoPE tables, `(S, D/2)`, or per sequence `(..., S, D/2)` when
     positions restart (segments). `first_key`: each query's first visible key,
     `(..., S)` broadcasting against the batch axes, when `spec.bounded`. With
-    `spec.kv_groups = G > 1`, k and v have H / G heads on axis -3.
+    `spec.kv_groups = G > 1`, k and v have H / G heads on axis -3. `bias`: the sigmoid
+    bias as an array broadcasting against the batch axes, when `spec.array_bias`.
 
     Inputs with no elements (S = 0, an empty batch axis, DV = 0) give the empty
     output, the same on every path. Under `jax.vmap` over a leading axis of q, k and v
@@ -161,39 +162,41 @@ def run(q, k, v, mask, sin, cos, spec: AttentionSpec, chosen: Plan, first_key=No
     """
     if q.size == 0 or v.size == 0:  # no positions, no rows or no value features
         return jnp.zeros(v.shape, spec.dtype)
-    axis = mapped_axis(q, k, v, others=(mask, sin, cos, first_key))
+    extras = (first_key, bias)
+    axis = mapped_axis(q, k, v, others=(mask, sin, cos, *extras))
     if axis is None or axis > q.ndim - 2:  # mapped along the sequence or feature axis
-        return _run_typed(q, k, v, mask, sin, cos, first_key, spec, chosen)
+        return _run_typed(q, k, v, mask, sin, cos, extras, spec, chosen)
 
     @jax.custom_batching.custom_vmap
-    def call(q, k, v, mask, sin, cos, first_key):
-        return _run_typed(q, k, v, mask, sin, cos, first_key, spec, chosen)
+    def call(q, k, v, mask, sin, cos, extras):
+        return _run_typed(q, k, v, mask, sin, cos, extras, spec, chosen)
 
     @call.def_vmap
-    def _keep_in_place(axis_size, in_batched, q, k, v, mask, sin, cos, first_key):
+    def _keep_in_place(axis_size, in_batched, q, k, v, mask, sin, cos, extras):
         # jax moved the mapped axis to the front; move it back, so that XLA cancels
         # the two transposes, and run with it as one more batch axis.
         q, k, v = (jnp.moveaxis(x, 0, axis) for x in (q, k, v))
         batch_shape = q.shape[:-2]
         spec_here = spec.replace(batch_shape=batch_shape)
-        out = _run_typed(q, k, v, mask, sin, cos, first_key, spec_here, chosen)
+        out = _run_typed(q, k, v, mask, sin, cos, extras, spec_here, chosen)
         return jnp.moveaxis(out, axis, 0), True
 
-    return call(q, k, v, mask, sin, cos, first_key)
+    return call(q, k, v, mask, sin, cos, extras)
 
 
-def _run_typed(q, k, v, mask, sin, cos, first_key, spec: AttentionSpec, chosen: Plan):
+def _run_typed(q, k, v, mask, sin, cos, extras, spec: AttentionSpec, chosen: Plan):
     """`_run`, or each device's shard of it where the inputs' types say they are
     sharded (JAX's explicit sharding mode, `explicit_mode`)."""
     typed = explicit_mode.typed_spec(q)
     if typed is None:
-        return _run(q, k, v, mask, sin, cos, first_key, spec=spec, chosen=chosen)
-    if spec.bounded or spec.kv_groups > 1:
+        return _run(q, k, v, mask, sin, cos, extras, spec=spec, chosen=chosen)
+    if spec.bounded or spec.kv_groups > 1 or spec.array_bias:
         raise ValueError(
-            "`segment_ids`, `sliding_window` and grouped-query heads are not supported yet "
-            "on inputs typed as sharded (Explicit mesh axes); use Auto mesh axes."
+            "`segment_ids`, `sliding_window`, grouped-query heads and an array sigmoid_bias "
+            "are not supported yet on inputs typed as sharded (Explicit mesh axes); use Auto "
+            "mesh axes."
         )
-    run_local = functools.partial(_run, first_key=None, chosen=chosen)
+    run_local = functools.partial(_run, extras=(None, None), chosen=chosen)
     return explicit_mode.run_sharded(
         q, k, v, mask, sin, cos, typed=typed, spec=spec, chosen=chosen, run_local=run_local
     )
@@ -212,11 +215,18 @@ def _grouped(q, k, v, first_key, spec: AttentionSpec):
 
 
 @functools.partial(jax.jit, static_argnames=("spec", "chosen"))
-def _run(q, k, v, mask, sin, cos, first_key, *, spec: AttentionSpec, chosen: Plan):
+def _run(q, k, v, mask, sin, cos, extras, *, spec: AttentionSpec, chosen: Plan):
+    first_key, bias = extras
     accum = spec.accum_dtype
     q = maths.prepare(q, spec.pre_activation, sin, cos, accum)
     k = maths.prepare(k, spec.pre_activation, sin, cos, accum)
     v = v.astype(spec.dtype)
+    if bias is not None:  # q . k * scale + bias as one product: [q, bias / scale] . [k, 1]
+        column = jnp.broadcast_to(
+            (bias / spec.scale).astype(accum)[..., None, None], (*q.shape[:-1], 1)
+        )
+        q = jnp.concatenate([q, column], axis=-1)
+        k = jnp.concatenate([k, jnp.ones((*k.shape[:-1], 1), accum)], axis=-1)
     inner = spec
     if spec.kv_groups > 1:
         q, k, v, first_key, inner = _grouped(q, k, v, first_key, spec)

@@ -5,6 +5,7 @@ dispatch."""
 import math
 import numbers
 
+import jax
 import jax.numpy as jnp
 import numpy as np
 from jax.typing import DTypeLike
@@ -17,6 +18,7 @@ from .spec import (
     ACTIVATIONS,
     PRE_ACTIVATIONS,
     build_spec,
+    check_array_bias,
     check_kv_heads,
     check_option,
     check_segment_ids,
@@ -40,7 +42,7 @@ def attention(
     qk_pre_activation_function: str = "none",
     theta: numbers.Real = 1e4,
     *,
-    sigmoid_bias: numbers.Real | None = None,
+    sigmoid_bias: numbers.Real | Float[ArrayLike, "..."] | None = None,
     implementation: str | Implementation | None = None,
     segment_ids: Integer[ArrayLike, "*segment_batch seq"] | None = None,
     sliding_window: numbers.Integral | None = None,
@@ -72,7 +74,9 @@ def attention(
     - `activation_function`: `"softmax"`, `"sigmoid"` or `"none"`.
     - `qk_pre_activation_function`: `"none"`, `"swish"` or `"silu"` (the same).
     - `theta`: RoPE wavelength base, a number > 0.
-    - `sigmoid_bias`: the bias $b$ of `"sigmoid"`; default $-\log S$.
+    - `sigmoid_bias`: the bias $b$ of `"sigmoid"`; default $-\log S$. A float array
+        broadcasting against the batch axes (e.g. `(heads,)`) is a learnable bias: it
+        receives a gradient (the reference and chunked paths; the kernels take numbers).
     - `segment_ids`: int `(S,)` or `(*batch, S)` (size 1 on shared axes): packed
         sequences. A query sees only keys of its own segment, a run of equal ids,
         and RoPE positions restart at each segment's start, so each packed document's
@@ -108,6 +112,10 @@ def attention(
     if segment_ids is not None:
         segment_ids = jnp.asarray(segment_ids)
     segment_ids = check_segment_ids(segment_ids, queries.shape[:-2], seq_len, kv_groups, causal)
+    bias = None
+    if isinstance(sigmoid_bias, (jax.Array, np.ndarray)):
+        bias = check_array_bias(jnp.asarray(sigmoid_bias), queries.shape[:-2], activation_function)
+        sigmoid_bias = 0.0  # the array is added to the logits instead
     if sigmoid_bias is None:
         sigmoid_bias = -math.log(seq_len) if seq_len > 0 else 0.0
     spec = build_spec(
@@ -121,6 +129,7 @@ def attention(
         window=window,
         segmented=segment_ids is not None,
         kv_groups=kv_groups,
+        array_bias=bias is not None,
     )
     sin, cos = rope_tables(seq_len, head_dim, None, None, theta, dtype=spec.accum_dtype)
     first_key = None
@@ -131,5 +140,5 @@ def attention(
         sin, cos = sin[positions], cos[positions]
     chosen = dispatch.plan(spec, implementation)
     return dispatch.run(
-        queries, keys, values, attention_mask, sin, cos, spec, chosen, first_key=first_key
+        queries, keys, values, attention_mask, sin, cos, spec, chosen, first_key, bias
     )

@@ -121,6 +121,10 @@ class AttentionSpec:
     kv_groups: int = 1
     """Grouped-query heads: query heads per key/value head. With G > 1, dispatch hands
     implementations q of batch shape `(*b, Hkv, G)` and k, v of `(*b, Hkv, 1)`."""
+    array_bias: bool = False
+    """The sigmoid bias is an array (learnable, per head or row), not `sigmoid_bias`:
+    dispatch appends it to each query as one more feature, and a 1 to each key, so
+    `q . k * scale` gains it; `dqk` (and the scale) stay those of the inputs."""
 
     def __post_init__(self):
         check_option(self.activation, ACTIVATIONS, "activation")
@@ -178,6 +182,7 @@ def build_spec(
     window: int | None = None,
     segmented: bool = False,
     kv_groups: int = 1,
+    array_bias: bool = False,
 ) -> AttentionSpec:
     """The spec of a call on these (validated) inputs, on the default device."""
     *batch_shape, seq_len, dqk = queries.shape
@@ -197,6 +202,7 @@ def build_spec(
         window=window,
         segmented=segmented,
         kv_groups=kv_groups,
+        array_bias=array_bias,
     )
 
 
@@ -276,3 +282,22 @@ def check_segment_ids(segment_ids, batch_shape: tuple, seq_len: int, kv_groups: 
             "mask, put the segments into the mask."
         )
     return segment_ids
+
+
+def check_array_bias(bias, batch_shape: tuple, activation: str):
+    """A sigmoid bias given as an array: float, broadcasting against the batch axes
+    (e.g. `(heads,)` for one per head); a TypeError/ValueError naming it otherwise."""
+    if not jnp.issubdtype(bias.dtype, jnp.floating):
+        raise TypeError(f"`sigmoid_bias` as an array must be floating point, got {bias.dtype}.")
+    try:
+        shape = np.broadcast_shapes(bias.shape, tuple(batch_shape))
+    except ValueError:
+        shape = None
+    if shape != tuple(batch_shape):
+        raise ValueError(
+            f"`sigmoid_bias` of shape {bias.shape} must broadcast against the batch axes "
+            f"{tuple(batch_shape)} (for example `(heads,)`)."
+        )
+    if activation != "sigmoid":
+        raise ValueError("`sigmoid_bias` as an array goes with activation_function='sigmoid'.")
+    return bias

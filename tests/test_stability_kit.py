@@ -83,3 +83,64 @@ def test_bad_kit_options_name_the_field(changes, error):
 def test_kit_options_survive_the_config_round_trip():
     cfg = config(qk_norm=True, layer_scale=0.5, post_norm=True)
     assert ex.ModelConfig.from_dict(cfg.to_dict()) == cfg
+
+
+def test_an_array_sigmoid_bias_is_a_learnable_per_head_bias():
+    """As an array the bias equals the fixed bias head by head, and the chunked path's
+    gradient for it equals the reference's (autodiff through S x S weights)."""
+    keys = jax.random.split(jax.random.key(2), 3)
+    q = jax.random.normal(keys[0], (2, 4, 37, 8))
+    k, v = (jax.random.normal(key, (2, 2, 37, 8)) for key in keys[1:])
+    bias = jnp.array([-1.0, -2.0, -3.0, -0.5])
+    call = lambda b, impl: ex.attention(
+        q, k, v, activation_function="sigmoid", sigmoid_bias=b, implementation=impl
+    )
+    per_head = [
+        ex.attention(
+            q[:, h : h + 1],
+            k[:, h // 2 : h // 2 + 1],
+            v[:, h // 2 : h // 2 + 1],
+            activation_function="sigmoid",
+            sigmoid_bias=float(bias[h]),
+        )
+        for h in range(4)
+    ]
+    np.testing.assert_allclose(call(bias, "chunked"), jnp.concatenate(per_head, 1), atol=1e-5)
+    grads = [
+        jax.grad(lambda b, i=i: jnp.sum(call(b, i) ** 2))(bias) for i in ("reference", "chunked")
+    ]
+    np.testing.assert_allclose(grads[1], grads[0], rtol=1e-4)
+    assert float(jnp.abs(grads[0]).min()) > 0
+
+
+def test_learned_sigmoid_bias_starts_at_the_fixed_one_and_decodes_like_the_parallel_pass():
+    fixed = ex.LanguageModel(config(num_kv_heads=1), key=jax.random.key(0))
+    learned = ex.LanguageModel(
+        config(num_kv_heads=1, learned_sigmoid_bias=True), key=jax.random.key(0)
+    )
+    tokens = jnp.arange(11) % 13
+    np.testing.assert_allclose(learned(tokens), fixed(tokens), atol=1e-5)
+    moved = eqx.tree_at(lambda m: m.blocks[0].mixer.sigmoid_bias, learned, jnp.array([-1.0, -4.0]))
+    first, states = moved.decode(tokens[:4])
+    rest, _ = moved.decode(tokens[4:], states)
+    np.testing.assert_allclose(jnp.concatenate([first, rest]), moved(tokens), atol=1e-5)
+    grads = jax.grad(lambda m: jnp.sum(m(tokens) ** 2))(moved)
+    assert float(jnp.abs(grads.blocks[0].mixer.sigmoid_bias).max()) > 0
+
+
+def test_bad_array_bias_names_it():
+    x = jnp.ones((2, 3, 8, 8))
+    with pytest.raises(ValueError, match="sigmoid_bias"):
+        ex.attention(x, x, x, sigmoid_bias=jnp.zeros(3))  # softmax
+    with pytest.raises(ValueError, match="sigmoid_bias"):
+        ex.attention(x, x, x, activation_function="sigmoid", sigmoid_bias=jnp.zeros(4))
+    with pytest.raises(ValueError, match="cannot serve"):
+        x16 = jnp.ones((2, 3, 16, 16))
+        ex.attention(
+            x16,
+            x16,
+            x16,
+            activation_function="sigmoid",
+            sigmoid_bias=jnp.zeros(3),
+            implementation="triton",
+        )

@@ -62,6 +62,8 @@ def plain_causal_only(spec: AttentionSpec) -> str | None:
     heads gives for a spec with one of them; None if it has none."""
     if spec.bounded or spec.kv_groups > 1:
         return "it takes neither segment_ids, sliding_window nor grouped-query heads yet"
+    if spec.array_bias:
+        return "it takes the sigmoid bias as a number, not an array, for now"
     return None
 
 

@@ -18,6 +18,7 @@ from ..spec import (
     PRE_ACTIVATIONS,
     build_spec,
     canonical_pre_activation,
+    check_array_bias,
     check_kv_heads,
     check_option,
     check_segment_ids,
@@ -207,6 +208,7 @@ class mLSTMBackendAttention(mLSTMBackend):  # noqa: N801 (upstream name)
         *,
         state: DecodingState | None = None,
         segment_ids: Integer[ArrayLike, "*segment_batch seq"] | None = None,
+        sigmoid_bias: Float[ArrayLike, "..."] | None = None,
     ) -> Float[Array, "*batch seq dv"] | tuple[Float[Array, "*batch seq dv"], DecodingState]:
         """**Arguments:**
 
@@ -223,6 +225,9 @@ class mLSTMBackendAttention(mLSTMBackend):  # noqa: N801 (upstream name)
             `c_initial`, `n_initial`, `m_initial`).
         - `segment_ids`: packed sequences, as `eqx_xlstm.attention`'s (parallel calls
             only: not with a state or `return_last_states`).
+        - `sigmoid_bias`: a float array broadcasting against the batch axes that
+            replaces the fixed -log(context_length) ("sigmoid" only): a learnable bias
+            (the layers' `ModelConfig(learned_sigmoid_bias=True)`).
 
         **Returns:**
 
@@ -259,11 +264,16 @@ class mLSTMBackendAttention(mLSTMBackend):  # noqa: N801 (upstream name)
             activation=self.config.activation_function,
             pre_activation=self.config.qk_pre_activation_function,
             causal=True,
-            sigmoid_bias=self.sigmoid_bias,
+            sigmoid_bias=self.sigmoid_bias if sigmoid_bias is None else 0.0,
             window=self.config.sliding_window,
             segmented=segment_ids is not None,
             kv_groups=kv_groups,
+            array_bias=sigmoid_bias is not None,
         )
+        if sigmoid_bias is not None:
+            sigmoid_bias = check_array_bias(
+                jnp.asarray(sigmoid_bias), batch_shape, self.config.activation_function
+            )
         freqs_sin, freqs_cos = self._tables(spec.accum_dtype)
         if segment_ids is not None:
             if state is not None or return_last_states:
@@ -275,7 +285,7 @@ class mLSTMBackendAttention(mLSTMBackend):  # noqa: N801 (upstream name)
                 jnp.asarray(segment_ids), batch_shape, seq_len, kv_groups, True
             )
         if state is not None:
-            h, state = decode(q, k, v, state, freqs_sin, freqs_cos, spec)
+            h, state = decode(q, k, v, state, freqs_sin, freqs_cos, spec, sigmoid_bias)
             return (h, state) if return_last_states else h
         sin, cos = freqs_sin[:seq_len], freqs_cos[:seq_len]
         first_key = None
@@ -285,7 +295,7 @@ class mLSTMBackendAttention(mLSTMBackend):  # noqa: N801 (upstream name)
             positions = maths.segment_positions(segment_ids)
             sin, cos = sin[positions], cos[positions]
         chosen = dispatch.plan(spec, self.config.implementation)
-        h = dispatch.run(q, k, v, None, sin, cos, spec, chosen, first_key=first_key)
+        h = dispatch.run(q, k, v, None, sin, cos, spec, chosen, first_key, sigmoid_bias)
         if not return_last_states:
             return h
         return h, prompt_state(k, v, sin, cos, identity, spec.accum_dtype)

@@ -188,18 +188,23 @@ def prompt_state(k, v, sin, cos, identity: StateIdentity, accum) -> DecodingStat
     return LinearState(kv, jnp.sum(k, axis=-2), m, identity)
 
 
-def decode(q, k, v, state: DecodingState, freqs_sin, freqs_cos, spec):
+def decode(q, k, v, state: DecodingState, freqs_sin, freqs_cos, spec, bias=None):
     """Continue from `state` with T new positions; returns `(h, new_state)`.
 
     q, k: `(*batch, T, DQK)`; v: `(*batch, T, DV)`; `spec` the call's AttentionSpec.
     With grouped-query heads k and v (and the state) have `spec.kv_groups` times fewer
-    heads than q: each row of the state serves a group of query heads.
+    heads than q: each row of the state serves a group of query heads. `bias`: the
+    sigmoid bias as an array broadcasting against q's batch axes (`spec.array_bias`).
     """
     identity = state.identity
     *q_batch, new, dqk = q.shape
     batch_shape = k.shape[:-2]  # the state's; with grouped heads q's rows hold a group
+    if bias is None:
+        bias = jnp.zeros((), spec.accum_dtype)
+    bias = jnp.broadcast_to(bias, tuple(q_batch)).astype(spec.accum_dtype)
     if spec.kv_groups > 1:
         q = q.reshape(*batch_shape, spec.kv_groups, new, dqk)
+        bias = bias.reshape(*batch_shape, spec.kv_groups)
     context_length = identity.context_length
     c, n, m = state
     if q.size == 0 or v.size == 0:  # no new positions or no rows: nothing changes
@@ -209,14 +214,15 @@ def decode(q, k, v, state: DecodingState, freqs_sin, freqs_cos, spec):
     mm = lambda a, b: jnp.matmul(a, b, precision=matmul_precision(spec.dtype))
     scale = 1.0 / math.sqrt(dqk)
 
-    def one_row(q, k, v, c, n, m):
+    def one_row(q, k, v, c, n, m, bias):
+        offset = (bias / scale)[..., None, None]  # the array bias, over the scale
         positions = m + jnp.arange(new, dtype=m.dtype)
         sin = jnp.take(freqs_sin, positions, axis=0)
         cos = jnp.take(freqs_cos, positions, axis=0)
         q = maths.prepare(q, identity.pre_activation, sin, cos, accum)
         k = maths.prepare(k, identity.pre_activation, sin, cos, accum)
         if identity.window is not None:
-            return _ring_step(q, k, v, c, n, m, positions, identity, spec, mm)
+            return _ring_step(q, k, v, c, n, m, positions, identity, spec, mm, offset)
         if identity.activation == "none":
             steps = jnp.arange(new)
             causal = maths.visible(steps[:, None], steps[None, :])
@@ -229,7 +235,7 @@ def decode(q, k, v, state: DecodingState, freqs_sin, freqs_cos, spec):
         n = jax.lax.dynamic_update_slice(n, v.astype(n.dtype), start)
         cached = jnp.arange(context_length, dtype=m.dtype)
         visible = maths.visible(positions[:, None], cached[None, :])
-        weights = masked_weights(mm(q, c.T), visible, spec)
+        weights = masked_weights(mm(q, c.T) + offset, visible, spec)
         return mm(weights, n.astype(accum)), (c, n, m + new)
 
     # One vmap per leading axis rather than a reshape merging them: inputs and states
@@ -237,12 +243,12 @@ def decode(q, k, v, state: DecodingState, freqs_sin, freqs_cos, spec):
     rows = one_row
     for _ in batch_shape:
         rows = jax.vmap(rows)
-    h, (c, n, m) = rows(q, k, v, c, n, m)
+    h, (c, n, m) = rows(q, k, v, c, n, m, bias)
     h = h.reshape(*q_batch, new, h.shape[-1])
     return h.astype(spec.dtype), type(state)(c, n, m, identity)
 
 
-def _ring_step(q, k, v, c, n, m, positions, identity: StateIdentity, spec, mm):
+def _ring_step(q, k, v, c, n, m, positions, identity: StateIdentity, spec, mm, offset):
     """One row's step with a sliding window: attend to the ring buffer's keys and the
     new ones, by absolute position; then keep the newest in the ring."""
     slots = identity.cache_length
@@ -255,7 +261,7 @@ def _ring_step(q, k, v, c, n, m, positions, identity: StateIdentity, spec, mm):
     visible = maths.visible(positions[:, None], key_pos[None, :], window_start) & (
         key_pos[None, :] >= 0
     )
-    weights = masked_weights(mm(q, keys.T), visible, spec)
+    weights = masked_weights(mm(q, keys.T) + offset, visible, spec)
     h = mm(weights, values.astype(weights.dtype))
     kept = min(k.shape[-2], slots)  # static: the newest positions that stay
     where = positions[-kept:] % slots

@@ -1,6 +1,7 @@
 """Layers built around an mLSTM backend: a multi-head mixer, a block, a language model."""
 
 import dataclasses
+import math
 import numbers
 from typing import Any
 
@@ -53,6 +54,9 @@ class ModelConfig:
     post_norm: bool = False
     """Also LayerNorm each branch's output before it joins the residual stream (hybrid
     pre/post norm): keeps the stream's scale in check in deep stacks."""
+    learned_sigmoid_bias: bool = False
+    """A learnt sigmoid bias per head, starting at -log(context_length), instead of the
+    fixed one (sigmoid attention only)."""
 
     def __post_init__(self):
         sizes = ("vocab_size", "context_length", "embedding_dim", "num_heads", "num_blocks")
@@ -76,7 +80,7 @@ class ModelConfig:
             raise ValueError(
                 f"`num_kv_heads`={self.num_kv_heads} must divide num_heads={self.num_heads}."
             )
-        for name in ("qk_norm", "post_norm"):
+        for name in ("qk_norm", "post_norm", "learned_sigmoid_bias"):
             if not isinstance(getattr(self, name), bool):
                 raise TypeError(f"`{name}` must be a bool, got {getattr(self, name)!r}.")
         if self.layer_scale is not None:
@@ -144,6 +148,7 @@ class MultiHeadMixer(eqx.Module):
     backend: mLSTMBackend
     q_norm: eqx.nn.RMSNorm | None
     k_norm: eqx.nn.RMSNorm | None
+    sigmoid_bias: Float[Array, " heads"] | None
     num_heads: int = eqx.field(static=True)
     num_kv_heads: int = eqx.field(static=True)
 
@@ -158,6 +163,9 @@ class MultiHeadMixer(eqx.Module):
         self.gate_proj = eqx.nn.Linear(emb, 2 * nh, key=kg)
         self.out_proj = eqx.nn.Linear(nh * dv, emb, use_bias=False, key=ko)
         self.backend = config.make_backend()
+        self.sigmoid_bias = None
+        if config.learned_sigmoid_bias:
+            self.sigmoid_bias = jnp.full(nh, -math.log(config.context_length))
         self.q_norm = eqx.nn.RMSNorm(dqk) if config.qk_norm else None
         self.k_norm = eqx.nn.RMSNorm(dqk) if config.qk_norm else None
         self.num_heads = nh
@@ -191,19 +199,24 @@ class MultiHeadMixer(eqx.Module):
             q, k = (jax.vmap(jax.vmap(n))(x) for n, x in ((self.q_norm, q), (self.k_norm, k)))
         i, f = jnp.moveaxis(_linear_seq(self.gate_proj, x).reshape(seq_len, 2, -1), 0, -1)
 
-        def run(q, k, v, i, f, state):
+        def run(q, k, v, i, f, state, bias):
             if segment_ids is not None:  # parallel calls only
-                return self.backend(q, k, v, i, f, segment_ids=segment_ids)
-            return self.backend(q, k, v, i, f, return_last_states=want_state, state=state)
+                return self.backend(q, k, v, i, f, segment_ids=segment_ids, sigmoid_bias=bias)
+            return self.backend(
+                q, k, v, i, f, return_last_states=want_state, state=state, sigmoid_bias=bias
+            )
+
+        bias = self.sigmoid_bias
 
         groups = self.num_heads // self.num_kv_heads
         if self.backend.can_vmap_over_heads:
             if groups > 1:  # one call per key/value head: q (G, S, d), k and v (1, S, d)
                 q, i, f = (x.reshape(self.num_kv_heads, groups, *x.shape[1:]) for x in (q, i, f))
                 k, v = k[:, None], v[:, None]
-            out = eqx.filter_vmap(run)(q, k, v, i, f, state)
+                bias = None if bias is None else bias.reshape(self.num_kv_heads, groups)
+            out = eqx.filter_vmap(run)(q, k, v, i, f, state, bias)
         else:
-            out = run(q, k, v, i, f, state)
+            out = run(q, k, v, i, f, state, bias)
         h, state = out if want_state else (out, None)
         h = h.reshape(self.num_heads, *h.shape[-2:])
         y = _linear_seq(self.out_proj, h.transpose(1, 0, 2).reshape(seq_len, -1))
