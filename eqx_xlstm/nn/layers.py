@@ -200,14 +200,15 @@ class MultiHeadMixer(eqx.Module):
         i, f = jnp.moveaxis(_linear_seq(self.gate_proj, x).reshape(seq_len, 2, -1), 0, -1)
 
         def run(q, k, v, i, f, state, bias):
+            # Options only when used, so that other backends need not know them.
+            options = {} if bias is None else {"sigmoid_bias": bias}
             if segment_ids is not None:  # parallel calls only
-                return self.backend(q, k, v, i, f, segment_ids=segment_ids, sigmoid_bias=bias)
+                return self.backend(q, k, v, i, f, segment_ids=segment_ids, **options)
             return self.backend(
-                q, k, v, i, f, return_last_states=want_state, state=state, sigmoid_bias=bias
+                q, k, v, i, f, return_last_states=want_state, state=state, **options
             )
 
         bias = self.sigmoid_bias
-
         groups = self.num_heads // self.num_kv_heads
         if self.backend.can_vmap_over_heads:
             if groups > 1:  # one call per key/value head: q (G, S, d), k and v (1, S, d)
