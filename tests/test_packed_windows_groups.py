@@ -142,8 +142,9 @@ def test_one_segment_is_plain_causal_attention():
     assert_all_close(got, expected, jnp.float32)
 
 
-@pytest.mark.parametrize("activation", ACTIVATIONS)
-@pytest.mark.parametrize("kv_heads", [1, 2])
+@pytest.mark.parametrize(
+    "activation, kv_heads", [("softmax", 1), ("sigmoid", 2), ("none", 1), ("none", 2)]
+)
 def test_grouped_query_heads_equal_repeated_key_value_heads(activation, kv_heads):
     q, _, _, g = random_inputs(seq=SEQ, batch=(2, 4))
     _, k, v, _ = random_inputs(seq=SEQ, batch=(2, kv_heads), seed=3)
@@ -282,8 +283,10 @@ def test_num_kv_heads_must_divide_num_heads():
         _mixer_config(3)
 
 
-@pytest.mark.parametrize("activation", ACTIVATIONS)
-@pytest.mark.parametrize("window", [1, 4, 40])
+@pytest.mark.parametrize(
+    "activation, window",
+    [("softmax", 4), ("sigmoid", 1), ("none", 4), ("sigmoid", 40)],  # 40: past the context
+)
 def test_windowed_backend_decodes_in_pieces_with_a_ring_buffer_of_the_window(activation, window):
     config = ex.mLSTMBackendAttentionConfig(
         context_length=20, activation_function=activation, sliding_window=window
