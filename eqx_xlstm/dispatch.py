@@ -144,12 +144,13 @@ def _default(spec, which):
     raise AssertionError("the reference row serves every call")  # unreachable
 
 
-def run(q, k, v, mask, sin, cos, spec: AttentionSpec, chosen: Plan, first_key=None, bias=None):
+def run(q, k, v, mask, sin, cos, spec: AttentionSpec, chosen: Plan, segment_ids=None, bias=None):
     """Swish, RoPE and attention as `chosen` says; returns `spec.dtype`.
 
-    `sin`, `cos`: the RoPE tables, `(S, D/2)`, or per sequence `(..., S, D/2)` when
-    positions restart (segments). `first_key`: each query's first visible key,
-    `(..., S)` broadcasting against the batch axes, when `spec.bounded`. With
+    `sin`, `cos`: the RoPE tables, `(S, D/2)`. `segment_ids`: packed sequences
+    (`spec.segmented`), `(..., S)` broadcasting against the batch axes: the tables are
+    read at positions that restart with each segment, and implementations get each
+    query's first visible key (`spec.bounded`, with the window's). With
     `spec.kv_groups = G > 1`, k and v have H / G heads on axis -3. `bias`: the sigmoid
     bias as an array broadcasting against the batch axes, when `spec.array_bias`.
 
@@ -162,6 +163,12 @@ def run(q, k, v, mask, sin, cos, spec: AttentionSpec, chosen: Plan, first_key=No
     """
     if q.size == 0 or v.size == 0:  # no positions, no rows or no value features
         return jnp.zeros(v.shape, spec.dtype)
+    first_key = None
+    if spec.bounded:
+        first_key = maths.first_keys(spec.seq_len, spec.window, segment_ids)
+    if segment_ids is not None:  # positions restart at each segment's start
+        positions = maths.segment_positions(segment_ids)
+        sin, cos = sin[positions], cos[positions]
     extras = (first_key, bias)
     axis = mapped_axis(q, k, v, others=(mask, sin, cos, *extras))
     if axis is None or axis > q.ndim - 2:  # mapped along the sequence or feature axis

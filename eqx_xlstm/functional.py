@@ -11,7 +11,7 @@ import numpy as np
 from jax.typing import DTypeLike
 from jaxtyping import Array, Bool, Float, Integer
 
-from . import dispatch, maths
+from . import dispatch
 from .implementations import Implementation
 from .nn.rope import rope_tables
 from .spec import (
@@ -132,13 +132,7 @@ def attention(
         array_bias=bias is not None,
     )
     sin, cos = rope_tables(seq_len, head_dim, None, None, theta, dtype=spec.accum_dtype)
-    first_key = None
-    if spec.bounded:
-        first_key = maths.first_keys(seq_len, window, segment_ids)
-    if segment_ids is not None:  # positions restart at each segment's start
-        positions = maths.segment_positions(segment_ids)
-        sin, cos = sin[positions], cos[positions]
     chosen = dispatch.plan(spec, implementation)
     return dispatch.run(
-        queries, keys, values, attention_mask, sin, cos, spec, chosen, first_key, bias
+        queries, keys, values, attention_mask, sin, cos, spec, chosen, segment_ids, bias
     )

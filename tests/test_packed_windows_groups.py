@@ -240,7 +240,7 @@ def test_backend_with_grouped_heads_decodes_in_pieces_with_a_state_of_its_kv_hea
 def _mixer_config(kv_heads):
     return ex.ModelConfig(
         vocab_size=11,
-        context_length=16,
+        context_length=32,
         embedding_dim=32,
         num_heads=4,
         num_kv_heads=kv_heads,
@@ -315,15 +315,7 @@ def test_windowed_backend_decodes_in_pieces_with_a_ring_buffer_of_the_window(act
 
 
 def test_language_model_on_packed_documents_equals_each_document_alone():
-    config = ex.ModelConfig(
-        vocab_size=11,
-        context_length=32,
-        embedding_dim=32,
-        num_heads=4,
-        num_kv_heads=2,
-        backend_config=ex.mLSTMBackendAttentionConfig(activation_function="sigmoid"),
-    )
-    model = ex.LanguageModel(config, key=jax.random.key(0))
+    model = ex.LanguageModel(_mixer_config(2), key=jax.random.key(0))
     tokens = jnp.arange(20) % 11
     ids = jnp.asarray([0] * 7 + [1] * 9 + [2] * 4)
     alone = jnp.concatenate([model(tokens[:7]), model(tokens[7:16]), model(tokens[16:])])

@@ -139,22 +139,21 @@ def _backward(q, k, v, mask, out, lse, d_out, spec, precision, first_key=None):
     return dq, dk, dv
 
 
-@functools.partial(jax.custom_vjp, nondiff_argnums=(5, 6))
-def blockwise(q, k, v, mask, first_key, spec, precision):
+@functools.partial(jax.custom_vjp, nondiff_argnums=(4, 5))
+def blockwise(q, k, v, mask, spec, precision):
     """Blockwise attention of `leading_blocks` inputs; `mask` the explicit mask (padded
-    to whole blocks) or None; `first_key` `(nb, ..., C)` or None."""
-    return _forward(q, k, v, mask, spec, precision, first_key)[0]
+    to whole blocks) or None."""
+    return _forward(q, k, v, mask, spec, precision)[0]
 
 
-def _blockwise_fwd(q, k, v, mask, first_key, spec, precision):
-    out, lse = _forward(q, k, v, mask, spec, precision, first_key)
-    return out, (q, k, v, mask, first_key, out, lse)
+def _blockwise_fwd(q, k, v, mask, spec, precision):
+    out, lse = _forward(q, k, v, mask, spec, precision)
+    return out, (q, k, v, mask, out, lse)
 
 
 def _blockwise_bwd(spec, precision, residuals, d_out):
-    q, k, v, mask, first_key, out, lse = residuals
-    grads = _backward(q, k, v, mask, out, lse, d_out, spec, precision, first_key)
-    return (*grads, None, None)
+    q, k, v, mask, out, lse = residuals
+    return (*_backward(q, k, v, mask, out, lse, d_out, spec, precision), None)
 
 
 blockwise.defvjp(_blockwise_fwd, _blockwise_bwd)

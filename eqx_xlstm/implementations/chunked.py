@@ -22,89 +22,69 @@ from .per_shard import per_shard
 from .reference import matmul_precision
 
 
-def _causal_forward(q, k, v, spec, block):
-    """`(out, lse)`, per device's shard: of the leading axes, or of the sequence (the
-    ring, zig-zag balanced)."""
-    return per_shard(
-        lambda q, k, v: piece_forward(q, k, v, spec, block),
-        q,
-        k,
-        v,
-        batch_ndim=q.ndim - 2,
-        over_sequence=lambda layout: functools.partial(
-            ring.balanced_forward, spec=spec, layout=layout, pieces=ring.BlockwisePieces(block)
-        ),
-    )
-
-
-@functools.partial(jax.custom_vjp, nondiff_argnums=(3, 4))
-def _causal(q, k, v, spec, block):
-    return _causal_forward(q, k, v, spec, block)[0]
-
-
-def _causal_fwd(q, k, v, spec, block):
-    out, lse = _causal_forward(q, k, v, spec, block)
-    return out, (q, k, v, out, lse)
-
-
-def _causal_bwd(spec, block, residuals, d_out):
-    q, k, v, out, lse = residuals
-    grads = per_shard(
-        lambda *xs: piece_backward(*xs, spec, block),
-        q,
-        k,
-        v,
-        out,
-        lse,
-        d_out.astype(out.dtype),
-        batch_ndim=q.ndim - 2,
-        over_sequence=lambda layout: functools.partial(
-            ring.balanced_backward, spec=spec, layout=layout, pieces=ring.BlockwisePieces(block)
-        ),
-    )
-    return tuple(g.astype(x.dtype) for g, x in zip(grads, (q, k, v)))
-
-
-_causal.defvjp(_causal_fwd, _causal_bwd)
-
-
 def _leading(q, spec):
     """The axes per_shard partitions over: all leading axes but grouped heads' group
     axis (q has G there, k and v 1)."""
     return q.ndim - 2 - (spec.kv_groups > 1)
 
 
-def _bounded_forward(q, k, v, first_key, spec, block):
-    fn = lambda q, k, v, *first: piece_forward(q, k, v, spec, block, *first)
-    return per_shard(fn, q, k, v, *first_key, batch_ndim=_leading(q, spec))
+def _over_sequence(spec, block, first_key, balanced):
+    """per_shard's `over_sequence`: the zig-zag ring through `balanced`
+    (`ring.balanced_forward` or `_backward`); None (the sequence gathered) with first
+    keys or grouped heads, which the ring does not take yet."""
+    if first_key or spec.kv_groups > 1:
+        return None
+    pieces = ring.BlockwisePieces(block)
+    return lambda layout: functools.partial(balanced, spec=spec, layout=layout, pieces=pieces)
+
+
+def _causal_forward(q, k, v, first_key, spec, block):
+    """`(out, lse)`, per device's shard: of the leading axes, or of the sequence (the
+    ring, zig-zag balanced)."""
+    return per_shard(
+        lambda q, k, v, *first: piece_forward(q, k, v, spec, block, *first),
+        q,
+        k,
+        v,
+        *first_key,
+        batch_ndim=_leading(q, spec),
+        over_sequence=_over_sequence(spec, block, first_key, ring.balanced_forward),
+    )
 
 
 @functools.partial(jax.custom_vjp, nondiff_argnums=(4, 5))
-def _bounded(q, k, v, first_key, spec, block):
-    """Causal attention with first keys (a tuple: `(first_key,)` broadcast to q's
-    batch shape, or empty) or grouped heads, per device's shard of the leading axes."""
-    return _bounded_forward(q, k, v, first_key, spec, block)[0]
+def _causal(q, k, v, first_key, spec, block):
+    """Causal attention; `first_key` a tuple: `(first_key,)` broadcast to q's batch
+    shape (windows, segments), or empty."""
+    return _causal_forward(q, k, v, first_key, spec, block)[0]
 
 
-def _bounded_fwd(q, k, v, first_key, spec, block):
-    out, lse = _bounded_forward(q, k, v, first_key, spec, block)
+def _causal_fwd(q, k, v, first_key, spec, block):
+    out, lse = _causal_forward(q, k, v, first_key, spec, block)
     return out, (q, k, v, first_key, out, lse)
 
 
-def _bounded_bwd(spec, block, residuals, d_out):
+def _causal_bwd(spec, block, residuals, d_out):
     q, k, v, first_key, out, lse = residuals
-
-    def fn(q, k, v, out, lse, d_out, *first):
-        return piece_backward(q, k, v, out, lse, d_out, spec, block, *first)
-
     grads = per_shard(
-        fn, q, k, v, out, lse, d_out.astype(out.dtype), *first_key, batch_ndim=_leading(q, spec)
+        lambda q, k, v, out, lse, d_out, *first: piece_backward(
+            q, k, v, out, lse, d_out, spec, block, *first
+        ),
+        q,
+        k,
+        v,
+        out,
+        lse,
+        d_out.astype(out.dtype),
+        *first_key,
+        batch_ndim=_leading(q, spec),
+        over_sequence=_over_sequence(spec, block, first_key, ring.balanced_backward),
     )
     grads = tuple(g.astype(x.dtype) for g, x in zip(grads, (q, k, v)))
     return (*grads, tuple(None for _ in first_key))
 
 
-_bounded.defvjp(_bounded_fwd, _bounded_bwd)
+_causal.defvjp(_causal_fwd, _causal_bwd)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -135,20 +115,14 @@ class Chunked(Implementation):
         return ring.BlockwisePieces(self.block)
 
     def __call__(self, q, k, v, spec, mask, first_key=None):
-        if spec.causal and not spec.bounded and spec.kv_groups == 1:
-            return _causal(q, k, v, spec, self.block)  # the pieces clamp the block
-        if spec.causal:  # per shard, each with its own block bounds
+        if spec.causal:  # the pieces clamp the block
             first = () if first_key is None else (jnp.broadcast_to(first_key, q.shape[:-1]),)
-            return _bounded(q, k, v, first, spec, self.block)
+            return _causal(q, k, v, first, spec, self.block)
         seq_len = spec.seq_len
         block = max(1, min(self.block, seq_len))
         qb, kb, vb = (leading_blocks(x.astype(spec.accum_dtype), block) for x in (q, k, v))
-        pad = qb.shape[0] * block - seq_len
         if mask is not None:
+            pad = qb.shape[0] * block - seq_len
             mask = jnp.pad(mask, ((0, pad), (0, pad)))
-        if first_key is not None:  # padded queries see nothing
-            widths = ((0, 0),) * (first_key.ndim - 1) + ((0, pad),)
-            first_key = jnp.pad(first_key, widths, constant_values=seq_len)
-            first_key = leading_blocks(first_key[..., None], block)[..., 0]
-        out = blockwise(qb, kb, vb, mask, first_key, spec, matmul_precision(spec.dtype))
+        out = blockwise(qb, kb, vb, mask, spec, matmul_precision(spec.dtype))
         return from_leading_blocks(out, seq_len)

@@ -132,13 +132,13 @@ class Linear(Implementation):
             inter = einsum("...cqd,...cdv->...cqv", qc, states.astype(operand))
             seen = maths.visible(positions[:, None], positions[None, :])
         else:
-            inter, seen = _segmented(qc, kc, vc, first_key, chunk, seq_len, einsum, operand)
+            inter, seen = _segmented(qc, kc, vc, first_key, chunk, einsum, operand)
         scores = einsum("...cqd,...ckd->...cqk", qc, kc)
         intra = einsum("...cqk,...ckv->...cqv", jnp.where(seen, scores, 0.0).astype(operand), vc)
         return from_blocks((inter + intra) * spec.scale, seq_len)
 
 
-def _segmented(qc, kc, vc, first_key, chunk, seq_len, einsum, operand):
+def _segmented(qc, kc, vc, first_key, chunk, einsum, operand):
     """Packed sequences: the part of each query's output from earlier chunks, and which
     keys of its own chunk it sees. `first_key` `(..., S)`: each query's segment start.
 
@@ -149,12 +149,9 @@ def _segmented(qc, kc, vc, first_key, chunk, seq_len, einsum, operand):
     c, `b_c` the sum over c's keys from the last segment start on (an associative scan
     over chunks)."""
     n_chunks = qc.shape[-3]
-    padded = jnp.pad(
-        first_key,
-        ((0, 0),) * (first_key.ndim - 1) + ((0, n_chunks * chunk - seq_len),),
-        constant_values=seq_len,
-    )
-    first = padded.reshape(*padded.shape[:-1], n_chunks, chunk)  # (..., c, t)
+    # (..., c, t); padded queries (zero rows, outputs cut) get 0, each chunk's first
+    # query, which sets the carries, is a real one.
+    first = in_blocks(first_key[..., None], chunk)[..., 0]
     starts = jnp.arange(n_chunks) * chunk  # each chunk's first position
     positions = starts[:, None] + jnp.arange(chunk)  # (c, t)
     # The segment start of the next chunk's first position, seen from chunk c's keys.

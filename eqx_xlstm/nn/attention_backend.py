@@ -11,7 +11,7 @@ import jax.numpy as jnp
 import numpy as np
 from jaxtyping import Array, Float, Integer, Shaped
 
-from .. import dispatch, maths
+from .. import dispatch
 from ..implementations import Implementation
 from ..spec import (
     ACTIVATIONS,
@@ -288,14 +288,8 @@ class mLSTMBackendAttention(mLSTMBackend):  # noqa: N801 (upstream name)
             h, state = decode(q, k, v, state, freqs_sin, freqs_cos, spec, sigmoid_bias)
             return (h, state) if return_last_states else h
         sin, cos = freqs_sin[:seq_len], freqs_cos[:seq_len]
-        first_key = None
-        if spec.bounded:
-            first_key = maths.first_keys(seq_len, spec.window, segment_ids)
-        if segment_ids is not None:  # positions restart at each segment's start
-            positions = maths.segment_positions(segment_ids)
-            sin, cos = sin[positions], cos[positions]
         chosen = dispatch.plan(spec, self.config.implementation)
-        h = dispatch.run(q, k, v, None, sin, cos, spec, chosen, first_key, sigmoid_bias)
+        h = dispatch.run(q, k, v, None, sin, cos, spec, chosen, segment_ids, sigmoid_bias)
         if not return_last_states:
             return h
         return h, prompt_state(k, v, sin, cos, identity, spec.accum_dtype)

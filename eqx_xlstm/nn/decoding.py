@@ -199,12 +199,12 @@ def decode(q, k, v, state: DecodingState, freqs_sin, freqs_cos, spec, bias=None)
     identity = state.identity
     *q_batch, new, dqk = q.shape
     batch_shape = k.shape[:-2]  # the state's; with grouped heads q's rows hold a group
-    if bias is None:
-        bias = jnp.zeros((), spec.accum_dtype)
-    bias = jnp.broadcast_to(bias, tuple(q_batch)).astype(spec.accum_dtype)
+    if bias is not None:
+        bias = jnp.broadcast_to(bias, tuple(q_batch)).astype(spec.accum_dtype)
     if spec.kv_groups > 1:
         q = q.reshape(*batch_shape, spec.kv_groups, new, dqk)
-        bias = bias.reshape(*batch_shape, spec.kv_groups)
+        if bias is not None:
+            bias = bias.reshape(*batch_shape, spec.kv_groups)
     context_length = identity.context_length
     c, n, m = state
     if q.size == 0 or v.size == 0:  # no new positions or no rows: nothing changes
@@ -215,7 +215,8 @@ def decode(q, k, v, state: DecodingState, freqs_sin, freqs_cos, spec, bias=None)
     scale = 1.0 / math.sqrt(dqk)
 
     def one_row(q, k, v, c, n, m, bias):
-        offset = (bias / scale)[..., None, None]  # the array bias, over the scale
+        # The array bias over the scale, added to the scores (None: the spec's bias).
+        offset = None if bias is None else (bias / scale)[..., None, None]
         positions = m + jnp.arange(new, dtype=m.dtype)
         sin = jnp.take(freqs_sin, positions, axis=0)
         cos = jnp.take(freqs_cos, positions, axis=0)
@@ -235,7 +236,7 @@ def decode(q, k, v, state: DecodingState, freqs_sin, freqs_cos, spec, bias=None)
         n = jax.lax.dynamic_update_slice(n, v.astype(n.dtype), start)
         cached = jnp.arange(context_length, dtype=m.dtype)
         visible = maths.visible(positions[:, None], cached[None, :])
-        weights = masked_weights(mm(q, c.T) + offset, visible, spec)
+        weights = masked_weights(_biased(mm(q, c.T), offset), visible, spec)
         return mm(weights, n.astype(accum)), (c, n, m + new)
 
     # One vmap per leading axis rather than a reshape merging them: inputs and states
@@ -246,6 +247,10 @@ def decode(q, k, v, state: DecodingState, freqs_sin, freqs_cos, spec, bias=None)
     h, (c, n, m) = rows(q, k, v, c, n, m, bias)
     h = h.reshape(*q_batch, new, h.shape[-1])
     return h.astype(spec.dtype), type(state)(c, n, m, identity)
+
+
+def _biased(scores, offset):
+    return scores if offset is None else scores + offset
 
 
 def _ring_step(q, k, v, c, n, m, positions, identity: StateIdentity, spec, mm, offset):
@@ -261,7 +266,7 @@ def _ring_step(q, k, v, c, n, m, positions, identity: StateIdentity, spec, mm, o
     visible = maths.visible(positions[:, None], key_pos[None, :], window_start) & (
         key_pos[None, :] >= 0
     )
-    weights = masked_weights(mm(q, keys.T) + offset, visible, spec)
+    weights = masked_weights(_biased(mm(q, keys.T), offset), visible, spec)
     h = mm(weights, values.astype(weights.dtype))
     kept = min(k.shape[-2], slots)  # static: the newest positions that stay
     where = positions[-kept:] % slots

@@ -59,12 +59,11 @@ def _composed_tables(seq_len: int, dim: int, theta: float, dtype):
     device; within a few float32 rounding errors (about 3e-7) of the whole tables."""
     fine = 1 << max(1, math.ceil(math.log2(seq_len) / 2))
     coarse = -(-seq_len // fine)
-    inv_wavelength = rope_angles(dim, 2, theta)[1]  # the angles of position 1
-    tables = []
-    for positions in (np.arange(coarse) * fine, np.arange(fine)):
-        angles = np.outer(positions.astype(np.float64), inv_wavelength)
-        tables += [jnp.asarray(np.sin(angles), dtype), jnp.asarray(np.cos(angles), dtype)]
-    sin_c, cos_c, sin_f, cos_f = (t[:, None, :] if i < 2 else t[None] for i, t in enumerate(tables))
+    fine_angles = rope_angles(dim, fine, theta)  # positions 0 .. F - 1
+    coarse_angles = np.outer(np.arange(coarse, dtype=np.float64) * fine, fine_angles[1])
+    table = lambda fn, angles: jnp.asarray(fn(angles), dtype)
+    sin_c, cos_c = (table(fn, coarse_angles)[:, None, :] for fn in (np.sin, np.cos))
+    sin_f, cos_f = (table(fn, fine_angles)[None] for fn in (np.sin, np.cos))
     sin = (sin_c * cos_f + cos_c * sin_f).reshape(coarse * fine, -1)[:seq_len]
     cos = (cos_c * cos_f - sin_c * sin_f).reshape(coarse * fine, -1)[:seq_len]
     return sin, cos
