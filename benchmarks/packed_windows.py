@@ -2,14 +2,19 @@
 attention at the same S, in one run (issue #10's targets).
 
     python benchmarks/packed_windows.py                          # the issue's shapes (a GPU)
-    python benchmarks/packed_windows.py --seq-len 4096 --window 256 --batch 1 --heads 4 \\
-        --head-dim 64 --dtype float32                            # a CPU
+    python benchmarks/packed_windows.py --seq-len 4096 --window-seq-len 4096 --window 256 \\
+        --batch 1 --heads 4 --head-dim 64 --dtype float32       # a CPU
 
-For each activation, fwd+bwd (the gradient of a sum) through the default dispatch:
-full causal; `--documents` packed documents of S/documents positions each
-(`segment_ids`); a sliding window of `--window`; and keys/values with heads/8 heads
-(grouped-query 8:1). "ratio" is the time over full causal's. The implementation the
-dispatch picks is printed beside each row (`eqx_xlstm.dispatch.plan`).
+For each activation and each of `--paths` (the default dispatch, or an implementation
+by name), fwd+bwd (the gradient of a sum): full causal; `--documents` packed documents
+of S/documents positions each (`segment_ids`); keys/values with heads/8 heads
+(grouped-query 8:1); and a sliding window of `--window` at `--window-seq-len`. The
+ratios are the time over full causal's at the same S, through the default dispatch and
+through the same path. The path "cudnn mask" gives softmax the visibility written out
+as an explicit mask, through cuDNN: the peer the issue names. The implementation that
+ran is printed beside each row (`eqx_xlstm.dispatch.plan`).
+
+    python benchmarks/packed_windows.py --paths default triton chunked "cudnn mask"
 """
 
 import argparse
@@ -50,9 +55,44 @@ def chosen(q, k, v, activation, **kwargs):
     return seen.get("name", "?")
 
 
+def explicit_mask(seq_len, ids=None, window=None):
+    """The visibility rule of a case written out as a bool `(S, S)` mask (the peer's
+    input)."""
+    i, j = jnp.arange(seq_len)[:, None], jnp.arange(seq_len)[None, :]
+    mask = j <= i
+    if window is not None:
+        mask &= i - j < window
+    if ids is not None:
+        mask &= ids[:, None] == ids[None, :]
+    return mask
+
+
+def time_case(activation, arrays, kwargs, path, repeats):
+    """`(ms, implementation)` of one case on one path ("default": the dispatch's
+    choice; "cudnn mask": the explicit mask through cuDNN), or None where the path
+    cannot serve it."""
+    if path == "cudnn mask":
+        mask = explicit_mask(
+            arrays[0].shape[-2], kwargs.get("segment_ids"), kwargs.get("sliding_window")
+        )
+        kwargs, path = {"attention_mask": mask}, "cudnn"
+    if path != "default":
+        kwargs = {**kwargs, "implementation": path}
+    try:
+        name = chosen(*arrays, activation, **kwargs)
+        return median_ms(gradient(activation, **kwargs), *arrays, repeats=repeats), name
+    except ValueError:  # "cannot serve these inputs"
+        return None
+
+
+def _ratio(ms, full):
+    return f"{ms / full:.3f}" if full else ""
+
+
 def main():
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--seq-len", type=int, default=16384)
+    parser.add_argument("--window-seq-len", type=int, default=32768)
     parser.add_argument("--window", type=int, default=1024)
     parser.add_argument("--documents", type=int, default=8)
     parser.add_argument("--batch", type=int, default=4)
@@ -61,31 +101,64 @@ def main():
     parser.add_argument("--dtype", default="bfloat16")
     parser.add_argument("--repeats", type=int, default=5)
     parser.add_argument("--activations", nargs="+", default=["softmax", "sigmoid", "none"])
+    parser.add_argument(
+        "--paths",
+        nargs="+",
+        default=["default"],
+        help='"default", implementation names, or "cudnn mask" (softmax with the mask '
+        "written out: the issue's peer)",
+    )
     args = parser.parse_args()
-    shape = (args.batch, args.heads, args.seq_len, args.head_dim)
-    q, k, v = random_qkv(shape, jnp.dtype(args.dtype))
-    ids = jnp.repeat(jnp.arange(args.documents), -(-args.seq_len // args.documents))
-    ids = ids[: args.seq_len]
+    dtype = jnp.dtype(args.dtype)
     groups = max(1, args.heads // 8)
     device = jax.devices()[0]
     print(
         f"{device.device_kind}, jax {jax.__version__}; {args.dtype}, B={args.batch}, "
-        f"NH={args.heads}, S={args.seq_len}, D={args.head_dim}, swish, fwd+bwd median ms"
+        f"NH={args.heads}, D={args.head_dim}, swish, fwd+bwd median ms; packed and grouped "
+        f"at S={args.seq_len}, the window at S={args.window_seq_len}"
     )
-    print_table_header("| activation | case | path | ms | ratio to full causal |")
+    print_table_header(
+        "| activation | S | case | path | implementation | ms | ratio to default full causal "
+        "| ratio to this path's full causal |"
+    )
+    inputs = {}
+    for seq_len in sorted({args.seq_len, args.window_seq_len}):
+        shape = (args.batch, args.heads, seq_len, args.head_dim)
+        inputs[seq_len] = random_qkv(shape, dtype)
+    ids = jnp.repeat(jnp.arange(args.documents), -(-args.seq_len // args.documents))
+    ids = ids[: args.seq_len]
     for activation in args.activations:
-        cases = [
-            ("full causal", (q, k, v), {}),
-            (f"{args.documents} packed documents", (q, k, v), {"segment_ids": ids}),
-            (f"window {args.window}", (q, k, v), {"sliding_window": args.window}),
-            (f"grouped {args.heads}:{groups} heads", (q, k[:, :groups], v[:, :groups]), {}),
-        ]
-        full = None
-        for label, arrays, kwargs in cases:
-            ms = median_ms(gradient(activation, **kwargs), *arrays, repeats=args.repeats)
-            full = full or ms
-            path = chosen(*arrays, activation, **kwargs)
-            print(f"| {activation} | {label} | {path} | {ms:.2f} | {ms / full:.3f} |", flush=True)
+        full = {}  # (S, path) -> full causal ms
+        for seq_len, label, kwargs, kv in [
+            (args.seq_len, f"{args.documents} packed documents", {"segment_ids": ids}, None),
+            (args.seq_len, f"grouped {args.heads}:{groups} heads", {}, groups),
+            (args.window_seq_len, f"window {args.window}", {"sliding_window": args.window}, None),
+        ]:
+            q, k, v = inputs[seq_len]
+            arrays = (q, k[:, :kv], v[:, :kv]) if kv else (q, k, v)
+            for path in args.paths:
+                if path == "cudnn mask" and (activation != "softmax" or kv):
+                    continue
+                rows = [("full causal", (q, k, v), {}), (label, arrays, kwargs)]
+                if (seq_len, path) in full or path == "cudnn mask":
+                    rows = rows[1:]
+                for case, xs, kw in rows:
+                    timed = time_case(activation, xs, kw, path, args.repeats)
+                    if timed is None:
+                        print(
+                            f"| {activation} | {seq_len} | {case} | {path} | cannot serve | | | |"
+                        )
+                        continue
+                    ms, name = timed
+                    if case == "full causal":
+                        full[seq_len, path] = ms
+                    base = full.get((seq_len, "default"))
+                    own = full.get((seq_len, path))
+                    print(
+                        f"| {activation} | {seq_len} | {case} | {path} | {name} | {ms:.2f} "
+                        f"| {_ratio(ms, base)} | {_ratio(ms, own)} |",
+                        flush=True,
+                    )
 
 
 if __name__ == "__main__":

@@ -57,8 +57,18 @@ def _none_on_gpu_up_to(seq_len):
     return lambda spec: _on_gpu(spec) and spec.activation == "none" and spec.seq_len <= seq_len
 
 
+def _bounded_or_grouped_on_gpu(spec):
+    """Segments, windows or grouped heads on a GPU, where the Triton kernels skip the
+    tiles no query sees; 'none' without a window beyond 4096 goes on to the linear
+    form, whose time does not grow with the visible tiles."""
+    if not _on_gpu(spec) or not (spec.bounded or spec.kv_groups > 1):
+        return False
+    return spec.activation != "none" or spec.window is not None or spec.seq_len <= 4096
+
+
 DEFAULTS: tuple[Default, ...] = (
     Default("cudnn"),
+    Default("triton", when=_bounded_or_grouped_on_gpu),
     Default("mosaic", when=lambda spec: _on_gpu(spec) and spec.activation == "sigmoid"),
     Default("triton", when=lambda spec: _on_gpu(spec) and spec.activation == "sigmoid"),
     # 'none' on Hopper: the kernel beats the linear form up to these lengths, forward

@@ -55,6 +55,13 @@ def test_default_table_on_hopper():
     ampere = dict(gpu_capability="8.0")
     assert defaults(on_hopper(activation="sigmoid", **ampere)) == ("triton", "triton")
     assert defaults(on_hopper(activation="none", seq_len=2048, **ampere)) == ("linear",) * 2
+    # Segments, windows and grouped heads: the Triton kernels skip the tiles no query
+    # sees; 'none' without a window at long S stays with the linear form.
+    for activation in ("softmax", "sigmoid"):
+        for features in (dict(window=1024), dict(segmented=True), dict(kv_groups=8)):
+            assert defaults(on_hopper(activation=activation, **features)) == ("triton",) * 2
+    assert defaults(on_hopper(activation="none", window=64, seq_len=8192)) == ("triton",) * 2
+    assert defaults(on_hopper(activation="none", segmented=True, seq_len=8192)) == ("linear",) * 2
 
 
 def test_pallas_alias_picks_the_best_kernel():

@@ -215,7 +215,7 @@ def test_bad_grouped_heads_name_the_argument():
         ex.attention(q, k[:, :2], v[:, :2], segment_ids=np.zeros((2, 4, SEQ), int))
 
 
-@pytest.mark.parametrize("name", ["triton", "linear"])
+@pytest.mark.parametrize("name", ["mosaic", "linear"])
 def test_paths_without_a_feature_refuse_it_with_a_reason(name):
     q, k, v, _ = random_inputs(seq=32, batch=(2,), dqk=16, dv=16)
     kwargs = dict(activation_function="none", sliding_window=4, implementation=name)

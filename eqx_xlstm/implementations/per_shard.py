@@ -135,10 +135,13 @@ def _partitioned(fn, arrays, batch_ndim, over_sequence):
 
 @dataclasses.dataclass(frozen=True, eq=False)
 class RowKernels:
-    """Kernels over rows `(N, S', D)` (`as_rows`' layout): `forward(q, k, v)` returns a
-    tuple whose first entry is the output, the rest what the backward needs;
-    `backward(q, k, v, *forward_outputs, d_out)` returns `(dq, dk, dv)`. Without a
-    backward, differentiating raises ValueError(`no_backward`)."""
+    """Kernels over rows `(N, S', D)` (`as_rows`' layout): `forward(q, k, v,
+    *first_key)` returns a tuple whose first entry is the output, the rest what the
+    backward needs; `backward(q, k, v, *forward_outputs, d_out, first_key=first_key)`
+    returns `(dq, dk, dv)`. Without a backward, differentiating raises
+    ValueError(`no_backward`). With grouped-query heads (`spec.kv_groups` G > 1) q has
+    G rows per row of k and v; `first_key` (bounded specs) is `(N_kv, S')`, padded at
+    the end with its last entry."""
 
     forward: Callable
     backward: Callable | None
@@ -155,14 +158,22 @@ class RowKernels:
     (the kernels' padded residuals are then the unpadded sequence)."""
 
     def batch_ndim(self, q) -> int:
-        """How many leading axes of `q` `per_shard` partitions over."""
-        return q.ndim - 2 if self.partition else 0
+        """How many leading axes of `q` `per_shard` partitions over: all but the group
+        axis of grouped heads (q has G there, k and v 1)."""
+        return q.ndim - 2 - (self.spec.kv_groups > 1) if self.partition else 0
 
     def over_sequence(self, forward: bool):
         """`per_shard`'s `over_sequence` for the forward or backward pass, or None when
-        the sequence is gathered."""
+        the sequence is gathered (always with first keys or grouped heads, which the
+        ring does not take yet)."""
         spec = self.spec
-        if not self.partition or self.sequence_pieces is None or spec.seq_len % self.multiple:
+        if (
+            not self.partition
+            or self.sequence_pieces is None
+            or spec.seq_len % self.multiple
+            or spec.bounded
+            or spec.kv_groups > 1
+        ):
             return None
 
         def make(layout):
@@ -181,52 +192,83 @@ class RowKernels:
         return make
 
 
-def row_attention(kernels: RowKernels, q, k, v):
+def row_attention(kernels: RowKernels, q, k, v, first_key=None):
     """Differentiable attention of `(*batch, S, D)` inputs through `kernels`, each pass
-    one op per device's shard of the leading axes (`per_shard`)."""
-    return _row_attention(q, k, v, kernels)
+    one op per device's shard of the leading axes (`per_shard`); `first_key` (bounded
+    specs) broadcasts against k's batch axes."""
+    first = () if first_key is None else (jnp.broadcast_to(first_key, k.shape[:-1]),)
+    return _row_attention(q, k, v, first, kernels)
 
 
-def _forward_outputs(kernels: RowKernels, q, k, v):
+def _first_key_rows(first_key: tuple, kernels: RowKernels) -> tuple:
+    """`first_key` `(*batch, S)` as the kernels take it: `(N_kv, S')`, edge-padded
+    (so it stays non-decreasing and padded rows see a key)."""
+    if not first_key:
+        return ()
+    seq_len = kernels.spec.seq_len
+    padded = -(-seq_len // kernels.multiple) * kernels.multiple
+    rows = first_key[0].reshape(-1, seq_len).astype(jnp.int32)
+    return (jnp.pad(rows, ((0, 0), (0, padded - seq_len)), mode="edge"),)
+
+
+def _forward_outputs(kernels: RowKernels, q, k, v, first_key):
     spec, multiple = kernels.spec, kernels.multiple
 
-    def fn(q, k, v):
+    def fn(q, k, v, *first_key):
         batch = q.shape[:-2]
-        outs = kernels.forward(*(as_rows(x, spec, multiple) for x in (q, k, v)))
+        rows = [as_rows(x, spec, multiple) for x in (q, k, v)]
+        outs = kernels.forward(*rows, *_first_key_rows(first_key, kernels))
         return tuple(o.reshape(*batch, *o.shape[1:]) for o in outs)  # rows kept padded
 
     over_sequence = kernels.over_sequence(True)
-    return per_shard(fn, q, k, v, batch_ndim=kernels.batch_ndim(q), over_sequence=over_sequence)
+    return per_shard(
+        fn, q, k, v, *first_key, batch_ndim=kernels.batch_ndim(q), over_sequence=over_sequence
+    )
 
 
-@functools.partial(jax.custom_vjp, nondiff_argnums=(3,))
-def _row_attention(q, k, v, kernels):
-    return _forward_outputs(kernels, q, k, v)[0][..., : kernels.spec.seq_len, :]
+@functools.partial(jax.custom_vjp, nondiff_argnums=(4,))
+def _row_attention(q, k, v, first_key, kernels):
+    return _forward_outputs(kernels, q, k, v, first_key)[0][..., : kernels.spec.seq_len, :]
 
 
-def _row_attention_fwd(q, k, v, kernels):
+def _row_attention_fwd(q, k, v, first_key, kernels):
     if kernels.backward is None:
         raise ValueError(kernels.no_backward)
-    outs = _forward_outputs(kernels, q, k, v)
-    return outs[0][..., : kernels.spec.seq_len, :], (q, k, v, outs)
+    outs = _forward_outputs(kernels, q, k, v, first_key)
+    return outs[0][..., : kernels.spec.seq_len, :], (q, k, v, first_key, outs)
 
 
 def _row_attention_bwd(kernels, residuals, d_out):
-    q, k, v, outs = residuals
+    q, k, v, first_key, outs = residuals
     spec, multiple = kernels.spec, kernels.multiple
-    dtypes = (q.dtype, k.dtype, v.dtype)
+    n_first = len(first_key)
 
-    def fn(q, k, v, d_out, *outs):
+    def fn(q, k, v, d_out, *rest):
+        first_key, outs = rest[:n_first], rest[n_first:]
         batch = q.shape[:-2]
         rows = [as_rows(x, spec, multiple) for x in (q, k, v, d_out)]
         outs = [o.reshape(-1, *o.shape[len(batch) :]) for o in outs]
-        grads = kernels.backward(*rows[:3], *outs, rows[3])
-        return tuple(from_rows(g, batch, spec).astype(t) for g, t in zip(grads, dtypes))
+        first = _first_key_rows(first_key, kernels)
+        grads = kernels.backward(
+            *rows[:3], *outs, rows[3], **({"first_key": first} if first else {})
+        )
+        return tuple(
+            from_rows(g, x.shape[:-2], spec).astype(x.dtype) for g, x in zip(grads, (q, k, v))
+        )
 
     over_sequence = kernels.over_sequence(False)
-    return per_shard(
-        fn, q, k, v, d_out, *outs, batch_ndim=kernels.batch_ndim(q), over_sequence=over_sequence
+    grads = per_shard(
+        fn,
+        q,
+        k,
+        v,
+        d_out,
+        *first_key,
+        *outs,
+        batch_ndim=kernels.batch_ndim(q),
+        over_sequence=over_sequence,
     )
+    return (*grads, tuple(None for _ in first_key))
 
 
 _row_attention.defvjp(_row_attention_fwd, _row_attention_bwd)

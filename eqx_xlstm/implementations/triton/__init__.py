@@ -8,7 +8,7 @@ from collections.abc import Sequence
 import jax.numpy as jnp
 
 from ...spec import AttentionSpec
-from ..base import Implementation, as_rows, from_rows, plain_causal_only
+from ..base import Implementation, as_rows, from_rows
 from ..per_shard import RowKernels, row_attention
 from . import kernels
 from .kernels import Blocks, Launch
@@ -19,6 +19,8 @@ class Triton(Implementation):
     """Flash-style Pallas kernels (Triton lowering) for causal softmax, sigmoid and
     'none': a forward kernel and two backward ones (dQ; dK and dV). float16/bfloat16 on
     an NVIDIA GPU; elsewhere Pallas interpret mode (slow, exact; how CI tests them).
+    Segments and sliding windows skip the key blocks no query of a block sees; grouped
+    KV heads are read in place by every query head of their group.
 
     Defaults: the fastest blocks of a sweep on an H200 (benchmarks/pallas_config_sweep.py,
     docs/benchmarks.md).
@@ -41,8 +43,8 @@ class Triton(Implementation):
             object.__setattr__(self, field, blocks)
 
     def unsupported(self, spec: AttentionSpec) -> str | None:
-        if reason := plain_causal_only(spec):
-            return reason
+        if spec.array_bias:
+            return "it takes the sigmoid bias as a number, not an array, for now"
         if spec.mask == "explicit":
             return "it is used with the causal mask only (attention_mask=None)"
         if spec.dqk % 16 or spec.dv % 16 or max(spec.dqk, spec.dv) > 256:
@@ -75,7 +77,7 @@ class Triton(Implementation):
             multiple=step,
             sequence_pieces=self.ring_pieces(),
         )
-        return row_attention(row_kernels, q, k, v)
+        return row_attention(row_kernels, q, k, v, first_key)
 
 
 @dataclasses.dataclass(frozen=True)

@@ -10,6 +10,14 @@ Sigmoid Self-Attention"): it accumulates sigmoid(q k^T * scale + bias) v; 'none'
 accumulates (q k^T * scale) v. The backward pass recomputes the weights block by block
 in two kernels (dq over key blocks; dk, dv over query blocks), so memory stays linear
 in S. Inputs are `(N, S, D)` with S a multiple of every block size.
+
+Bounded specs (segments, sliding windows) also take each query's first visible key,
+`(N_kv, S)`, non-decreasing along S: a query block starts at the key block of its
+rows' smallest first key, and a key block's dk/dv stop at the last query block that
+sees it (`key_block_ranges`, computed in XLA). With grouped-query heads (G =
+`spec.kv_groups`) q has `N_kv G` rows, G per KV row: the forward and dq kernels read
+their KV row `b // G`, and the dk/dv kernel walks every group's queries for its KV
+block, so shared keys and values are never repeated in memory.
 """
 
 import functools
@@ -56,23 +64,54 @@ def _dot(a, b, trans_b=False):
     return jax.lax.dot_general(a, b, dims, preferred_element_type=jnp.float32)
 
 
-def _allowed(q_start, k_start, shape, spec: AttentionSpec):
+def _allowed(q_start, k_start, shape, spec: AttentionSpec, first_key=None):
     """The mask of one block pair: causal (or every key, for `spec.mask == "full"`),
-    hiding padded keys."""
+    hiding padded keys; with `first_key` (the block's queries', `(bq,)`), also the keys
+    before each query's first."""
     k_pos = k_start + jax.lax.broadcasted_iota(jnp.int32, shape, 1)
     real = k_pos < spec.seq_len
     if not spec.causal:
         return real
     q_pos = q_start + jax.lax.broadcasted_iota(jnp.int32, shape, 0)
-    return maths.visible(q_pos, k_pos) & real
+    first = None if first_key is None else first_key[:, None]
+    return maths.visible(q_pos, k_pos, first) & real
 
 
-def _key_blocks(i, bq, bk, spec: AttentionSpec):
-    """`(n_full, n_all)` for query block i: key blocks [0, n_full) need no mask, those
-    in [n_full, n_all) do (the diagonal, or the end of the sequence)."""
-    if spec.causal:
-        return (i * bq) // bk, pl.cdiv((i + 1) * bq, bk)
-    return spec.seq_len // bk, pl.cdiv(spec.seq_len, bk)
+def _key_ranges(i, bq, bk, spec: AttentionSpec, first_key=None):
+    """The key blocks query block i visits, as `(start, stop, masked)` ranges: the
+    causal ones need no mask below the diagonal; with `first_key` (the block's
+    queries'), they start at the first key block any of them sees, masked until the
+    last of their first keys."""
+    if not spec.causal:
+        return [
+            (0, spec.seq_len // bk, False),
+            (spec.seq_len // bk, pl.cdiv(spec.seq_len, bk), True),
+        ]
+    n_full, n_all = (i * bq) // bk, pl.cdiv((i + 1) * bq, bk)
+    if first_key is None:
+        return [(i * 0, n_full, False), (n_full, n_all, True)]
+    start = jnp.min(first_key) // bk
+    unmasked = jnp.clip(pl.cdiv(jnp.max(first_key), bk), start, n_full)
+    return [(start, unmasked, True), (unmasked, n_full, False), (n_full, n_all, True)]
+
+
+def key_block_ranges(first_key, seq_len: int, bq: int, bk: int):
+    """The query blocks the dk/dv kernel visits for each KV row and key block j,
+    `(N_kv, n_kb, 4)` int32 `(a, b, stop, 0)`: masked in `[j bk // bq, a)` (the
+    diagonal, padded keys) and `[b, stop)` (queries whose first key falls inside block
+    j), unmasked in `[a, b)`; from `stop` on no query sees block j. `first_key`:
+    `(N_kv, S')`, padded, non-decreasing along S'."""
+    padded = first_key.shape[-1]
+    starts = jnp.arange(0, padded, bk, dtype=jnp.int32)
+    search = jax.vmap(lambda row, x: jnp.searchsorted(row, x, side="right"), (0, None))
+    whole = search(first_key, starts) // bq  # query blocks all of whose rows see block j
+    stop = pl.cdiv(search(first_key, starts + bk - 1), bq)  # ... any of whose rows do
+    past_diagonal = jnp.minimum(pl.cdiv(starts + bk, bq), stop)
+    past_diagonal = jnp.where(starts + bk > seq_len, stop, past_diagonal)
+    unmasked_stop = jnp.clip(whole, past_diagonal, stop)
+    return jnp.stack([past_diagonal, unmasked_stop, stop, jnp.zeros_like(stop)], axis=-1).astype(
+        jnp.int32
+    )
 
 
 def _weights(q, k, mask, launch: Launch, lse=None):
@@ -83,14 +122,21 @@ def _weights(q, k, mask, launch: Launch, lse=None):
     return p if mask is None else jnp.where(mask, p, 0.0)
 
 
-def _masked_then_full(lo_masked, hi_masked, lo_full, hi_full, body, init):
-    """Run `body(j, carry, masked)` over two index ranges: first unmasked, then masked."""
-    carry = jax.lax.fori_loop(lo_full, hi_full, lambda j, c: body(j, c, False), init)
-    return jax.lax.fori_loop(lo_masked, hi_masked, lambda j, c: body(j, c, True), carry)
+def _over_ranges(ranges, body, carry):
+    """Run `body(j, carry, masked)` over each `(start, stop, masked)` range in turn."""
+    for start, stop, masked in ranges:
+        carry = jax.lax.fori_loop(start, stop, functools.partial(_masked_step, body, masked), carry)
+    return carry
 
 
-def _fwd_kernel(q_ref, k_ref, v_ref, out_ref, *lse_ref, launch: Launch):
+def _masked_step(body, masked, j, carry):
+    return body(j, carry, masked)
+
+
+def _fwd_kernel(q_ref, k_ref, v_ref, *refs, launch: Launch):
     spec = launch.spec
+    first_key = refs[0][...] if spec.bounded else None
+    out_ref, *lse_ref = refs[spec.bounded :]
     bq, bk = launch.forward.block_q, launch.forward.block_k
     i = pl.program_id(1)
     q = q_ref[...]
@@ -98,7 +144,7 @@ def _fwd_kernel(q_ref, k_ref, v_ref, out_ref, *lse_ref, launch: Launch):
     def body(j, carry, masked):
         k = k_ref[pl.ds(j * bk, bk), :]
         v = v_ref[pl.ds(j * bk, bk), :]
-        mask = _allowed(i * bq, j * bk, (bq, bk), spec) if masked else None
+        mask = _allowed(i * bq, j * bk, (bq, bk), spec, first_key) if masked else None
         if spec.activation != "softmax":
             return carry + _dot(_weights(q, k, mask, launch).astype(v.dtype), v)
         acc, m, total = carry  # m: the running max of the logits in log2 units
@@ -112,10 +158,9 @@ def _fwd_kernel(q_ref, k_ref, v_ref, out_ref, *lse_ref, launch: Launch):
         return acc, m_new, total * rescale + p.sum(axis=1)
 
     acc = jnp.zeros(out_ref.shape, jnp.float32)
-    if spec.activation == "softmax":  # every row sees key 0, so m turns finite at once
+    if spec.activation == "softmax":  # a finite floor: rows masked in a block stay at 0
         acc = (acc, jnp.full((bq,), -1e30, jnp.float32), jnp.zeros((bq,), jnp.float32))
-    n_full, n_all = _key_blocks(i, bq, bk, spec)
-    acc = _masked_then_full(n_full, n_all, 0, n_full, body, acc)
+    acc = _over_ranges(_key_ranges(i, bq, bk, spec, first_key), body, acc)
     if spec.activation == "softmax":
         acc, m, total = acc
         lse_ref[0][...] = m + jnp.log2(total)
@@ -126,7 +171,8 @@ def _fwd_kernel(q_ref, k_ref, v_ref, out_ref, *lse_ref, launch: Launch):
 def _dq_kernel(q_ref, k_ref, v_ref, do_ref, *refs, launch: Launch):
     spec = launch.spec
     bq, bk = launch.backward.block_q, launch.backward.block_k
-    *stats, dq_ref = refs
+    first_key = refs[0][...] if spec.bounded else None
+    *stats, dq_ref = refs[spec.bounded :]
     i = pl.program_id(1)
     q, do = q_ref[...], do_ref[...]
     lse, delta = (stats[0][...], stats[1][...]) if stats else (None, None)
@@ -134,58 +180,85 @@ def _dq_kernel(q_ref, k_ref, v_ref, do_ref, *refs, launch: Launch):
     def body(j, dq, masked):
         k = k_ref[pl.ds(j * bk, bk), :]
         v = v_ref[pl.ds(j * bk, bk), :]
-        mask = _allowed(i * bq, j * bk, (bq, bk), spec) if masked else None
+        mask = _allowed(i * bq, j * bk, (bq, bk), spec, first_key) if masked else None
         p = _weights(q, k, mask, launch, lse)
         ds = maths.score_grad(_dot(do, v, trans_b=True), p, spec.activation, mask, delta)
         return dq + _dot((ds * spec.scale).astype(k.dtype), k)
 
-    n_full, n_all = _key_blocks(i, bq, bk, spec)
-    dq = _masked_then_full(n_full, n_all, 0, n_full, body, jnp.zeros(q.shape, jnp.float32))
+    ranges = _key_ranges(i, bq, bk, spec, first_key)
+    dq = _over_ranges(ranges, body, jnp.zeros(q.shape, jnp.float32))
     dq_ref[...] = dq.astype(dq_ref.dtype)
 
 
 def _dkv_kernel(q_ref, k_ref, v_ref, do_ref, *refs, launch: Launch, n_q_blocks: int):
+    """dk and dv of one KV block, over the query blocks of every group (G of them,
+    `n_q_blocks` each, one after another along the rows of q)."""
     spec = launch.spec
     bq, bk = launch.backward.block_q, launch.backward.block_k
-    *stats, dk_ref, dv_ref = refs
+    first_key_ref, block_ranges = (refs[0], refs[1][...]) if spec.bounded else (None, None)
+    *stats, dk_ref, dv_ref = refs[2 * spec.bounded :]
     j = pl.program_id(1)
     k, v = k_ref[...], v_ref[...]
 
-    def body(i, carry, masked):
+    def body(i, carry, masked, group):
         dk, dv = carry
-        q = q_ref[pl.ds(i * bq, bq), :]
-        do = do_ref[pl.ds(i * bq, bq), :]
-        lse, delta = (ref[pl.ds(i * bq, bq)] for ref in stats) if stats else (None, None)
-        mask = _allowed(i * bq, j * bk, (bq, bk), spec) if masked else None
+        rows = pl.ds(group * n_q_blocks * bq + i * bq, bq)
+        q, do = q_ref[rows, :], do_ref[rows, :]
+        lse, delta = (ref[rows] for ref in stats) if stats else (None, None)
+        first_key = None
+        if masked and spec.bounded:
+            first_key = first_key_ref[pl.ds(i * bq, bq)]
+        mask = _allowed(i * bq, j * bk, (bq, bk), spec, first_key) if masked else None
         p = _weights(q, k, mask, launch, lse)
         dv = dv + _dot(p.T.astype(do.dtype), do)
         ds = maths.score_grad(_dot(do, v, trans_b=True), p, spec.activation, mask, delta)
         return dk + _dot((ds * spec.scale).T.astype(q.dtype), q), dv
 
-    # Query blocks that straddle the diagonal (or this key block's padding) need the
-    # mask; those wholly after it do not. Without the causal mask every query block
-    # sees this key block.
+    # Query blocks that straddle the diagonal (or this key block's padding, or a
+    # first key inside it) need the mask; those wholly after it do not. Without the
+    # causal mask every query block sees this key block.
     # (`j * 0`, not 0: Triton's loop lowering wants traced bounds here.)
-    first, first_full = ((j * bk) // bq, pl.cdiv((j + 1) * bk, bq)) if spec.causal else (j * 0,) * 2
-    first_full = jnp.where((j + 1) * bk > spec.seq_len, n_q_blocks, first_full)
-    zeros = (jnp.zeros(k.shape, jnp.float32), jnp.zeros(v.shape, jnp.float32))
-    dk, dv = _masked_then_full(first, first_full, first_full, n_q_blocks, body, zeros)
+    if spec.bounded:
+        a, b, stop = (_pick(block_ranges, c) for c in range(3))
+        ranges = [((j * bk) // bq, a, True), (a, b, False), (b, stop, True)]
+    else:
+        first, first_full = (
+            ((j * bk) // bq, pl.cdiv((j + 1) * bk, bq)) if spec.causal else (j * 0,) * 2
+        )
+        first_full = jnp.where((j + 1) * bk > spec.seq_len, n_q_blocks, first_full)
+        ranges = [(first, first_full, True), (first_full, n_q_blocks, False)]
+    carry = (jnp.zeros(k.shape, jnp.float32), jnp.zeros(v.shape, jnp.float32))
+    for group in range(spec.kv_groups):
+        carry = _over_ranges(ranges, functools.partial(_in_group, body, group), carry)
+    dk, dv = carry
     dk_ref[...] = dk.astype(dk_ref.dtype)
     dv_ref[...] = dv.astype(dv_ref.dtype)
 
 
-def _rows(block, dim=None):
-    """The program's own block of rows of an (N, S, dim) or (N, S) array."""
+def _in_group(body, group, i, carry, masked):
+    return body(i, carry, masked, group)
+
+
+def _pick(vector, index: int):
+    """Entry `index` of a small int vector, as a scalar."""
+    positions = jax.lax.broadcasted_iota(jnp.int32, vector.shape, 0)
+    return jnp.sum(jnp.where(positions == index, vector, 0))
+
+
+def _rows(block, dim=None, groups=1):
+    """The program's own block of rows of an (N, S, dim) or (N, S) array; with
+    `groups`, of the KV row that grid row `b` reads."""
     if dim is None:
-        return pl.BlockSpec((None, block), lambda b, i: (b, i))
+        return pl.BlockSpec((None, block), lambda b, i: (b // groups, i))
     return pl.BlockSpec((None, block, dim), lambda b, i: (b, i, 0))
 
 
-def _whole(padded, dim=None):
-    """The whole sequence of an (N, S, dim) or (N, S) array."""
+def _whole(padded, dim=None, groups=1):
+    """The whole sequence of an (N, S, dim) or (N, S) array (with `groups`, of the KV
+    row grid row `b` reads)."""
     if dim is None:
-        return pl.BlockSpec((None, padded), lambda b, i: (b, 0))
-    return pl.BlockSpec((None, padded, dim), lambda b, i: (b, 0, 0))
+        return pl.BlockSpec((None, padded), lambda b, i: (b // groups, 0))
+    return pl.BlockSpec((None, padded, dim), lambda b, i: (b // groups, 0, 0))
 
 
 def _call(kernel, name, blocks: Blocks, launch, n_blocks, in_specs, out_specs, out_shape):
@@ -206,11 +279,13 @@ def _call(kernel, name, blocks: Blocks, launch, n_blocks, in_specs, out_specs, o
     )
 
 
-def forward(q, k, v, launch: Launch):
-    """`(out,)`, and for softmax `(out, lse)`: each row's log2-sum-exp2 too."""
+def forward(q, k, v, *first_key, launch: Launch):
+    """`(out,)`, and for softmax `(out, lse)`: each row's log2-sum-exp2 too. q has G =
+    `spec.kv_groups` rows per row of k and v; `first_key` `(N_kv, S')` when bounded."""
     (n, padded, dqk), dv = q.shape, v.shape[-1]
-    bq = launch.forward.block_q
-    in_specs = [_rows(bq, dqk), _whole(padded, dqk), _whole(padded, dv)]
+    bq, groups = launch.forward.block_q, launch.spec.kv_groups
+    in_specs = [_rows(bq, dqk), _whole(padded, dqk, groups), _whole(padded, dv, groups)]
+    in_specs += [_rows(bq, groups=groups)] * len(first_key)
     out_specs, out_shape = [_rows(bq, dv)], [jax.ShapeDtypeStruct((n, padded, dv), v.dtype)]
     if launch.spec.activation == "softmax":
         out_specs.append(_rows(bq))
@@ -224,39 +299,53 @@ def forward(q, k, v, launch: Launch):
         in_specs,
         out_specs,
         out_shape,
-    )(q, k, v)
+    )(q, k, v, *first_key)
     return tuple(outs)
 
 
-def backward(q, k, v, *outs_and_d_out, launch: Launch):
+def backward(q, k, v, *outs_and_d_out, first_key=(), launch: Launch):
     """`(dq, dk, dv)` from the inputs, what `forward` returned, and the output's
-    cotangent."""
+    cotangent (and `first_key`, a tuple, as `forward` took it)."""
     *outs, d_out = outs_and_d_out
     (_, padded, dqk), dv = q.shape, v.shape[-1]
+    spec, groups = launch.spec, launch.spec.kv_groups
     bq, bk = launch.backward.block_q, launch.backward.block_k
     stats, stat_rows, stat_whole = [], [], []
-    if launch.spec.activation == "softmax":
+    if spec.activation == "softmax":
         out, lse = outs
         delta = jnp.sum(d_out.astype(jnp.float32) * out.astype(jnp.float32), axis=-1)
-        stats, stat_rows, stat_whole = [lse, delta], [_rows(bq)] * 2, [_whole(padded)] * 2
+        stats, stat_rows, stat_whole = [lse, delta], [_rows(bq)] * 2, [_whole(groups * padded)] * 2
     dq = _call(
         _dq_kernel,
         "triton_attention_dq",
         launch.backward,
         launch,
         padded // bq,
-        [_rows(bq, dqk), _whole(padded, dqk), _whole(padded, dv), _rows(bq, dv)] + stat_rows,
+        [_rows(bq, dqk), _whole(padded, dqk, groups), _whole(padded, dv, groups), _rows(bq, dv)]
+        + [_rows(bq, groups=groups)] * len(first_key)
+        + stat_rows,
         [_rows(bq, dqk)],
         [jax.ShapeDtypeStruct(q.shape, q.dtype)],
-    )(q, k, v, d_out, *stats)[0]
+    )(q, k, v, d_out, *first_key, *stats)[0]
+    # The dk/dv kernel reads each KV row's G query rows as one row of G S'.
+    kv_rows = k.shape[0]
+    q_, d_out_ = (x.reshape(kv_rows, groups * padded, x.shape[-1]) for x in (q, d_out))
+    stats = [s.reshape(kv_rows, groups * padded) for s in stats]
+    bounds, bound_specs = [], []
+    if first_key:
+        ranges = key_block_ranges(first_key[0], spec.seq_len, bq, bk)
+        bounds = [first_key[0], ranges]
+        bound_specs = [_whole(padded), pl.BlockSpec((None, None, 4), lambda b, j: (b, j, 0))]
     dk, dv_ = _call(
         functools.partial(_dkv_kernel, n_q_blocks=padded // bq),
         "triton_attention_dkv",
         launch.backward,
         launch,
         padded // bk,
-        [_whole(padded, dqk), _rows(bk, dqk), _rows(bk, dv), _whole(padded, dv)] + stat_whole,
+        [_whole(groups * padded, dqk), _rows(bk, dqk), _rows(bk, dv), _whole(groups * padded, dv)]
+        + bound_specs
+        + stat_whole,
         [_rows(bk, dqk), _rows(bk, dv)],
         [jax.ShapeDtypeStruct(k.shape, k.dtype), jax.ShapeDtypeStruct(v.shape, v.dtype)],
-    )(q, k, v, d_out, *stats)
+    )(q_, k, v, d_out_, *bounds, *stats)
     return dq, dk, dv_

@@ -1,0 +1,128 @@
+"""The Triton kernels with segments, sliding windows and grouped-query heads (Pallas
+interpret mode here): the tiles they visit, and their outputs and gradients against the
+reference with the mask written out."""
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+from helpers import assert_all_close, spec
+
+import eqx_xlstm as ex
+from eqx_xlstm import maths
+from eqx_xlstm.implementations import Reference, Triton
+from eqx_xlstm.implementations.triton import kernels
+
+SEQ = 77  # not a multiple of the blocks: padded rows and keys
+IDS = np.repeat(np.arange(4), [20, 9, 33, 15])
+# Unequal query and key blocks, several of each.
+TRITON = Triton(forward=(16, 32, 4, 1), backward=(32, 16, 4, 1))
+
+
+def visibility(first_key, padded):
+    """The kernels' rule over the padded rows: causal, from each row's first key, real
+    keys only; `(padded, padded)` bool."""
+    i, j = np.arange(padded)[:, None], np.arange(padded)[None, :]
+    return (j <= i) & (j >= first_key[:, None]) & (j < SEQ)
+
+
+def padded_first_keys(window, segmented, padded):
+    first = np.asarray(maths.first_keys(SEQ, window, jnp.asarray(IDS) if segmented else None))
+    return np.pad(first, (0, padded - SEQ), mode="edge")
+
+
+@pytest.mark.parametrize("window, segmented", [(10, False), (None, True), (21, True)])
+def test_kernels_visit_exactly_the_tiles_some_query_sees(window, segmented):
+    """Forward/dq: each query block's key-block ranges; dk/dv: each key block's
+    query-block ranges. A tile is visited iff one of its pairs is visible, and left
+    unmasked only if all are."""
+    bq, bk = 16, 32
+    padded = 96
+    bounded = spec(seq_len=SEQ, window=window, segmented=segmented)
+    first = padded_first_keys(window, segmented, padded)
+    seen = visibility(first, padded)
+    tile = lambda i, j, b_q, b_k: seen[i * b_q : (i + 1) * b_q, j * b_k : (j + 1) * b_k]
+
+    for i in range(padded // bq):
+        visited, unmasked = set(), set()
+        for start, stop, masked in kernels._key_ranges(
+            i, bq, bk, bounded, first[i * bq : (i + 1) * bq]
+        ):
+            blocks = set(range(int(start), int(stop)))
+            assert not blocks & visited, f"query block {i} visits a key block twice"
+            visited |= blocks
+            unmasked |= set() if masked else blocks
+        assert visited == {j for j in range(padded // bk) if tile(i, j, bq, bk).any()}, i
+        assert all(tile(i, j, bq, bk).all() for j in unmasked), i
+
+    ranges = np.asarray(kernels.key_block_ranges(jnp.asarray(first)[None], SEQ, bq, bk))[0]
+    for j, (a, b, stop, _) in enumerate(ranges):
+        first_block = (j * bk) // bq
+        assert first_block <= a <= b <= stop
+        visited = set(range(first_block, stop))
+        assert visited == {i for i in range(padded // bq) if tile(i, j, bq, bk).any()}, j
+        assert all(tile(i, j, bq, bk).all() for i in range(a, b)), j
+
+
+def explicit_mask(window, segmented):
+    i, j = np.arange(SEQ)[:, None], np.arange(SEQ)[None, :]
+    mask = j <= i
+    if window is not None:
+        mask &= i - j < window
+    if segmented:
+        mask &= IDS[:, None] == IDS[None, :]
+    return jnp.asarray(mask)
+
+
+@pytest.mark.parametrize(
+    "activation, window, segmented, groups",
+    [("softmax", 21, True, 2), ("sigmoid", None, True, 4), ("none", 10, False, 1)],
+)
+def test_kernels_equal_the_reference_with_the_mask_written_out(
+    activation, window, segmented, groups
+):
+    """Outputs and gradients; grouped heads against the reference on repeated K/V
+    heads, whose key/value gradients are summed over each group."""
+    batch, kv_heads, dim = 2, 2, 16
+    keys = jax.random.split(jax.random.key(0), 4)
+    q = jax.random.normal(keys[0], (batch, kv_heads, groups, SEQ, dim))
+    k, v = (jax.random.normal(key, (batch, kv_heads, 1, SEQ, dim)) for key in keys[1:3])
+    g = jax.random.normal(keys[3], q.shape)
+    base = spec(
+        activation=activation,
+        mask="explicit",
+        batch_shape=q.shape[:-2],
+        seq_len=SEQ,
+        dqk=dim,
+        dv=dim,
+        sigmoid_bias=-1.5,
+    )
+    bounded = base.replace(mask="causal", window=window, segmented=segmented, kv_groups=groups)
+    first_key = maths.first_keys(SEQ, window, jnp.asarray(IDS) if segmented else None)
+
+    def out_and_grads(f, k, v):
+        out, vjp = jax.vjp(f, q, k, v)
+        return [out, *vjp(g)]
+
+    repeated = [jnp.broadcast_to(x, q.shape) for x in (k, v)]
+    mask = explicit_mask(window, segmented)
+    expected = out_and_grads(lambda q, k, v: Reference()(q, k, v, base, mask), *repeated)
+    expected[2:] = [x.sum(axis=2, keepdims=True) for x in expected[2:]]
+    got = out_and_grads(lambda q, k, v: TRITON(q, k, v, bounded, None, first_key), k, v)
+    assert_all_close([np.asarray(x) for x in got], [np.asarray(x) for x in expected], jnp.float32)
+
+
+def test_packed_documents_through_the_public_call_equal_each_document_alone():
+    """`attention(..., segment_ids=, implementation=Triton)` with grouped heads: each
+    document equals that document alone (RoPE positions restart)."""
+    keys = jax.random.split(jax.random.key(1), 3)
+    q = jax.random.normal(keys[0], (1, 4, SEQ, 16))
+    k, v = (jax.random.normal(key, (1, 2, SEQ, 16)) for key in keys[1:])
+    kwargs = dict(
+        activation_function="sigmoid", qk_pre_activation_function="swish", sigmoid_bias=-1.0
+    )
+    packed = ex.attention(q, k, v, segment_ids=IDS, implementation=TRITON, **kwargs)
+    starts = np.flatnonzero(np.concatenate([[1], IDS[1:] != IDS[:-1]]))
+    for start, stop in zip(starts, [*starts[1:], SEQ]):
+        alone = ex.attention(*(x[..., start:stop, :] for x in (q, k, v)), **kwargs)
+        np.testing.assert_allclose(packed[..., start:stop, :], alone, rtol=2e-5, atol=2e-5)
