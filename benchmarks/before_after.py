@@ -39,7 +39,9 @@ parser.add_argument("--head-dim", type=int, default=128)
 parser.add_argument("--dtype", default="bfloat16")
 parser.add_argument("--rounds", type=int, default=3)
 parser.add_argument("--repeats", type=int, default=10)
-parser.add_argument("--groups", default="default,pallas,chunked,vmap", help="cases to run (also: triton)")
+parser.add_argument(
+    "--groups", default="default,pallas,chunked,vmap", help="cases to run (also: triton)"
+)
 parser.add_argument("--only", default="", help="a regular expression the case labels must match")
 parser.add_argument(
     "--linear-before",

@@ -10,8 +10,9 @@ by name), fwd+bwd (the gradient of a sum): full causal; `--documents` packed doc
 of S/documents positions each (`segment_ids`); keys/values with heads/8 heads
 (grouped-query 8:1); and a sliding window of `--window` at `--window-seq-len`. The
 ratios are the time over full causal's at the same S, through the default dispatch and
-through the same path. The path "cudnn mask" gives softmax the visibility written out
-as an explicit mask, through cuDNN: the peer the issue names. The implementation that
+through the same path. The path "cudnn mask" is the peer the issue names: softmax with
+the visibility written out as a mask, through `jax.nn.dot_product_attention`'s cuDNN
+(without swish and RoPE). The implementation that
 ran is printed beside each row (`eqx_xlstm.dispatch.plan`).
 
     python benchmarks/packed_windows.py --paths default triton chunked "cudnn mask"
@@ -67,6 +68,18 @@ def explicit_mask(seq_len, ids=None, window=None):
     return mask
 
 
+def masked_cudnn_gradient(mask):
+    """The peer: `jax.nn.dot_product_attention` through cuDNN with the mask written out
+    (softmax; no swish or RoPE, so it does less than our rows)."""
+
+    def loss(q, k, v):
+        bthn = [jnp.swapaxes(x, 1, 2) for x in (q, k, v)]
+        out = jax.nn.dot_product_attention(*bthn, mask=mask, implementation="cudnn")
+        return jnp.sum(out.astype(jnp.float32))
+
+    return jax.grad(loss, argnums=(0, 1, 2))
+
+
 def time_case(activation, arrays, kwargs, path, repeats):
     """`(ms, implementation)` of one case on one path ("default": the dispatch's
     choice; "cudnn mask": the explicit mask through cuDNN), or None where the path
@@ -75,7 +88,7 @@ def time_case(activation, arrays, kwargs, path, repeats):
         mask = explicit_mask(
             arrays[0].shape[-2], kwargs.get("segment_ids"), kwargs.get("sliding_window")
         )
-        kwargs, path = {"attention_mask": mask}, "cudnn"
+        return median_ms(masked_cudnn_gradient(mask), *arrays, repeats=repeats), "jax.nn cudnn"
     if path != "default":
         kwargs = {**kwargs, "implementation": path}
     try:

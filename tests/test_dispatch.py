@@ -55,11 +55,15 @@ def test_default_table_on_hopper():
     ampere = dict(gpu_capability="8.0")
     assert defaults(on_hopper(activation="sigmoid", **ampere)) == ("triton", "triton")
     assert defaults(on_hopper(activation="none", seq_len=2048, **ampere)) == ("linear",) * 2
-    # Segments, windows and grouped heads: the Triton kernels skip the tiles no query
-    # sees; 'none' without a window at long S stays with the linear form.
+    # Segments, windows and grouped heads: cuDNN's own window and grouped heads for
+    # softmax; else the Triton kernels, which skip the tiles no query sees; 'none'
+    # without a window at long S stays with the linear form.
+    for features in (dict(window=1024), dict(kv_groups=8)):
+        assert defaults(on_hopper(**features)) == ("cudnn",) * 2
+        assert defaults(on_hopper(activation="sigmoid", **features)) == ("triton",) * 2
     for activation in ("softmax", "sigmoid"):
-        for features in (dict(window=1024), dict(segmented=True), dict(kv_groups=8)):
-            assert defaults(on_hopper(activation=activation, **features)) == ("triton",) * 2
+        segmented = on_hopper(activation=activation, segmented=True, window=64)
+        assert defaults(segmented) == ("triton",) * 2
     assert defaults(on_hopper(activation="none", window=64, seq_len=8192)) == ("triton",) * 2
     assert defaults(on_hopper(activation="none", segmented=True, seq_len=8192)) == ("linear",) * 2
 

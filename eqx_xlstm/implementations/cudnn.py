@@ -31,6 +31,10 @@ class CuDNN(Implementation):
     cuDNN's backward pass refuses odd sequence lengths, so an odd S is padded with one
     zero position at the end. That is exact under the causal mask: no real query sees
     the extra key, and the extra query's output is dropped.
+
+    Sliding windows and grouped-query heads run in cuDNN's own kernels (its sliding
+    window; K/V with fewer heads in the `BNTH` layout) through the private API; not
+    segments, whose number per row cuDNN's packed layout needs to know statically.
     """
 
     name = "cudnn"
@@ -44,8 +48,13 @@ class CuDNN(Implementation):
     def unsupported(self, spec: AttentionSpec) -> str | None:
         if spec.platform != "gpu":
             return f"it needs an NVIDIA GPU, and the default backend is {spec.platform!r}"
-        if reason := plain_causal_only(spec):
-            return reason
+        if spec.segmented or spec.array_bias:
+            return plain_causal_only(spec)
+        if (spec.window or spec.kv_groups > 1) and self.ring_pieces() is None:
+            return (
+                "it runs sliding windows and grouped-query heads through JAX's private cuDNN "
+                "API (ring=True), which this jax does not have as expected"
+            )
         if spec.activation != "softmax":
             return f"it computes softmax only, not activation_function={spec.activation!r}"
         if not spec.causal:
@@ -74,7 +83,7 @@ class CuDNN(Implementation):
                 multiple=2,
                 sequence_pieces=pieces,
             )
-            return row_attention(row_kernels, q, k, v)
+            return row_attention(row_kernels, q, k, v)  # a window needs no first keys
         return _public_attention(q, k, v, spec)
 
 
@@ -111,22 +120,48 @@ def _btnh(x):
     return x[:, :, None, :]
 
 
+def _cudnn_layout(spec: AttentionSpec):
+    """`(queries, keys, back, layout)` for rows: `queries` and `keys` put q (and out,
+    d_out) and k, v rows into cuDNN's layout, `back` brings q-shaped results back.
+    One head per batch row (`BTNH`); with grouped heads (G > 1), each KV row a batch
+    entry whose G query rows are its heads (`BNTH`, so that both are reshapes)."""
+    groups = spec.kv_groups
+    if groups == 1:
+        return _btnh, _btnh, lambda x: x[:, :, 0], "BTNH"
+    queries = lambda x: x.reshape(-1, groups, *x.shape[1:])
+    return queries, lambda x: x[:, None], lambda x: x.reshape(-1, *x.shape[2:]), "BNTH"
+
+
+def _options(spec: AttentionSpec):
+    return dict(scale=spec.scale, causal=spec.causal, window=spec.window)
+
+
 def _forward_rows(q, k, v, spec):
-    """`(out, lse)` of rows; lse in log2 (as the Triton kernels and the ring keep it)."""
-    out, lse = cudnn_private.forward(
-        *(_btnh(x) for x in (q, k, v)), scale=spec.scale, causal=spec.causal
-    )
-    return out[:, :, 0], lse[:, 0] * maths.LOG2E
+    """`(out, lse)` of rows (q with G rows per KV row); lse in log2 (as the Triton
+    kernels and the ring keep it)."""
+    queries, keys, back, layout = _cudnn_layout(spec)
+    out, lse = cudnn_private.forward(queries(q), keys(k), keys(v), layout=layout, **_options(spec))
+    return back(out), lse.reshape(q.shape[:2]) * maths.LOG2E
 
 
 def _backward_rows(q, k, v, out, lse, d_out, spec):
     """`(dq, dk, dv)` of rows, given the whole rows' output and log2-sum-exp2."""
-    natural = (lse / maths.LOG2E).astype(jnp.float32)[:, None, :]
-    arrays = [_btnh(x) for x in (q, k, v, out)]
-    grads = cudnn_private.backward(
-        *arrays, natural, _btnh(d_out), scale=spec.scale, causal=spec.causal
+    queries, keys, back, layout = _cudnn_layout(spec)
+    natural = (lse / maths.LOG2E).astype(jnp.float32)
+    natural = natural.reshape(-1, spec.kv_groups, natural.shape[-1])
+    dq, dk, dv = cudnn_private.backward(
+        queries(q),
+        keys(k),
+        keys(v),
+        queries(out),
+        natural,
+        queries(d_out),
+        layout=layout,
+        **_options(spec),
     )
-    return tuple(g[:, :, 0] for g in grads)
+    if layout == "BTNH":
+        return back(dq), back(dk), back(dv)
+    return back(dq), dk[:, 0], dv[:, 0]
 
 
 @dataclasses.dataclass(frozen=True)

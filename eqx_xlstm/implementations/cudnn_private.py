@@ -53,9 +53,11 @@ def _mask_type(module, causal: bool):
     return module.MaskType.CAUSAL if causal else module.MaskType.NO_MASK
 
 
-def forward(q, k, v, *, scale: float, causal: bool):
-    """`(out, lse)` for `(B, T, N, H)` inputs: the output, and each row's natural
-    log-sum-exp of the scaled logits, `(B, N, T)` float32."""
+def forward(q, k, v, *, scale: float, causal: bool, window=None, layout="BTNH"):
+    """`(out, lse)` for `(B, T, N, H)` inputs (`layout="BNTH"`: `(B, N, T, H)`; k and v
+    may have fewer heads, grouped-query): the output, and each row's natural
+    log-sum-exp of the scaled logits, `(B, N, T)` float32. `window`: key j visible
+    from query i when `i - window < j <= i`."""
     module = _module()
     return module.dot_product_attention(
         q,
@@ -63,15 +65,16 @@ def forward(q, k, v, *, scale: float, causal: bool):
         v,
         scale=scale,
         mask_type=_mask_type(module, causal),
-        qkv_layout="BTNH",
+        qkv_layout=layout,
+        sliding_window_length=window,
         return_residual=True,
     )
 
 
-def backward(q, k, v, out, lse, d_out, *, scale: float, causal: bool):
-    """`(dq, dk, dv)` for `(B, T, N, H)` inputs, given the output `out` and natural
-    log-sum-exp `lse` (`(B, N, T)` float32) of the whole rows, which may include keys
-    these `k`, `v` do not hold."""
+def backward(q, k, v, out, lse, d_out, *, scale: float, causal: bool, window=None, layout="BTNH"):
+    """`(dq, dk, dv)` for `(B, T, N, H)` inputs (or `layout`'s, as `forward`), given
+    the output `out` and natural log-sum-exp `lse` (`(B, N, T)` float32) of the whole
+    rows, which may include keys these `k`, `v` do not hold."""
     module = _module()
     unused = jnp.zeros(0, q.dtype)
     # The residuals of JAX's rule: q, k, v, bias, q/kv lengths and offsets, the two
@@ -83,8 +86,8 @@ def backward(q, k, v, out, lse, d_out, *, scale: float, causal: bool):
         0.0,  # dropout rate
         (False, False),  # (bias, bias gradient)
         _mask_type(module, causal),
-        module.AttentionLayout.BTNH.value,
-        None,  # sliding window
+        module.AttentionLayout[layout].value,
+        window,
         True,
         False,  # return_residual
         residuals,
