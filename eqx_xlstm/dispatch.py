@@ -238,7 +238,10 @@ def _run(q, k, v, mask, sin, cos, extras, *, spec: AttentionSpec, chosen: Plan):
     q = maths.prepare(q, spec.pre_activation, sin, cos, accum)
     k = maths.prepare(k, spec.pre_activation, sin, cos, accum)
     v = v.astype(spec.dtype)
-    if bias is not None:  # q . k * scale + bias as one product: [q, bias / scale] . [k, 1]
+    native = bias is not None and chosen.forward.takes_bias and chosen.gradient.takes_bias
+    if native:
+        bias = jnp.broadcast_to(bias, q.shape[:-2])
+    elif bias is not None:  # q . k * scale + bias as one product: [q, bias / scale] . [k, 1]
         column = jnp.broadcast_to(
             (bias / spec.scale).astype(accum)[..., None, None], (*q.shape[:-1], 1)
         )
@@ -247,35 +250,44 @@ def _run(q, k, v, mask, sin, cos, extras, *, spec: AttentionSpec, chosen: Plan):
     inner = spec
     if spec.kv_groups > 1:
         q, k, v, first_key, inner = _grouped(q, k, v, first_key, spec)
+    bias = bias.reshape(q.shape[:-2]) if native else None
     if chosen.forward == chosen.gradient:
-        out = _call(chosen.forward, q, k, v, inner, mask, first_key)
+        out = _call(chosen.forward, q, k, v, inner, mask, first_key, bias)
     else:
-        out = _forward_or_gradient(q, k, v, mask, first_key, inner, chosen)
+        out = _forward_or_gradient(q, k, v, mask, first_key, bias, inner, chosen)
     return out.reshape(*spec.batch_shape, *out.shape[-2:]).astype(spec.dtype)
 
 
-def _call(implementation, q, k, v, spec, mask, first_key):
+def _call(implementation, q, k, v, spec, mask, first_key, bias=None):
     """`implementation(q, k, v, spec, mask)`, with `first_key` when the spec is bounded
-    (implementations written before segments and windows take five arguments)."""
+    (implementations written before segments and windows take five arguments) and
+    `bias=` when it takes the array bias itself."""
+    extra = {} if bias is None else {"bias": bias}
     if first_key is None:
-        return implementation(q, k, v, spec, mask)
-    return implementation(q, k, v, spec, mask, first_key)
+        return implementation(q, k, v, spec, mask, **extra)
+    return implementation(q, k, v, spec, mask, first_key, **extra)
 
 
-@functools.partial(jax.custom_vjp, nondiff_argnums=(5, 6))
-def _forward_or_gradient(q, k, v, mask, first_key, spec, chosen):
+@functools.partial(jax.custom_vjp, nondiff_argnums=(6, 7))
+def _forward_or_gradient(q, k, v, mask, first_key, bias, spec, chosen):
     """`chosen.forward` when no gradient is taken; `chosen.gradient` otherwise. Both
     return `spec.dtype`, as a custom_vjp's two forward rules must agree."""
-    return _call(chosen.forward, q, k, v, spec, mask, first_key).astype(spec.dtype)
+    return _call(chosen.forward, q, k, v, spec, mask, first_key, bias).astype(spec.dtype)
 
 
-def _forward_or_gradient_fwd(q, k, v, mask, first_key, spec, chosen):
-    run = lambda q, k, v: _call(chosen.gradient, q, k, v, spec, mask, first_key).astype(spec.dtype)
-    return jax.vjp(run, q, k, v)
+def _forward_or_gradient_fwd(q, k, v, mask, first_key, bias, spec, chosen):
+    def run(q, k, v, *bias):
+        out = _call(chosen.gradient, q, k, v, spec, mask, first_key, *bias)
+        return out.astype(spec.dtype)
+
+    out, vjp = jax.vjp(run, q, k, v, *(() if bias is None else (bias,)))
+    return out, vjp
 
 
 def _forward_or_gradient_bwd(spec, chosen, vjp, d_out):
-    return (*vjp(d_out), None, None)
+    q_k_v_bias = vjp(d_out)
+    bias = q_k_v_bias[3] if len(q_k_v_bias) > 3 else None
+    return (*q_k_v_bias[:3], None, None, bias)
 
 
 _forward_or_gradient.defvjp(_forward_or_gradient_fwd, _forward_or_gradient_bwd)

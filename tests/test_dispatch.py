@@ -64,6 +64,8 @@ def test_default_table_on_hopper():
     for activation in ("softmax", "sigmoid"):
         segmented = on_hopper(activation=activation, segmented=True, window=64)
         assert defaults(segmented) == ("triton",) * 2
+    # A learnable sigmoid bias (an array): the Triton kernels read it per row.
+    assert defaults(on_hopper(activation="sigmoid", array_bias=True)) == ("triton",) * 2
     assert defaults(on_hopper(activation="none", window=64, seq_len=8192)) == ("triton",) * 2
     assert defaults(on_hopper(activation="none", segmented=True, seq_len=8192)) == ("linear",) * 2
 

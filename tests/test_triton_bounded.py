@@ -126,3 +126,34 @@ def test_packed_documents_through_the_public_call_equal_each_document_alone():
     for start, stop in zip(starts, [*starts[1:], SEQ]):
         alone = ex.attention(*(x[..., start:stop, :] for x in (q, k, v)), **kwargs)
         np.testing.assert_allclose(packed[..., start:stop, :], alone, rtol=2e-5, atol=2e-5)
+
+
+@pytest.mark.parametrize("kv_heads, features", [(4, {}), (2, {"segment_ids": IDS[:45]})])
+def test_a_learnable_sigmoid_bias_per_head_is_read_per_row_with_its_gradient(kv_heads, features):
+    """The array bias goes into the kernels as each row's bias (not as a feature
+    column), and its gradient comes back from the dq kernel."""
+    keys = jax.random.split(jax.random.key(2), 5)
+    q = jax.random.normal(keys[0], (2, 4, 45, 16))
+    k, v = (jax.random.normal(key, (2, kv_heads, 45, 16)) for key in keys[1:3])
+    bias = jax.random.normal(keys[3], (4,)) - 2.0
+    g = jax.random.normal(keys[4], q.shape)
+
+    def out_and_grads(implementation):
+        def f(q, k, v, bias):
+            return ex.attention(
+                q,
+                k,
+                v,
+                activation_function="sigmoid",
+                sigmoid_bias=bias,
+                implementation=implementation,
+                **features,
+            )
+
+        out, vjp = jax.vjp(f, q, k, v, bias)
+        return [np.asarray(x) for x in (out, *vjp(g))]
+
+    assert TRITON.takes_bias
+    got, expected = out_and_grads(TRITON), out_and_grads("reference")
+    assert_all_close(got[:4], expected[:4], jnp.float32)
+    np.testing.assert_allclose(got[4], expected[4], rtol=1e-4, atol=1e-5, err_msg="d bias")

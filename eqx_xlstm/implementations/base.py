@@ -22,6 +22,10 @@ class Implementation(abc.ABC):
 
     name: ClassVar[str]
     """The name `attention(..., implementation=name)` selects it by."""
+    takes_bias: ClassVar[bool] = False
+    """Whether it takes an array sigmoid bias (`spec.array_bias`) as `bias=`, q's batch
+    shape, and differentiates it; otherwise dispatch hands it over as one more feature
+    of q and k."""
 
     @abc.abstractmethod
     def unsupported(self, spec: AttentionSpec) -> str | None:

@@ -164,8 +164,8 @@ class RowKernels:
 
     def over_sequence(self, forward: bool):
         """`per_shard`'s `over_sequence` for the forward or backward pass, or None when
-        the sequence is gathered (always with first keys or grouped heads, which the
-        ring does not take yet)."""
+        the sequence is gathered (always with first keys, grouped heads or an array
+        bias, which the ring does not take yet)."""
         spec = self.spec
         if (
             not self.partition
@@ -173,6 +173,7 @@ class RowKernels:
             or spec.seq_len % self.multiple
             or spec.bounded
             or spec.kv_groups > 1
+            or spec.array_bias
         ):
             return None
 
@@ -192,12 +193,22 @@ class RowKernels:
         return make
 
 
-def row_attention(kernels: RowKernels, q, k, v, first_key=None):
+def row_attention(kernels: RowKernels, q, k, v, first_key=None, bias=None):
     """Differentiable attention of `(*batch, S, D)` inputs through `kernels`, each pass
     one op per device's shard of the leading axes (`per_shard`); `first_key` (bounded
-    specs) broadcasts against k's batch axes."""
+    specs) broadcasts against k's batch axes; `bias` (`spec.array_bias`: the kernels
+    then take `bias=` rows and return its gradient) against q's, differentiable."""
     first = () if first_key is None else (jnp.broadcast_to(first_key, k.shape[:-1]),)
-    return _row_attention(q, k, v, first, kernels)
+    biases = () if bias is None else (jnp.broadcast_to(bias, q.shape[:-2]).astype(jnp.float32),)
+    return _row_attention(q, k, v, first, biases, kernels)
+
+
+def _bias_rows(biases: tuple, kernels: RowKernels, rows: int, padded: int) -> dict:
+    """The kernels' `bias=` keyword: `(N, S')` float32, each row's bias at every
+    position; empty without one."""
+    if not biases:
+        return {}
+    return {"bias": jnp.broadcast_to(biases[0].reshape(rows, 1), (rows, padded))}
 
 
 def _first_key_rows(first_key: tuple, kernels: RowKernels) -> tuple:
@@ -211,50 +222,64 @@ def _first_key_rows(first_key: tuple, kernels: RowKernels) -> tuple:
     return (jnp.pad(rows, ((0, 0), (0, padded - seq_len)), mode="edge"),)
 
 
-def _forward_outputs(kernels: RowKernels, q, k, v, first_key):
+def _forward_outputs(kernels: RowKernels, q, k, v, first_key, biases):
     spec, multiple = kernels.spec, kernels.multiple
+    n_first = len(first_key)
 
-    def fn(q, k, v, *first_key):
+    def fn(q, k, v, *rest):
         batch = q.shape[:-2]
         rows = [as_rows(x, spec, multiple) for x in (q, k, v)]
-        outs = kernels.forward(*rows, *_first_key_rows(first_key, kernels))
+        bias = _bias_rows(rest[n_first:], kernels, *rows[0].shape[:2])
+        outs = kernels.forward(*rows, *_first_key_rows(rest[:n_first], kernels), **bias)
         return tuple(o.reshape(*batch, *o.shape[1:]) for o in outs)  # rows kept padded
 
     over_sequence = kernels.over_sequence(True)
     return per_shard(
-        fn, q, k, v, *first_key, batch_ndim=kernels.batch_ndim(q), over_sequence=over_sequence
+        fn,
+        q,
+        k,
+        v,
+        *first_key,
+        *biases,
+        batch_ndim=kernels.batch_ndim(q),
+        over_sequence=over_sequence,
     )
 
 
-@functools.partial(jax.custom_vjp, nondiff_argnums=(4,))
-def _row_attention(q, k, v, first_key, kernels):
-    return _forward_outputs(kernels, q, k, v, first_key)[0][..., : kernels.spec.seq_len, :]
+@functools.partial(jax.custom_vjp, nondiff_argnums=(5,))
+def _row_attention(q, k, v, first_key, biases, kernels):
+    outs = _forward_outputs(kernels, q, k, v, first_key, biases)
+    return outs[0][..., : kernels.spec.seq_len, :]
 
 
-def _row_attention_fwd(q, k, v, first_key, kernels):
+def _row_attention_fwd(q, k, v, first_key, biases, kernels):
     if kernels.backward is None:
         raise ValueError(kernels.no_backward)
-    outs = _forward_outputs(kernels, q, k, v, first_key)
-    return outs[0][..., : kernels.spec.seq_len, :], (q, k, v, first_key, outs)
+    outs = _forward_outputs(kernels, q, k, v, first_key, biases)
+    return outs[0][..., : kernels.spec.seq_len, :], (q, k, v, first_key, biases, outs)
 
 
 def _row_attention_bwd(kernels, residuals, d_out):
-    q, k, v, first_key, outs = residuals
+    q, k, v, first_key, biases, outs = residuals
     spec, multiple = kernels.spec, kernels.multiple
-    n_first = len(first_key)
+    n_first, n_bias = len(first_key), len(biases)
 
     def fn(q, k, v, d_out, *rest):
-        first_key, outs = rest[:n_first], rest[n_first:]
+        first_key, biases = rest[:n_first], rest[n_first : n_first + n_bias]
+        outs = rest[n_first + n_bias :]
         batch = q.shape[:-2]
         rows = [as_rows(x, spec, multiple) for x in (q, k, v, d_out)]
         outs = [o.reshape(-1, *o.shape[len(batch) :]) for o in outs]
         first = _first_key_rows(first_key, kernels)
-        grads = kernels.backward(
-            *rows[:3], *outs, rows[3], **({"first_key": first} if first else {})
-        )
-        return tuple(
+        options = {"first_key": first} if first else {}
+        options |= _bias_rows(biases, kernels, *rows[0].shape[:2])
+        grads = kernels.backward(*rows[:3], *outs, rows[3], **options)
+        grads_qkv = tuple(
             from_rows(g, x.shape[:-2], spec).astype(x.dtype) for g, x in zip(grads, (q, k, v))
         )
+        # The bias's gradient: each row's, summed over its real positions.
+        d_biases = tuple(g[:, : spec.seq_len].sum(axis=1).reshape(batch) for g in grads[3:])
+        return grads_qkv + d_biases
 
     over_sequence = kernels.over_sequence(False)
     grads = per_shard(
@@ -264,11 +289,12 @@ def _row_attention_bwd(kernels, residuals, d_out):
         v,
         d_out,
         *first_key,
+        *biases,
         *outs,
         batch_ndim=kernels.batch_ndim(q),
         over_sequence=over_sequence,
     )
-    return (*grads, tuple(None for _ in first_key))
+    return (*grads[:3], tuple(None for _ in first_key), tuple(grads[3:]))
 
 
 _row_attention.defvjp(_row_attention_fwd, _row_attention_bwd)

@@ -20,13 +20,15 @@ class Triton(Implementation):
     'none': a forward kernel and two backward ones (dQ; dK and dV). float16/bfloat16 on
     an NVIDIA GPU; elsewhere Pallas interpret mode (slow, exact; how CI tests them).
     Segments and sliding windows skip the key blocks no query of a block sees; grouped
-    KV heads are read in place by every query head of their group.
+    KV heads are read in place by every query head of their group; an array sigmoid
+    bias (one per head, say) is read per row.
 
     Defaults: the fastest blocks of a sweep on an H200 (benchmarks/pallas_config_sweep.py,
     docs/benchmarks.md).
     """
 
     name = "triton"
+    takes_bias = True
     forward: Sequence[int] = Blocks(block_q=128, block_k=64, warps=8, stages=3)
     """The forward kernel's `Blocks` (block_q, block_k, warps, stages); a plain tuple
     or list of four ints is taken as one."""
@@ -43,8 +45,6 @@ class Triton(Implementation):
             object.__setattr__(self, field, blocks)
 
     def unsupported(self, spec: AttentionSpec) -> str | None:
-        if spec.array_bias:
-            return "it takes the sigmoid bias as a number, not an array, for now"
         if spec.mask == "explicit":
             return "it is used with the causal mask only (attention_mask=None)"
         if spec.dqk % 16 or spec.dv % 16 or max(spec.dqk, spec.dv) > 256:
@@ -68,7 +68,7 @@ class Triton(Implementation):
     def ring_pieces(self) -> "TritonPieces":
         return TritonPieces(self)
 
-    def __call__(self, q, k, v, spec, mask, first_key=None):
+    def __call__(self, q, k, v, spec, mask, first_key=None, bias=None):
         launch, step = self._launch(spec)
         row_kernels = RowKernels(
             forward=functools.partial(kernels.forward, launch=launch),
@@ -77,7 +77,7 @@ class Triton(Implementation):
             multiple=step,
             sequence_pieces=self.ring_pieces(),
         )
-        return row_attention(row_kernels, q, k, v, first_key)
+        return row_attention(row_kernels, q, k, v, first_key, bias)
 
 
 @dataclasses.dataclass(frozen=True)

@@ -114,11 +114,13 @@ def key_block_ranges(first_key, seq_len: int, bq: int, bk: int):
     )
 
 
-def _weights(q, k, mask, launch: Launch, lse=None):
-    """Weights of a query tile against a key tile (float32), zero where masked."""
+def _weights(q, k, mask, launch: Launch, lse=None, bias=None):
+    """Weights of a query tile against a key tile (float32), zero where masked; `bias`:
+    the tile's rows' sigmoid bias, `(bq,)`, when it is an array (`spec.array_bias`)."""
     spec = launch.spec
     scores = _dot(q, k, trans_b=True)
-    p = maths.weights(scores, spec.activation, spec.scale, spec.sigmoid_bias, lse, launch.tanh)
+    bias = spec.sigmoid_bias if bias is None else bias[:, None]
+    p = maths.weights(scores, spec.activation, spec.scale, bias, lse, launch.tanh)
     return p if mask is None else jnp.where(mask, p, 0.0)
 
 
@@ -136,7 +138,8 @@ def _masked_step(body, masked, j, carry):
 def _fwd_kernel(q_ref, k_ref, v_ref, *refs, launch: Launch):
     spec = launch.spec
     first_key = refs[0][...] if spec.bounded else None
-    out_ref, *lse_ref = refs[spec.bounded :]
+    bias = refs[spec.bounded][...] if spec.array_bias else None
+    out_ref, *lse_ref = refs[spec.bounded + spec.array_bias :]
     bq, bk = launch.forward.block_q, launch.forward.block_k
     i = pl.program_id(1)
     q = q_ref[...]
@@ -146,7 +149,7 @@ def _fwd_kernel(q_ref, k_ref, v_ref, *refs, launch: Launch):
         v = v_ref[pl.ds(j * bk, bk), :]
         mask = _allowed(i * bq, j * bk, (bq, bk), spec, first_key) if masked else None
         if spec.activation != "softmax":
-            return carry + _dot(_weights(q, k, mask, launch).astype(v.dtype), v)
+            return carry + _dot(_weights(q, k, mask, launch, bias=bias).astype(v.dtype), v)
         acc, m, total = carry  # m: the running max of the logits in log2 units
         scores = _dot(q, k, trans_b=True) * (spec.scale * maths.LOG2E)
         if mask is not None:
@@ -172,22 +175,31 @@ def _dq_kernel(q_ref, k_ref, v_ref, do_ref, *refs, launch: Launch):
     spec = launch.spec
     bq, bk = launch.backward.block_q, launch.backward.block_k
     first_key = refs[0][...] if spec.bounded else None
-    *stats, dq_ref = refs[spec.bounded :]
+    bias = refs[spec.bounded][...] if spec.array_bias else None
+    *stats, dq_ref = refs[spec.bounded + spec.array_bias : len(refs) - spec.array_bias]
     i = pl.program_id(1)
     q, do = q_ref[...], do_ref[...]
     lse, delta = (stats[0][...], stats[1][...]) if stats else (None, None)
 
-    def body(j, dq, masked):
+    def body(j, carry, masked):
         k = k_ref[pl.ds(j * bk, bk), :]
         v = v_ref[pl.ds(j * bk, bk), :]
         mask = _allowed(i * bq, j * bk, (bq, bk), spec, first_key) if masked else None
-        p = _weights(q, k, mask, launch, lse)
+        p = _weights(q, k, mask, launch, lse, bias)
         ds = maths.score_grad(_dot(do, v, trans_b=True), p, spec.activation, mask, delta)
-        return dq + _dot((ds * spec.scale).astype(k.dtype), k)
+        dq = carry[0] + _dot((ds * spec.scale).astype(k.dtype), k)
+        if spec.array_bias:  # the bias's gradient: the logits', summed over keys
+            return dq, carry[1] + ds.sum(axis=1)
+        return (dq,)
 
     ranges = _key_ranges(i, bq, bk, spec, first_key)
-    dq = _over_ranges(ranges, body, jnp.zeros(q.shape, jnp.float32))
+    init = (jnp.zeros(q.shape, jnp.float32),)
+    if spec.array_bias:
+        init += (jnp.zeros((bq,), jnp.float32),)
+    dq, *d_bias = _over_ranges(ranges, body, init)
     dq_ref[...] = dq.astype(dq_ref.dtype)
+    if spec.array_bias:
+        refs[-1][...] = d_bias[0]
 
 
 def _dkv_kernel(q_ref, k_ref, v_ref, do_ref, *refs, launch: Launch, n_q_blocks: int):
@@ -196,7 +208,8 @@ def _dkv_kernel(q_ref, k_ref, v_ref, do_ref, *refs, launch: Launch, n_q_blocks: 
     spec = launch.spec
     bq, bk = launch.backward.block_q, launch.backward.block_k
     first_key_ref, block_ranges = (refs[0], refs[1][...]) if spec.bounded else (None, None)
-    *stats, dk_ref, dv_ref = refs[2 * spec.bounded :]
+    bias_ref = refs[2 * spec.bounded] if spec.array_bias else None
+    *stats, dk_ref, dv_ref = refs[2 * spec.bounded + spec.array_bias :]
     j = pl.program_id(1)
     k, v = k_ref[...], v_ref[...]
 
@@ -205,11 +218,12 @@ def _dkv_kernel(q_ref, k_ref, v_ref, do_ref, *refs, launch: Launch, n_q_blocks: 
         rows = pl.ds(group * n_q_blocks * bq + i * bq, bq)
         q, do = q_ref[rows, :], do_ref[rows, :]
         lse, delta = (ref[rows] for ref in stats) if stats else (None, None)
+        bias = None if bias_ref is None else bias_ref[rows]
         first_key = None
         if masked and spec.bounded:
             first_key = first_key_ref[pl.ds(i * bq, bq)]
         mask = _allowed(i * bq, j * bk, (bq, bk), spec, first_key) if masked else None
-        p = _weights(q, k, mask, launch, lse)
+        p = _weights(q, k, mask, launch, lse, bias)
         dv = dv + _dot(p.T.astype(do.dtype), do)
         ds = maths.score_grad(_dot(do, v, trans_b=True), p, spec.activation, mask, delta)
         return dk + _dot((ds * spec.scale).T.astype(q.dtype), q), dv
@@ -279,13 +293,16 @@ def _call(kernel, name, blocks: Blocks, launch, n_blocks, in_specs, out_specs, o
     )
 
 
-def forward(q, k, v, *first_key, launch: Launch):
+def forward(q, k, v, *first_key, bias=None, launch: Launch):
     """`(out,)`, and for softmax `(out, lse)`: each row's log2-sum-exp2 too. q has G =
-    `spec.kv_groups` rows per row of k and v; `first_key` `(N_kv, S')` when bounded."""
+    `spec.kv_groups` rows per row of k and v; `first_key` `(N_kv, S')` when bounded;
+    `bias` `(N, S')` float32, each query's sigmoid bias, when `spec.array_bias`."""
     (n, padded, dqk), dv = q.shape, v.shape[-1]
     bq, groups = launch.forward.block_q, launch.spec.kv_groups
     in_specs = [_rows(bq, dqk), _whole(padded, dqk, groups), _whole(padded, dv, groups)]
     in_specs += [_rows(bq, groups=groups)] * len(first_key)
+    biases = () if bias is None else (bias,)
+    in_specs += [_rows(bq)] * len(biases)
     out_specs, out_shape = [_rows(bq, dv)], [jax.ShapeDtypeStruct((n, padded, dv), v.dtype)]
     if launch.spec.activation == "softmax":
         out_specs.append(_rows(bq))
@@ -299,13 +316,14 @@ def forward(q, k, v, *first_key, launch: Launch):
         in_specs,
         out_specs,
         out_shape,
-    )(q, k, v, *first_key)
+    )(q, k, v, *first_key, *biases)
     return tuple(outs)
 
 
-def backward(q, k, v, *outs_and_d_out, first_key=(), launch: Launch):
+def backward(q, k, v, *outs_and_d_out, first_key=(), bias=None, launch: Launch):
     """`(dq, dk, dv)` from the inputs, what `forward` returned, and the output's
-    cotangent (and `first_key`, a tuple, as `forward` took it)."""
+    cotangent (and `first_key`, a tuple, and `bias` as `forward` took them); with
+    `bias`, also its gradient `(N, S')`."""
     *outs, d_out = outs_and_d_out
     (_, padded, dqk), dv = q.shape, v.shape[-1]
     spec, groups = launch.spec, launch.spec.kv_groups
@@ -315,7 +333,8 @@ def backward(q, k, v, *outs_and_d_out, first_key=(), launch: Launch):
         out, lse = outs
         delta = jnp.sum(d_out.astype(jnp.float32) * out.astype(jnp.float32), axis=-1)
         stats, stat_rows, stat_whole = [lse, delta], [_rows(bq)] * 2, [_whole(groups * padded)] * 2
-    dq = _call(
+    biases = () if bias is None else (bias,)
+    dq_outs = _call(
         _dq_kernel,
         "triton_attention_dq",
         launch.backward,
@@ -323,14 +342,18 @@ def backward(q, k, v, *outs_and_d_out, first_key=(), launch: Launch):
         padded // bq,
         [_rows(bq, dqk), _whole(padded, dqk, groups), _whole(padded, dv, groups), _rows(bq, dv)]
         + [_rows(bq, groups=groups)] * len(first_key)
+        + [_rows(bq)] * len(biases)
         + stat_rows,
-        [_rows(bq, dqk)],
-        [jax.ShapeDtypeStruct(q.shape, q.dtype)],
-    )(q, k, v, d_out, *first_key, *stats)[0]
+        [_rows(bq, dqk)] + [_rows(bq)] * len(biases),
+        [jax.ShapeDtypeStruct(q.shape, q.dtype)]
+        + [jax.ShapeDtypeStruct(b.shape, jnp.float32) for b in biases],
+    )(q, k, v, d_out, *first_key, *biases, *stats)
+    dq = dq_outs[0]
     # The dk/dv kernel reads each KV row's G query rows as one row of G S'.
     kv_rows = k.shape[0]
     q_, d_out_ = (x.reshape(kv_rows, groups * padded, x.shape[-1]) for x in (q, d_out))
     stats = [s.reshape(kv_rows, groups * padded) for s in stats]
+    biases = [b.reshape(kv_rows, groups * padded) for b in biases]
     bounds, bound_specs = [], []
     if first_key:
         ranges = key_block_ranges(first_key[0], spec.seq_len, bq, bk)
@@ -344,8 +367,9 @@ def backward(q, k, v, *outs_and_d_out, first_key=(), launch: Launch):
         padded // bk,
         [_whole(groups * padded, dqk), _rows(bk, dqk), _rows(bk, dv), _whole(groups * padded, dv)]
         + bound_specs
+        + [_whole(groups * padded)] * len(biases)
         + stat_whole,
         [_rows(bk, dqk), _rows(bk, dv)],
         [jax.ShapeDtypeStruct(k.shape, k.dtype), jax.ShapeDtypeStruct(v.shape, v.dtype)],
-    )(q_, k, v, d_out_, *bounds, *stats)
-    return dq, dk, dv_
+    )(q_, k, v, d_out_, *bounds, *biases, *stats)
+    return (dq, dk, dv_, *dq_outs[1:])
