@@ -149,3 +149,10 @@ def test_token_ids_outside_the_vocabulary_are_refused_eagerly():
         model.generate(jnp.zeros((0,), jnp.int32), 2, jax.random.key(0))
     # Under jit the ids are not known while tracing: no error (README says so).
     assert eqx.filter_jit(model)(jnp.array([1, 2, 32])).shape == (3, 32)
+    # Ids closed over by a jitted function are concrete: checked, without tracing.
+    tokens = jnp.array([1, 2, 3])
+    loss = eqx.filter_jit(jax.grad(lambda m: jnp.sum(m(tokens) ** 2)))
+    assert loss(model).embedding.weight.shape == model.embedding.weight.shape
+    bad = jnp.array([1, 2, 32])
+    with pytest.raises(ValueError, match="outside the vocabulary"):
+        eqx.filter_jit(lambda m: m(bad))(model)

@@ -2,6 +2,7 @@
 path that serves them, against the reference with an explicit mask, against each
 packed document alone, and against repeated key/value heads."""
 
+import equinox as eqx
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -226,7 +227,7 @@ def test_paths_without_a_feature_refuse_it_with_a_reason(name):
 @pytest.mark.parametrize("activation", ACTIVATIONS)
 def test_backend_with_grouped_heads_decodes_in_pieces_with_a_state_of_its_kv_heads(activation):
     config = ex.mLSTMBackendAttentionConfig(context_length=20, activation_function=activation)
-    backend = ex.mLSTMBackendAttention(config, qk_head_dim=8)
+    backend = eqx.filter_jit(ex.mLSTMBackendAttention(config, qk_head_dim=8))
     q, _, _, _ = random_inputs(seq=13, batch=(2, 4))
     _, k, v, _ = random_inputs(seq=13, batch=(2, 2), dv=8, seed=4)
     whole = backend(q, k, v)
@@ -291,7 +292,8 @@ def test_windowed_backend_decodes_in_pieces_with_a_ring_buffer_of_the_window(act
     config = ex.mLSTMBackendAttentionConfig(
         context_length=20, activation_function=activation, sliding_window=window
     )
-    backend = ex.mLSTMBackendAttention(config, qk_head_dim=8)
+    module = ex.mLSTMBackendAttention(config, qk_head_dim=8)
+    backend = eqx.filter_jit(module)  # one compile per call, not per operation
     q, _, _, _ = random_inputs(seq=17, batch=(2, 4))
     _, k, v, _ = random_inputs(seq=17, batch=(2, 2), dv=8, seed=5)
     whole = backend(q, k, v)
@@ -301,7 +303,7 @@ def test_windowed_backend_decodes_in_pieces_with_a_ring_buffer_of_the_window(act
         v,
         activation_function=activation,
         sliding_window=window,
-        sigmoid_bias=backend.sigmoid_bias,
+        sigmoid_bias=module.sigmoid_bias,
         implementation="reference",
     )
     np.testing.assert_allclose(whole, expected, **F32_OUT)
@@ -315,7 +317,7 @@ def test_windowed_backend_decodes_in_pieces_with_a_ring_buffer_of_the_window(act
 
 
 def test_language_model_on_packed_documents_equals_each_document_alone():
-    model = ex.LanguageModel(_mixer_config(2), key=jax.random.key(0))
+    model = eqx.filter_jit(ex.LanguageModel(_mixer_config(2), key=jax.random.key(0)))
     tokens = jnp.arange(20) % 11
     ids = jnp.asarray([0] * 7 + [1] * 9 + [2] * 4)
     alone = jnp.concatenate([model(tokens[:7]), model(tokens[7:16]), model(tokens[16:])])

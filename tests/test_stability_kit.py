@@ -24,6 +24,11 @@ def config(**changes):
 X = jax.random.normal(jax.random.key(1), (12, 16))
 
 
+# Jitted: one compile per call instead of one per operation (the tests' time).
+decode = eqx.filter_jit(lambda model, tokens, states=None: model.decode(tokens, states))
+whole = eqx.filter_jit(lambda model, tokens: model(tokens))
+
+
 @pytest.mark.parametrize("qk_norm", [True, False])
 def test_qk_norm_makes_the_mixer_blind_to_the_scale_of_queries_and_keys(qk_norm):
     mixer = ex.MultiHeadMixer(config(qk_norm=qk_norm), key=jax.random.key(0))
@@ -43,7 +48,7 @@ def test_layer_scale_starts_at_its_value_and_zero_makes_the_block_the_identity()
     off = eqx.tree_at(lambda b: (b.mixer_scale, b.ffn_scale), block, (jnp.zeros(16), jnp.zeros(16)))
     np.testing.assert_array_equal(off(X), X)
     assert not np.allclose(block(X), X)
-    grads = jax.grad(lambda b: jnp.sum(b(X) ** 2))(block)
+    grads = eqx.filter_jit(jax.grad(lambda b: jnp.sum(b(X) ** 2)))(block)
     assert float(jnp.abs(grads.mixer_scale).max()) > 0  # learnt
 
 
@@ -60,9 +65,9 @@ def test_kit_decodes_in_pieces_like_the_parallel_pass():
         config(qk_norm=True, layer_scale=0.1, post_norm=True), key=jax.random.key(0)
     )
     tokens = jnp.arange(11) % 13
-    first, states = model.decode(tokens[:4])
-    rest, _ = model.decode(tokens[4:], states)
-    np.testing.assert_allclose(jnp.concatenate([first, rest]), model(tokens), atol=1e-5)
+    first, states = decode(model, tokens[:4])
+    rest, _ = decode(model, tokens[4:], states)
+    np.testing.assert_allclose(jnp.concatenate([first, rest]), whole(model, tokens), atol=1e-5)
 
 
 @pytest.mark.parametrize(
@@ -119,12 +124,12 @@ def test_learned_sigmoid_bias_starts_at_the_fixed_one_and_decodes_like_the_paral
         config(num_kv_heads=1, learned_sigmoid_bias=True), key=jax.random.key(0)
     )
     tokens = jnp.arange(11) % 13
-    np.testing.assert_allclose(learned(tokens), fixed(tokens), atol=1e-5)
+    np.testing.assert_allclose(whole(learned, tokens), whole(fixed, tokens), atol=1e-5)
     moved = eqx.tree_at(lambda m: m.blocks[0].mixer.sigmoid_bias, learned, jnp.array([-1.0, -4.0]))
-    first, states = moved.decode(tokens[:4])
-    rest, _ = moved.decode(tokens[4:], states)
-    np.testing.assert_allclose(jnp.concatenate([first, rest]), moved(tokens), atol=1e-5)
-    grads = jax.grad(lambda m: jnp.sum(m(tokens) ** 2))(moved)
+    first, states = decode(moved, tokens[:4])
+    rest, _ = decode(moved, tokens[4:], states)
+    np.testing.assert_allclose(jnp.concatenate([first, rest]), whole(moved, tokens), atol=1e-5)
+    grads = eqx.filter_jit(jax.grad(lambda m: jnp.sum(m(tokens) ** 2)))(moved)
     assert float(jnp.abs(grads.blocks[0].mixer.sigmoid_bias).max()) > 0
 
 

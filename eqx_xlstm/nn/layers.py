@@ -8,6 +8,7 @@ from typing import Any
 import equinox as eqx
 import jax
 import jax.numpy as jnp
+import numpy as np
 from jax.sharding import PartitionSpec
 from jaxtyping import Array, Float, Int, PRNGKeyArray
 
@@ -387,7 +388,8 @@ class LanguageModel(eqx.Module):
         indexing clamps them to the vocabulary (README, "Layers and models")."""
         if isinstance(tokens, jax.core.Tracer) or tokens.size == 0:
             return
-        low, high = int(jnp.min(tokens)), int(jnp.max(tokens))
+        values = np.asarray(tokens)  # NumPy: inside a trace a jnp reduction would stage
+        low, high = int(values.min()), int(values.max())
         if low < 0 or high >= self.config.vocab_size:
             raise ValueError(
                 f"`{what}` holds ids from {low} to {high}, outside the vocabulary "
