@@ -207,15 +207,9 @@ def _run_typed(q, k, v, mask, sin, cos, extras, spec: AttentionSpec, chosen: Pla
     typed = explicit_mode.typed_spec(q)
     if typed is None:
         return _run(q, k, v, mask, sin, cos, extras, spec=spec, chosen=chosen)
-    if spec.bounded or spec.kv_groups > 1 or spec.array_bias:
-        raise ValueError(
-            "`segment_ids`, `sliding_window`, grouped-query heads and an array sigmoid_bias "
-            "are not supported yet on inputs typed as sharded (Explicit mesh axes); use Auto "
-            "mesh axes."
-        )
-    run_local = functools.partial(_run, extras=(None, None), chosen=chosen)
+    run_local = functools.partial(_run, chosen=chosen)
     return explicit_mode.run_sharded(
-        q, k, v, mask, sin, cos, typed=typed, spec=spec, chosen=chosen, run_local=run_local
+        q, k, v, mask, sin, cos, extras, typed=typed, spec=spec, chosen=chosen, run_local=run_local
     )
 
 

@@ -43,37 +43,71 @@ def _check_supported(typed: tuple, mask) -> None:
         )
 
 
-def run_sharded(q, k, v, mask, sin, cos, *, typed: tuple, spec: AttentionSpec, chosen, run_local):
+def _check_features(typed: tuple, spec: AttentionSpec) -> None:
+    if typed[-2] is not None and (spec.bounded or spec.kv_groups > 1 or spec.array_bias):
+        raise ValueError(
+            "`segment_ids`, `sliding_window`, grouped-query heads and an array sigmoid_bias "
+            "are not supported yet with queries sharded over the sequence axis (Explicit "
+            "mesh axes); shard the leading (batch, heads) axes, or use Auto mesh axes."
+        )
+
+
+def _along_leading(x, ndim: int, leading: tuple, like: tuple):
+    """`x` (broadcasting against the leading axes of an array of shape `like`) with
+    `ndim` axes, and its PartitionSpec: `leading`'s mesh axes where it has `like`'s
+    size, replicated where it broadcasts (size 1), the rest whole."""
+    x = x.reshape((1,) * (ndim - x.ndim) + x.shape)
+    entries = [axis if x.shape[i] == like[i] else None for i, axis in enumerate(leading)]
+    spec = PartitionSpec(*entries, *([None] * (ndim - len(leading))))
+    return jax.sharding.reshard(x, spec), spec
+
+
+def run_sharded(
+    q, k, v, mask, sin, cos, extras, *, typed: tuple, spec: AttentionSpec, chosen, run_local
+):
     """Attention of inputs typed as sharded like `q` (`typed`, its `typed_spec`):
-    `run_local(q, k, v, mask, sin, cos, spec=...)` on each device's shard of the leading
-    axes; a ring when the sequence axis is sharded too. k and v are resharded like q
-    where they differ."""
+    `run_local(q, k, v, mask, sin, cos, extras, spec=...)` on each device's shard of the
+    leading axes; a ring when the sequence axis is sharded too. k and v are resharded
+    like q where they differ. `extras` (first keys, an array bias) and per-position
+    tables (segments) are split along the leading axes where they have q's sizes."""
     typed = typed + (None,) * (q.ndim - len(typed))
     _check_supported(typed, mask)
+    _check_features(typed, spec)
     leading, sequence = typed[:-2], typed[-2]
     rows = PartitionSpec(*leading, sequence, None)
-    tables = PartitionSpec(sequence, None)
     mesh = jax.typeof(q).sharding.mesh
     reshard = jax.sharding.reshard
     q, k, v = (reshard(x, rows) for x in (q, k, v))
-    sin, cos = (reshard(x, tables) for x in (sin, cos))
+    if sin.ndim == 2:
+        tables = PartitionSpec(sequence, None)
+        sin, cos = (reshard(x, tables) for x in (sin, cos))
+    else:  # read at restarted positions: a leading shape of their own
+        (sin, tables), (cos, _) = (_along_leading(x, q.ndim, leading, q.shape) for x in (sin, cos))
     if mask is not None:
         mask = reshard(mask, PartitionSpec())
+    extra_specs = []
+    placed = []
+    for x, ndim, like in zip(extras, (q.ndim - 1, q.ndim - 2), (k.shape, q.shape)):
+        if x is None:
+            placed.append(None), extra_specs.append(None)
+            continue
+        x, x_spec = _along_leading(x, ndim, leading, like)
+        placed.append(x), extra_specs.append(x_spec)
 
-    def local(q, k, v, mask, sin, cos):
+    def local(q, k, v, mask, sin, cos, extras):
         local_spec = spec.replace(batch_shape=q.shape[:-2])
         if sequence is None:
-            return run_local(q, k, v, mask, sin, cos, spec=local_spec)
+            return run_local(q, k, v, mask, sin, cos, tuple(extras), spec=local_spec)
         return _sequence_parallel(q, k, v, sin, cos, local_spec, sequence, chosen.gradient)
 
     mask_spec = None if mask is None else PartitionSpec()
     return jax.shard_map(
         local,
         mesh=mesh,
-        in_specs=(rows, rows, rows, mask_spec, tables, tables),
+        in_specs=(rows, rows, rows, mask_spec, tables, tables, extra_specs),
         out_specs=rows,
         check_vma=False,
-    )(q, k, v, mask, sin, cos)
+    )(q, k, v, mask, sin, cos, placed)
 
 
 def _sequence_parallel(q, k, v, sin, cos, spec, axis_name, implementation):

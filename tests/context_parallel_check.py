@@ -170,6 +170,7 @@ def explicit_mode():
             row = {"crash": f"{type(err).__name__}: {err}"[:2000]}
         report(case=f"mode-explicit-{name}", **row)
     language_model_explicit()
+    explicit_mode_features()
     try:
         with jax.set_mesh(mesh):
             sharded = jax.device_put(q, NamedSharding(mesh, PartitionSpec(None, None, None, "x")))
@@ -178,6 +179,50 @@ def explicit_mode():
     except ValueError as err:
         row = {"error": str(err)}
     report(case="mode-explicit-features", **row)
+
+
+def explicit_mode_features():
+    """Packed segments, a window, grouped-query heads and a per-head sigmoid bias on
+    inputs typed as sharded over the batch (values and gradients as one device's); the
+    same sharded over the sequence is a ValueError naming the features."""
+    mesh = jax.make_mesh((4,), ("x",), axis_types=(jax.sharding.AxisType.Explicit,))
+    q = inputs(48, batch=4, heads=4)[0]
+    _, k, v = inputs(48, batch=4, heads=2, seed=1)
+    ids = jnp.repeat(jnp.arange(3), 16)[None, None, :] + jnp.arange(4)[:, None, None]
+    bias = jnp.linspace(-3.0, -1.0, 4)
+
+    def attend(q, k, v, bias):
+        return ex.attention(
+            q,
+            k,
+            v,
+            activation_function="sigmoid",
+            segment_ids=ids,
+            sliding_window=20,
+            sigmoid_bias=bias,
+            implementation="chunked",
+            qk_pre_activation_function="swish",
+        )
+
+    f = lambda q, k, v, bias: jax.value_and_grad(
+        lambda *xs: jnp.sum(attend(*xs) ** 2), argnums=(0, 1, 2, 3)
+    )(q, k, v, bias)
+    want = jax.tree.leaves(jax.jit(f)(q, k, v, bias))
+    for name, spec in (("batch", PartitionSpec("x")), ("sequence", SEQ)):
+        try:
+            with jax.set_mesh(mesh):
+                sharded = [jax.device_put(x, NamedSharding(mesh, spec)) for x in (q, k, v)]
+                compiled = jax.jit(f).lower(*sharded, bias).compile()
+                got = jax.tree.leaves(compiled(*sharded, bias))
+            row = {
+                "max_rel_err": rel_err(got, want),
+                "collectives": collectives(compiled.as_text()),
+            }
+        except ValueError as err:
+            row = {"error": str(err)}
+        except Exception as err:
+            row = {"crash": f"{type(err).__name__}: {err}"[:2000]}
+        report(case=f"mode-explicit-{name}-features", **row)
 
 
 def language_model_explicit():

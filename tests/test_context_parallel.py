@@ -112,5 +112,11 @@ def test_explicit_sharding_mode_runs_every_path(rows):
     for activation in ("softmax", "none"):  # a language model on a (data, seq) mesh
         row = rows[f"mode-explicit-lm-{activation}"]
         assert "crash" not in row and row["max_abs_err"] < 1e-5, row
+    # Segments, a window, grouped heads and a per-head bias over the batch axis: one
+    # device's values and gradients (the bias's gradient summed over the devices).
+    row = rows["mode-explicit-batch-features"]
+    assert "crash" not in row and "error" not in row and row["max_rel_err"] < 1e-5, row
+    assert set(row["collectives"]) <= {"all-reduce"}, row
+    assert "not supported yet" in rows["mode-explicit-sequence-features"]["error"]
     message = rows["mode-explicit-features"]["error"]
     assert message and "`queries`" in message and "feature (last) axis" in message, message
