@@ -95,6 +95,14 @@ def bounded_cases(mesh):
         ("bounded-chunked-sigmoid", "chunked", "sigmoid", {"sliding_window": 40}, 4, 2),
         ("bounded-linear-none", "linear", "none", {}, 4, 2),
         ("bounded-chunked-softmax-grouped", "chunked", "softmax", {}, 2, 1),
+        (  # the kernels' first keys, shared K/V and per-row bias as per_shard operands
+            "bounded-triton-sigmoid-grouped-bias",
+            ex.implementations.Triton(forward=(16, 32, 4, 1), backward=(32, 16, 4, 1)),
+            "sigmoid",
+            {"sliding_window": 40, "sigmoid_bias": jnp.linspace(-3.0, -1.0, 4)},
+            2,
+            1,
+        ),
     ]
     for label, implementation, activation, kwargs, kv_heads, ways in cases:
 

@@ -14,11 +14,11 @@ def test_paths_are_shard_local_over_batch_and_heads():
     (model_parallel,) = [row for row in rows if row["case"] == "model-parallel"]
     rows = [row for row in rows if row["case"] not in ("model-parallel",)]
     rows = [row for row in rows if not row["case"].startswith("checkpoint")]
-    # Packed sequences with a window (chunked, linear) and grouped-query heads: no
-    # collective either (each device its own block bounds), shardings kept, exact.
+    # Packed sequences with a window (chunked, linear, Triton) and grouped-query heads:
+    # no collective either (each device its own block bounds), shardings kept, exact.
     bounded = [row for row in rows if row["case"].startswith("bounded")]
     rows = [row for row in rows if not row["case"].startswith("bounded")]
-    assert len(bounded) == 5, bounded
+    assert len(bounded) == 6, bounded
     for row in bounded:
         assert not row["collectives"], row
         assert row["shardings"] == [row["expected"]], row
