@@ -68,6 +68,9 @@ def _bounded_or_grouped_on_gpu(spec):
 
 DEFAULTS: tuple[Default, ...] = (
     Default("cudnn"),
+    # Grouped-query sigmoid: the Mosaic forward reads shared K/V in place (it has no
+    # grouped backward: gradients go on to Triton).
+    Default("mosaic", FORWARD, lambda spec: _on_gpu(spec) and spec.activation == "sigmoid"),
     Default("triton", when=_bounded_or_grouped_on_gpu),
     Default("mosaic", when=lambda spec: _on_gpu(spec) and spec.activation == "sigmoid"),
     Default("triton", when=lambda spec: _on_gpu(spec) and spec.activation == "sigmoid"),
@@ -130,9 +133,9 @@ def plan(spec: AttentionSpec, requested: str | Implementation | None = None) -> 
 
 
 def _alias(spec, name):
-    """The first implementation of the alias that serves `spec`. For "pallas" with
-    softmax the Mosaic forward has no backward kernel: under differentiation, the
-    next that serves (Triton)."""
+    """The first implementation of the alias that serves `spec`. Where the Mosaic
+    forward has no backward kernels (softmax, grouped-query heads): under
+    differentiation, the next that serves (Triton)."""
     serving = [
         IMPLEMENTATIONS[n] for n in ALIASES[name] if not IMPLEMENTATIONS[n].unsupported(spec)
     ]
@@ -141,7 +144,7 @@ def _alias(spec, name):
         _refuse(name, last.unsupported(spec))
     forward = serving[0]
     gradient = forward
-    if isinstance(forward, Mosaic) and spec.activation == "softmax" and len(serving) > 1:
+    if isinstance(forward, Mosaic) and not forward.differentiable(spec) and len(serving) > 1:
         gradient = serving[1]
     return Plan(forward, gradient)
 

@@ -60,7 +60,9 @@ def test_default_table_on_hopper():
     # without a window at long S stays with the linear form.
     for features in (dict(window=1024), dict(kv_groups=8)):
         assert defaults(on_hopper(**features)) == ("cudnn",) * 2
-        assert defaults(on_hopper(activation="sigmoid", **features)) == ("triton",) * 2
+    assert defaults(on_hopper(activation="sigmoid", window=1024)) == ("triton",) * 2
+    # Grouped sigmoid: the Mosaic forward reads shared K/V; it has no grouped backward.
+    assert defaults(on_hopper(activation="sigmoid", kv_groups=8)) == ("mosaic", "triton")
     for activation in ("softmax", "sigmoid"):
         segmented = on_hopper(activation=activation, segmented=True, window=64)
         assert defaults(segmented) == ("triton",) * 2
@@ -75,6 +77,8 @@ def test_pallas_alias_picks_the_best_kernel():
     assert (chosen.forward.name, chosen.gradient.name) == ("mosaic", "mosaic")
     # Softmax: the Mosaic forward has no backward kernel; Triton's serves gradients.
     chosen = dispatch.plan(on_hopper(), "pallas")
+    assert (chosen.forward.name, chosen.gradient.name) == ("mosaic", "triton")
+    chosen = dispatch.plan(on_hopper(activation="sigmoid", kv_groups=4), "pallas")
     assert (chosen.forward.name, chosen.gradient.name) == ("mosaic", "triton")
     chosen = dispatch.plan(on_hopper(dqk=32, dv=32), "pallas")  # too narrow for Mosaic
     assert (chosen.forward.name, chosen.gradient.name) == ("triton", "triton")

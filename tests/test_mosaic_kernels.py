@@ -7,6 +7,7 @@ import numpy as np
 import pytest
 from helpers import HALF_KERNEL, here, random_inputs
 
+import eqx_xlstm as ex
 from eqx_xlstm.implementations import Mosaic
 from eqx_xlstm.implementations.mosaic import backward, forward, jax_private
 
@@ -130,3 +131,19 @@ def test_fused_backward_without_jax_ref_table(monkeypatch):
     wanted = jax.vjp(lambda *x: reference_sigmoid(*x, -5.5), q, k, v)[1](g.astype(jnp.float32))
     for a, b in zip(got, wanted, strict=True):
         assert_close_16bit(a, np.asarray(b))
+
+
+def test_forward_reads_grouped_key_value_heads_in_place():
+    """Grouped-query heads: each query head's K/V row is `n // G`, nothing repeated;
+    there is no grouped backward, so differentiating is a ValueError saying so."""
+    q = random_inputs(256, batch=(1, 2), dqk=64, dv=64, dtype=jnp.bfloat16, seed=6)[0]
+    _, k, v, _ = random_inputs(256, batch=(1, 1), dqk=64, dv=64, dtype=jnp.bfloat16, seed=7)
+    call = lambda q, k, v, impl: ex.attention(
+        q, k, v, activation_function="sigmoid", sigmoid_bias=-5.0, implementation=impl
+    )
+    got = jax.jit(lambda q, k, v: call(q, k, v, Mosaic()))(q, k, v)
+    repeated = [jnp.repeat(x.astype(jnp.float32), 2, axis=1) for x in (k, v)]
+    want = call(q.astype(jnp.float32), *repeated, "reference")
+    assert_close_16bit(got, np.asarray(want))
+    with pytest.raises(ValueError, match="grouped-query heads"):
+        jax.grad(lambda q: jnp.sum(call(q, k, v, Mosaic()).astype(jnp.float32)))(q)

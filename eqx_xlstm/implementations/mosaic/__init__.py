@@ -24,9 +24,11 @@ class Mosaic(Implementation):
     both). float16/bfloat16, equal q/k/v head dims of 64 or 128, on a Hopper GPU; on a
     machine without a GPU, in Mosaic GPU interpret mode where this jax has it.
 
-    Softmax has no backward kernel here: differentiating softmax through this
-    implementation is an error; `implementation="pallas"` runs the Mosaic forward
-    when no gradient is taken and the Triton kernels under differentiation.
+    Softmax has no backward kernel here, nor have grouped-query heads (K/V with fewer
+    heads, which the forward kernel reads in place): differentiating those through this
+    implementation is an error; `implementation="pallas"` and the default dispatch run
+    the Mosaic forward when no gradient is taken and the Triton kernels under
+    differentiation.
     """
 
     name = "mosaic"
@@ -36,8 +38,8 @@ class Mosaic(Implementation):
     from S=4096 on, H100 and H200; below, the two tie (docs/benchmarks.md)."""
 
     def unsupported(self, spec: AttentionSpec) -> str | None:
-        if reason := plain_causal_only(spec):
-            return reason
+        if spec.bounded or spec.array_bias:
+            return plain_causal_only(spec)
         if not spec.causal:
             return "it is used with the causal mask only (attention_mask=None)"
         if not spec.half:
@@ -57,6 +59,11 @@ class Mosaic(Implementation):
             )
         return None
 
+    def differentiable(self, spec: AttentionSpec) -> bool:
+        """Whether it has backward kernels for `spec`: sigmoid and 'none', one K/V head
+        per query head."""
+        return spec.activation != "softmax" and spec.kv_groups == 1
+
     def fused(self, spec: AttentionSpec) -> bool:
         """Whether the backward of `spec` is the one fused kernel."""
         return self.fused_backward_from is not None and spec.seq_len >= self.fused_backward_from
@@ -71,10 +78,10 @@ class Mosaic(Implementation):
         )
         row_kernels = RowKernels(
             forward=functools.partial(_forward_kernel, spec=spec, interpret=interpret),
-            backward=None if spec.activation == "softmax" else backward,
+            backward=backward if self.differentiable(spec) else None,
             spec=spec,
             multiple=PADDING,
-            no_backward=NO_SOFTMAX_BACKWARD,
+            no_backward=NO_SOFTMAX_BACKWARD if spec.kv_groups == 1 else NO_GROUPED_BACKWARD,
             partition=not interpret,
             sequence_pieces=self.ring_pieces(),
         )
@@ -119,9 +126,17 @@ NO_SOFTMAX_BACKWARD = (
 )
 
 
+NO_GROUPED_BACKWARD = (
+    "implementation='mosaic' has no backward kernels for grouped-query heads (keys and "
+    "values with fewer heads than the queries), so it cannot be differentiated there; "
+    "use implementation='pallas' or 'triton', or the default."
+)
+
+
 def _forward_kernel(q, k, v, spec, interpret):
     full = spec.mask == "full"
-    return (mosaic_forward(q, k, v, spec.activation, spec.sigmoid_bias, interpret, full),)
+    args = (spec.activation, spec.sigmoid_bias, interpret, full, spec.kv_groups)
+    return (mosaic_forward(q, k, v, *args),)
 
 
 def _backward_kernels(q, k, v, out, d_out, spec, interpret, fused):

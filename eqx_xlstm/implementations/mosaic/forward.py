@@ -49,7 +49,19 @@ STAGES = 3  # key/value slots in flight
 
 
 def _kernel(
-    q_ref, k_ref, v_ref, out_ref, scratch, *, activation, bias, scale, n_blocks, full, interpret
+    q_ref,
+    k_ref,
+    v_ref,
+    out_ref,
+    scratch,
+    *,
+    activation,
+    bias,
+    scale,
+    n_blocks,
+    full,
+    interpret,
+    groups,
 ):
     q_smem, k_smem, v_smem, q_bar, k_bar, v_bar, k_free, v_free, turn, *p_smem = scratch
     bq, bk, stages = BLOCK_Q, BLOCK_K, STAGES
@@ -230,26 +242,29 @@ def _kernel(
 
     @pl.when(wg == 2)
     def _stream():
+        kv = n // groups  # grouped-query heads: G query rows read one K/V row in place
+
         def load(t, slot):
             cols = pl.ds(t * bk, bk)
-            keys = k_ref.at[n, :, cols] if interpret else k_ref.at[n, cols]
+            keys = k_ref.at[kv, :, cols] if interpret else k_ref.at[kv, cols]
             plgpu.copy_gmem_to_smem(keys, k_smem.at[slot], k_bar.at[slot])
-            plgpu.copy_gmem_to_smem(v_ref.at[n, cols], v_smem.at[slot], v_bar.at[slot])
+            plgpu.copy_gmem_to_smem(v_ref.at[kv, cols], v_smem.at[slot], v_bar.at[slot])
 
         stream_tiles(load, block_steps, stages, (k_free, v_free), n_tiles)
 
 
-def mosaic_forward(q, k, v, activation, bias, interpret, full=False):
+def mosaic_forward(q, k, v, activation, bias, interpret, full=False, groups=1):
     """Causal attention output for `q`, `k`, `v`: `(N, S, D)`, S a multiple of
     `2 * BLOCK_Q` and of `BLOCK_K`; with `full`, every query sees every key (a piece
-    of context-parallel attention). Under `jax.vmap` the mapped axis joins N."""
+    of context-parallel attention); with `groups` G, k and v have N / G rows, row
+    `n // G` serving query row n. Under `jax.vmap` the mapped axis joins N."""
     run = functools.partial(
-        _forward, activation=activation, bias=bias, interpret=interpret, full=full
+        _forward, activation=activation, bias=bias, interpret=interpret, full=full, groups=groups
     )
     return fold_vmap(run, q, k, v)
 
 
-def _forward(q, k, v, activation, bias, interpret, full):
+def _forward(q, k, v, activation, bias, interpret, full, groups):
     n, seq, dqk = q.shape
     dv = v.shape[-1]
     n_blocks = seq // (2 * BLOCK_Q)
@@ -261,6 +276,7 @@ def _forward(q, k, v, activation, bias, interpret, full):
         n_blocks=n_blocks,
         full=full,
         interpret=interpret,
+        groups=groups,
     )
 
     scratch = (
