@@ -78,6 +78,36 @@ def automatic(mesh):
         )
 
 
+def automatic_bounded(mesh):
+    """Segments and a sliding window on sequence-sharded inputs: the ring with each
+    query's first key, relative to each key chunk it meets."""
+    ids = jnp.sort(jax.random.randint(jax.random.key(4), (2, 1, 256), 0, 5), axis=-1)
+    for activation, kwargs in (
+        ("softmax", {"segment_ids": ids, "sliding_window": 70}),
+        ("none", {"sliding_window": 40}),
+    ):
+        f = value_and_grads(
+            lambda q, k, v, a=activation, kw=kwargs: ex.attention(
+                q, k, v, activation_function=a, implementation=ex.implementations.Chunked(16), **kw
+            )
+        )
+        q, k, v = inputs(256)
+        want = jax.jit(f)(q, k, v)
+        sharded = [jax.device_put(x, NamedSharding(mesh, SEQ)) for x in (q, k, v)]
+        got = jax.jit(f)(*sharded)
+        hlo = jax.jit(f).lower(*sharded).compile().as_text()
+        gathered = re.findall(r"= (\w+)\[[\d,]*\][^ ]* all-gather\(", hlo)
+        report(
+            case=f"bounded-ring-{activation}",
+            collectives=collectives(hlo),
+            gathered_dtypes=sorted(set(gathered)),
+            sharded_as_inputs=all(
+                x.sharding.is_equivalent_to(NamedSharding(mesh, SEQ), x.ndim) for x in got
+            ),
+            max_rel_err=rel_err(got, want),
+        )
+
+
 def explicit(mesh):
     from eqx_xlstm import context_parallel_attention
 
@@ -257,6 +287,7 @@ def language_model_explicit():
 if __name__ == "__main__":
     mesh = Mesh(np.array(jax.devices()), ("x",))
     automatic(mesh)
+    automatic_bounded(mesh)
     explicit(mesh)
     memory(mesh)
     explicit_mode()

@@ -34,6 +34,17 @@ def test_sequence_sharded_jit_runs_as_a_ring(rows):
             assert set(row["collectives"]) == allowed, row
 
 
+def test_segments_and_windows_run_as_a_ring(rows):
+    # Each query's first key goes round with it; only the int32 segment starts are
+    # gathered (a cumulative max along the sharded sequence), never q, k or v.
+    for activation in ("softmax", "none"):
+        row = rows[f"bounded-ring-{activation}"]
+        assert row["max_rel_err"] < 1e-5, row
+        assert row["sharded_as_inputs"], row
+        assert "collective-permute" in row["collectives"], row
+        assert set(row["gathered_dtypes"]) <= {"s32"}, row
+
+
 def test_explicit_function_in_shard_map_matches_one_device(rows):
     explicit = [row for case, row in rows.items() if case.startswith("explicit-")]
     assert len(explicit) == 4  # every activation; both layouts for softmax

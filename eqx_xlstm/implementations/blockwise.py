@@ -27,9 +27,10 @@ def _block_allowed(i, j, block, spec, mask, first_key=None):
     if mask is None:  # causal or full; keys past the end are padding
         q_pos = i * block + jnp.arange(block)[:, None]
         k_pos = j * block + jnp.arange(block)[None, :]
-        if spec.mask == "full":
-            return jnp.broadcast_to(k_pos < spec.seq_len, (block, block))
         first = None if first_key is None else first_key[i][..., :, None]
+        if spec.mask == "full":  # with first keys: a ring piece of a window or segments
+            real = jnp.broadcast_to(k_pos < spec.seq_len, (block, block))
+            return real if first is None else real & (k_pos >= first)
         return maths.visible(q_pos, k_pos, first) & (k_pos < spec.seq_len)
     return lax.dynamic_slice(mask, (i * block, j * block), (block, block))
 

@@ -28,11 +28,12 @@ def _leading(q, spec):
     return q.ndim - 2 - (spec.kv_groups > 1)
 
 
-def _over_sequence(spec, block, first_key, balanced):
+def _over_sequence(spec, block, balanced):
     """per_shard's `over_sequence`: the zig-zag ring through `balanced`
-    (`ring.balanced_forward` or `_backward`); None (the sequence gathered) with first
-    keys or grouped heads, which the ring does not take yet."""
-    if first_key or spec.kv_groups > 1:
+    (`ring.balanced_forward` or `_backward`), first keys (segments, windows) passed
+    along; None (the sequence gathered) with grouped heads, which the ring does not
+    take yet."""
+    if spec.kv_groups > 1:
         return None
     pieces = ring.BlockwisePieces(block)
     return lambda layout: functools.partial(balanced, spec=spec, layout=layout, pieces=pieces)
@@ -48,7 +49,7 @@ def _causal_forward(q, k, v, first_key, spec, block):
         v,
         *first_key,
         batch_ndim=_leading(q, spec),
-        over_sequence=_over_sequence(spec, block, first_key, ring.balanced_forward),
+        over_sequence=_over_sequence(spec, block, ring.balanced_forward),
     )
 
 
@@ -78,7 +79,7 @@ def _causal_bwd(spec, block, residuals, d_out):
         d_out.astype(out.dtype),
         *first_key,
         batch_ndim=_leading(q, spec),
-        over_sequence=_over_sequence(spec, block, first_key, ring.balanced_backward),
+        over_sequence=_over_sequence(spec, block, ring.balanced_backward),
     )
     grads = tuple(g.astype(x.dtype) for g, x in zip(grads, (q, k, v)))
     return (*grads, tuple(None for _ in first_key))
@@ -95,8 +96,9 @@ class Chunked(Implementation):
     segments the blocks before the first key any query of a block sees; an explicit
     bool `(S, S)` mask is read block by block and every block is visited. Causal
     inputs sharded over the sequence axis (under `jax.jit` with `NamedSharding`s) run
-    as context-parallel ring attention (`ring`), each device holding its shard
-    (not yet with segments, windows or grouped heads: XLA then gathers the sequence).
+    as context-parallel ring attention (`ring`), each device holding its shard, with
+    segments and windows too (not yet with grouped heads: XLA then gathers the
+    sequence).
     """
 
     name = "chunked"

@@ -36,13 +36,14 @@ class BlockwisePieces:
 
     block: int = 512
 
-    def forward(self, q, k, v, spec: AttentionSpec):
-        """`(out, lse)` of a causal or full piece (`piece_forward`)."""
-        return piece_forward(q, k, v, spec, self.block)
+    def forward(self, q, k, v, spec: AttentionSpec, first_key=None):
+        """`(out, lse)` of a causal or full piece (`piece_forward`); `first_key`: each
+        query's first visible key, relative to the piece's keys."""
+        return piece_forward(q, k, v, spec, self.block, first_key)
 
-    def backward(self, q, k, v, out, lse, d_out, spec: AttentionSpec):
+    def backward(self, q, k, v, out, lse, d_out, spec: AttentionSpec, first_key=None):
         """`(dq, dk, dv)` of a piece, given the whole rows' out and lse."""
-        return piece_backward(q, k, v, out, lse, d_out, spec, self.block)
+        return piece_backward(q, k, v, out, lse, d_out, spec, self.block, first_key)
 
 
 def _split(x, parts: int, axis: int = -2):
@@ -75,9 +76,10 @@ def _merge(acc, piece, softmax: bool):
 
 
 def _pieces(spec: AttentionSpec, layout: SequenceLayout, shard_len: int):
-    """The specs of a causal piece (a chunk against itself) and a full one."""
-    size = shard_len // layout.chunks
-    return spec.replace(seq_len=size, mask="causal"), spec.replace(seq_len=size, mask="full")
+    """The specs of a causal piece (a chunk against itself) and a full one (windows
+    and segments reach the pieces as first keys)."""
+    piece = spec.replace(seq_len=shard_len // layout.chunks, window=None, segmented=False)
+    return piece.replace(mask="causal"), piece.replace(mask="full")
 
 
 def ring_attention(q, k, v, spec: AttentionSpec, layout: SequenceLayout, pieces):
@@ -137,6 +139,18 @@ def _kind(layout: SequenceLayout, step, a, b):
     return jnp.where(theirs == mine, CAUSAL, jnp.where(theirs < mine, FULL, EMPTY))
 
 
+def _relative_first_keys(first_keys, layout: SequenceLayout, step, a, b, size):
+    """`()`, or the first keys of query chunk a (global positions) relative to key
+    chunk b of the device `step` places back, clipped to `[0, size]` (size: the row
+    sees none of these keys)."""
+    if first_keys is None:
+        return ()
+    device = lax.axis_index(layout.axis_name)
+    source = (device - step) % layout.devices
+    start = layout.global_chunk(source, b) * size
+    return (jnp.clip(_chunk(first_keys, a, -2) - start, 0, size),)
+
+
 def _each_pair(layout: SequenceLayout, step, carry, piece):
     """`carry = piece(kind, a, b, carry)` for each (query chunk a, key chunk b), one
     after another (one piece's temporaries at a time)."""
@@ -149,15 +163,19 @@ def _each_pair(layout: SequenceLayout, step, carry, piece):
     return lax.fori_loop(0, chunks * chunks, body, carry)
 
 
-def _forward(q, k, v, spec, layout, pieces):
+def _forward(q, k, v, spec, layout, pieces, first_key=None):
+    """`first_key`: each query's first visible key (global positions, sharded like q;
+    segments, windows), or None."""
     accum, softmax = spec.accum_dtype, spec.activation == "softmax"
     causal, full = _pieces(spec, layout, q.shape[-2])
     chunks = layout.chunks
+    size = q.shape[-2] // chunks
     qs = _in_chunks(q, chunks)
-    empty = lambda q_a, k_b, v_b: _empty_piece(q_a, v_b, accum)
-    branches = [
-        lambda *xs: _in(accum, pieces.forward(*xs, causal)),
-        lambda *xs: _in(accum, pieces.forward(*xs, full)),
+    fks = None if first_key is None else _in_chunks(first_key, chunks, -1)
+    empty = lambda q_a, k_b, v_b, *_: _empty_piece(q_a, v_b, accum)
+    branches = [  # the spec goes before the optional first keys
+        lambda q, k, v, *first: _in(accum, pieces.forward(q, k, v, causal, *first)),
+        lambda q, k, v, *first: _in(accum, pieces.forward(q, k, v, full, *first)),
         empty,
     ]
 
@@ -166,7 +184,9 @@ def _forward(q, k, v, spec, layout, pieces):
 
         def piece(kind, a, b, acc):
             outs, lses = acc
-            out, lse = lax.switch(kind, branches, _chunk(qs, a), _chunk(ks, b), _chunk(vs, b))
+            first = _relative_first_keys(fks, layout, step, a, b, size)
+            chunk_b = (_chunk(ks, b), _chunk(vs, b))
+            out, lse = lax.switch(kind, branches, _chunk(qs, a), *chunk_b, *first)
             if softmax:  # piece_forward marks empty rows +inf; merging wants -inf
                 lse = jnp.where(lse == jnp.inf, -jnp.inf, lse)
             out, lse = _merge((_chunk(outs, a), _chunk(lses, a, -2)), (out, lse), softmax)
@@ -182,17 +202,19 @@ def _forward(q, k, v, spec, layout, pieces):
     return out, jnp.where(lse == -jnp.inf, jnp.inf, lse)
 
 
-def _backward(q, k, v, out, lse, d_out, spec, layout, pieces):
+def _backward(q, k, v, out, lse, d_out, spec, layout, pieces, first_key=None):
     causal, full = _pieces(spec, layout, q.shape[-2])
     chunks = layout.chunks
+    size = q.shape[-2] // chunks
+    fks = None if first_key is None else _in_chunks(first_key, chunks, -1)
     qs, outs, d_outs = (_in_chunks(x, chunks) for x in (q, out, d_out))
     lses = _in_chunks(lse, chunks, -1)
     accum = spec.accum_dtype
     zeros_of = lambda x: jnp.zeros_like(x, dtype=accum)
     zeros = lambda q_a, k_b, v_b, *_: tuple(map(zeros_of, (q_a, k_b, v_b)))
     branches = [
-        lambda *xs: _in(accum, pieces.backward(*xs, causal)),
-        lambda *xs: _in(accum, pieces.backward(*xs, full)),
+        lambda *xs: _in(accum, pieces.backward(*xs[:6], causal, *xs[6:])),
+        lambda *xs: _in(accum, pieces.backward(*xs[:6], full, *xs[6:])),
         zeros,
     ]
 
@@ -205,7 +227,10 @@ def _backward(q, k, v, out, lse, d_out, spec, layout, pieces):
         def piece(kind, a, b, grads):
             dqs, dks, dvs = grads
             rows = (_chunk(qs, a), _chunk(ks, b), _chunk(vs, b), _chunk(outs, a))
-            dq, dk, dv = lax.switch(kind, branches, *rows, _chunk(lses, a, -2), _chunk(d_outs, a))
+            first = _relative_first_keys(fks, layout, step, a, b, size)
+            dq, dk, dv = lax.switch(
+                kind, branches, *rows, _chunk(lses, a, -2), _chunk(d_outs, a), *first
+            )
             return (
                 _set_chunk(dqs, _chunk(dqs, a) + dq, a),
                 _set_chunk(dks, _chunk(dks, b) + dk, b),
@@ -329,21 +354,29 @@ def balanced_attention(q, k, v, spec: AttentionSpec, layout: SequenceLayout, pie
     return from_zigzag(out.astype(spec.dtype), zigzag)
 
 
-def balanced_forward(q, k, v, *, spec, layout: SequenceLayout, pieces):
-    """`(out, lse)` of contiguous shards, computed in the zig-zag layout."""
+def balanced_forward(q, k, v, *first_key, spec, layout: SequenceLayout, pieces):
+    """`(out, lse)` of contiguous shards, computed in the zig-zag layout; `first_key`
+    (optional): each query's first visible key, global positions, sharded like q."""
     zigzag = balanced_layout(layout, q.shape[-2])
+    first = first_key[0] if first_key else None
     if zigzag is layout:
-        return _forward(q, k, v, spec, layout, pieces)
-    out, lse = _forward(*(to_zigzag(x, zigzag) for x in (q, k, v)), spec, zigzag, pieces)
+        return _forward(q, k, v, spec, layout, pieces, first)
+    if first is not None:
+        first = to_zigzag(first, zigzag, axis=-1)
+    moved = [to_zigzag(x, zigzag) for x in (q, k, v)]
+    out, lse = _forward(*moved, spec, zigzag, pieces, first)
     return from_zigzag(out, zigzag), from_zigzag(lse, zigzag, axis=-1)
 
 
-def balanced_backward(q, k, v, out, lse, d_out, *, spec, layout: SequenceLayout, pieces):
+def balanced_backward(q, k, v, out, lse, d_out, *first_key, spec, layout: SequenceLayout, pieces):
     """`(dq, dk, dv)` of contiguous shards, computed in the zig-zag layout."""
     zigzag = balanced_layout(layout, q.shape[-2])
+    first = first_key[0] if first_key else None
     if zigzag is layout:
-        return _backward(q, k, v, out, lse, d_out, spec, layout, pieces)
+        return _backward(q, k, v, out, lse, d_out, spec, layout, pieces, first)
+    if first is not None:
+        first = to_zigzag(first, zigzag, axis=-1)
     moved = [to_zigzag(x, zigzag) for x in (q, k, v, out, d_out)]
     lse = to_zigzag(lse, zigzag, axis=-1)
-    grads = _backward(*moved[:4], lse, moved[4], spec, zigzag, pieces)
+    grads = _backward(*moved[:4], lse, moved[4], spec, zigzag, pieces, first)
     return tuple(from_zigzag(g, zigzag) for g in grads)
