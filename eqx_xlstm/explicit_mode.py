@@ -85,14 +85,13 @@ def run_sharded(
         (sin, tables), (cos, _) = (_along_leading(x, q.ndim, leading, q.shape) for x in (sin, cos))
     if mask is not None:
         mask = reshard(mask, PartitionSpec())
-    extra_specs = []
-    placed = []
+    # First keys broadcast against k's batch axes and the sequence, the bias against
+    # q's batch axes.
+    placed, extra_specs = [], []
     for x, ndim, like in zip(extras, (q.ndim - 1, q.ndim - 2), (k.shape, q.shape)):
-        if x is None:
-            placed.append(None), extra_specs.append(None)
-            continue
-        x, x_spec = _along_leading(x, ndim, leading, like)
-        placed.append(x), extra_specs.append(x_spec)
+        x, x_spec = (None, None) if x is None else _along_leading(x, ndim, leading, like)
+        placed.append(x)
+        extra_specs.append(x_spec)
 
     def local(q, k, v, mask, sin, cos, extras):
         local_spec = spec.replace(batch_shape=q.shape[:-2])
