@@ -236,9 +236,7 @@ def _run(q, k, v, mask, sin, cos, extras, *, spec: AttentionSpec, chosen: Plan):
     k = maths.prepare(k, spec.pre_activation, sin, cos, accum)
     v = v.astype(spec.dtype)
     native = bias is not None and chosen.forward.takes_bias and chosen.gradient.takes_bias
-    if native:
-        bias = jnp.broadcast_to(bias, q.shape[:-2])
-    elif bias is not None:  # q . k * scale + bias as one product: [q, bias / scale] . [k, 1]
+    if bias is not None and not native:  # q . k * scale + bias: [q, bias / scale] . [k, 1]
         column = jnp.broadcast_to(
             (bias / spec.scale).astype(accum)[..., None, None], (*q.shape[:-1], 1)
         )
@@ -247,7 +245,7 @@ def _run(q, k, v, mask, sin, cos, extras, *, spec: AttentionSpec, chosen: Plan):
     inner = spec
     if spec.kv_groups > 1:
         q, k, v, first_key, inner = _grouped(q, k, v, first_key, spec)
-    bias = bias.reshape(q.shape[:-2]) if native else None
+    bias = jnp.broadcast_to(bias, spec.batch_shape).reshape(q.shape[:-2]) if native else None
     if chosen.forward == chosen.gradient:
         out = _call(chosen.forward, q, k, v, inner, mask, first_key, bias)
     else:
@@ -277,8 +275,7 @@ def _forward_or_gradient_fwd(q, k, v, mask, first_key, bias, spec, chosen):
         out = _call(chosen.gradient, q, k, v, spec, mask, first_key, *bias)
         return out.astype(spec.dtype)
 
-    out, vjp = jax.vjp(run, q, k, v, *(() if bias is None else (bias,)))
-    return out, vjp
+    return jax.vjp(run, q, k, v, *(() if bias is None else (bias,)))
 
 
 def _forward_or_gradient_bwd(spec, chosen, vjp, d_out):

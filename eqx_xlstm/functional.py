@@ -76,7 +76,8 @@ def attention(
     - `theta`: RoPE wavelength base, a number > 0.
     - `sigmoid_bias`: the bias $b$ of `"sigmoid"`; default $-\log S$. A float array
         broadcasting against the batch axes (e.g. `(heads,)`) is a learnable bias: it
-        receives a gradient (the reference and chunked paths; the kernels take numbers).
+        receives a gradient (the reference, chunked and Triton paths; Mosaic and cuDNN
+        take numbers).
     - `segment_ids`: int `(S,)` or `(*batch, S)` (size 1 on shared axes): packed
         sequences. A query sees only keys of its own segment, a run of equal ids,
         and RoPE positions restart at each segment's start, so each packed document's

@@ -123,8 +123,10 @@ class AttentionSpec:
     implementations q of batch shape `(*b, Hkv, G)` and k, v of `(*b, Hkv, 1)`."""
     array_bias: bool = False
     """The sigmoid bias is an array (learnable, per head or row), not `sigmoid_bias`:
-    dispatch appends it to each query as one more feature, and a 1 to each key, so
-    `q . k * scale` gains it; `dqk` (and the scale) stay those of the inputs."""
+    implementations that take it (`Implementation.takes_bias`) get it as `bias=`;
+    for the others dispatch appends it to each query as one more feature, and a 1 to
+    each key, so `q . k * scale` gains it; `dqk` (and the scale) stay those of the
+    inputs."""
 
     def __post_init__(self):
         check_option(self.activation, ACTIVATIONS, "activation")

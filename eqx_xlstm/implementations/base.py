@@ -61,14 +61,26 @@ class Implementation(abc.ABC):
         return {"name": self.name, **dataclasses.asdict(self)}
 
 
-def plain_causal_only(spec: AttentionSpec) -> str | None:
-    """The reason an implementation that takes neither segments, windows nor grouped
-    heads gives for a spec with one of them; None if it has none."""
-    if spec.bounded or spec.kv_groups > 1:
-        return "it takes neither segment_ids, sliding_window nor grouped-query heads yet"
-    if spec.array_bias:
-        return "it takes the sigmoid bias as a number, not an array, for now"
-    return None
+SEGMENTS, WINDOW, GROUPED, ARRAY_BIAS = (
+    "segment_ids",
+    "sliding_window",
+    "grouped-query heads",
+    "an array sigmoid_bias",
+)
+
+
+def untaken_features(spec: AttentionSpec, takes: tuple[str, ...] = ()) -> str | None:
+    """The reason an implementation gives for a spec with features it does not take
+    (of `SEGMENTS`, `WINDOW`, `GROUPED`, `ARRAY_BIAS`; it takes those in `takes`),
+    naming them; None if the spec has no other."""
+    present = {
+        SEGMENTS: spec.segmented,
+        WINDOW: spec.window is not None,
+        GROUPED: spec.kv_groups > 1,
+        ARRAY_BIAS: spec.array_bias,
+    }
+    missing = [name for name, on in present.items() if on and name not in takes]
+    return f"it does not take {' or '.join(missing)} yet" if missing else None
 
 
 def as_rows(x: Array, spec: AttentionSpec, multiple: int) -> Array:

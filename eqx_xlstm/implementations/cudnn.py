@@ -10,7 +10,7 @@ import jax.numpy as jnp
 from .. import maths
 from ..spec import AttentionSpec
 from . import cudnn_private
-from .base import Implementation, as_rows, from_rows, plain_causal_only
+from .base import GROUPED, WINDOW, Implementation, as_rows, from_rows, untaken_features
 from .per_shard import RowKernels, row_attention
 from .triton import Triton, TritonPieces
 
@@ -48,8 +48,8 @@ class CuDNN(Implementation):
     def unsupported(self, spec: AttentionSpec) -> str | None:
         if spec.platform != "gpu":
             return f"it needs an NVIDIA GPU, and the default backend is {spec.platform!r}"
-        if spec.segmented or spec.array_bias:
-            return plain_causal_only(spec)
+        if reason := untaken_features(spec, takes=(WINDOW, GROUPED)):
+            return reason
         if (spec.window or spec.kv_groups > 1) and self.ring_pieces() is None:
             return (
                 "it runs sliding windows and grouped-query heads through JAX's private cuDNN "

@@ -141,7 +141,9 @@ class RowKernels:
     returns `(dq, dk, dv)`. Without a backward, differentiating raises
     ValueError(`no_backward`). With grouped-query heads (`spec.kv_groups` G > 1) q has
     G rows per row of k and v; `first_key` (bounded specs) is `(N_kv, S')`, padded at
-    the end with its last entry."""
+    the end with its last entry. With `spec.array_bias` both also take `bias=`, each
+    q row's bias at every position `(N, S')` float32, and the backward returns its
+    gradient, alike, after dv."""
 
     forward: Callable
     backward: Callable | None
@@ -203,7 +205,7 @@ def row_attention(kernels: RowKernels, q, k, v, first_key=None, bias=None):
     return _row_attention(q, k, v, first, biases, kernels)
 
 
-def _bias_rows(biases: tuple, kernels: RowKernels, rows: int, padded: int) -> dict:
+def _bias_rows(biases: tuple, rows: int, padded: int) -> dict:
     """The kernels' `bias=` keyword: `(N, S')` float32, each row's bias at every
     position; empty without one."""
     if not biases:
@@ -211,13 +213,12 @@ def _bias_rows(biases: tuple, kernels: RowKernels, rows: int, padded: int) -> di
     return {"bias": jnp.broadcast_to(biases[0].reshape(rows, 1), (rows, padded))}
 
 
-def _first_key_rows(first_key: tuple, kernels: RowKernels) -> tuple:
+def _first_key_rows(first_key: tuple, padded: int) -> tuple:
     """`first_key` `(*batch, S)` as the kernels take it: `(N_kv, S')`, edge-padded
     (so it stays non-decreasing and padded rows see a key)."""
     if not first_key:
         return ()
-    seq_len = kernels.spec.seq_len
-    padded = -(-seq_len // kernels.multiple) * kernels.multiple
+    seq_len = first_key[0].shape[-1]
     rows = first_key[0].reshape(-1, seq_len).astype(jnp.int32)
     return (jnp.pad(rows, ((0, 0), (0, padded - seq_len)), mode="edge"),)
 
@@ -229,8 +230,9 @@ def _forward_outputs(kernels: RowKernels, q, k, v, first_key, biases):
     def fn(q, k, v, *rest):
         batch = q.shape[:-2]
         rows = [as_rows(x, spec, multiple) for x in (q, k, v)]
-        bias = _bias_rows(rest[n_first:], kernels, *rows[0].shape[:2])
-        outs = kernels.forward(*rows, *_first_key_rows(rest[:n_first], kernels), **bias)
+        n_rows, padded = rows[0].shape[:2]
+        bias = _bias_rows(rest[n_first:], n_rows, padded)
+        outs = kernels.forward(*rows, *_first_key_rows(rest[:n_first], padded), **bias)
         return tuple(o.reshape(*batch, *o.shape[1:]) for o in outs)  # rows kept padded
 
     over_sequence = kernels.over_sequence(True)
@@ -270,9 +272,10 @@ def _row_attention_bwd(kernels, residuals, d_out):
         batch = q.shape[:-2]
         rows = [as_rows(x, spec, multiple) for x in (q, k, v, d_out)]
         outs = [o.reshape(-1, *o.shape[len(batch) :]) for o in outs]
-        first = _first_key_rows(first_key, kernels)
+        n_rows, padded = rows[0].shape[:2]
+        first = _first_key_rows(first_key, padded)
         options = {"first_key": first} if first else {}
-        options |= _bias_rows(biases, kernels, *rows[0].shape[:2])
+        options |= _bias_rows(biases, n_rows, padded)
         grads = kernels.backward(*rows[:3], *outs, rows[3], **options)
         grads_qkv = tuple(
             from_rows(g, x.shape[:-2], spec).astype(x.dtype) for g, x in zip(grads, (q, k, v))

@@ -7,7 +7,7 @@ import jax
 import jax.numpy as jnp
 
 from ...spec import AttentionSpec
-from ..base import Implementation, as_rows, from_rows, plain_causal_only
+from ..base import GROUPED, Implementation, as_rows, from_rows, untaken_features
 from ..per_shard import RowKernels, row_attention
 from ..triton import Triton, TritonPieces
 from .backward import mosaic_dkv, mosaic_dq
@@ -38,8 +38,8 @@ class Mosaic(Implementation):
     from S=4096 on, H100 and H200; below, the two tie (docs/benchmarks.md)."""
 
     def unsupported(self, spec: AttentionSpec) -> str | None:
-        if spec.bounded or spec.array_bias:
-            return plain_causal_only(spec)
+        if reason := untaken_features(spec, takes=(GROUPED,)):
+            return reason
         if not spec.causal:
             return "it is used with the causal mask only (attention_mask=None)"
         if not spec.half:
