@@ -6,7 +6,7 @@ attention at the same S, in one run (issue #10's targets).
         --batch 1 --heads 4 --head-dim 64 --dtype float32       # a CPU
 
 For each activation and each of `--paths` (the default dispatch, or an implementation
-by name), fwd+bwd (the gradient of a sum): full causal; `--documents` packed documents
+by name), fwd+bwd (the gradient of a sum; with `--forward`, the output alone): full causal; `--documents` packed documents
 of S/documents positions each (`segment_ids`); keys/values with heads/8 heads
 (grouped-query 8:1); and a sliding window of `--window` at `--window-seq-len`. The
 ratios are the time over full causal's at the same S, through the default dispatch and
@@ -28,29 +28,33 @@ import eqx_xlstm as ex
 from eqx_xlstm import dispatch
 
 
-def gradient(activation, **kwargs):
-    def loss(q, k, v):
-        out = ex.attention(
+def gradient(activation, forward=False, **kwargs):
+    """The timed call: the gradient of the output's sum, or with `forward` the output."""
+
+    def output(q, k, v):
+        return ex.attention(
             q, k, v, activation_function=activation, qk_pre_activation_function="swish", **kwargs
         )
-        return jnp.sum(out.astype(jnp.float32))
 
+    if forward:
+        return output
+    loss = lambda q, k, v: jnp.sum(output(q, k, v).astype(jnp.float32))
     return jax.grad(loss, argnums=(0, 1, 2))
 
 
-def chosen(q, k, v, activation, **kwargs):
-    """The implementation dispatch picks for the gradient of this call."""
+def chosen(q, k, v, activation, forward=False, **kwargs):
+    """The implementation dispatch picks for this call (`forward`: without a gradient)."""
     seen = {}
     original = dispatch.plan
 
     def spy(spec, requested=None):
         plan = original(spec, requested)
-        seen["name"] = plan.gradient.name
+        seen["name"] = plan.forward.name if forward else plan.gradient.name
         return plan
 
     dispatch.plan = spy
     try:
-        jax.eval_shape(gradient(activation, **kwargs), q, k, v)
+        jax.eval_shape(gradient(activation, forward, **kwargs), q, k, v)
     finally:
         dispatch.plan = original
     return seen.get("name", "?")
@@ -68,19 +72,21 @@ def explicit_mask(seq_len, ids=None, window=None):
     return mask
 
 
-def masked_cudnn_gradient(mask):
+def masked_cudnn_gradient(mask, forward=False):
     """The peer: `jax.nn.dot_product_attention` through cuDNN with the mask written out
     (softmax; no swish or RoPE, so it does less than our rows)."""
 
-    def loss(q, k, v):
+    def output(q, k, v):
         bthn = [jnp.swapaxes(x, 1, 2) for x in (q, k, v)]
-        out = jax.nn.dot_product_attention(*bthn, mask=mask, implementation="cudnn")
-        return jnp.sum(out.astype(jnp.float32))
+        return jax.nn.dot_product_attention(*bthn, mask=mask, implementation="cudnn")
 
+    if forward:
+        return output
+    loss = lambda q, k, v: jnp.sum(output(q, k, v).astype(jnp.float32))
     return jax.grad(loss, argnums=(0, 1, 2))
 
 
-def time_case(activation, arrays, kwargs, path, repeats):
+def time_case(activation, arrays, kwargs, path, repeats, forward=False):
     """`(ms, implementation)` of one case on one path ("default": the dispatch's
     choice; "cudnn mask": the explicit mask through cuDNN), or None where the path
     cannot serve it."""
@@ -88,12 +94,14 @@ def time_case(activation, arrays, kwargs, path, repeats):
         mask = explicit_mask(
             arrays[0].shape[-2], kwargs.get("segment_ids"), kwargs.get("sliding_window")
         )
-        return median_ms(masked_cudnn_gradient(mask), *arrays, repeats=repeats), "jax.nn cudnn"
+        timed = masked_cudnn_gradient(mask, forward)
+        return median_ms(timed, *arrays, repeats=repeats), "jax.nn cudnn"
     if path != "default":
         kwargs = {**kwargs, "implementation": path}
     try:
-        name = chosen(*arrays, activation, **kwargs)
-        return median_ms(gradient(activation, **kwargs), *arrays, repeats=repeats), name
+        name = chosen(*arrays, activation, forward, **kwargs)
+        timed = gradient(activation, forward, **kwargs)
+        return median_ms(timed, *arrays, repeats=repeats), name
     except ValueError:  # "cannot serve these inputs"
         return None
 
@@ -114,6 +122,7 @@ def main():
     parser.add_argument("--dtype", default="bfloat16")
     parser.add_argument("--repeats", type=int, default=5)
     parser.add_argument("--activations", nargs="+", default=["softmax", "sigmoid", "none"])
+    parser.add_argument("--forward", action="store_true", help="time the forward pass alone")
     parser.add_argument(
         "--paths",
         nargs="+",
@@ -127,7 +136,8 @@ def main():
     device = jax.devices()[0]
     print(
         f"{device.device_kind}, jax {jax.__version__}; {args.dtype}, B={args.batch}, "
-        f"NH={args.heads}, D={args.head_dim}, swish, fwd+bwd median ms; packed and grouped "
+        f"NH={args.heads}, D={args.head_dim}, swish, "
+        f"{'forward' if args.forward else 'fwd+bwd'} median ms; packed and grouped "
         f"at S={args.seq_len}, the window at S={args.window_seq_len}"
     )
     print_table_header(
@@ -156,7 +166,7 @@ def main():
                 if (seq_len, path) in full or path == "cudnn mask":
                     rows = rows[1:]
                 for case, xs, kw in rows:
-                    timed = time_case(activation, xs, kw, path, args.repeats)
+                    timed = time_case(activation, xs, kw, path, args.repeats, args.forward)
                     if timed is None:
                         print(
                             f"| {activation} | {seq_len} | {case} | {path} | cannot serve | | | |"

@@ -58,21 +58,32 @@ def _none_on_gpu_up_to(seq_len):
 
 
 def _bounded_or_grouped_on_gpu(spec):
-    """Segments, windows or grouped heads on a GPU, where the Triton kernels skip the
-    tiles no query sees; 'none' without a window beyond 4096 goes on to the linear
-    form, whose time does not grow with the visible tiles."""
+    """Segments, windows or grouped heads on a GPU, where the kernels skip the tiles no
+    query sees; 'none' without a window beyond 4096 goes on to the linear form, whose
+    time does not grow with the visible tiles."""
     if not _on_gpu(spec) or not (spec.bounded or spec.kv_groups > 1):
         return False
     return spec.activation != "none" or spec.window is not None or spec.seq_len <= 4096
 
 
+def _mosaic_kernels_first(spec):
+    """Sigmoid on a GPU, and segments, windows or grouped heads as
+    `_bounded_or_grouped_on_gpu` says: the Mosaic kernels where they serve."""
+    return _on_gpu(spec) and (spec.activation == "sigmoid" or _bounded_or_grouped_on_gpu(spec))
+
+
 DEFAULTS: tuple[Default, ...] = (
     Default("cudnn"),
-    # Grouped-query sigmoid: the Mosaic forward reads shared K/V in place (it has no
-    # grouped backward: gradients go on to Triton).
-    Default("mosaic", FORWARD, lambda spec: _on_gpu(spec) and spec.activation == "sigmoid"),
+    # The Mosaic forward serves every activation, segments, windows and grouped heads
+    # (read in place); its backward, sigmoid and 'none' with one K/V head per query
+    # head. Softmax and grouped gradients go on to Triton, as does an array bias.
+    Default("mosaic", FORWARD, _mosaic_kernels_first),
+    Default(
+        "mosaic",
+        GRADIENT,
+        lambda spec: _mosaic_kernels_first(spec) and IMPLEMENTATIONS["mosaic"].differentiable(spec),
+    ),
     Default("triton", when=_bounded_or_grouped_on_gpu),
-    Default("mosaic", when=lambda spec: _on_gpu(spec) and spec.activation == "sigmoid"),
     Default("triton", when=lambda spec: _on_gpu(spec) and spec.activation == "sigmoid"),
     # 'none' on Hopper: the kernel beats the linear form up to these lengths, forward
     # alone and forward + backward (H200, docs/benchmarks.md); beyond, the linear form

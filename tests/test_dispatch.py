@@ -56,19 +56,21 @@ def test_default_table_on_hopper():
     assert defaults(on_hopper(activation="sigmoid", **ampere)) == ("triton", "triton")
     assert defaults(on_hopper(activation="none", seq_len=2048, **ampere)) == ("linear",) * 2
     # Segments, windows and grouped heads: cuDNN's own window and grouped heads for
-    # softmax; else the Triton kernels, which skip the tiles no query sees; 'none'
-    # without a window at long S stays with the linear form.
+    # softmax; else the Mosaic kernels, which skip the tiles no query sees, under
+    # differentiation where they have the backward (sigmoid and 'none', one K/V head
+    # per query head), else Triton's; 'none' without a window at long S stays with the
+    # linear form.
     for features in (dict(window=1024), dict(kv_groups=8)):
         assert defaults(on_hopper(**features)) == ("cudnn",) * 2
-    assert defaults(on_hopper(activation="sigmoid", window=1024)) == ("triton",) * 2
-    # Grouped sigmoid: the Mosaic forward reads shared K/V; it has no grouped backward.
+    assert defaults(on_hopper(activation="sigmoid", window=1024)) == ("mosaic",) * 2
     assert defaults(on_hopper(activation="sigmoid", kv_groups=8)) == ("mosaic", "triton")
-    for activation in ("softmax", "sigmoid"):
-        segmented = on_hopper(activation=activation, segmented=True, window=64)
-        assert defaults(segmented) == ("triton",) * 2
+    assert defaults(on_hopper(segmented=True, window=64)) == ("mosaic", "triton")
+    assert defaults(on_hopper(activation="sigmoid", segmented=True)) == ("mosaic",) * 2
     # A learnable sigmoid bias (an array): the Triton kernels read it per row.
     assert defaults(on_hopper(activation="sigmoid", array_bias=True)) == ("triton",) * 2
-    assert defaults(on_hopper(activation="none", window=64, seq_len=8192)) == ("triton",) * 2
+    assert defaults(on_hopper(activation="none", window=64, seq_len=8192)) == ("mosaic",) * 2
+    # Not Hopper: the Triton kernels.
+    assert defaults(on_hopper(activation="sigmoid", segmented=True, **ampere)) == ("triton",) * 2
     assert defaults(on_hopper(activation="none", segmented=True, seq_len=8192)) == ("linear",) * 2
 
 

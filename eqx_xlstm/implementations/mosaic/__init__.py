@@ -7,7 +7,7 @@ import jax
 import jax.numpy as jnp
 
 from ...spec import AttentionSpec
-from ..base import GROUPED, Implementation, as_rows, from_rows, untaken_features
+from ..base import GROUPED, SEGMENTS, WINDOW, Implementation, as_rows, from_rows, untaken_features
 from ..per_shard import RowKernels, row_attention
 from ..triton import Triton, TritonPieces
 from .backward import mosaic_dkv, mosaic_dq
@@ -23,6 +23,8 @@ class Mosaic(Implementation):
     backward for sigmoid and 'none' (dQ and dK/dV kernels, or one kernel that forms
     both). float16/bfloat16, equal q/k/v head dims of 64 or 128, on a Hopper GPU; on a
     machine without a GPU, in Mosaic GPU interpret mode where this jax has it.
+    Segments and sliding windows skip the key tiles no query of a block sees (and the
+    query tiles that see none of a key block's keys).
 
     Softmax has no backward kernel here, nor have grouped-query heads (K/V with fewer
     heads, which the forward kernel reads in place): differentiating those through this
@@ -38,7 +40,7 @@ class Mosaic(Implementation):
     from S=4096 on, H100 and H200; below, the two tie (docs/benchmarks.md)."""
 
     def unsupported(self, spec: AttentionSpec) -> str | None:
-        if reason := untaken_features(spec, takes=(GROUPED,)):
+        if reason := untaken_features(spec, takes=(SEGMENTS, WINDOW, GROUPED)):
             return reason
         if not spec.causal:
             return "it is used with the causal mask only (attention_mask=None)"
@@ -72,6 +74,7 @@ class Mosaic(Implementation):
         return MosaicPieces(self)
 
     def __call__(self, q, k, v, spec, mask, first_key=None):
+        """`first_key`: each query's first visible key, for segments and windows."""
         interpret = spec.platform != "gpu"
         backward = functools.partial(
             _backward_kernels, spec=spec, interpret=interpret, fused=self.fused(spec)
@@ -85,7 +88,7 @@ class Mosaic(Implementation):
             partition=not interpret,
             sequence_pieces=self.ring_pieces(),
         )
-        return row_attention(row_kernels, q, k, v)
+        return row_attention(row_kernels, q, k, v, first_key)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -133,15 +136,15 @@ NO_GROUPED_BACKWARD = (
 )
 
 
-def _forward_kernel(q, k, v, spec, interpret):
+def _forward_kernel(q, k, v, *first_key, spec, interpret):
     full = spec.mask == "full"
     args = (spec.activation, spec.sigmoid_bias, interpret, full, spec.kv_groups)
-    return (mosaic_forward(q, k, v, *args),)
+    return (mosaic_forward(q, k, v, *args, first_key=first_key[0] if first_key else None),)
 
 
-def _backward_kernels(q, k, v, out, d_out, spec, interpret, fused):
+def _backward_kernels(q, k, v, out, d_out, spec, interpret, fused, first_key=()):
     args = (q, k, v, d_out, spec.activation, spec.sigmoid_bias, interpret)
-    full = spec.mask == "full"
+    options = {"full": spec.mask == "full", "first_key": first_key[0] if first_key else None}
     if fused:
-        return mosaic_dkv(*args, fused=True, full=full)
-    return (mosaic_dq(*args, full=full), *mosaic_dkv(*args, full=full))
+        return mosaic_dkv(*args, fused=True, **options)
+    return (mosaic_dq(*args, **options), *mosaic_dkv(*args, **options))

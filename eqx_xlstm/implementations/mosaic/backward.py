@@ -38,12 +38,16 @@ from jax.experimental.pallas import mosaic_gpu as plgpu
 from ... import maths
 from . import jax_private
 from .common import (
+    BLOCK_INFO,
     block_grid,
+    block_info,
     claim_registers,
+    first_key_blocks,
     fold_vmap,
     in_gmem,
     iota,
     launch,
+    read_block_info,
     staged,
     stream_tiles,
     tiled_smem,
@@ -77,11 +81,15 @@ def _dq_part_width(dim):
     return dim if dim < 128 else dim // 2
 
 
-def _kernel(*refs, activation, bias, scale, n_tiles, full, interpret, fused):
-    n_in = (6 if interpret else 4) + fused
+def _kernel(*refs, activation, bias, scale, n_tiles, full, interpret, fused, bounded):
+    n_in = (6 if interpret else 4) + 2 * bounded + fused
     (q_ref, k_ref, v_ref, do_ref, *rest), (dk_ref, dv_ref) = refs[:n_in], refs[n_in:-1]
-    transposed, dq_ref = (rest[:-1], rest[-1]) if fused else (rest, None)
+    dq_ref = rest.pop() if fused else None
+    first_key_ref, key_ranges = (rest.pop(0), rest.pop(0)) if bounded else (None, None)
+    transposed = rest
     k_smem, v_smem, q_smem, do_smem, k_bar, v_bar, q_bar, do_bar, free, *extra = refs[-1]
+    if bounded:
+        *extra, fk_smem, fk_bar, info_smem, info_bar = extra
     if fused:
         *extra, ds_smem, dq_smem, ds_full, ds_free, dq_bar = extra
     qt_smem, dot_smem, qt_bar, dot_bar, *p_smem = extra if interpret else (None,) * 4
@@ -90,13 +98,24 @@ def _kernel(*refs, activation, bias, scale, n_tiles, full, interpret, fused):
     block = jax.lax.axis_index("k")
     wg = jax.lax.axis_index("wg")
     # The first query tile this block needs: warpgroup 0's diagonal, or tile 0 when
-    # every query sees every key (`full`).
+    # every query sees every key (`full`). Bounded, it stops after the last tile with
+    # a query whose first key is in the block, and tiles from `mask_from` on hold
+    # queries that see only some of its keys (`_key_ranges`).
     first = 0 if full else 2 * block
-    block_steps = n_tiles - first
+
+    def tile_range():
+        """`(steps, mask_from)`: how many query tiles this block walks from `first`,
+        and the first tile to mask after the diagonal."""
+        if not bounded:
+            return n_tiles - first, n_tiles
+        own = (info_smem.at[wg], info_bar.at[wg])
+        stop, mask_from, *_ = read_block_info(key_ranges.at[n, block], *own)
+        return stop - first, mask_from
 
     @pl.when(wg < 2)
     def _compute():
         claim_registers()
+        block_steps, mask_from = tile_range()
         key0 = (2 * block + wg) * rows
         own_k, own_v = k_smem.at[wg], v_smem.at[wg]
         plgpu.copy_gmem_to_smem(k_ref.at[n, pl.ds(key0, rows)], own_k, k_bar.at[wg])
@@ -105,7 +124,7 @@ def _kernel(*refs, activation, bias, scale, n_tiles, full, interpret, fused):
         plgpu.barrier_wait(v_bar.at[wg])
 
         def wait_tiles(slot):
-            for bar in (q_bar, do_bar, qt_bar, dot_bar):
+            for bar in (q_bar, do_bar, qt_bar, dot_bar, fk_bar if bounded else None):
                 if bar is not None:
                     plgpu.barrier_wait(bar.at[slot])
 
@@ -128,7 +147,7 @@ def _kernel(*refs, activation, bias, scale, n_tiles, full, interpret, fused):
             if masked:
                 keys = iota((rows, rows), 0, interpret) + key0
                 queries = iota((rows, rows), 1, interpret) + (first + t) * rows
-                allowed = maths.visible(queries, keys)
+                allowed = maths.visible(queries, keys, column_first_keys(slot))
                 p_t = jnp.where(allowed, p_t, 0.0)
             plgpu.wgmma(dv_acc, operand(p_t.astype(k_smem.dtype), 0), do_smem.at[slot])
             if not fused:
@@ -142,6 +161,15 @@ def _kernel(*refs, activation, bias, scale, n_tiles, full, interpret, fused):
                 pl.when(t >= 1)(lambda: store_dq(dq_part(t - 1), t - 1))
             plgpu.wgmma_wait(0)
             plgpu.barrier_arrive(free.at[slot])
+
+        def column_first_keys(slot):
+            """The first keys of the queries of tile `slot`, across the columns of
+            P^T (None unbounded)."""
+            if not bounded:
+                return None
+            tile = fk_smem.at[slot]
+            firsts = tile[...] if interpret else plgpu.load(tile, (), layout=plgpu.Layout.WGMMA.reduce(0))
+            return jax.lax.broadcast_in_dim(firsts, (rows, rows), [1])
 
         def share_ds(ds_t, t):
             """Put my dS^T of tile t in shared memory for both warpgroups' dQ parts."""
@@ -203,9 +231,12 @@ def _kernel(*refs, activation, bias, scale, n_tiles, full, interpret, fused):
             if not full:
                 jax.lax.fori_loop(0, wg, skip, None)
                 loops = ((wg, wg + 1, True), (wg + 1, block_steps, False))
-            for lo, hi, masked in loops:
+            if bounded:
+                tail = jnp.clip(mask_from - first, wg + 1, block_steps)
+                loops = ((wg, wg + 1, True), (wg + 1, tail, False), (tail, block_steps, True))
+            for start, stop, masked in loops:
                 body = functools.partial(step, dk_acc=dk_acc, dv_acc=dv_acc, masked=masked)
-                jax.lax.fori_loop(lo, hi, lambda t, c, body=body: body(t) or c, None)
+                jax.lax.fori_loop(start, stop, lambda t, c, body=body: body(t) or c, None)
             if fused:
                 last = block_steps - 1
                 store_dq(dq_part(last), last)
@@ -229,10 +260,15 @@ def _kernel(*refs, activation, bias, scale, n_tiles, full, interpret, fused):
 
     @pl.when(wg == 2)
     def _stream():
+        block_steps, _ = tile_range()
+
         def load(t, slot):
             tile = pl.ds((first + t) * rows, rows)
             plgpu.copy_gmem_to_smem(q_ref.at[n, tile], q_smem.at[slot], q_bar.at[slot])
             plgpu.copy_gmem_to_smem(do_ref.at[n, tile], do_smem.at[slot], do_bar.at[slot])
+            if bounded:
+                fk = first_key_ref.at[n, tile]
+                plgpu.copy_gmem_to_smem(fk, fk_smem.at[slot], fk_bar.at[slot])
             if interpret:
                 qt_ref, dot_ref = transposed
                 plgpu.copy_gmem_to_smem(qt_ref.at[n, :, tile], qt_smem.at[slot], qt_bar.at[slot])
@@ -241,22 +277,41 @@ def _kernel(*refs, activation, bias, scale, n_tiles, full, interpret, fused):
         stream_tiles(load, block_steps, stages, (free,), n_tiles)
 
 
-def mosaic_dkv(q, k, v, d_out, activation, bias, interpret, fused=False, full=False):
+def mosaic_dkv(
+    q, k, v, d_out, activation, bias, interpret, fused=False, full=False, first_key=None
+):
     """dK, dV for `q`, `k`, `v`, `d_out`: `(N, S, D)`, S a multiple of 128. With
     `fused`, dQ too, `(dq, dk, dv)`: the same kernel adds each tile's dS K into a
     float32 sum across CUDA blocks, so the weights are computed once, not twice. With
-    `full`, every query sees every key (a piece of context-parallel attention). Under
-    `jax.vmap` the mapped axis joins N (the fused kernel only where `in_gmem` can hide
-    its in-place sum)."""
+    `full`, every query sees every key (a piece of context-parallel attention). With
+    `first_key` (`(N, S)` int32, non-decreasing along S), query i sees keys from
+    `first_key[i]` on, and a key block stops at the last query tile that sees it.
+    Under `jax.vmap` the mapped axis joins N (the fused kernel only where `in_gmem`
+    can hide its in-place sum)."""
+    if full and first_key is not None:
+        raise ValueError("full pieces take no first keys")
     run = functools.partial(
         _dkv, activation=activation, bias=bias, interpret=interpret, fused=fused, full=full
     )
+    arrays = (q, k, v, d_out, *(() if first_key is None else (first_key,)))
     if fused and jax_private.ref_type_mappings() is None:
-        return run(q, k, v, d_out)
-    return fold_vmap(run, q, k, v, d_out)
+        return run(*arrays)
+    return fold_vmap(run, *arrays)
 
 
-def _dkv(q, k, v, d_out, activation, bias, interpret, fused, full):
+def _key_ranges(first_key, seq):
+    """For each row and block of `2 * ROWS` keys, `(stop, mask_from)` in query tiles
+    of `ROWS`: the tile after the last query that sees a key of the block, and the
+    first tile with a query that does not see all of them (first keys do not
+    decrease), as `common.block_info` lays them out."""
+    starts = jnp.arange(0, seq, 2 * ROWS, dtype=jnp.int32)
+    search = jax.vmap(lambda row, keys: jnp.searchsorted(row, keys, side="right"), (0, None))
+    stop = pl.cdiv(search(first_key, starts + 2 * ROWS - 1), ROWS)
+    mask_from = search(first_key, starts) // ROWS
+    return block_info(stop, mask_from)
+
+
+def _dkv(q, k, v, d_out, *first_key, activation, bias, interpret, fused, full):
     n, seq, dim = q.shape
     n_tiles = seq // ROWS
     scale = dim**-0.5
@@ -269,6 +324,7 @@ def _dkv(q, k, v, d_out, activation, bias, interpret, fused, full):
         full=full,
         interpret=interpret,
         fused=fused,
+        bounded=bool(first_key),
     )
 
     scratch = [
@@ -298,8 +354,17 @@ def _dkv(q, k, v, d_out, activation, bias, interpret, fused, full):
             plgpu.Barrier(num_arrivals=2, num_barriers=2),  # both dQ parts formed
             plgpu.Barrier(num_barriers=2),  # dQ read back (interpret mode)
         ]
+    if first_key:  # the streamed query tiles' first keys; each warpgroup's tile range
+        scratch += [
+            plgpu.SMEM((STAGES, ROWS), jnp.int32),
+            plgpu.Barrier(num_barriers=STAGES),
+            plgpu.SMEM((3, BLOCK_INFO), jnp.int32),
+            plgpu.Barrier(num_barriers=3),
+        ]
 
     inputs = [q, k, v, d_out]
+    if first_key:
+        inputs += [first_key[0], _key_ranges(first_key[0], seq)]
     if interpret:
         inputs += [jnp.swapaxes(q, 1, 2), jnp.swapaxes(d_out, 1, 2)]
     out_type = (jax.ShapeDtypeStruct(k.shape, k.dtype), jax.ShapeDtypeStruct(v.shape, v.dtype))
@@ -320,28 +385,53 @@ def _dkv(q, k, v, d_out, activation, bias, interpret, fused, full):
     return dq.astype(q.dtype), dk, dv
 
 
-def _dq_kernel(*refs, activation, bias, scale, n_pairs, full, interpret):
-    n_in = 6 if interpret else 4
-    (q_ref, k_ref, v_ref, do_ref, *transposed), (dq_ref,) = refs[:n_in], refs[n_in:-1]
+def _dq_kernel(*refs, activation, bias, scale, n_pairs, full, interpret, bounded):
+    n_in = (6 if interpret else 4) + 2 * bounded
+    (q_ref, k_ref, v_ref, do_ref, *rest), (dq_ref,) = refs[:n_in], refs[n_in:-1]
+    first_key_ref, blocks = (rest.pop(0), rest.pop(0)) if bounded else (None, None)
+    transposed = rest
     # v_tiles: value tiles (128, D) on a GPU, transposed (D, 128) when interpreting.
     q_smem, do_smem, k_smem, v_tiles, q_bar, do_bar, k_bar, v_bar, free, *extra = refs[-1]
+    if bounded:
+        fk_smem, fk_bar, info_smem, info_bar, *extra = extra
     kt_smem, kt_bar, *p_smem = extra if interpret else (None, None)
     rows, bk, stages = ROWS, 2 * ROWS, STAGES
     n = jax.lax.axis_index("n")
     pair = n_pairs - 1 - jax.lax.axis_index("q")  # the longest rows start first
     wg = jax.lax.axis_index("wg")
-    # Key tiles of 128 up to this pair's diagonal (all of them when `full`).
-    steps = n_pairs if full else pair + 1
+    # Key tiles of 128 up to this pair's diagonal (all of them when `full`); bounded,
+    # from the tile of the pair's first key (first keys do not decrease), masked up to
+    # the tile of its last. Counted from tile `lo`: loop index t is tile `lo + t`.
+    def tile_range():
+        """`(lo, mask_until, steps)`, as in the forward kernel."""
+        lo, mask_until = 0, 0
+        if bounded:
+            own = (info_smem.at[wg], info_bar.at[wg])
+            lo, mask_until, *_ = read_block_info(blocks.at[n, pair], *own)
+        return lo, mask_until, n_pairs if full else pair + 1 - lo
 
     @pl.when(wg < 2)
     def _compute():
         claim_registers()
+        lo, mask_until, steps = tile_range()
         row0 = (2 * pair + wg) * rows
         own_q, own_do = q_smem.at[wg], do_smem.at[wg]
         plgpu.copy_gmem_to_smem(q_ref.at[n, pl.ds(row0, rows)], own_q, q_bar.at[wg])
         plgpu.copy_gmem_to_smem(do_ref.at[n, pl.ds(row0, rows)], own_do, do_bar.at[wg])
         plgpu.barrier_wait(q_bar.at[wg])
         plgpu.barrier_wait(do_bar.at[wg])
+        first = None
+        if bounded:  # my rows' first keys, across the rows of P
+            own_first = fk_smem.at[wg]
+            plgpu.copy_gmem_to_smem(
+                first_key_ref.at[n, pl.ds(row0, rows)], own_first, fk_bar.at[wg]
+            )
+            plgpu.barrier_wait(fk_bar.at[wg])
+            if interpret:
+                firsts = own_first[...]
+            else:
+                firsts = plgpu.load(own_first, (), layout=plgpu.Layout.WGMMA.reduce(1))
+            first = jax.lax.broadcast_in_dim(firsts, (rows, bk), [0])
 
         def operand(x):
             return staged(x, p_smem[0] if p_smem else None, wg)
@@ -360,8 +450,8 @@ def _dq_kernel(*refs, activation, bias, scale, n_pairs, full, interpret):
             dp = _matmul(own_do, values_t, (rows, bk))
             if masked:
                 queries = iota((rows, bk), 0, interpret) + row0
-                keys = iota((rows, bk), 1, interpret) + t * bk
-                allowed = maths.visible(queries, keys)
+                keys = iota((rows, bk), 1, interpret) + (lo + t) * bk
+                allowed = maths.visible(queries, keys, first)
                 p = jnp.where(allowed, p, 0.0)
             ds = maths.score_grad(dp, p, activation, allowed if masked else None)
             plgpu.wgmma(dq_acc, operand(ds.astype(k_smem.dtype)), k_smem.at[slot])
@@ -372,9 +462,12 @@ def _dq_kernel(*refs, activation, bias, scale, n_pairs, full, interpret):
             loops = (
                 ((0, steps, False),) if full else ((0, steps - 1, False), (steps - 1, steps, True))
             )
-            for lo, hi, masked in loops:
+            if bounded:
+                head = jnp.clip(mask_until - lo, 0, steps - 1)
+                loops = ((0, head, True), (head, steps - 1, False), (steps - 1, steps, True))
+            for start, stop, masked in loops:
                 body = functools.partial(step, dq_acc=dq_acc, masked=masked)
-                jax.lax.fori_loop(lo, hi, lambda t, c, body=body: body(t) or c, None)
+                jax.lax.fori_loop(start, stop, lambda t, c, body=body: body(t) or c, None)
             return dq_acc[...]
 
         dq = pl.run_scoped(accumulate, plgpu.ACC((rows, q_smem.shape[-1]), jnp.float32))
@@ -383,8 +476,10 @@ def _dq_kernel(*refs, activation, bias, scale, n_pairs, full, interpret):
 
     @pl.when(wg == 2)
     def _stream():
+        lo, _, steps = tile_range()
+
         def load(t, slot):
-            tile = pl.ds(t * bk, bk)
+            tile = pl.ds((lo + t) * bk, bk)
             plgpu.copy_gmem_to_smem(k_ref.at[n, tile], k_smem.at[slot], k_bar.at[slot])
             if interpret:
                 kt_ref, vt_ref = transposed
@@ -396,14 +491,17 @@ def _dq_kernel(*refs, activation, bias, scale, n_pairs, full, interpret):
         stream_tiles(load, steps, stages, (free,), n_pairs)
 
 
-def mosaic_dq(q, k, v, d_out, activation, bias, interpret, full=False):
+def mosaic_dq(q, k, v, d_out, activation, bias, interpret, full=False, first_key=None):
     """dQ for `q`, `k`, `v`, `d_out`: `(N, S, D)`, S a multiple of 128 (`full`: every
-    query sees every key). Under `jax.vmap` the mapped axis joins N."""
+    query sees every key; `first_key` as `mosaic_dkv` takes it). Under `jax.vmap` the
+    mapped axis joins N."""
+    if full and first_key is not None:
+        raise ValueError("full pieces take no first keys")
     run = functools.partial(_dq, activation=activation, bias=bias, interpret=interpret, full=full)
-    return fold_vmap(run, q, k, v, d_out)
+    return fold_vmap(run, q, k, v, d_out, *(() if first_key is None else (first_key,)))
 
 
-def _dq(q, k, v, d_out, activation, bias, interpret, full):
+def _dq(q, k, v, d_out, *first_key, activation, bias, interpret, full):
     n, seq, dim = q.shape
     n_pairs = seq // (2 * ROWS)
     kernel = functools.partial(
@@ -414,6 +512,7 @@ def _dq(q, k, v, d_out, activation, bias, interpret, full):
         n_pairs=n_pairs,
         full=full,
         interpret=interpret,
+        bounded=bool(first_key),
     )
     value_tile = (STAGES, dim, 2 * ROWS) if interpret else (STAGES, 2 * ROWS, dim)
 
@@ -428,6 +527,13 @@ def _dq(q, k, v, d_out, activation, bias, interpret, full):
         plgpu.Barrier(num_barriers=STAGES),  # value tiles
         plgpu.Barrier(num_arrivals=2, num_barriers=STAGES),  # slot released
     ]
+    if first_key:  # each compute warpgroup's rows' first keys; each warpgroup's tile range
+        scratch += [
+            plgpu.SMEM((2, ROWS), jnp.int32),
+            plgpu.Barrier(num_barriers=2),
+            plgpu.SMEM((3, BLOCK_INFO), jnp.int32),
+            plgpu.Barrier(num_barriers=3),
+        ]
     if interpret:  # transposed keys and the wgmma operand staged in shared memory
         scratch += [
             tiled_smem((STAGES, dim, 2 * ROWS), k.dtype),
@@ -436,6 +542,8 @@ def _dq(q, k, v, d_out, activation, bias, interpret, full):
         ]
 
     inputs = [q, k, v, d_out]
+    if first_key:
+        inputs += [first_key[0], first_key_blocks(first_key[0], 2 * ROWS, 2 * ROWS)]
     if interpret:
         inputs += [jnp.swapaxes(k, 1, 2), jnp.swapaxes(v, 1, 2)]
     out_type = jax.ShapeDtypeStruct(q.shape, q.dtype)

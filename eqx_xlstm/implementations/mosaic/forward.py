@@ -32,11 +32,14 @@ from jax.experimental.pallas import mosaic_gpu as plgpu
 
 from ... import maths
 from .common import (
+    BLOCK_INFO,
     block_grid,
     claim_registers,
+    first_key_blocks,
     fold_vmap,
     iota,
     launch,
+    read_block_info,
     staged,
     stream_tiles,
     tiled_smem,
@@ -48,41 +51,57 @@ BLOCK_K = 2 * BLOCK_Q  # key rows per tile: both warpgroups then walk as many ti
 STAGES = 3  # key/value slots in flight
 
 
-def _kernel(
-    q_ref,
-    k_ref,
-    v_ref,
-    out_ref,
-    scratch,
-    *,
-    activation,
-    bias,
-    scale,
-    n_blocks,
-    full,
-    interpret,
-    groups,
-):
-    q_smem, k_smem, v_smem, q_bar, k_bar, v_bar, k_free, v_free, turn, *p_smem = scratch
+def _kernel(*refs, activation, bias, scale, n_blocks, full, interpret, groups, bounded):
+    (q_ref, k_ref, v_ref, *first_key_refs), out_ref, scratch = refs[:-2], refs[-2], refs[-1]
+    first_keys, blocks = first_key_refs if bounded else (None, None)
+    q_smem, k_smem, v_smem, q_bar, k_bar, v_bar, k_free, v_free, turn, *extra = scratch
+    fk_smem, fk_bar, info_smem, info_bar, *p_smem = extra if bounded else (None,) * 4 + (*extra,)
     bq, bk, stages = BLOCK_Q, BLOCK_K, STAGES
     n = jax.lax.axis_index("n")
+    kv = n // groups  # grouped-query heads: G query rows read one K/V row in place
     pair = n_blocks - 1 - jax.lax.axis_index("q")  # the longest rows start first
     wg = jax.lax.axis_index("wg")
     # Key tiles this block needs: up to the diagonal of its second query block (all of
-    # them with the `full` mask).
+    # them with the `full` mask); bounded, from the tile of its rows' first key (the
+    # first keys do not decrease) and masked up to the tile of their last one.
     n_tiles = n_blocks * 2 * bq // bk
-    block_steps = n_tiles if full else pl.cdiv((pair + 1) * 2 * bq, bk)
+
+    def tile_range():
+        """`(lo, mask_until, steps)`: this block's first key tile, the tile its masking
+        ends at, and how many tiles it walks from `lo` (each loop index t below is
+        tile `lo + t`)."""
+        lo, mask_until = 0, 0
+        if bounded:
+            own = (info_smem.at[wg], info_bar.at[wg])
+            lo, mask_until, *_ = read_block_info(blocks.at[kv, pair], *own)
+        return lo, mask_until, n_tiles if full else pl.cdiv((pair + 1) * 2 * bq, bk) - lo
 
     @pl.when(wg < 2)
     def _compute():
         claim_registers()
+        lo, mask_until, block_steps = tile_range()
         row0 = pair * 2 * bq + wg * bq
         own = q_smem.at[wg]
         plgpu.copy_gmem_to_smem(q_ref.at[n, pl.ds(row0, bq)], own, q_bar.at[wg])
         plgpu.barrier_wait(q_bar.at[wg])
-        steps = block_steps if full else pl.cdiv(row0 + bq, bk)
-        unmasked = steps if full else row0 // bk  # tiles wholly visible
+        steps = block_steps if full else pl.cdiv(row0 + bq, bk) - lo
+        # Tiles [head, diagonal) are wholly visible; those before `head` and from the
+        # diagonal on are masked.
+        diagonal = steps if full else row0 // bk - lo
+        head = jnp.clip(mask_until - lo, 0, diagonal) if bounded else 0
+        loops = ((0, head, True), (head, diagonal, False), (diagonal, steps, True))
+        if not bounded:
+            loops = loops[1:]
         dv = v_ref.shape[-1]
+        row_first = None
+        if bounded:  # my rows' first keys, in the scores' row layout
+            own_first = fk_smem.at[wg]
+            plgpu.copy_gmem_to_smem(first_keys.at[kv, pl.ds(row0, bq)], own_first, fk_bar.at[wg])
+            plgpu.barrier_wait(fk_bar.at[wg])
+            if interpret:
+                row_first = own_first[...]
+            else:
+                row_first = plgpu.load(own_first, (), layout=plgpu.Layout.WGMMA.reduce(1))
 
         def key_tile(slot):
             tile = k_smem.at[slot]
@@ -90,8 +109,11 @@ def _kernel(
 
         def visible(t):
             rows = iota((bq, bk), 0, interpret) + row0
-            cols = iota((bq, bk), 1, interpret) + t * bk
-            return maths.visible(rows, cols)
+            cols = iota((bq, bk), 1, interpret) + (lo + t) * bk
+            first = None
+            if bounded:
+                first = jax.lax.broadcast_in_dim(row_first, (bq, bk), [0])
+            return maths.visible(rows, cols, first)
 
         def weights(scores, t, masked):
             p = maths.weights(scores, activation, scale, bias)
@@ -132,9 +154,9 @@ def _kernel(
             p = jnp.zeros((bq, bk), v_smem.dtype)
             if not interpret:
                 p = plgpu.layout_cast(p, plgpu.Layout.WGMMA)
-            for lo, hi, masked in ((0, unmasked, False), (unmasked, steps, True)):
+            for start, stop, masked in loops:
                 body = functools.partial(pingpong_step, o_acc=o_acc, masked=masked)
-                p = jax.lax.fori_loop(lo, hi, body, p)
+                p = jax.lax.fori_loop(start, stop, body, p)
             last = jax.lax.rem(steps - 1, stages)
             plgpu.barrier_wait(turn.at[wg])
             plgpu.barrier_wait(v_bar.at[last])
@@ -199,15 +221,19 @@ def _kernel(
             if masked:
                 s = jnp.where(visible(t), s, -jnp.inf)
             new_max = jnp.maximum(row_max, s.max(axis=1))
-            alpha = jnp.exp2((row_max - new_max) * c)
-            p = jnp.exp2(s * c - jax.lax.broadcast_in_dim(new_max * c, s.shape, [0]))
+            shift = new_max
+            if masked and bounded:  # a row may have seen no key yet: shift by 0, not -inf
+                shift = jnp.where(new_max == -jnp.inf, 0.0, new_max)
+            alpha = jnp.exp2((row_max - shift) * c)
+            p = jnp.exp2(s * c - jax.lax.broadcast_in_dim(shift * c, s.shape, [0]))
             row_sum = row_sum * alpha + p.sum(axis=1)
             o = o * jax.lax.broadcast_in_dim(alpha, o.shape, [0])
             return p.astype(v_smem.dtype), o, new_max, row_sum
 
         def accumulate_softmax():
-            # Every row has a key on or before it in its first tile, so the running max
-            # is finite from tile 0 on and the row sums are positive.
+            # Every row sees itself, so its row sum ends positive. Unbounded, every row
+            # has a key in tile 0, so the running max is finite from there on; bounded,
+            # a row's may stay -inf through masked tiles (`softmax_step` shifts by 0).
             pl.when(wg == 1)(lambda: plgpu.barrier_arrive(turn.at[0]))
             rows = plgpu.Layout.WGMMA.reduce(1)
             carry = (
@@ -216,9 +242,9 @@ def _kernel(
                 fill((bq,), -jnp.inf, rows),
                 fill((bq,), 0.0, rows),
             )
-            for lo, hi, masked in ((0, unmasked, False), (unmasked, steps, True)):
+            for start, stop, masked in loops:
                 body = functools.partial(softmax_step, masked=masked)
-                carry = jax.lax.fori_loop(lo, hi, body, carry)
+                carry = jax.lax.fori_loop(start, stop, body, carry)
             p, o, _, row_sum = carry
             last = jax.lax.rem(steps - 1, stages)
             plgpu.barrier_wait(turn.at[wg])
@@ -242,10 +268,10 @@ def _kernel(
 
     @pl.when(wg == 2)
     def _stream():
-        kv = n // groups  # grouped-query heads: G query rows read one K/V row in place
+        lo, _, block_steps = tile_range()
 
         def load(t, slot):
-            cols = pl.ds(t * bk, bk)
+            cols = pl.ds((lo + t) * bk, bk)
             keys = k_ref.at[kv, :, cols] if interpret else k_ref.at[kv, cols]
             plgpu.copy_gmem_to_smem(keys, k_smem.at[slot], k_bar.at[slot])
             plgpu.copy_gmem_to_smem(v_ref.at[kv, cols], v_smem.at[slot], v_bar.at[slot])
@@ -253,18 +279,23 @@ def _kernel(
         stream_tiles(load, block_steps, stages, (k_free, v_free), n_tiles)
 
 
-def mosaic_forward(q, k, v, activation, bias, interpret, full=False, groups=1):
+def mosaic_forward(q, k, v, activation, bias, interpret, full=False, groups=1, first_key=None):
     """Causal attention output for `q`, `k`, `v`: `(N, S, D)`, S a multiple of
     `2 * BLOCK_Q` and of `BLOCK_K`; with `full`, every query sees every key (a piece
     of context-parallel attention); with `groups` G, k and v have N / G rows, row
-    `n // G` serving query row n. Under `jax.vmap` the mapped axis joins N."""
+    `n // G` serving query row n; with `first_key` (`(N / G, S)` int32, non-decreasing
+    along S, like k's rows), query i sees keys from `first_key[i]` on, and key tiles
+    before its block's first key are skipped. Under `jax.vmap` the mapped axis joins
+    N."""
+    if full and first_key is not None:
+        raise ValueError("full pieces take no first keys")
     run = functools.partial(
         _forward, activation=activation, bias=bias, interpret=interpret, full=full, groups=groups
     )
-    return fold_vmap(run, q, k, v)
+    return fold_vmap(run, q, k, v, *(() if first_key is None else (first_key,)))
 
 
-def _forward(q, k, v, activation, bias, interpret, full, groups):
+def _forward(q, k, v, *first_key, activation, bias, interpret, full, groups):
     n, seq, dqk = q.shape
     dv = v.shape[-1]
     n_blocks = seq // (2 * BLOCK_Q)
@@ -277,6 +308,7 @@ def _forward(q, k, v, activation, bias, interpret, full, groups):
         full=full,
         interpret=interpret,
         groups=groups,
+        bounded=bool(first_key),
     )
 
     scratch = (
@@ -290,9 +322,18 @@ def _forward(q, k, v, activation, bias, interpret, full, groups):
         plgpu.Barrier(num_arrivals=2, num_barriers=STAGES),
         plgpu.Barrier(num_barriers=2),  # whose turn it is on the tensor cores
     )
+    if first_key:  # each compute warpgroup's rows' first keys; each warpgroup's tile range
+        scratch += (
+            plgpu.SMEM((2, BLOCK_Q), jnp.int32),
+            plgpu.Barrier(num_barriers=2),
+            plgpu.SMEM((3, BLOCK_INFO), jnp.int32),
+            plgpu.Barrier(num_barriers=3),
+        )
     if interpret:
         scratch += (tiled_smem((2, BLOCK_Q, BLOCK_K), v.dtype),)
     out_type = jax.ShapeDtypeStruct((n, seq, dv), v.dtype)
     keys = jnp.swapaxes(k, 1, 2) if interpret else k
     grid, names = block_grid(n_blocks, "q", n)
-    return launch(kernel, scratch, out_type, grid, names, interpret, q, keys, v)
+    if first_key:
+        first_key = (*first_key, first_key_blocks(first_key[0], 2 * BLOCK_Q, BLOCK_K))
+    return launch(kernel, scratch, out_type, grid, names, interpret, q, keys, v, *first_key)
