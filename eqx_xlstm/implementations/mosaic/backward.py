@@ -109,7 +109,7 @@ def _kernel(*refs, activation, bias, scale, n_tiles, full, interpret, fused, bou
         if not bounded:
             return n_tiles - first, n_tiles
         own = (info_smem.at[wg], info_bar.at[wg])
-        stop, mask_from, *_ = read_block_info(key_ranges.at[n, block], *own)
+        stop, mask_from = read_block_info(key_ranges.at[n, block], *own)
         return stop - first, mask_from
 
     @pl.when(wg < 2)
@@ -407,7 +407,7 @@ def _dq_kernel(*refs, activation, bias, scale, n_pairs, full, interpret, bounded
         lo, mask_until = 0, 0
         if bounded:
             own = (info_smem.at[wg], info_bar.at[wg])
-            lo, mask_until, *_ = read_block_info(blocks.at[n, pair], *own)
+            lo, mask_until = read_block_info(blocks.at[n, pair], *own)
         return lo, mask_until, n_pairs if full else pair + 1 - lo
 
     @pl.when(wg < 2)

@@ -77,30 +77,32 @@ def first_key_blocks(first_key, rows, tile):
     """For each row of `first_key` (`(N, S)` int32, non-decreasing) and block of `rows`
     queries: the key tile (of `tile` keys) of the block's first key, and the tile after
     that of its last: tiles before the first are skipped, those up to the second masked.
-    `(N, S / rows, BLOCK_INFO)` int32 (padded for the copy's 16-byte minimum)."""
+    `(N, S / rows, BLOCK_INFO)` int32."""
     n, seq = first_key.shape
     blocks = first_key.reshape(n, seq // rows, rows)
     lo, mask_until = blocks[..., 0] // tile, -(-blocks[..., -1] // tile)
     return block_info(lo, mask_until)
 
 
-BLOCK_INFO = 4  # int32 entries a block reads from `block_info`
+# int32 entries a block reads from `block_info`: 128 bytes, as a TMA copy's shared
+# memory destination must be aligned to (fewer entries are padded).
+BLOCK_INFO = 32
 
 
 def block_info(*entries):
-    """`entries` (each `(N, blocks)`) as the `(N, blocks, BLOCK_INFO)` int32 array
+    """Two `entries` (each `(N, blocks)`) as the `(N, blocks, BLOCK_INFO)` int32 array
     that `read_block_info` reads."""
     info = jnp.stack(entries, axis=-1).astype(jnp.int32)
     return jnp.pad(info, ((0, 0), (0, 0), (0, BLOCK_INFO - len(entries))))
 
 
 def read_block_info(info, smem, bar):
-    """A block's entries of `block_info`: `info` (`(BLOCK_INFO,)` in global memory)
+    """A block's two entries of `block_info`: `info` (`(BLOCK_INFO,)` in global memory)
     copied into `smem` (waited on `bar`) and read there as scalars. (Scalar reads
     straight from global memory hang Mosaic GPU interpret mode.)"""
     plgpu.copy_gmem_to_smem(info, smem, bar)
     plgpu.barrier_wait(bar)
-    return tuple(smem[i] for i in range(BLOCK_INFO))
+    return smem[0], smem[1]
 
 
 def write_back(*outputs):

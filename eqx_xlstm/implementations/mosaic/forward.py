@@ -55,7 +55,9 @@ def _kernel(*refs, activation, bias, scale, n_blocks, full, interpret, groups, b
     (q_ref, k_ref, v_ref, *first_key_refs), out_ref, scratch = refs[:-2], refs[-2], refs[-1]
     first_keys, blocks = first_key_refs if bounded else (None, None)
     q_smem, k_smem, v_smem, q_bar, k_bar, v_bar, k_free, v_free, turn, *extra = scratch
-    fk_smem, fk_bar, info_smem, info_bar, *p_smem = extra if bounded else (None,) * 4 + (*extra,)
+    # Bounded: one int32 buffer holds each compute warpgroup's rows' first keys, then
+    # each warpgroup's tile range (one allocation: at D=128 softmax has ~3 KiB to spare).
+    ints, int_bars, *p_smem = extra if bounded else (None, None, *extra)
     bq, bk, stages = BLOCK_Q, BLOCK_K, STAGES
     n = jax.lax.axis_index("n")
     kv = n // groups  # grouped-query heads: G query rows read one K/V row in place
@@ -72,8 +74,9 @@ def _kernel(*refs, activation, bias, scale, n_blocks, full, interpret, groups, b
         tile `lo + t`)."""
         lo, mask_until = 0, 0
         if bounded:
-            own = (info_smem.at[wg], info_bar.at[wg])
-            lo, mask_until, *_ = read_block_info(blocks.at[kv, pair], *own)
+            own_info = ints.at[pl.ds(2 * bq + wg * BLOCK_INFO, BLOCK_INFO)]
+            own = (own_info, int_bars.at[2 + wg])
+            lo, mask_until = read_block_info(blocks.at[kv, pair], *own)
         return lo, mask_until, n_tiles if full else pl.cdiv((pair + 1) * 2 * bq, bk) - lo
 
     @pl.when(wg < 2)
@@ -95,9 +98,9 @@ def _kernel(*refs, activation, bias, scale, n_blocks, full, interpret, groups, b
         dv = v_ref.shape[-1]
         row_first = None
         if bounded:  # my rows' first keys, in the scores' row layout
-            own_first = fk_smem.at[wg]
-            plgpu.copy_gmem_to_smem(first_keys.at[kv, pl.ds(row0, bq)], own_first, fk_bar.at[wg])
-            plgpu.barrier_wait(fk_bar.at[wg])
+            own_first = ints.at[pl.ds(wg * bq, bq)]
+            plgpu.copy_gmem_to_smem(first_keys.at[kv, pl.ds(row0, bq)], own_first, int_bars.at[wg])
+            plgpu.barrier_wait(int_bars.at[wg])
             if interpret:
                 row_first = own_first[...]
             else:
@@ -324,10 +327,8 @@ def _forward(q, k, v, *first_key, activation, bias, interpret, full, groups):
     )
     if first_key:  # each compute warpgroup's rows' first keys; each warpgroup's tile range
         scratch += (
-            plgpu.SMEM((2, BLOCK_Q), jnp.int32),
-            plgpu.Barrier(num_barriers=2),
-            plgpu.SMEM((3, BLOCK_INFO), jnp.int32),
-            plgpu.Barrier(num_barriers=3),
+            plgpu.SMEM((2 * BLOCK_Q + 3 * BLOCK_INFO,), jnp.int32),
+            plgpu.Barrier(num_barriers=2 + 3),
         )
     if interpret:
         scratch += (tiled_smem((2, BLOCK_Q, BLOCK_K), v.dtype),)
