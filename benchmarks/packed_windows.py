@@ -6,14 +6,14 @@ attention at the same S, in one run (issue #10's targets).
         --batch 1 --heads 4 --head-dim 64 --dtype float32       # a CPU
 
 For each activation and each of `--paths` (the default dispatch, or an implementation
-by name), fwd+bwd (the gradient of a sum; with `--forward`, the output alone): full causal; `--documents` packed documents
-of S/documents positions each (`segment_ids`); keys/values with heads/8 heads
-(grouped-query 8:1); and a sliding window of `--window` at `--window-seq-len`. The
-ratios are the time over full causal's at the same S, through the default dispatch and
-through the same path. The path "cudnn mask" is the peer the issue names: softmax with
-the visibility written out as a mask, through `jax.nn.dot_product_attention`'s cuDNN
-(without swish and RoPE). The implementation that
-ran is printed beside each row (`eqx_xlstm.dispatch.plan`).
+by name), fwd+bwd (the gradient of a sum; with `--forward`, the output alone): full
+causal; `--documents` packed documents of S/documents positions each (`segment_ids`);
+keys/values with heads/8 heads (grouped-query 8:1); and a sliding window of `--window`
+at `--window-seq-len`. The ratios are the time over full causal's at the same S,
+through the default dispatch and through the same path. The path "cudnn mask" is the
+peer the issue names: softmax with the visibility written out as a mask, through
+`jax.nn.dot_product_attention`'s cuDNN (without swish and RoPE). The implementation
+that ran is printed beside each row (`eqx_xlstm.dispatch.plan`).
 
     python benchmarks/packed_windows.py --paths default triton chunked "cudnn mask"
 """

@@ -67,8 +67,12 @@ class Mosaic(Implementation):
         return spec.activation != "softmax" and spec.kv_groups == 1
 
     def fused(self, spec: AttentionSpec) -> bool:
-        """Whether the backward of `spec` is the one fused kernel."""
-        return self.fused_backward_from is not None and spec.seq_len >= self.fused_backward_from
+        """Whether the backward of `spec` is the one fused kernel: never with segments
+        or windows, where blocks walk few tiles and the pair measured as fast or faster
+        (H200: 0.98-1.25x; docs/benchmarks.md)."""
+        if spec.bounded or self.fused_backward_from is None:
+            return False
+        return spec.seq_len >= self.fused_backward_from
 
     def ring_pieces(self) -> "MosaicPieces":
         return MosaicPieces(self)

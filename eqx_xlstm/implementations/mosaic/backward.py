@@ -38,16 +38,14 @@ from jax.experimental.pallas import mosaic_gpu as plgpu
 from ... import maths
 from . import jax_private
 from .common import (
-    BLOCK_INFO,
+    block_first_keys,
     block_grid,
-    block_info,
     claim_registers,
-    first_key_blocks,
     fold_vmap,
     in_gmem,
     iota,
+    key_vector,
     launch,
-    read_block_info,
     staged,
     stream_tiles,
     tiled_smem,
@@ -167,8 +165,7 @@ def _kernel(*refs, activation, bias, scale, n_tiles, full, interpret, fused, bou
             P^T (None unbounded)."""
             if not bounded:
                 return None
-            tile = fk_smem.at[slot]
-            firsts = tile[...] if interpret else plgpu.load(tile, (), layout=plgpu.Layout.WGMMA.reduce(0))
+            firsts = key_vector(fk_smem.at[slot], 0, interpret)
             return jax.lax.broadcast_in_dim(firsts, (rows, rows), [1])
 
         def share_ds(ds_t, t):
@@ -299,11 +296,32 @@ def mosaic_dkv(
     return fold_vmap(run, *arrays)
 
 
+# int32 entries a dK/dV block reads from `block_info`: 128 bytes, as a TMA copy's shared
+# memory destination must be aligned to (fewer entries are padded).
+BLOCK_INFO = 32
+
+
+def block_info(*entries):
+    """Two `entries` (each `(N, blocks)`) as the `(N, blocks, BLOCK_INFO)` int32 array
+    that `read_block_info` reads."""
+    info = jnp.stack(entries, axis=-1).astype(jnp.int32)
+    return jnp.pad(info, ((0, 0), (0, 0), (0, BLOCK_INFO - len(entries))))
+
+
+def read_block_info(info, smem, bar):
+    """A block's two entries of `block_info`: `info` (`(BLOCK_INFO,)` in global memory)
+    copied into `smem` (waited on `bar`) and read there as scalars. (Scalar reads
+    straight from global memory hang Mosaic GPU interpret mode.)"""
+    plgpu.copy_gmem_to_smem(info, smem, bar)
+    plgpu.barrier_wait(bar)
+    return smem[0], smem[1]
+
+
 def _key_ranges(first_key, seq):
     """For each row and block of `2 * ROWS` keys, `(stop, mask_from)` in query tiles
     of `ROWS`: the tile after the last query that sees a key of the block, and the
     first tile with a query that does not see all of them (first keys do not
-    decrease), as `common.block_info` lays them out."""
+    decrease), as `block_info` lays them out."""
     starts = jnp.arange(0, seq, 2 * ROWS, dtype=jnp.int32)
     search = jax.vmap(lambda row, keys: jnp.searchsorted(row, keys, side="right"), (0, None))
     stop = pl.cdiv(search(first_key, starts + 2 * ROWS - 1), ROWS)
@@ -386,14 +404,14 @@ def _dkv(q, k, v, d_out, *first_key, activation, bias, interpret, fused, full):
 
 
 def _dq_kernel(*refs, activation, bias, scale, n_pairs, full, interpret, bounded):
-    n_in = (6 if interpret else 4) + 2 * bounded
+    n_in = (6 if interpret else 4) + bounded
     (q_ref, k_ref, v_ref, do_ref, *rest), (dq_ref,) = refs[:n_in], refs[n_in:-1]
-    first_key_ref, blocks = (rest.pop(0), rest.pop(0)) if bounded else (None, None)
+    first_key_ref = rest.pop(0) if bounded else None
     transposed = rest
     # v_tiles: value tiles (128, D) on a GPU, transposed (D, 128) when interpreting.
     q_smem, do_smem, k_smem, v_tiles, q_bar, do_bar, k_bar, v_bar, free, *extra = refs[-1]
     if bounded:
-        fk_smem, fk_bar, info_smem, info_bar, *extra = extra
+        block_keys, keys_bar, *extra = extra
     kt_smem, kt_bar, *p_smem = extra if interpret else (None, None)
     rows, bk, stages = ROWS, 2 * ROWS, STAGES
     n = jax.lax.axis_index("n")
@@ -402,18 +420,15 @@ def _dq_kernel(*refs, activation, bias, scale, n_pairs, full, interpret, bounded
     # Key tiles of 128 up to this pair's diagonal (all of them when `full`); bounded,
     # from the tile of the pair's first key (first keys do not decrease), masked up to
     # the tile of its last. Counted from tile `lo`: loop index t is tile `lo + t`.
-    def tile_range():
-        """`(lo, mask_until, steps)`, as in the forward kernel."""
-        lo, mask_until = 0, 0
-        if bounded:
-            own = (info_smem.at[wg], info_bar.at[wg])
-            lo, mask_until = read_block_info(blocks.at[n, pair], *own)
-        return lo, mask_until, n_pairs if full else pair + 1 - lo
+    lo, mask_until = 0, 0
+    if bounded:
+        pair_rows = first_key_ref.at[n, pl.ds(2 * pair * rows, 2 * rows)]
+        lo, mask_until = block_first_keys(pair_rows, block_keys, keys_bar.at[0], issuer=2)(bk)
+    steps = n_pairs if full else pair + 1 - lo
 
     @pl.when(wg < 2)
     def _compute():
         claim_registers()
-        lo, mask_until, steps = tile_range()
         row0 = (2 * pair + wg) * rows
         own_q, own_do = q_smem.at[wg], do_smem.at[wg]
         plgpu.copy_gmem_to_smem(q_ref.at[n, pl.ds(row0, rows)], own_q, q_bar.at[wg])
@@ -422,15 +437,7 @@ def _dq_kernel(*refs, activation, bias, scale, n_pairs, full, interpret, bounded
         plgpu.barrier_wait(do_bar.at[wg])
         first = None
         if bounded:  # my rows' first keys, across the rows of P
-            own_first = fk_smem.at[wg]
-            plgpu.copy_gmem_to_smem(
-                first_key_ref.at[n, pl.ds(row0, rows)], own_first, fk_bar.at[wg]
-            )
-            plgpu.barrier_wait(fk_bar.at[wg])
-            if interpret:
-                firsts = own_first[...]
-            else:
-                firsts = plgpu.load(own_first, (), layout=plgpu.Layout.WGMMA.reduce(1))
+            firsts = key_vector(block_keys.at[pl.ds(wg * rows, rows)], 1, interpret)
             first = jax.lax.broadcast_in_dim(firsts, (rows, bk), [0])
 
         def operand(x):
@@ -476,8 +483,6 @@ def _dq_kernel(*refs, activation, bias, scale, n_pairs, full, interpret, bounded
 
     @pl.when(wg == 2)
     def _stream():
-        lo, _, steps = tile_range()
-
         def load(t, slot):
             tile = pl.ds((lo + t) * bk, bk)
             plgpu.copy_gmem_to_smem(k_ref.at[n, tile], k_smem.at[slot], k_bar.at[slot])
@@ -527,13 +532,8 @@ def _dq(q, k, v, d_out, *first_key, activation, bias, interpret, full):
         plgpu.Barrier(num_barriers=STAGES),  # value tiles
         plgpu.Barrier(num_arrivals=2, num_barriers=STAGES),  # slot released
     ]
-    if first_key:  # each compute warpgroup's rows' first keys; each warpgroup's tile range
-        scratch += [
-            plgpu.SMEM((2, ROWS), jnp.int32),
-            plgpu.Barrier(num_barriers=2),
-            plgpu.SMEM((3, BLOCK_INFO), jnp.int32),
-            plgpu.Barrier(num_barriers=3),
-        ]
+    if first_key:  # the pair's rows' first keys
+        scratch += [plgpu.SMEM((2 * ROWS,), jnp.int32), plgpu.Barrier(num_barriers=1)]
     if interpret:  # transposed keys and the wgmma operand staged in shared memory
         scratch += [
             tiled_smem((STAGES, dim, 2 * ROWS), k.dtype),
@@ -543,7 +543,7 @@ def _dq(q, k, v, d_out, *first_key, activation, bias, interpret, full):
 
     inputs = [q, k, v, d_out]
     if first_key:
-        inputs += [first_key[0], first_key_blocks(first_key[0], 2 * ROWS, 2 * ROWS)]
+        inputs += [first_key[0]]
     if interpret:
         inputs += [jnp.swapaxes(k, 1, 2), jnp.swapaxes(v, 1, 2)]
     out_type = jax.ShapeDtypeStruct(q.shape, q.dtype)

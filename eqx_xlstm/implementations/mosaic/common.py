@@ -73,36 +73,26 @@ def staged(x, buffers, index):
     return buffers.at[index]
 
 
-def first_key_blocks(first_key, rows, tile):
-    """For each row of `first_key` (`(N, S)` int32, non-decreasing) and block of `rows`
-    queries: the key tile (of `tile` keys) of the block's first key, and the tile after
-    that of its last: tiles before the first are skipped, those up to the second masked.
-    `(N, S / rows, BLOCK_INFO)` int32."""
-    n, seq = first_key.shape
-    blocks = first_key.reshape(n, seq // rows, rows)
-    lo, mask_until = blocks[..., 0] // tile, -(-blocks[..., -1] // tile)
-    return block_info(lo, mask_until)
-
-
-# int32 entries a block reads from `block_info`: 128 bytes, as a TMA copy's shared
-# memory destination must be aligned to (fewer entries are padded).
-BLOCK_INFO = 32
-
-
-def block_info(*entries):
-    """Two `entries` (each `(N, blocks)`) as the `(N, blocks, BLOCK_INFO)` int32 array
-    that `read_block_info` reads."""
-    info = jnp.stack(entries, axis=-1).astype(jnp.int32)
-    return jnp.pad(info, ((0, 0), (0, 0), (0, BLOCK_INFO - len(entries))))
-
-
-def read_block_info(info, smem, bar):
-    """A block's two entries of `block_info`: `info` (`(BLOCK_INFO,)` in global memory)
-    copied into `smem` (waited on `bar`) and read there as scalars. (Scalar reads
-    straight from global memory hang Mosaic GPU interpret mode.)"""
-    plgpu.copy_gmem_to_smem(info, smem, bar)
+def block_first_keys(first_keys, smem, bar, issuer):
+    """A query block's first keys (`first_keys`, a slice in global memory), copied into
+    `smem` by warpgroup `issuer` and waited for by every warpgroup; then
+    `(lo, mask_until)`, the key tile (of `tile` keys) of the block's first key and the
+    tile after that of its last, as a function of `tile`. First keys do not decrease,
+    so tiles before `lo` are seen by none of its rows, and from `mask_until` on by
+    all (up to the diagonal)."""
+    pl.when(jax.lax.axis_index("wg") == issuer)(
+        lambda: plgpu.copy_gmem_to_smem(first_keys, smem, bar)
+    )
     plgpu.barrier_wait(bar)
-    return smem[0], smem[1]
+    return lambda tile: (smem[0] // tile, pl.cdiv(smem[smem.shape[0] - 1], tile))
+
+
+def key_vector(ref, reduced_axis, interpret):
+    """A vector of first keys in shared memory, in the layout of the scores' rows
+    (`reduced_axis` 1) or columns (0) for broadcasting against them."""
+    if interpret:  # the interpreter has no layouts
+        return ref[...]
+    return plgpu.load(ref, (), layout=plgpu.Layout.WGMMA.reduce(reduced_axis))
 
 
 def write_back(*outputs):

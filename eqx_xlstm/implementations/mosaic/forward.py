@@ -32,14 +32,13 @@ from jax.experimental.pallas import mosaic_gpu as plgpu
 
 from ... import maths
 from .common import (
-    BLOCK_INFO,
+    block_first_keys,
     block_grid,
     claim_registers,
-    first_key_blocks,
     fold_vmap,
     iota,
+    key_vector,
     launch,
-    read_block_info,
     staged,
     stream_tiles,
     tiled_smem,
@@ -52,12 +51,11 @@ STAGES = 3  # key/value slots in flight
 
 
 def _kernel(*refs, activation, bias, scale, n_blocks, full, interpret, groups, bounded):
-    (q_ref, k_ref, v_ref, *first_key_refs), out_ref, scratch = refs[:-2], refs[-2], refs[-1]
-    first_keys, blocks = first_key_refs if bounded else (None, None)
+    (q_ref, k_ref, v_ref, *first_keys), out_ref, scratch = refs[:-2], refs[-2], refs[-1]
     q_smem, k_smem, v_smem, q_bar, k_bar, v_bar, k_free, v_free, turn, *extra = scratch
-    # Bounded: one int32 buffer holds each compute warpgroup's rows' first keys, then
-    # each warpgroup's tile range (one allocation: at D=128 softmax has ~3 KiB to spare).
-    ints, int_bars, *p_smem = extra if bounded else (None, None, *extra)
+    # Bounded: the block's rows' first keys (at D=128, softmax has little shared memory
+    # to spare: one buffer, one barrier).
+    block_keys, keys_bar, *p_smem = extra if bounded else (None, None, *extra)
     bq, bk, stages = BLOCK_Q, BLOCK_K, STAGES
     n = jax.lax.axis_index("n")
     kv = n // groups  # grouped-query heads: G query rows read one K/V row in place
@@ -67,22 +65,15 @@ def _kernel(*refs, activation, bias, scale, n_blocks, full, interpret, groups, b
     # them with the `full` mask); bounded, from the tile of its rows' first key (the
     # first keys do not decrease) and masked up to the tile of their last one.
     n_tiles = n_blocks * 2 * bq // bk
-
-    def tile_range():
-        """`(lo, mask_until, steps)`: this block's first key tile, the tile its masking
-        ends at, and how many tiles it walks from `lo` (each loop index t below is
-        tile `lo + t`)."""
-        lo, mask_until = 0, 0
-        if bounded:
-            own_info = ints.at[pl.ds(2 * bq + wg * BLOCK_INFO, BLOCK_INFO)]
-            own = (own_info, int_bars.at[2 + wg])
-            lo, mask_until = read_block_info(blocks.at[kv, pair], *own)
-        return lo, mask_until, n_tiles if full else pl.cdiv((pair + 1) * 2 * bq, bk) - lo
+    lo, mask_until = 0, 0  # each loop index t below is tile `lo + t`
+    if bounded:
+        rows = first_keys[0].at[kv, pl.ds(pair * 2 * bq, 2 * bq)]
+        lo, mask_until = block_first_keys(rows, block_keys, keys_bar.at[0], issuer=2)(bk)
+    block_steps = n_tiles if full else pl.cdiv((pair + 1) * 2 * bq, bk) - lo
 
     @pl.when(wg < 2)
     def _compute():
         claim_registers()
-        lo, mask_until, block_steps = tile_range()
         row0 = pair * 2 * bq + wg * bq
         own = q_smem.at[wg]
         plgpu.copy_gmem_to_smem(q_ref.at[n, pl.ds(row0, bq)], own, q_bar.at[wg])
@@ -98,13 +89,7 @@ def _kernel(*refs, activation, bias, scale, n_blocks, full, interpret, groups, b
         dv = v_ref.shape[-1]
         row_first = None
         if bounded:  # my rows' first keys, in the scores' row layout
-            own_first = ints.at[pl.ds(wg * bq, bq)]
-            plgpu.copy_gmem_to_smem(first_keys.at[kv, pl.ds(row0, bq)], own_first, int_bars.at[wg])
-            plgpu.barrier_wait(int_bars.at[wg])
-            if interpret:
-                row_first = own_first[...]
-            else:
-                row_first = plgpu.load(own_first, (), layout=plgpu.Layout.WGMMA.reduce(1))
+            row_first = key_vector(block_keys.at[pl.ds(wg * bq, bq)], 1, interpret)
 
         def key_tile(slot):
             tile = k_smem.at[slot]
@@ -271,8 +256,6 @@ def _kernel(*refs, activation, bias, scale, n_blocks, full, interpret, groups, b
 
     @pl.when(wg == 2)
     def _stream():
-        lo, _, block_steps = tile_range()
-
         def load(t, slot):
             cols = pl.ds((lo + t) * bk, bk)
             keys = k_ref.at[kv, :, cols] if interpret else k_ref.at[kv, cols]
@@ -325,16 +308,11 @@ def _forward(q, k, v, *first_key, activation, bias, interpret, full, groups):
         plgpu.Barrier(num_arrivals=2, num_barriers=STAGES),
         plgpu.Barrier(num_barriers=2),  # whose turn it is on the tensor cores
     )
-    if first_key:  # each compute warpgroup's rows' first keys; each warpgroup's tile range
-        scratch += (
-            plgpu.SMEM((2 * BLOCK_Q + 3 * BLOCK_INFO,), jnp.int32),
-            plgpu.Barrier(num_barriers=2 + 3),
-        )
+    if first_key:  # the block's rows' first keys
+        scratch += (plgpu.SMEM((2 * BLOCK_Q,), jnp.int32), plgpu.Barrier(num_barriers=1))
     if interpret:
         scratch += (tiled_smem((2, BLOCK_Q, BLOCK_K), v.dtype),)
     out_type = jax.ShapeDtypeStruct((n, seq, dv), v.dtype)
     keys = jnp.swapaxes(k, 1, 2) if interpret else k
     grid, names = block_grid(n_blocks, "q", n)
-    if first_key:
-        first_key = (*first_key, first_key_blocks(first_key[0], 2 * BLOCK_Q, BLOCK_K))
     return launch(kernel, scratch, out_type, grid, names, interpret, q, keys, v, *first_key)
