@@ -38,7 +38,6 @@ from jax.experimental.pallas import mosaic_gpu as plgpu
 from ... import maths
 from . import jax_private
 from .common import (
-    block_first_keys,
     block_grid,
     claim_registers,
     fold_vmap,
@@ -317,6 +316,16 @@ def read_block_info(info, smem, bar):
     return smem[0], smem[1]
 
 
+def _pair_ranges(first_key):
+    """For each row of `first_key` and pair of query blocks (`2 * ROWS` rows): the key
+    tile (of `2 * ROWS`) of its first key, and the tile after that of its last (the dQ
+    kernel skips tiles before the first and masks those up to the second), as
+    `block_info` lays them out."""
+    n, seq = first_key.shape
+    pairs = first_key.reshape(n, seq // (2 * ROWS), 2 * ROWS)
+    return block_info(pairs[..., 0] // (2 * ROWS), -(-pairs[..., -1] // (2 * ROWS)))
+
+
 def _key_ranges(first_key, seq):
     """For each row and block of `2 * ROWS` keys, `(stop, mask_from)` in query tiles
     of `ROWS`: the tile after the last query that sees a key of the block, and the
@@ -404,31 +413,37 @@ def _dkv(q, k, v, d_out, *first_key, activation, bias, interpret, fused, full):
 
 
 def _dq_kernel(*refs, activation, bias, scale, n_pairs, full, interpret, bounded):
-    n_in = (6 if interpret else 4) + bounded
+    n_in = (6 if interpret else 4) + 2 * bounded
     (q_ref, k_ref, v_ref, do_ref, *rest), (dq_ref,) = refs[:n_in], refs[n_in:-1]
-    first_key_ref = rest.pop(0) if bounded else None
+    first_key_ref, blocks = (rest.pop(0), rest.pop(0)) if bounded else (None, None)
     transposed = rest
     # v_tiles: value tiles (128, D) on a GPU, transposed (D, 128) when interpreting.
     q_smem, do_smem, k_smem, v_tiles, q_bar, do_bar, k_bar, v_bar, free, *extra = refs[-1]
     if bounded:
-        block_keys, keys_bar, *extra = extra
+        fk_smem, fk_bar, info_smem, info_bar, *extra = extra
     kt_smem, kt_bar, *p_smem = extra if interpret else (None, None)
     rows, bk, stages = ROWS, 2 * ROWS, STAGES
     n = jax.lax.axis_index("n")
     pair = n_pairs - 1 - jax.lax.axis_index("q")  # the longest rows start first
     wg = jax.lax.axis_index("wg")
+
     # Key tiles of 128 up to this pair's diagonal (all of them when `full`); bounded,
     # from the tile of the pair's first key (first keys do not decrease), masked up to
-    # the tile of its last. Counted from tile `lo`: loop index t is tile `lo + t`.
-    lo, mask_until = 0, 0
-    if bounded:
-        pair_rows = first_key_ref.at[n, pl.ds(2 * pair * rows, 2 * rows)]
-        lo, mask_until = block_first_keys(pair_rows, block_keys, keys_bar.at[0], issuer=2)(bk)
-    steps = n_pairs if full else pair + 1 - lo
+    # the tile of its last. Counted from tile `lo`: loop index t is tile `lo + t`. (Each
+    # warpgroup reads its own copy of the range: one copy waited for by all three
+    # deadlocks Mosaic GPU interpret mode under jit here.)
+    def tile_range():
+        """`(lo, mask_until, steps)`, as in the forward kernel."""
+        lo, mask_until = 0, 0
+        if bounded:
+            own = (info_smem.at[wg], info_bar.at[wg])
+            lo, mask_until = read_block_info(blocks.at[n, pair], *own)
+        return lo, mask_until, n_pairs if full else pair + 1 - lo
 
     @pl.when(wg < 2)
     def _compute():
         claim_registers()
+        lo, mask_until, steps = tile_range()
         row0 = (2 * pair + wg) * rows
         own_q, own_do = q_smem.at[wg], do_smem.at[wg]
         plgpu.copy_gmem_to_smem(q_ref.at[n, pl.ds(row0, rows)], own_q, q_bar.at[wg])
@@ -437,7 +452,12 @@ def _dq_kernel(*refs, activation, bias, scale, n_pairs, full, interpret, bounded
         plgpu.barrier_wait(do_bar.at[wg])
         first = None
         if bounded:  # my rows' first keys, across the rows of P
-            firsts = key_vector(block_keys.at[pl.ds(wg * rows, rows)], 1, interpret)
+            own_first = fk_smem.at[wg]
+            plgpu.copy_gmem_to_smem(
+                first_key_ref.at[n, pl.ds(row0, rows)], own_first, fk_bar.at[wg]
+            )
+            plgpu.barrier_wait(fk_bar.at[wg])
+            firsts = key_vector(own_first, 1, interpret)
             first = jax.lax.broadcast_in_dim(firsts, (rows, bk), [0])
 
         def operand(x):
@@ -483,6 +503,8 @@ def _dq_kernel(*refs, activation, bias, scale, n_pairs, full, interpret, bounded
 
     @pl.when(wg == 2)
     def _stream():
+        lo, _, steps = tile_range()
+
         def load(t, slot):
             tile = pl.ds((lo + t) * bk, bk)
             plgpu.copy_gmem_to_smem(k_ref.at[n, tile], k_smem.at[slot], k_bar.at[slot])
@@ -532,8 +554,13 @@ def _dq(q, k, v, d_out, *first_key, activation, bias, interpret, full):
         plgpu.Barrier(num_barriers=STAGES),  # value tiles
         plgpu.Barrier(num_arrivals=2, num_barriers=STAGES),  # slot released
     ]
-    if first_key:  # the pair's rows' first keys
-        scratch += [plgpu.SMEM((2 * ROWS,), jnp.int32), plgpu.Barrier(num_barriers=1)]
+    if first_key:  # each compute warpgroup's rows' first keys; each warpgroup's tile range
+        scratch += [
+            plgpu.SMEM((2, ROWS), jnp.int32),
+            plgpu.Barrier(num_barriers=2),
+            plgpu.SMEM((3, BLOCK_INFO), jnp.int32),
+            plgpu.Barrier(num_barriers=3),
+        ]
     if interpret:  # transposed keys and the wgmma operand staged in shared memory
         scratch += [
             tiled_smem((STAGES, dim, 2 * ROWS), k.dtype),
@@ -543,7 +570,7 @@ def _dq(q, k, v, d_out, *first_key, activation, bias, interpret, full):
 
     inputs = [q, k, v, d_out]
     if first_key:
-        inputs += [first_key[0]]
+        inputs += [first_key[0], _pair_ranges(first_key[0])]
     if interpret:
         inputs += [jnp.swapaxes(k, 1, 2), jnp.swapaxes(v, 1, 2)]
     out_type = jax.ShapeDtypeStruct(q.shape, q.dtype)
