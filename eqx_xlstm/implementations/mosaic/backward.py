@@ -23,6 +23,10 @@ that grouping, so it waits for each matmul. Which of the two `attention` runs is
 compute warpgroups own 64 query rows (and their dO) each and walk 128-key tiles up to
 the diagonal: P = w(Q K^T), dP = dO V^T, dQ += dS K.
 
+With segments or sliding windows both take each query's first visible key: a dK/dV
+block stops after the last query tile that sees one of its keys, and a dQ pair starts
+at the key tile of its first key (tile ranges found in XLA).
+
 As in the forward kernel, the GPU reads transposed operands through transposed
 shared-memory views; Mosaic GPU interpret mode cannot, so there they come transposed
 from memory.

@@ -11,6 +11,10 @@ Sigmoid needs no running max or row sum, so nothing is rescaled between tiles. S
 keeps both per row (exp2 of raw scores times scale * log2(e)) and rescales the output
 once a tile's maxima are known.
 
+With segments or sliding windows the kernel takes each query's first visible key: a
+block starts at the key tile of its rows' first key (first keys do not decrease) and
+masks up to the tile of their last, besides the diagonal.
+
 The two compute warpgroups take turns issuing their matmuls ("ping-pong"), so one
 computes weights while the other's matmuls run. A warpgroup passes the turn as soon as
 its matmuls are issued, so that the other's queue right behind them; passing it only
@@ -53,8 +57,8 @@ STAGES = 3  # key/value slots in flight
 def _kernel(*refs, activation, bias, scale, n_blocks, full, interpret, groups, bounded):
     (q_ref, k_ref, v_ref, *first_keys), out_ref, scratch = refs[:-2], refs[-2], refs[-1]
     q_smem, k_smem, v_smem, q_bar, k_bar, v_bar, k_free, v_free, turn, *extra = scratch
-    # Bounded: the block's rows' first keys (at D=128, softmax has little shared memory
-    # to spare: one buffer, one barrier).
+    # Bounded: the block's rows' first keys, one buffer and one barrier (at D=128 the
+    # softmax kernel has no room even for these: `Mosaic` refuses that).
     block_keys, keys_bar, *p_smem = extra if bounded else (None, None, *extra)
     bq, bk, stages = BLOCK_Q, BLOCK_K, STAGES
     n = jax.lax.axis_index("n")
