@@ -187,10 +187,10 @@ def first_keys(seq, rows, window=None, runs=None):
 def test_forward_kernel_with_first_keys(activation, window, runs, groups):
     """Segments and windows: each query's first key, the tiles before its block's
     skipped, grouped K/V rows read in place; against the reference with the mask."""
-    seq, dim = 384, 64
-    q, _, _, _ = inputs(seq, 2 * groups, dim, jnp.bfloat16, seed=3)
-    _, k, v, _ = inputs(seq, 2, dim, jnp.bfloat16, seed=4)
-    first = first_keys(seq, 2, window, runs)
+    seq, dim, kv_rows = 384, 64, 2 // groups  # two query rows
+    q, _, _, _ = inputs(seq, 2, dim, jnp.bfloat16, seed=3)
+    _, k, v, _ = inputs(seq, kv_rows, dim, jnp.bfloat16, seed=4)
+    first = first_keys(seq, kv_rows, window, runs)
     bias = -4.0
     kernel = lambda q, k, v, f: forward.mosaic_forward(
         q, k, v, activation, bias, INTERPRET, groups=groups, first_key=f
