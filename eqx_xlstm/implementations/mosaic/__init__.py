@@ -73,8 +73,8 @@ class Mosaic(Implementation):
 
     def fused(self, spec: AttentionSpec) -> bool:
         """Whether the backward of `spec` is the one fused kernel: never with segments
-        or windows, where blocks walk few tiles and the pair measured as fast or faster
-        (H200: 0.98-1.25x; docs/benchmarks.md)."""
+        or windows, where blocks walk few tiles and the fused kernel took 0.98-1.25x
+        the pair's time (H200; docs/benchmarks.md)."""
         if spec.bounded or self.fused_backward_from is None:
             return False
         return spec.seq_len >= self.fused_backward_from
