@@ -244,3 +244,32 @@ def test_attention_takes_segments_and_windows_through_the_kernels():
     f32 = [x.astype(jnp.float32) for x in (q, k, v, g)]
     for a, b in zip(got, out_and_grads("reference", *f32), strict=True):
         assert_close_16bit(a, np.asarray(b))
+
+
+@pytest.mark.parametrize("window, runs", [(70, None), (None, (40, 100, 300, 72)), (50, (200, 312))])
+def test_first_key_tile_ranges_visit_exactly_the_seen_tiles(window, runs):
+    """The dQ pairs' and dK/dV blocks' ranges (computed in XLA): a walk visits a tile
+    iff one of its pairs is visible, and leaves a tile unmasked only if all are."""
+    seq, rows = 512, backward.ROWS
+    first = np.asarray(first_keys(seq, 1, window, runs))[0]
+    i, j = np.arange(seq)[:, None], np.arange(seq)[None, :]
+    seen = (j <= i) & (j >= first[:, None])
+    tile = lambda q0, q1, k0, k1: seen[q0:q1, k0:k1]
+
+    pairs = np.asarray(backward._pair_ranges(jnp.asarray(first)[None]))[0]
+    for p, (lo, mask_until, *_) in enumerate(pairs):  # 128 query rows, 128-key tiles
+        q0, q1 = 2 * p * rows, 2 * (p + 1) * rows
+        visited = set(range(lo, p + 1))
+        assert visited == {t for t in range(p + 1) if tile(q0, q1, 128 * t, 128 * t + 128).any()}
+        assert all(tile(q0, q1, 128 * t, 128 * t + 128).all() for t in range(mask_until, p))
+
+    blocks = np.asarray(backward._key_ranges(jnp.asarray(first)[None], seq))[0]
+    for b, (stop, mask_from, *_) in enumerate(blocks):  # 128 keys, 64-row query tiles
+        k0, k1 = 128 * b, 128 * (b + 1)
+        visited = set(range(2 * b, stop))
+        assert visited == {
+            t for t in range(seq // rows) if tile(rows * t, rows * t + rows, k0, k1).any()
+        }
+        assert all(
+            tile(rows * t, rows * t + rows, k0, k1).all() for t in range(2 * b + 2, mask_from)
+        )
