@@ -57,6 +57,19 @@ def first_keys(seq_len, window=None, segment_ids=None):
     return first
 
 
+def key_block_reach(first_key, key_block: int, query_block: int):
+    """For each row of `first_key` (`(N, S)`, non-decreasing along S) and block of
+    `key_block` keys: `(whole, stop)`, `(N, S / key_block)` each, in blocks of
+    `query_block` queries: the first query block with a row that does not see the
+    whole key block (every earlier one's rows whose keys come after it do), and the
+    block after the last with a row that sees one of its keys."""
+    starts = jnp.arange(0, first_key.shape[-1], key_block, dtype=jnp.int32)
+    search = jax.vmap(lambda row, x: jnp.searchsorted(row, x, side="right"), (0, None))
+    whole = search(first_key, starts) // query_block
+    stop = -(-search(first_key, starts + key_block - 1) // query_block)
+    return whole, stop
+
+
 def weights(scores, activation, scale, bias=0.0, row_stat=None, tanh=jnp.tanh):
     """Attention weights from raw scores, before masking (float32 in, float32 out).
 

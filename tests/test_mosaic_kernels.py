@@ -263,7 +263,7 @@ def test_first_key_tile_ranges_visit_exactly_the_seen_tiles(window, runs):
         assert visited == {t for t in range(p + 1) if tile(q0, q1, 128 * t, 128 * t + 128).any()}
         assert all(tile(q0, q1, 128 * t, 128 * t + 128).all() for t in range(mask_until, p))
 
-    blocks = np.asarray(backward._key_ranges(jnp.asarray(first)[None], seq))[0]
+    blocks = np.asarray(backward._key_ranges(jnp.asarray(first)[None]))[0]
     for b, (stop, mask_from, *_) in enumerate(blocks):  # 128 keys, 64-row query tiles
         k0, k1 = 128 * b, 128 * (b + 1)
         visited = set(range(2 * b, stop))

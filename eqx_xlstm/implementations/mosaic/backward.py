@@ -330,15 +330,12 @@ def _pair_ranges(first_key):
     return block_info(pairs[..., 0] // (2 * ROWS), -(-pairs[..., -1] // (2 * ROWS)))
 
 
-def _key_ranges(first_key, seq):
+def _key_ranges(first_key):
     """For each row and block of `2 * ROWS` keys, `(stop, mask_from)` in query tiles
-    of `ROWS`: the tile after the last query that sees a key of the block, and the
-    first tile with a query that does not see all of them (first keys do not
-    decrease), as `block_info` lays them out."""
-    starts = jnp.arange(0, seq, 2 * ROWS, dtype=jnp.int32)
-    search = jax.vmap(lambda row, keys: jnp.searchsorted(row, keys, side="right"), (0, None))
-    stop = pl.cdiv(search(first_key, starts + 2 * ROWS - 1), ROWS)
-    mask_from = search(first_key, starts) // ROWS
+    of `ROWS` (`maths.key_block_reach`: the tile after the last query that sees a key
+    of the block, and the first tile with a query that does not see all of them), as
+    `block_info` lays them out."""
+    mask_from, stop = maths.key_block_reach(first_key, 2 * ROWS, ROWS)
     return block_info(stop, mask_from)
 
 
@@ -395,7 +392,7 @@ def _dkv(q, k, v, d_out, *first_key, activation, bias, interpret, fused, full):
 
     inputs = [q, k, v, d_out]
     if first_key:
-        inputs += [first_key[0], _key_ranges(first_key[0], seq)]
+        inputs += [first_key[0], _key_ranges(first_key[0])]
     if interpret:
         inputs += [jnp.swapaxes(q, 1, 2), jnp.swapaxes(d_out, 1, 2)]
     out_type = (jax.ShapeDtypeStruct(k.shape, k.dtype), jax.ShapeDtypeStruct(v.shape, v.dtype))

@@ -101,11 +101,8 @@ def key_block_ranges(first_key, seq_len: int, bq: int, bk: int):
     diagonal, padded keys) and `[b, stop)` (queries whose first key falls inside block
     j), unmasked in `[a, b)`; from `stop` on no query sees block j. `first_key`:
     `(N_kv, S')`, padded, non-decreasing along S'."""
-    padded = first_key.shape[-1]
-    starts = jnp.arange(0, padded, bk, dtype=jnp.int32)
-    search = jax.vmap(lambda row, x: jnp.searchsorted(row, x, side="right"), (0, None))
-    whole = search(first_key, starts) // bq  # query blocks all of whose rows see block j
-    stop = pl.cdiv(search(first_key, starts + bk - 1), bq)  # ... any of whose rows do
+    starts = jnp.arange(0, first_key.shape[-1], bk, dtype=jnp.int32)
+    whole, stop = maths.key_block_reach(first_key, bk, bq)
     past_diagonal = jnp.minimum(pl.cdiv(starts + bk, bq), stop)
     past_diagonal = jnp.where(starts + bk > seq_len, stop, past_diagonal)
     unmasked_stop = jnp.clip(whole, past_diagonal, stop)
