@@ -22,13 +22,13 @@ import argparse
 
 import jax
 import jax.numpy as jnp
-from timing import median_ms, print_table_header, random_qkv
+from timing import median_ms, print_table_header, random_qkv, sum_gradient
 
 import eqx_xlstm as ex
 from eqx_xlstm import dispatch
 
 
-def gradient(activation, forward=False, **kwargs):
+def timed_call(activation, forward=False, **kwargs):
     """The timed call: the gradient of the output's sum, or with `forward` the output."""
 
     def output(q, k, v):
@@ -36,10 +36,7 @@ def gradient(activation, forward=False, **kwargs):
             q, k, v, activation_function=activation, qk_pre_activation_function="swish", **kwargs
         )
 
-    if forward:
-        return output
-    loss = lambda q, k, v: jnp.sum(output(q, k, v).astype(jnp.float32))
-    return jax.grad(loss, argnums=(0, 1, 2))
+    return output if forward else sum_gradient(output)
 
 
 def chosen(q, k, v, activation, forward=False, **kwargs):
@@ -54,7 +51,7 @@ def chosen(q, k, v, activation, forward=False, **kwargs):
 
     dispatch.plan = spy
     try:
-        jax.eval_shape(gradient(activation, forward, **kwargs), q, k, v)
+        jax.eval_shape(timed_call(activation, forward, **kwargs), q, k, v)
     finally:
         dispatch.plan = original
     return seen.get("name", "?")
@@ -72,7 +69,7 @@ def explicit_mask(seq_len, ids=None, window=None):
     return mask
 
 
-def masked_cudnn_gradient(mask, forward=False):
+def masked_cudnn_call(mask, forward=False):
     """The peer: `jax.nn.dot_product_attention` through cuDNN with the mask written out
     (softmax; no swish or RoPE, so it does less than our rows)."""
 
@@ -80,10 +77,7 @@ def masked_cudnn_gradient(mask, forward=False):
         bthn = [jnp.swapaxes(x, 1, 2) for x in (q, k, v)]
         return jax.nn.dot_product_attention(*bthn, mask=mask, implementation="cudnn")
 
-    if forward:
-        return output
-    loss = lambda q, k, v: jnp.sum(output(q, k, v).astype(jnp.float32))
-    return jax.grad(loss, argnums=(0, 1, 2))
+    return output if forward else sum_gradient(output)
 
 
 def time_case(activation, arrays, kwargs, path, repeats, forward=False):
@@ -94,13 +88,13 @@ def time_case(activation, arrays, kwargs, path, repeats, forward=False):
         mask = explicit_mask(
             arrays[0].shape[-2], kwargs.get("segment_ids"), kwargs.get("sliding_window")
         )
-        timed = masked_cudnn_gradient(mask, forward)
+        timed = masked_cudnn_call(mask, forward)
         return median_ms(timed, *arrays, repeats=repeats), "jax.nn cudnn"
     if path != "default":
         kwargs = {**kwargs, "implementation": path}
     try:
         name = chosen(*arrays, activation, forward, **kwargs)
-        timed = gradient(activation, forward, **kwargs)
+        timed = timed_call(activation, forward, **kwargs)
         return median_ms(timed, *arrays, repeats=repeats), name
     except ValueError:  # "cannot serve these inputs"
         return None

@@ -5,6 +5,7 @@ import statistics
 import time
 
 import jax
+import jax.numpy as jnp
 
 
 def median_ms(fn, *xs, repeats=10, sample_ms=10.0):
@@ -38,6 +39,11 @@ def compiled_median_ms(compiled, *xs, repeats=10, sample_ms=10.0):
         jax.block_until_ready(out)
         times.append((time.perf_counter() - start) / calls)
     return statistics.median(times) * 1e3
+
+
+def sum_gradient(fn):
+    """The gradient of `sum(fn(q, k, v))` (in float32) with respect to q, k and v."""
+    return jax.grad(lambda q, k, v: jnp.sum(fn(q, k, v).astype(jnp.float32)), argnums=(0, 1, 2))
 
 
 def print_table_header(header):
