@@ -1,11 +1,14 @@
-"""The Mosaic kernels with segments and sliding windows (and the grouped forward) on a
+"""The Mosaic kernels with segments, sliding windows and grouped-query heads on a
 Hopper GPU in bf16, against the reference path in float32: output and, for sigmoid and
-'none' with one K/V head per query head, the gradients. Softmax at D=64 (at D=128 the
-Mosaic softmax kernel refuses them).
+'none', the gradients (at S=4096 the grouped causal case runs the fused backward
+kernel, the others the dQ + dK/dV pair). Softmax at D=64 (at D=128 the Mosaic softmax
+kernel refuses segments and windows).
 
     python benchmarks/mosaic_bounded_check.py   # results/h200_mosaic_bounded_check.txt
+    python benchmarks/mosaic_bounded_check.py --seq-lens 4096 --cases causal
 """
 
+import argparse
 import functools
 
 import jax
@@ -20,6 +23,7 @@ CASES = [  # (features, K/V heads of 4 query heads)
     ("window", 4),
     ("segments+window", 4),
     ("segments", 2),
+    ("causal", 2),
 ]
 
 
@@ -29,6 +33,7 @@ def features(name, seq_len):
         "segments": dict(segment_ids=ids),
         "window": dict(sliding_window=300),
         "segments+window": dict(segment_ids=ids, sliding_window=77),
+        "causal": {},
     }[name]
 
 
@@ -52,11 +57,16 @@ def outputs(impl, *arrays, activation, kwargs, grad):
 
 
 def main():
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--seq-lens", type=int, nargs="+", default=[1000, 4096])
+    parser.add_argument("--cases", nargs="+", default=sorted({name for name, _ in CASES}))
+    parser.add_argument("--activations", nargs="+", default=["sigmoid", "none", "softmax"])
+    args = parser.parse_args()
     print(jax.devices()[0].device_kind, "jax", jax.__version__)
-    for seq_len in (1000, 4096):
-        for activation in ("sigmoid", "none", "softmax"):
+    for seq_len in args.seq_lens:
+        for activation in args.activations:
             dim = 64 if activation == "softmax" else 128
-            for name, kv_heads in CASES:
+            for name, kv_heads in [case for case in CASES if case[0] in args.cases]:
                 keys = jax.random.split(jax.random.key(seq_len), 4)
                 q = jax.random.normal(keys[0], (1, 4, seq_len, dim), jnp.bfloat16)
                 k, v = (
@@ -64,7 +74,7 @@ def main():
                     for key in keys[1:3]
                 )
                 g = jax.random.normal(keys[3], q.shape, jnp.bfloat16)
-                grad = activation != "softmax" and kv_heads == 4
+                grad = activation != "softmax"
                 kwargs = features(name, seq_len)
                 f32 = [x.astype(jnp.float32) for x in (q, k, v, g)]
                 run = functools.partial(outputs, activation=activation, kwargs=kwargs, grad=grad)

@@ -77,31 +77,52 @@ def model_config(setting: Setting, activation: str, kit: bool) -> ex.ModelConfig
     )
 
 
-def fit(config: ex.ModelConfig, setting: Setting, seed: int, batches, evaluate):
-    """Train with AdamW; returns (the loss of every step, the final metric)."""
-    model = ex.LanguageModel(config, key=jax.random.key(seed))
-    params, static = eqx.partition(model, ex.trainable_filter(model))
+STEPS_PER_CALL = 100
+"""Training steps per jitted call (`jax.lax.scan`): one dispatch, not one per step."""
+
+
+def fit(config: ex.ModelConfig, setting: Setting, seeds: int, batches, evaluate):
+    """Train one model per seed with AdamW, all seeds at once (`eqx.filter_vmap`: small
+    models leave a GPU mostly idle, so seeds run side by side); for each seed, (the
+    loss of every step, the final metric). Seed s draws its own initial weights and
+    batches."""
     optimizer = training.make_optimizer(setting.lr, setting.steps)
-    opt_state = optimizer.init(params)
 
-    @jax.jit
-    def step(params, opt_state, key):
-        tokens, targets, weights, *ids = batches(key)
+    def init(key):
+        model = ex.LanguageModel(config, key=key)
+        return model, optimizer.init(eqx.filter(model, ex.trainable_filter(model)))
 
-        def loss_fn(params):
-            logits = jax.vmap(eqx.combine(params, static))(tokens, *ids)
-            return training.masked_cross_entropy(logits, targets, weights)
+    def train_steps(model, opt_state, keys):
+        params, static = eqx.partition(model, ex.trainable_filter(model))
 
-        loss, grads = jax.value_and_grad(loss_fn)(params)
-        updates, opt_state = optimizer.update(grads, opt_state, params)
-        return optax.apply_updates(params, updates), opt_state, loss
+        def step(carry, key):
+            params, opt_state = carry
+            tokens, targets, weights, *ids = batches(key)
 
+            def loss_fn(params):
+                logits = jax.vmap(eqx.combine(params, static))(tokens, *ids)
+                return training.masked_cross_entropy(logits, targets, weights)
+
+            loss, grads = jax.value_and_grad(loss_fn)(params)
+            updates, opt_state = optimizer.update(grads, opt_state, params)
+            return (optax.apply_updates(params, updates), opt_state), loss
+
+        (params, opt_state), losses = jax.lax.scan(step, (params, opt_state), keys)
+        return eqx.combine(params, static), opt_state, losses
+
+    models, opt_states = eqx.filter_vmap(init)(jax.vmap(jax.random.key)(jnp.arange(seeds)))
+    train = eqx.filter_jit(eqx.filter_vmap(train_steps))
+    step_keys = jnp.stack(
+        [jax.random.split(jax.random.key(seed + 1000), setting.steps) for seed in range(seeds)]
+    )
     losses = []
-    keys = jax.random.split(jax.random.key(seed + 1000), setting.steps)
-    for key in keys:
-        params, opt_state, loss = step(params, opt_state, key)
-        losses.append(float(loss))
-    return losses, float(evaluate(eqx.combine(params, static)))
+    for start in range(0, setting.steps, STEPS_PER_CALL):
+        keys = step_keys[:, start : start + STEPS_PER_CALL]
+        models, opt_states, chunk = train(models, opt_states, keys)
+        losses.append(np.asarray(chunk))
+    losses = np.concatenate(losses, axis=1)
+    seed_model = lambda s: jax.tree.map(lambda x: x[s] if eqx.is_array(x) else x, models)
+    return [(list(losses[s]), float(evaluate(seed_model(s)))) for s in range(seeds)]
 
 
 def mqar_task(setting: Setting):
@@ -154,12 +175,10 @@ def main():
         batches, evaluate = (mqar_task if task == "mqar" else charlm_task)(setting)
         for activation in ACTIVATIONS:
             for kit in (False, True):
-                runs = []
-                for seed in range(seeds):
-                    config = model_config(setting, activation, kit)
-                    if task == "charlm":
-                        config = dataclasses.replace(config, vocab_size=train_charlm.VOCAB_SIZE)
-                    runs.append(fit(config, setting, seed, batches, evaluate))
+                config = model_config(setting, activation, kit)
+                if task == "charlm":
+                    config = dataclasses.replace(config, vocab_size=train_charlm.VOCAB_SIZE)
+                runs = fit(config, setting, seeds, batches, evaluate)
                 results[task, activation, kit] = runs
                 metrics = ", ".join(f"{m:.4f}" for _, m in runs)
                 print(f"{task} {activation} kit={kit}: {metrics}", flush=True)

@@ -75,8 +75,8 @@ def _mosaic_kernels_first(spec):
 DEFAULTS: tuple[Default, ...] = (
     Default("cudnn"),
     # The Mosaic forward serves every activation, segments, windows and grouped heads
-    # (read in place); its backward, sigmoid and 'none' with one K/V head per query
-    # head. Softmax and grouped gradients go on to Triton, as does an array bias.
+    # (read in place); its backward, sigmoid and 'none'. Softmax gradients go on to
+    # Triton, as does an array bias.
     Default("mosaic", FORWARD, _mosaic_kernels_first),
     Default(
         "mosaic",

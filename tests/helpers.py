@@ -178,7 +178,9 @@ def run_on_host_devices(script: str, devices: int = 4) -> list[dict]:
     env = {
         **os.environ,
         "JAX_PLATFORMS": "cpu",
-        "XLA_FLAGS": f"--xla_force_host_platform_device_count={devices}",
+        "XLA_FLAGS": " ".join(
+            [os.environ.get("XLA_FLAGS", ""), f"--xla_force_host_platform_device_count={devices}"]
+        ).strip(),
     }
     path = pathlib.Path(__file__).with_name(script)
     result = subprocess.run(

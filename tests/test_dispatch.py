@@ -57,13 +57,12 @@ def test_default_table_on_hopper():
     assert defaults(on_hopper(activation="none", seq_len=2048, **ampere)) == ("linear",) * 2
     # Segments, windows and grouped heads: cuDNN's own window and grouped heads for
     # softmax; else the Mosaic kernels, which skip the tiles no query sees, under
-    # differentiation where they have the backward (sigmoid and 'none', one K/V head
-    # per query head), else Triton's; 'none' without a window at long S stays with the
-    # linear form.
+    # differentiation where they have the backward (sigmoid and 'none'), else Triton's;
+    # 'none' without a window at long S stays with the linear form.
     for features in (dict(window=1024), dict(kv_groups=8)):
         assert defaults(on_hopper(**features)) == ("cudnn",) * 2
     assert defaults(on_hopper(activation="sigmoid", window=1024)) == ("mosaic",) * 2
-    assert defaults(on_hopper(activation="sigmoid", kv_groups=8)) == ("mosaic", "triton")
+    assert defaults(on_hopper(activation="sigmoid", kv_groups=8)) == ("mosaic",) * 2
     assert defaults(on_hopper(segmented=True, window=64, dqk=64, dv=64)) == ("mosaic", "triton")
     # Softmax at head dim 128: no shared memory left in the Mosaic kernel for first keys.
     assert defaults(on_hopper(segmented=True, dqk=128, dv=128)) == ("triton",) * 2
@@ -83,7 +82,7 @@ def test_pallas_alias_picks_the_best_kernel():
     chosen = dispatch.plan(on_hopper(), "pallas")
     assert (chosen.forward.name, chosen.gradient.name) == ("mosaic", "triton")
     chosen = dispatch.plan(on_hopper(activation="sigmoid", kv_groups=4), "pallas")
-    assert (chosen.forward.name, chosen.gradient.name) == ("mosaic", "triton")
+    assert (chosen.forward.name, chosen.gradient.name) == ("mosaic", "mosaic")
     chosen = dispatch.plan(on_hopper(dqk=32, dv=32), "pallas")  # too narrow for Mosaic
     assert (chosen.forward.name, chosen.gradient.name) == ("triton", "triton")
     chosen = dispatch.plan(spec(dqk=16, dv=16), "pallas")

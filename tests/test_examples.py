@@ -72,7 +72,8 @@ def example_env(devices=None) -> dict:
     and `devices` host devices if given."""
     env = {**os.environ, **CACHE_ENV, "JAX_PLATFORMS": "cpu"}
     if devices:
-        env["XLA_FLAGS"] = f"--xla_force_host_platform_device_count={devices}"
+        count = f"--xla_force_host_platform_device_count={devices}"
+        env["XLA_FLAGS"] = f"{os.environ.get('XLA_FLAGS', '')} {count}".strip()
     return env
 
 

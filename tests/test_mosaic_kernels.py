@@ -134,20 +134,24 @@ def test_fused_backward_without_jax_ref_table(monkeypatch):
         assert_close_16bit(a, np.asarray(b))
 
 
-def test_forward_reads_grouped_key_value_heads_in_place():
+def test_grouped_key_value_heads_read_in_place_with_gradients():
     """Grouped-query heads: each query head's K/V row is `n // G`, nothing repeated;
-    there is no grouped backward, so differentiating is a ValueError saying so."""
-    q = random_inputs(256, batch=(1, 2), dqk=64, dv=64, dtype=jnp.bfloat16, seed=6)[0]
+    dK and dV sum the group's shares. Through the fused backward kernel (the pair takes
+    grouped heads in `test_backward_kernels_with_first_keys`)."""
+    q, _, _, g = random_inputs(256, batch=(1, 2), dqk=64, dv=64, dtype=jnp.bfloat16, seed=6)
     _, k, v, _ = random_inputs(256, batch=(1, 1), dqk=64, dv=64, dtype=jnp.bfloat16, seed=7)
-    call = lambda q, k, v, impl: ex.attention(
-        q, k, v, activation_function="sigmoid", sigmoid_bias=-5.0, implementation=impl
-    )
-    got = jax.jit(lambda q, k, v: call(q, k, v, Mosaic()))(q, k, v)
-    repeated = [jnp.repeat(x.astype(jnp.float32), 2, axis=1) for x in (k, v)]
-    want = call(q.astype(jnp.float32), *repeated, "reference")
-    assert_close_16bit(got, np.asarray(want))
-    with pytest.raises(ValueError, match="grouped-query heads"):
-        jax.grad(lambda q: jnp.sum(call(q, k, v, Mosaic()).astype(jnp.float32)))(q)
+
+    def out_and_grads(impl, q, k, v, g):
+        f = lambda q, k, v: ex.attention(
+            q, k, v, activation_function="sigmoid", sigmoid_bias=-5.0, implementation=impl
+        )
+        out, vjp = jax.vjp(f, q, k, v)
+        return (out, *vjp(g))
+
+    got = jax.jit(lambda *a: out_and_grads(Mosaic(fused_backward_from=0), *a))(q, k, v, g)
+    f32 = [x.astype(jnp.float32) for x in (q, k, v, g)]
+    for a, b in zip(got, out_and_grads("reference", *f32), strict=True):
+        assert_close_16bit(a, np.asarray(b))
 
 
 def masked_reference(q, k, v, activation, bias, first_key):
@@ -201,24 +205,27 @@ def test_forward_kernel_with_first_keys(activation, window, runs, groups):
 
 # S=256: key block 0 is seen by no query after 140 (the dK/dV walk stops early), the
 # second query pair starts at key tile 1.
+# With `groups` 2, both query rows read one K/V row.
 @pytest.mark.parametrize(
-    "activation, window, runs, fused",
-    [("sigmoid", None, (40, 100, 116), True), ("none", 50, (40, 100, 116), False)],
+    "activation, window, runs, fused, groups",
+    [("sigmoid", None, (40, 100, 116), True, 1), ("none", 50, (40, 100, 116), False, 2)],
 )
-def test_backward_kernels_with_first_keys(activation, window, runs, fused):
+def test_backward_kernels_with_first_keys(activation, window, runs, fused, groups):
     seq, dim = 256, 64
-    q, k, v, g = inputs(seq, 2, dim, jnp.bfloat16, seed=6)
-    first = first_keys(seq, 2, window, runs)
+    q, _, _, g = inputs(seq, 2, dim, jnp.bfloat16, seed=6)
+    _, k, v, _ = inputs(seq, 2 // groups, dim, jnp.bfloat16, seed=7)
+    first = first_keys(seq, 2 // groups, window, runs)
     bias = -4.0
     reference = lambda q, k, v: masked_reference(q, k, v, activation, bias, first)
     wanted = jax.vjp(reference, q, k, v)[1](g.astype(jnp.float32))
 
     def kernels(q, k, v, g, f):
         rest = (activation, bias, INTERPRET)
+        options = dict(first_key=f, groups=groups)
         if fused:
-            return backward.mosaic_dkv(q, k, v, g, *rest, fused=True, first_key=f)
-        dq = backward.mosaic_dq(q, k, v, g, *rest, first_key=f)
-        return (dq, *backward.mosaic_dkv(q, k, v, g, *rest, first_key=f))
+            return backward.mosaic_dkv(q, k, v, g, *rest, fused=True, **options)
+        dq = backward.mosaic_dq(q, k, v, g, *rest, **options)
+        return (dq, *backward.mosaic_dkv(q, k, v, g, *rest, **options))
 
     # Mosaic GPU interpret mode deadlocks at times on these kernels under one jit (on a
     # GPU they run under jit: benchmarks/results/h200_mosaic_bounded_check.txt);

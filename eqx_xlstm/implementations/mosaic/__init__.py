@@ -24,13 +24,13 @@ class Mosaic(Implementation):
     both). float16/bfloat16, equal q/k/v head dims of 64 or 128, on a Hopper GPU; on a
     machine without a GPU, in Mosaic GPU interpret mode where this jax has it.
     Segments and sliding windows skip the key tiles no query of a block sees (and the
-    query tiles that see none of a key block's keys).
+    query tiles that see none of a key block's keys). Grouped-query heads (K/V with
+    fewer heads) are read in place; the backward forms each query head's share of dK
+    and dV and sums a group's shares after the kernel.
 
-    Softmax has no backward kernel here, nor have grouped-query heads (K/V with fewer
-    heads, which the forward kernel reads in place): differentiating those through this
-    implementation is an error; `implementation="pallas"` and the default dispatch run
-    the Mosaic forward when no gradient is taken and the Triton kernels under
-    differentiation.
+    Softmax has no backward kernel here: differentiating it through this implementation
+    is an error; `implementation="pallas"` and the default dispatch run the Mosaic
+    forward when no gradient is taken and the Triton kernels under differentiation.
     """
 
     name = "mosaic"
@@ -67,9 +67,8 @@ class Mosaic(Implementation):
         return None
 
     def differentiable(self, spec: AttentionSpec) -> bool:
-        """Whether it has backward kernels for `spec`: sigmoid and 'none', one K/V head
-        per query head."""
-        return spec.activation != "softmax" and spec.kv_groups == 1
+        """Whether it has backward kernels for `spec`: sigmoid and 'none'."""
+        return spec.activation != "softmax"
 
     def fused(self, spec: AttentionSpec) -> bool:
         """Whether the backward of `spec` is the one fused kernel: never with segments
@@ -93,7 +92,7 @@ class Mosaic(Implementation):
             backward=backward if self.differentiable(spec) else None,
             spec=spec,
             multiple=PADDING,
-            no_backward=NO_SOFTMAX_BACKWARD if spec.kv_groups == 1 else NO_GROUPED_BACKWARD,
+            no_backward=NO_SOFTMAX_BACKWARD,
             partition=not interpret,
             sequence_pieces=self.ring_pieces(),
         )
@@ -138,13 +137,6 @@ NO_SOFTMAX_BACKWARD = (
 )
 
 
-NO_GROUPED_BACKWARD = (
-    "implementation='mosaic' has no backward kernels for grouped-query heads (keys and "
-    "values with fewer heads than the queries), so it cannot be differentiated there; "
-    "use implementation='pallas' or 'triton', or the default."
-)
-
-
 def _forward_kernel(q, k, v, *first_key, spec, interpret):
     full = spec.mask == "full"
     args = (spec.activation, spec.sigmoid_bias, interpret, full, spec.kv_groups)
@@ -153,7 +145,11 @@ def _forward_kernel(q, k, v, *first_key, spec, interpret):
 
 def _backward_kernels(q, k, v, out, d_out, spec, interpret, fused, first_key=()):
     args = (q, k, v, d_out, spec.activation, spec.sigmoid_bias, interpret)
-    options = {"full": spec.mask == "full", "first_key": first_key[0] if first_key else None}
+    options = {
+        "full": spec.mask == "full",
+        "first_key": first_key[0] if first_key else None,
+        "groups": spec.kv_groups,
+    }
     if fused:
         return mosaic_dkv(*args, fused=True, **options)
     return (mosaic_dq(*args, **options), *mosaic_dkv(*args, **options))

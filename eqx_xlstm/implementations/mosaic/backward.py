@@ -82,7 +82,7 @@ def _dq_part_width(dim):
     return dim if dim < 128 else dim // 2
 
 
-def _kernel(*refs, activation, bias, scale, n_tiles, full, interpret, fused, bounded):
+def _kernel(*refs, activation, bias, scale, n_tiles, full, interpret, fused, bounded, groups):
     n_in = (6 if interpret else 4) + 2 * bounded + fused
     (q_ref, k_ref, v_ref, do_ref, *rest), (dk_ref, dv_ref) = refs[:n_in], refs[n_in:-1]
     dq_ref = rest.pop() if fused else None
@@ -96,6 +96,7 @@ def _kernel(*refs, activation, bias, scale, n_tiles, full, interpret, fused, bou
     qt_smem, dot_smem, qt_bar, dot_bar, *p_smem = extra if interpret else (None,) * 4
     rows, stages = ROWS, STAGES
     n = jax.lax.axis_index("n")
+    kv = n // groups  # grouped-query heads: G query rows read one K/V row in place
     block = jax.lax.axis_index("k")
     wg = jax.lax.axis_index("wg")
     # The first query tile this block needs: warpgroup 0's diagonal, or tile 0 when
@@ -110,7 +111,7 @@ def _kernel(*refs, activation, bias, scale, n_tiles, full, interpret, fused, bou
         if not bounded:
             return n_tiles - first, n_tiles
         own = (info_smem.at[wg], info_bar.at[wg])
-        stop, mask_from = read_block_info(key_ranges.at[n, block], *own)
+        stop, mask_from = read_block_info(key_ranges.at[kv, block], *own)
         return stop - first, mask_from
 
     @pl.when(wg < 2)
@@ -119,8 +120,8 @@ def _kernel(*refs, activation, bias, scale, n_tiles, full, interpret, fused, bou
         block_steps, mask_from = tile_range()
         key0 = (2 * block + wg) * rows
         own_k, own_v = k_smem.at[wg], v_smem.at[wg]
-        plgpu.copy_gmem_to_smem(k_ref.at[n, pl.ds(key0, rows)], own_k, k_bar.at[wg])
-        plgpu.copy_gmem_to_smem(v_ref.at[n, pl.ds(key0, rows)], own_v, v_bar.at[wg])
+        plgpu.copy_gmem_to_smem(k_ref.at[kv, pl.ds(key0, rows)], own_k, k_bar.at[wg])
+        plgpu.copy_gmem_to_smem(v_ref.at[kv, pl.ds(key0, rows)], own_v, v_bar.at[wg])
         plgpu.barrier_wait(k_bar.at[wg])
         plgpu.barrier_wait(v_bar.at[wg])
 
@@ -267,7 +268,7 @@ def _kernel(*refs, activation, bias, scale, n_tiles, full, interpret, fused, bou
             plgpu.copy_gmem_to_smem(q_ref.at[n, tile], q_smem.at[slot], q_bar.at[slot])
             plgpu.copy_gmem_to_smem(do_ref.at[n, tile], do_smem.at[slot], do_bar.at[slot])
             if bounded:
-                fk = first_key_ref.at[n, tile]
+                fk = first_key_ref.at[kv, tile]
                 plgpu.copy_gmem_to_smem(fk, fk_smem.at[slot], fk_bar.at[slot])
             if interpret:
                 qt_ref, dot_ref = transposed
@@ -278,7 +279,7 @@ def _kernel(*refs, activation, bias, scale, n_tiles, full, interpret, fused, bou
 
 
 def mosaic_dkv(
-    q, k, v, d_out, activation, bias, interpret, fused=False, full=False, first_key=None
+    q, k, v, d_out, activation, bias, interpret, fused=False, full=False, first_key=None, groups=1
 ):
     """dK, dV for `q`, `k`, `v`, `d_out`: `(N, S, D)`, S a multiple of 128. With
     `fused`, dQ too, `(dq, dk, dv)`: the same kernel adds each tile's dS K into a
@@ -286,12 +287,20 @@ def mosaic_dkv(
     `full`, every query sees every key (a piece of context-parallel attention). With
     `first_key` (`(N, S)` int32, non-decreasing along S), query i sees keys from
     `first_key[i]` on, and a key block stops at the last query tile that sees it.
-    Under `jax.vmap` the mapped axis joins N (the fused kernel only where `in_gmem`
-    can hide its in-place sum)."""
+    With `groups` G, k, v and `first_key` have N / G rows, row `n // G` serving query
+    row n: the kernel forms each query row's share of dK and dV, and the G shares of a
+    K/V row are summed after it (in float32). Under `jax.vmap` the mapped axis joins N
+    (the fused kernel only where `in_gmem` can hide its in-place sum)."""
     if full and first_key is not None:
         raise ValueError("full pieces take no first keys")
     run = functools.partial(
-        _dkv, activation=activation, bias=bias, interpret=interpret, fused=fused, full=full
+        _dkv,
+        activation=activation,
+        bias=bias,
+        interpret=interpret,
+        fused=fused,
+        full=full,
+        groups=groups,
     )
     arrays = (q, k, v, d_out, *(() if first_key is None else (first_key,)))
     if fused and jax_private.ref_type_mappings() is None:
@@ -339,7 +348,7 @@ def _key_ranges(first_key):
     return block_info(stop, mask_from)
 
 
-def _dkv(q, k, v, d_out, *first_key, activation, bias, interpret, fused, full):
+def _dkv(q, k, v, d_out, *first_key, activation, bias, interpret, fused, full, groups):
     n, seq, dim = q.shape
     n_tiles = seq // ROWS
     scale = dim**-0.5
@@ -353,6 +362,7 @@ def _dkv(q, k, v, d_out, *first_key, activation, bias, interpret, fused, full):
         interpret=interpret,
         fused=fused,
         bounded=bool(first_key),
+        groups=groups,
     )
 
     scratch = [
@@ -395,10 +405,12 @@ def _dkv(q, k, v, d_out, *first_key, activation, bias, interpret, fused, full):
         inputs += [first_key[0], _key_ranges(first_key[0])]
     if interpret:
         inputs += [jnp.swapaxes(q, 1, 2), jnp.swapaxes(d_out, 1, 2)]
-    out_type = (jax.ShapeDtypeStruct(k.shape, k.dtype), jax.ShapeDtypeStruct(v.shape, v.dtype))
+    # One share of dK and dV per query row (`_group_sums` adds a K/V row's G shares).
+    out_type = tuple(jax.ShapeDtypeStruct((n, *x.shape[1:]), x.dtype) for x in (k, v))
     grid, names = block_grid(seq // (2 * ROWS), "k", n)
     if not fused:
-        return launch(kernel, scratch, out_type, grid, names, interpret, *inputs)
+        dk, dv = launch(kernel, scratch, out_type, grid, names, interpret, *inputs)
+        return _group_sums(dk, groups), _group_sums(dv, groups)
 
     def update(dq_sum, dk_ref, dv_ref):  # the kernel adds into dq_sum in place
         dk_ref[...], dv_ref[...] = launch(
@@ -408,12 +420,21 @@ def _dkv(q, k, v, d_out, *first_key, activation, bias, interpret, fused, full):
     # Interpreted, warpgroups that add to the same columns keep a sum each.
     copies = 2 if interpret and _dq_part_width(dim) == dim else 1
     zeros = jnp.zeros((copies, *q.shape), jnp.float32)
-    dq, dk, dv = in_gmem(update, zeros, jnp.zeros_like(k), jnp.zeros_like(v))
+    shares = (jnp.zeros(out.shape, out.dtype) for out in out_type)
+    dq, dk, dv = in_gmem(update, zeros, *shares)
     dq = dq.sum(0) * scale  # the kernel's dS came without the scale
-    return dq.astype(q.dtype), dk, dv
+    return dq.astype(q.dtype), _group_sums(dk, groups), _group_sums(dv, groups)
 
 
-def _dq_kernel(*refs, activation, bias, scale, n_pairs, full, interpret, bounded):
+def _group_sums(shares, groups):
+    """The sums of each `groups` consecutive rows of `shares` (float32, then its dtype)."""
+    if groups == 1:
+        return shares
+    summed = shares.reshape(-1, groups, *shares.shape[1:]).sum(1, dtype=jnp.float32)
+    return summed.astype(shares.dtype)
+
+
+def _dq_kernel(*refs, activation, bias, scale, n_pairs, full, interpret, bounded, groups):
     n_in = (6 if interpret else 4) + 2 * bounded
     (q_ref, k_ref, v_ref, do_ref, *rest), (dq_ref,) = refs[:n_in], refs[n_in:-1]
     first_key_ref, blocks = (rest.pop(0), rest.pop(0)) if bounded else (None, None)
@@ -425,6 +446,7 @@ def _dq_kernel(*refs, activation, bias, scale, n_pairs, full, interpret, bounded
     kt_smem, kt_bar, *p_smem = extra if interpret else (None, None)
     rows, bk, stages = ROWS, 2 * ROWS, STAGES
     n = jax.lax.axis_index("n")
+    kv = n // groups  # grouped-query heads: G query rows read one K/V row in place
     pair = n_pairs - 1 - jax.lax.axis_index("q")  # the longest rows start first
     wg = jax.lax.axis_index("wg")
 
@@ -438,7 +460,7 @@ def _dq_kernel(*refs, activation, bias, scale, n_pairs, full, interpret, bounded
         lo, mask_until = 0, 0
         if bounded:
             own = (info_smem.at[wg], info_bar.at[wg])
-            lo, mask_until = read_block_info(blocks.at[n, pair], *own)
+            lo, mask_until = read_block_info(blocks.at[kv, pair], *own)
         return lo, mask_until, n_pairs if full else pair + 1 - lo
 
     @pl.when(wg < 2)
@@ -455,7 +477,7 @@ def _dq_kernel(*refs, activation, bias, scale, n_pairs, full, interpret, bounded
         if bounded:  # my rows' first keys, across the rows of P
             own_first = fk_smem.at[wg]
             plgpu.copy_gmem_to_smem(
-                first_key_ref.at[n, pl.ds(row0, rows)], own_first, fk_bar.at[wg]
+                first_key_ref.at[kv, pl.ds(row0, rows)], own_first, fk_bar.at[wg]
             )
             plgpu.barrier_wait(fk_bar.at[wg])
             firsts = key_vector(own_first, 1, interpret)
@@ -508,28 +530,30 @@ def _dq_kernel(*refs, activation, bias, scale, n_pairs, full, interpret, bounded
 
         def load(t, slot):
             tile = pl.ds((lo + t) * bk, bk)
-            plgpu.copy_gmem_to_smem(k_ref.at[n, tile], k_smem.at[slot], k_bar.at[slot])
+            plgpu.copy_gmem_to_smem(k_ref.at[kv, tile], k_smem.at[slot], k_bar.at[slot])
             if interpret:
                 kt_ref, vt_ref = transposed
-                plgpu.copy_gmem_to_smem(kt_ref.at[n, :, tile], kt_smem.at[slot], kt_bar.at[slot])
-                plgpu.copy_gmem_to_smem(vt_ref.at[n, :, tile], v_tiles.at[slot], v_bar.at[slot])
+                plgpu.copy_gmem_to_smem(kt_ref.at[kv, :, tile], kt_smem.at[slot], kt_bar.at[slot])
+                plgpu.copy_gmem_to_smem(vt_ref.at[kv, :, tile], v_tiles.at[slot], v_bar.at[slot])
             else:
-                plgpu.copy_gmem_to_smem(v_ref.at[n, tile], v_tiles.at[slot], v_bar.at[slot])
+                plgpu.copy_gmem_to_smem(v_ref.at[kv, tile], v_tiles.at[slot], v_bar.at[slot])
 
         stream_tiles(load, steps, stages, (free,), n_pairs)
 
 
-def mosaic_dq(q, k, v, d_out, activation, bias, interpret, full=False, first_key=None):
+def mosaic_dq(q, k, v, d_out, activation, bias, interpret, full=False, first_key=None, groups=1):
     """dQ for `q`, `k`, `v`, `d_out`: `(N, S, D)`, S a multiple of 128 (`full`: every
-    query sees every key; `first_key` as `mosaic_dkv` takes it). Under `jax.vmap` the
-    mapped axis joins N."""
+    query sees every key; `first_key` and `groups` as `mosaic_dkv` takes them). Under
+    `jax.vmap` the mapped axis joins N."""
     if full and first_key is not None:
         raise ValueError("full pieces take no first keys")
-    run = functools.partial(_dq, activation=activation, bias=bias, interpret=interpret, full=full)
+    run = functools.partial(
+        _dq, activation=activation, bias=bias, interpret=interpret, full=full, groups=groups
+    )
     return fold_vmap(run, q, k, v, d_out, *(() if first_key is None else (first_key,)))
 
 
-def _dq(q, k, v, d_out, *first_key, activation, bias, interpret, full):
+def _dq(q, k, v, d_out, *first_key, activation, bias, interpret, full, groups):
     n, seq, dim = q.shape
     n_pairs = seq // (2 * ROWS)
     kernel = functools.partial(
@@ -541,6 +565,7 @@ def _dq(q, k, v, d_out, *first_key, activation, bias, interpret, full):
         full=full,
         interpret=interpret,
         bounded=bool(first_key),
+        groups=groups,
     )
     value_tile = (STAGES, dim, 2 * ROWS) if interpret else (STAGES, 2 * ROWS, dim)
 

@@ -10,6 +10,7 @@ where that matters.
 """
 
 import functools
+import inspect
 
 import jax
 import jax.numpy as jnp
@@ -92,7 +93,13 @@ def key_vector(ref, reduced_axis, interpret):
     (`reduced_axis` 1) or columns (0) for broadcasting against them."""
     if interpret:  # the interpreter has no layouts
         return ref[...]
-    return plgpu.load(ref, (), layout=plgpu.Layout.WGMMA.reduce(reduced_axis))
+    index = ((),) if _LOAD_NEEDS_INDEX else ()  # jax >= 0.11 deprecates passing one
+    return plgpu.load(ref, *index, layout=plgpu.Layout.WGMMA.reduce(reduced_axis))
+
+
+_load_index = inspect.signature(plgpu.load).parameters.get("idx")
+_LOAD_NEEDS_INDEX = _load_index is not None and _load_index.default is inspect.Parameter.empty
+"""Whether `plgpu.load` requires the index as an argument (jax 0.10)."""
 
 
 def write_back(*outputs):
