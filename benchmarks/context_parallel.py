@@ -22,7 +22,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 from jax.sharding import Mesh, NamedSharding, PartitionSpec
-from timing import median_ms, print_table_header, random_qkv
+from timing import median_ms, print_table_header, random_qkv, sum_gradient
 
 import eqx_xlstm as ex
 
@@ -30,8 +30,8 @@ ENGINE = {"softmax": "cudnn", "sigmoid": "mosaic", "none": "linear"}
 
 
 def gradient(activation, implementation):
-    def loss(q, k, v):
-        out = ex.attention(
+    def output(q, k, v):
+        return ex.attention(
             q,
             k,
             v,
@@ -39,9 +39,8 @@ def gradient(activation, implementation):
             qk_pre_activation_function="swish",
             implementation=implementation,
         )
-        return jnp.sum(out.astype(jnp.float32))
 
-    return jax.grad(loss, argnums=(0, 1, 2))
+    return sum_gradient(output)
 
 
 def main():

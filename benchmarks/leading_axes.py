@@ -21,7 +21,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 from jax.sharding import Mesh, NamedSharding, PartitionSpec
-from timing import compiled_median_ms, print_table_header, random_qkv
+from timing import compiled_median_ms, print_table_header, random_qkv, sum_gradient
 
 import eqx_xlstm as ex
 
@@ -29,13 +29,12 @@ COLLECTIVES = ("all-gather", "all-reduce", "all-to-all", "collective-permute", "
 
 
 def gradient(activation):
-    def loss(q, k, v):
-        out = ex.attention(
+    def output(q, k, v):
+        return ex.attention(
             q, k, v, activation_function=activation, qk_pre_activation_function="swish"
         )
-        return jnp.sum(out.astype(jnp.float32))
 
-    return jax.grad(loss, argnums=(0, 1, 2))
+    return sum_gradient(output)
 
 
 def op_census(compiled) -> collections.Counter:
