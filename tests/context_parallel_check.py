@@ -80,15 +80,19 @@ def automatic(mesh):
 
 def automatic_bounded(mesh):
     """Segments and a sliding window on sequence-sharded inputs: the ring with each
-    query's first key, relative to each key chunk it meets."""
+    query's first key, relative to each key chunk it meets; through the chunked path's
+    pieces and the Triton kernels' (Pallas interpret mode)."""
     ids = jnp.sort(jax.random.randint(jax.random.key(4), (2, 1, 256), 0, 5), axis=-1)
-    for activation, kwargs in (
-        ("softmax", {"segment_ids": ids, "sliding_window": 70}),
-        ("none", {"sliding_window": 40}),
+    chunked = ex.implementations.Chunked(16)
+    for name, implementation, activation, kwargs in (
+        ("softmax", chunked, "softmax", {"segment_ids": ids, "sliding_window": 70}),
+        ("none", chunked, "none", {"sliding_window": 40}),
+        ("triton-softmax", SMALL_TRITON, "softmax", {"segment_ids": ids, "sliding_window": 70}),
+        ("triton-sigmoid", SMALL_TRITON, "sigmoid", {"sliding_window": 40}),
     ):
         f = value_and_grads(
-            lambda q, k, v, a=activation, kw=kwargs: ex.attention(
-                q, k, v, activation_function=a, implementation=ex.implementations.Chunked(16), **kw
+            lambda q, k, v, a=activation, i=implementation, kw=kwargs: ex.attention(
+                q, k, v, activation_function=a, implementation=i, **kw
             )
         )
         q, k, v = inputs(256)
@@ -98,7 +102,7 @@ def automatic_bounded(mesh):
         hlo = jax.jit(f).lower(*sharded).compile().as_text()
         gathered = re.findall(r"= (\w+)\[[\d,]*\][^ ]* all-gather\(", hlo)
         report(
-            case=f"bounded-ring-{activation}",
+            case=f"bounded-ring-{name}",
             collectives=collectives(hlo),
             gathered_dtypes=sorted(set(gathered)),
             sharded_as_inputs=all(

@@ -36,9 +36,11 @@ def test_sequence_sharded_jit_runs_as_a_ring(rows):
 
 def test_segments_and_windows_run_as_a_ring(rows):
     # Each query's first key goes round with it; only the int32 segment starts are
-    # gathered (a cumulative max along the sharded sequence), never q, k or v.
-    for activation in ("softmax", "none"):
-        row = rows[f"bounded-ring-{activation}"]
+    # gathered (a cumulative max along the sharded sequence), never q, k or v. The
+    # chunked path's pieces, and the Triton kernels' (first keys relative to each key
+    # chunk, in full pieces too).
+    for name in ("softmax", "none", "triton-softmax", "triton-sigmoid"):
+        row = rows[f"bounded-ring-{name}"]
         assert row["max_rel_err"] < 1e-5, row
         assert row["sharded_as_inputs"], row
         assert "collective-permute" in row["collectives"], row

@@ -11,6 +11,7 @@ from helpers import HALF_KERNEL, assert_all_close, spec
 import eqx_xlstm as ex
 from eqx_xlstm import maths
 from eqx_xlstm.implementations import Reference, Triton
+from eqx_xlstm.implementations.ring import BlockwisePieces
 from eqx_xlstm.implementations.triton import kernels
 
 SEQ = 77  # not a multiple of the blocks: padded rows and keys
@@ -36,11 +37,11 @@ IDS = np.repeat(np.arange(4), [20, 9, 33, 15])
 TRITON = Triton(forward=(16, 32, 4, 1), backward=(32, 16, 4, 1))
 
 
-def visibility(first_key, padded):
-    """The kernels' rule over the padded rows: causal, from each row's first key, real
-    keys only; `(padded, padded)` bool."""
+def visibility(first_key, padded, causal=True):
+    """The kernels' rule over the padded rows: causal (or not: a full piece), from each
+    row's first key, real keys only; `(padded, padded)` bool."""
     i, j = np.arange(padded)[:, None], np.arange(padded)[None, :]
-    return (j <= i) & (j >= first_key[:, None]) & (j < SEQ)
+    return ((j <= i) | (not causal)) & (j >= first_key[:, None]) & (j < SEQ)
 
 
 def padded_first_keys(window, segmented, padded):
@@ -48,16 +49,34 @@ def padded_first_keys(window, segmented, padded):
     return np.pad(first, (0, padded - SEQ), mode="edge")
 
 
-@pytest.mark.parametrize("window, segmented", [(10, False), (None, True), (21, True)])
-def test_kernels_visit_exactly_the_tiles_some_query_sees(window, segmented):
+def piece_first_keys(window, segmented, padded):
+    """First keys of a full piece of context-parallel attention: the whole-sequence
+    ones shifted back by 40 keys, so that the first rows see every key, the last see
+    none (first key SEQ, clipped) and the rows between some."""
+    first = padded_first_keys(window, segmented, padded)
+    return np.clip(first + 40, 0, SEQ).astype(np.int32)
+
+
+@pytest.mark.parametrize(
+    "window, segmented, causal",
+    [(10, False, True), (None, True, True), (21, True, True)]
+    + [(21, True, False), (None, True, False)],
+)
+def test_kernels_visit_exactly_the_tiles_some_query_sees(window, segmented, causal):
     """Forward/dq: each query block's key-block ranges; dk/dv: each key block's
     query-block ranges. A tile is visited iff one of its pairs is visible, and left
-    unmasked only if all are."""
+    unmasked only if all are. Causal, and full pieces of context-parallel attention."""
     bq, bk = 16, 32
     padded = 96
-    bounded = spec(seq_len=SEQ, window=window, segmented=segmented)
-    first = padded_first_keys(window, segmented, padded)
-    seen = visibility(first, padded)
+    if causal:
+        bounded = spec(seq_len=SEQ, window=window, segmented=segmented)
+    else:  # a full piece takes first keys, but its spec no segments or window
+        bounded = spec(seq_len=SEQ, mask="full")
+    if causal:
+        first = padded_first_keys(window, segmented, padded)
+    else:
+        first = piece_first_keys(window, segmented, padded)
+    seen = visibility(first, padded, causal)
     tile = lambda i, j, b_q, b_k: seen[i * b_q : (i + 1) * b_q, j * b_k : (j + 1) * b_k]
 
     for i in range(padded // bq):
@@ -72,11 +91,11 @@ def test_kernels_visit_exactly_the_tiles_some_query_sees(window, segmented):
         assert visited == {j for j in range(padded // bk) if tile(i, j, bq, bk).any()}, i
         assert all(tile(i, j, bq, bk).all() for j in unmasked), i
 
-    ranges = np.asarray(kernels.key_block_ranges(jnp.asarray(first)[None], SEQ, bq, bk))[0]
-    for j, (a, b, stop, _) in enumerate(ranges):
-        first_block = (j * bk) // bq
-        assert first_block <= a <= b <= stop
-        visited = set(range(first_block, stop))
+    ranges = kernels.key_block_ranges(jnp.asarray(first)[None], SEQ, bq, bk, causal)
+    for j, (a, b, stop, start) in enumerate(np.asarray(ranges)[0]):
+        assert start == ((j * bk) // bq if causal else 0)
+        assert start <= a <= b <= stop
+        visited = set(range(start, stop))
         assert visited == {i for i in range(padded // bq) if tile(i, j, bq, bk).any()}, j
         assert all(tile(i, j, bq, bk).all() for i in range(a, b)), j
 
@@ -176,3 +195,45 @@ def test_a_learnable_sigmoid_bias_per_head_is_read_per_row_with_its_gradient(kv_
     expected = out_and_grads("reference", *(x.astype(jnp.float32) for x in (q, k, v, g)))
     assert_all_close(got[:4], expected[:4], COMPARED_AS)
     assert_close(got[4], expected[4], rtol=1e-4, atol=1e-5, err_msg="d bias")
+
+
+@pytest.mark.parametrize("mask", ["causal", "full"])
+@pytest.mark.parametrize("activation", ["softmax", "sigmoid", "none"])
+def test_ring_pieces_with_first_keys_match_the_blockwise_pieces(activation, mask):
+    """A piece of context-parallel attention with first keys relative to its keys:
+    causal (a chunk against itself) or full (against an earlier chunk, where some rows
+    see every key, some part and the last none); output, log-sum-exp and gradients
+    against the XLA pieces."""
+    length = SEQ
+    keys = jax.random.split(jax.random.key(5), 4)
+    q, k, v, g = (jax.random.normal(key, (2, 2, length, 16), COMPARED_AS) for key in keys)
+    first = padded_first_keys(21, True, length)
+    if mask == "full":
+        first = piece_first_keys(21, True, length)
+    first = jnp.broadcast_to(jnp.asarray(first), (2, 2, length))
+    piece = spec(
+        activation=activation,
+        mask=mask,
+        batch_shape=(2, 2),
+        seq_len=length,
+        dqk=16,
+        dv=16,
+        sigmoid_bias=-1.5,
+        dtype=COMPARED_AS,
+    )
+    blockwise, kernels_ = BlockwisePieces(16), TRITON.ring_pieces()
+    want, want_lse = blockwise.forward(q, k, v, piece, first)
+    got, got_lse = kernels_.forward(q, k, v, piece, first)
+    seen = True  # sigmoid and 'none' pieces return zeros for lse
+    if activation == "softmax":  # rows that see no key: +inf there, -inf here; output 0
+        seen = np.isfinite(np.asarray(want_lse))
+        assert seen.all() if mask == "causal" else (seen.any() and not seen.all())
+        np.testing.assert_array_equal(np.isfinite(np.asarray(got_lse)), seen)
+        lse_of = lambda x: np.where(seen, x, 0.0)
+        assert_close(lse_of(got_lse), lse_of(want_lse), rtol=2e-5, atol=2e-5, err_msg="lse")
+    f32 = lambda x: np.asarray(x.astype(jnp.float32))
+    assert_close(f32(got), f32(want), rtol=2e-5, atol=2e-5, err_msg="out")
+    lse = jnp.where(seen, want_lse, 0.0)
+    grads = [p.backward(q, k, v, want, lse, g, piece, first) for p in (blockwise, kernels_)]
+    for name, a, b in zip(("dq", "dk", "dv"), grads[1], grads[0], strict=True):
+        assert_close(f32(a), f32(b), rtol=2e-5, atol=1e-4, err_msg=name)

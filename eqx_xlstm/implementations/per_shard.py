@@ -166,14 +166,15 @@ class RowKernels:
 
     def over_sequence(self, forward: bool):
         """`per_shard`'s `over_sequence` for the forward or backward pass, or None when
-        the sequence is gathered (always with first keys, grouped heads or an array
-        bias, which the ring does not take yet)."""
+        the sequence is gathered (always with grouped heads or an array bias, which the
+        ring does not take yet, and with first keys unless the pieces take them)."""
         spec = self.spec
+        pieces = self.sequence_pieces
         if (
             not self.partition
-            or self.sequence_pieces is None
+            or pieces is None
             or spec.seq_len % self.multiple
-            or spec.bounded
+            or (spec.bounded and not getattr(pieces, "takes_first_keys", False))
             or spec.kv_groups > 1
             or spec.array_bias
         ):
@@ -181,13 +182,13 @@ class RowKernels:
 
         def make(layout):
             def run(*arrays):
-                pieces = self.sequence_pieces
                 if forward:  # (out, lse): per_shard keeps as many as the kernels return
                     return ring.balanced_forward(*arrays, spec=spec, layout=layout, pieces=pieces)
-                q, k, v, d_out, out, *lse = arrays
+                q, k, v, d_out, *rest = arrays
+                first_key, (out, *lse) = rest[: spec.bounded], rest[spec.bounded :]
                 lse = lse[0] if lse else jnp.zeros_like(out[..., 0], dtype=jnp.float32)
                 return ring.balanced_backward(
-                    q, k, v, out, lse, d_out, spec=spec, layout=layout, pieces=pieces
+                    q, k, v, out, lse, d_out, *first_key, spec=spec, layout=layout, pieces=pieces
                 )
 
             return run
@@ -213,7 +214,7 @@ def _bias_rows(biases: tuple, rows: int, padded: int) -> dict:
     return {"bias": jnp.broadcast_to(biases[0].reshape(rows, 1), (rows, padded))}
 
 
-def _first_key_rows(first_key: tuple, padded: int) -> tuple:
+def first_key_rows(first_key: tuple, padded: int) -> tuple:
     """`first_key` `(*batch, S)` as the kernels take it: `(N_kv, S')`, edge-padded
     (so it stays non-decreasing and padded rows see a key)."""
     if not first_key:
@@ -232,7 +233,7 @@ def _forward_outputs(kernels: RowKernels, q, k, v, first_key, biases):
         rows = [as_rows(x, spec, multiple) for x in (q, k, v)]
         n_rows, padded = rows[0].shape[:2]
         bias = _bias_rows(rest[n_first:], n_rows, padded)
-        outs = kernels.forward(*rows, *_first_key_rows(rest[:n_first], padded), **bias)
+        outs = kernels.forward(*rows, *first_key_rows(rest[:n_first], padded), **bias)
         return tuple(o.reshape(*batch, *o.shape[1:]) for o in outs)  # rows kept padded
 
     over_sequence = kernels.over_sequence(True)
@@ -273,7 +274,7 @@ def _row_attention_bwd(kernels, residuals, d_out):
         rows = [as_rows(x, spec, multiple) for x in (q, k, v, d_out)]
         outs = [o.reshape(-1, *o.shape[len(batch) :]) for o in outs]
         n_rows, padded = rows[0].shape[:2]
-        first = _first_key_rows(first_key, padded)
+        first = first_key_rows(first_key, padded)
         options = {"first_key": first} if first else {}
         options |= _bias_rows(biases, n_rows, padded)
         grads = kernels.backward(*rows[:3], *outs, rows[3], **options)

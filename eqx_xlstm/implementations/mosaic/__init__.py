@@ -103,25 +103,27 @@ class Mosaic(Implementation):
 class MosaicPieces:
     """The pieces of context-parallel attention (`ring`) through these kernels: a chunk
     against itself (causal) or against an earlier chunk (full), sigmoid and 'none'.
-    Softmax pieces run in `softmax_pieces`: the Mosaic forward returns no log-sum-exp
-    and has no softmax backward."""
+    Softmax pieces, and pieces with first keys (segments, windows), run in
+    `triton_pieces`: the Mosaic forward returns no log-sum-exp and has no softmax
+    backward, and its kernels take first keys in causal pieces only."""
 
     mosaic: Mosaic
-    softmax_pieces: TritonPieces = TritonPieces(Triton())
+    triton_pieces: TritonPieces = TritonPieces(Triton())
+    takes_first_keys = True
 
-    def forward(self, q, k, v, spec: AttentionSpec):
+    def forward(self, q, k, v, spec: AttentionSpec, first_key=None):
         """`(out, lse)`: lse is zeros (sigmoid and 'none' pieces simply add)."""
-        if spec.activation == "softmax":
-            return self.softmax_pieces.forward(q, k, v, spec)
+        if spec.activation == "softmax" or first_key is not None:
+            return self.triton_pieces.forward(q, k, v, spec, first_key)
         rows = [as_rows(x, spec, PADDING) for x in (q, k, v)]
         (out,) = _forward_kernel(*rows, spec=spec, interpret=spec.platform != "gpu")
         out = from_rows(out, q.shape[:-2], spec)
         return out, jnp.zeros(out.shape[:-1], jnp.float32)
 
-    def backward(self, q, k, v, out, lse, d_out, spec: AttentionSpec):
+    def backward(self, q, k, v, out, lse, d_out, spec: AttentionSpec, first_key=None):
         """`(dq, dk, dv)` of a piece (sigmoid and 'none' need neither out nor lse)."""
-        if spec.activation == "softmax":
-            return self.softmax_pieces.backward(q, k, v, out, lse, d_out, spec)
+        if spec.activation == "softmax" or first_key is not None:
+            return self.triton_pieces.backward(q, k, v, out, lse, d_out, spec, first_key)
         rows = [as_rows(x, spec, PADDING) for x in (q, k, v, d_out)]
         interpret = spec.platform != "gpu"
         fused = self.mosaic.fused(spec)

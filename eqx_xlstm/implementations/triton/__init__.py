@@ -9,7 +9,7 @@ import jax.numpy as jnp
 
 from ...spec import AttentionSpec
 from ..base import Implementation, as_rows, from_rows
-from ..per_shard import RowKernels, row_attention
+from ..per_shard import RowKernels, first_key_rows, row_attention
 from . import kernels
 from .kernels import Blocks, Launch
 
@@ -60,10 +60,11 @@ class Triton(Implementation):
             return f"its kernels accumulate in float32, so they do not take {spec.dtype}"
         return None
 
-    def _launch(self, spec: AttentionSpec) -> tuple[Launch, int]:
+    def _launch(self, spec: AttentionSpec, pieces_first_keys=False) -> tuple[Launch, int]:
         """The kernels' settings for `spec`, and the multiple rows are padded to."""
         step = math.lcm(*self.forward[:2], *self.backward[:2])
-        return Launch(spec, self.forward, self.backward, interpret=spec.platform != "gpu"), step
+        interpret = spec.platform != "gpu"
+        return Launch(spec, self.forward, self.backward, interpret, pieces_first_keys), step
 
     def ring_pieces(self) -> "TritonPieces":
         return TritonPieces(self)
@@ -83,30 +84,41 @@ class Triton(Implementation):
 @dataclasses.dataclass(frozen=True)
 class TritonPieces:
     """The pieces of context-parallel attention (`ring`) through these kernels: a
-    chunk against itself (causal) or against an earlier chunk (full)."""
+    chunk against itself (causal) or against an earlier chunk (full); with segments or
+    windows, each query's first visible key relative to the piece's keys (`first_key`,
+    `(*batch, L)`; L: none of them)."""
 
     triton: Triton
+    takes_first_keys = True
 
-    def forward(self, q, k, v, spec: AttentionSpec):
+    def _rows(self, arrays, first_key, spec):
+        """The kernels' settings, rows of `arrays` and of `first_key` (a tuple)."""
+        launch, step = self.triton._launch(spec, pieces_first_keys=first_key is not None)
+        rows = [as_rows(x, spec, step) for x in arrays]
+        if first_key is None:
+            return launch, rows, ()
+        first = jnp.broadcast_to(first_key, arrays[1].shape[:-1])
+        return launch, rows, first_key_rows((first,), rows[0].shape[1])
+
+    def forward(self, q, k, v, spec: AttentionSpec, first_key=None):
         """`(out, lse)`: the output and each row's log2-sum-exp2 (zeros unless
-        softmax)."""
-        launch, step = self.triton._launch(spec)
+        softmax; -inf where a row sees none of the keys)."""
+        launch, rows, first = self._rows((q, k, v), first_key, spec)
         batch = q.shape[:-2]
-        outs = kernels.forward(*(as_rows(x, spec, step) for x in (q, k, v)), launch=launch)
+        outs = kernels.forward(*rows, *first, launch=launch)
         out = from_rows(outs[0], batch, spec)
         if spec.activation != "softmax":
             return out, jnp.zeros_like(out[..., 0], dtype=jnp.float32)
         return out, outs[1][:, : spec.seq_len].reshape(*batch, spec.seq_len)
 
-    def backward(self, q, k, v, out, lse, d_out, spec: AttentionSpec):
+    def backward(self, q, k, v, out, lse, d_out, spec: AttentionSpec, first_key=None):
         """`(dq, dk, dv)`, given the output and lse of the whole rows."""
-        launch, step = self.triton._launch(spec)
+        launch, rows, first = self._rows((q, k, v, out, d_out), first_key, spec)
         batch = q.shape[:-2]
-        rows = [as_rows(x, spec, step) for x in (q, k, v, out, d_out)]
         outs = rows[3:4]
         if spec.activation == "softmax":
             padded = rows[0].shape[1]
             lse = lse.astype(jnp.float32).reshape(-1, spec.seq_len)
             outs.append(jnp.pad(lse, ((0, 0), (0, padded - spec.seq_len))))
-        grads = kernels.backward(*rows[:3], *outs, rows[4], launch=launch)
+        grads = kernels.backward(*rows[:3], *outs, rows[4], first_key=first, launch=launch)
         return tuple(from_rows(g, batch, spec) for g in grads)

@@ -48,6 +48,14 @@ class Launch(NamedTuple):
     forward: Blocks
     backward: Blocks
     interpret: bool
+    pieces_first_keys: bool = False
+    """First keys for a piece of context-parallel attention (whose spec has no
+    segments or window: a full piece cannot)."""
+
+    @property
+    def takes_first_keys(self) -> bool:
+        """Whether the kernels take each query's first visible key."""
+        return self.spec.bounded or self.pieces_first_keys
 
     @property
     def tanh(self):
@@ -70,10 +78,10 @@ def _allowed(q_start, k_start, shape, spec: AttentionSpec, first_key=None):
     before each query's first."""
     k_pos = k_start + jax.lax.broadcasted_iota(jnp.int32, shape, 1)
     real = k_pos < spec.seq_len
-    if not spec.causal:
-        return real
-    q_pos = q_start + jax.lax.broadcasted_iota(jnp.int32, shape, 0)
     first = None if first_key is None else first_key[:, None]
+    if not spec.causal:
+        return real if first is None else real & (k_pos >= first)
+    q_pos = q_start + jax.lax.broadcasted_iota(jnp.int32, shape, 0)
     return maths.visible(q_pos, k_pos, first) & real
 
 
@@ -81,12 +89,17 @@ def _key_ranges(i, bq, bk, spec: AttentionSpec, first_key=None):
     """The key blocks query block i visits, as `(start, stop, masked)` ranges: the
     causal ones need no mask below the diagonal; with `first_key` (the block's
     queries'), they start at the first key block any of them sees, masked until the
-    last of their first keys."""
+    last of their first keys. Without the causal mask (a piece of context-parallel
+    attention), every key block, from that first one."""
     if not spec.causal:
-        return [
-            (0, spec.seq_len // bk, False),
-            (spec.seq_len // bk, pl.cdiv(spec.seq_len, bk), True),
-        ]
+        whole, n_all = spec.seq_len // bk, pl.cdiv(spec.seq_len, bk)
+        if first_key is None:
+            return [(i * 0, whole, False), (whole, n_all, True)]
+        lo = jnp.min(first_key)  # rows of a piece that see none of its keys: seq_len
+        start = jnp.where(lo >= spec.seq_len, n_all, lo // bk)
+        padding = jnp.maximum(whole, start)  # the block with padded keys, if any
+        unmasked = jnp.clip(pl.cdiv(jnp.max(first_key), bk), start, padding)
+        return [(start, unmasked, True), (unmasked, padding, False), (padding, n_all, True)]
     n_full, n_all = (i * bq) // bk, pl.cdiv((i + 1) * bq, bk)
     if first_key is None:
         return [(i * 0, n_full, False), (n_full, n_all, True)]
@@ -95,20 +108,25 @@ def _key_ranges(i, bq, bk, spec: AttentionSpec, first_key=None):
     return [(start, unmasked, True), (unmasked, n_full, False), (n_full, n_all, True)]
 
 
-def key_block_ranges(first_key, seq_len: int, bq: int, bk: int):
+def key_block_ranges(first_key, seq_len: int, bq: int, bk: int, causal: bool = True):
     """The query blocks the dk/dv kernel visits for each KV row and key block j,
-    `(N_kv, n_kb, 4)` int32 `(a, b, stop, 0)`: masked in `[j bk // bq, a)` (the
+    `(N_kv, n_kb, 4)` int32 `(a, b, stop, start)`: masked in `[start, a)` (the
     diagonal, padded keys) and `[b, stop)` (queries whose first key falls inside block
-    j), unmasked in `[a, b)`; from `stop` on no query sees block j. `first_key`:
-    `(N_kv, S')`, padded, non-decreasing along S'."""
+    j), unmasked in `[a, b)`; from `stop` on no query sees block j. `start` is the
+    diagonal's query block `j bk // bq`, or 0 without the causal mask (`causal`
+    False: a piece of context-parallel attention). `first_key`: `(N_kv, S')`, padded,
+    non-decreasing along S'."""
     starts = jnp.arange(0, first_key.shape[-1], bk, dtype=jnp.int32)
+    # A row whose first key is past the real keys (a piece's row that sees none of
+    # them) sees no key block.
+    first_key = jnp.where(first_key >= seq_len, jnp.iinfo(jnp.int32).max, first_key)
     whole, stop = maths.key_block_reach(first_key, bk, bq)
-    past_diagonal = jnp.minimum(pl.cdiv(starts + bk, bq), stop)
+    start = starts // bq if causal else jnp.zeros_like(starts)
+    past_diagonal = jnp.minimum(pl.cdiv(starts + bk, bq) if causal else start, stop)
     past_diagonal = jnp.where(starts + bk > seq_len, stop, past_diagonal)
     unmasked_stop = jnp.clip(whole, past_diagonal, stop)
-    return jnp.stack([past_diagonal, unmasked_stop, stop, jnp.zeros_like(stop)], axis=-1).astype(
-        jnp.int32
-    )
+    start = jnp.broadcast_to(start, stop.shape)
+    return jnp.stack([past_diagonal, unmasked_stop, stop, start], axis=-1).astype(jnp.int32)
 
 
 def _weights(q, k, mask, launch: Launch, lse=None, bias=None):
@@ -133,10 +151,10 @@ def _masked_step(body, masked, j, carry):
 
 
 def _fwd_kernel(q_ref, k_ref, v_ref, *refs, launch: Launch):
-    spec = launch.spec
-    first_key = refs[0][...] if spec.bounded else None
-    bias = refs[spec.bounded][...] if spec.array_bias else None
-    out_ref, *lse_ref = refs[spec.bounded + spec.array_bias :]
+    spec, bounded = launch.spec, launch.takes_first_keys
+    first_key = refs[0][...] if bounded else None
+    bias = refs[bounded][...] if spec.array_bias else None
+    out_ref, *lse_ref = refs[bounded + spec.array_bias :]
     bq, bk = launch.forward.block_q, launch.forward.block_k
     i = pl.program_id(1)
     q = q_ref[...]
@@ -163,17 +181,18 @@ def _fwd_kernel(q_ref, k_ref, v_ref, *refs, launch: Launch):
     acc = _over_ranges(_key_ranges(i, bq, bk, spec, first_key), body, acc)
     if spec.activation == "softmax":
         acc, m, total = acc
-        lse_ref[0][...] = m + jnp.log2(total)
-        acc = acc / total[:, None]
+        lse_ref[0][...] = m + jnp.log2(total)  # -inf for a row that saw no key
+        acc = acc / jnp.where(total > 0, total, 1.0)[:, None]  # such a row (in a piece): 0
     out_ref[...] = acc.astype(out_ref.dtype)
 
 
 def _dq_kernel(q_ref, k_ref, v_ref, do_ref, *refs, launch: Launch):
     spec = launch.spec
     bq, bk = launch.backward.block_q, launch.backward.block_k
-    first_key = refs[0][...] if spec.bounded else None
-    bias = refs[spec.bounded][...] if spec.array_bias else None
-    *stats, dq_ref = refs[spec.bounded + spec.array_bias : len(refs) - spec.array_bias]
+    bounded = launch.takes_first_keys
+    first_key = refs[0][...] if bounded else None
+    bias = refs[bounded][...] if spec.array_bias else None
+    *stats, dq_ref = refs[bounded + spec.array_bias : len(refs) - spec.array_bias]
     i = pl.program_id(1)
     q, do = q_ref[...], do_ref[...]
     lse, delta = (stats[0][...], stats[1][...]) if stats else (None, None)
@@ -204,9 +223,10 @@ def _dkv_kernel(q_ref, k_ref, v_ref, do_ref, *refs, launch: Launch, n_q_blocks: 
     `n_q_blocks` each, one after another along the rows of q)."""
     spec = launch.spec
     bq, bk = launch.backward.block_q, launch.backward.block_k
-    first_key_ref, block_ranges = (refs[0], refs[1][...]) if spec.bounded else (None, None)
-    bias_ref = refs[2 * spec.bounded] if spec.array_bias else None
-    *stats, dk_ref, dv_ref = refs[2 * spec.bounded + spec.array_bias :]
+    bounded = launch.takes_first_keys
+    first_key_ref, block_ranges = (refs[0], refs[1][...]) if bounded else (None, None)
+    bias_ref = refs[2 * bounded] if spec.array_bias else None
+    *stats, dk_ref, dv_ref = refs[2 * bounded + spec.array_bias :]
     j = pl.program_id(1)
     k, v = k_ref[...], v_ref[...]
 
@@ -217,7 +237,7 @@ def _dkv_kernel(q_ref, k_ref, v_ref, do_ref, *refs, launch: Launch, n_q_blocks: 
         lse, delta = (ref[rows] for ref in stats) if stats else (None, None)
         bias = None if bias_ref is None else bias_ref[rows]
         first_key = None
-        if masked and spec.bounded:
+        if masked and bounded:
             first_key = first_key_ref[pl.ds(i * bq, bq)]
         mask = _allowed(i * bq, j * bk, (bq, bk), spec, first_key) if masked else None
         p = _weights(q, k, mask, launch, lse, bias)
@@ -229,9 +249,9 @@ def _dkv_kernel(q_ref, k_ref, v_ref, do_ref, *refs, launch: Launch, n_q_blocks: 
     # first key inside it) need the mask; those wholly after it do not. Without the
     # causal mask every query block sees this key block.
     # (`j * 0`, not 0: Triton's loop lowering wants traced bounds here.)
-    if spec.bounded:
-        a, b, stop = (_pick(block_ranges, c) for c in range(3))
-        ranges = [((j * bk) // bq, a, True), (a, b, False), (b, stop, True)]
+    if bounded:
+        a, b, stop, start = (_pick(block_ranges, c) for c in range(4))
+        ranges = [(start, a, True), (a, b, False), (b, stop, True)]
     else:
         first, first_full = (
             ((j * bk) // bq, pl.cdiv((j + 1) * bk, bq)) if spec.causal else (j * 0,) * 2
@@ -353,7 +373,7 @@ def backward(q, k, v, *outs_and_d_out, first_key=(), bias=None, launch: Launch):
     biases = [b.reshape(kv_rows, groups * padded) for b in biases]
     bounds, bound_specs = [], []
     if first_key:
-        ranges = key_block_ranges(first_key[0], spec.seq_len, bq, bk)
+        ranges = key_block_ranges(first_key[0], spec.seq_len, bq, bk, spec.causal)
         bounds = [first_key[0], ranges]
         bound_specs = [_whole(padded), pl.BlockSpec((None, None, 4), lambda b, j: (b, j, 0))]
     dk, dv_ = _call(
