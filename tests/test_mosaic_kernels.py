@@ -227,9 +227,9 @@ def test_backward_kernels_with_first_keys(activation, window, runs, fused, group
         dq = backward.mosaic_dq(q, k, v, g, *rest, **options)
         return (dq, *backward.mosaic_dkv(q, k, v, g, *rest, **options))
 
-    # Mosaic GPU interpret mode deadlocks at times on these kernels under one jit (on a
-    # GPU they run under jit: benchmarks/results/h200_mosaic_bounded_check.txt);
-    # called eagerly, each kernel call runs alone.
+    # Called eagerly, each interpreted kernel runs alone (under one jit they hung at
+    # times when XLA's CPU thread pool ran out: conftest.py; on a GPU they run under
+    # jit: benchmarks/results/h200_mosaic_bounded_check.txt).
     call = kernels if INTERPRET else jax.jit(kernels)
     for got, want in zip(call(q, k, v, g, first), wanted, strict=True):
         assert_close_16bit(got, np.asarray(want))

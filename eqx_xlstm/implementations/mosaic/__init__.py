@@ -31,6 +31,11 @@ class Mosaic(Implementation):
     Softmax has no backward kernel here: differentiating it through this implementation
     is an error; `implementation="pallas"` and the default dispatch run the Mosaic
     forward when no gradient is taken and the Triton kernels under differentiation.
+
+    Interpret mode runs a kernel's three warpgroups as threads on XLA's CPU client,
+    whose thread pool has one thread per core: on a machine with few cores a jitted
+    call can hang with every pool thread waiting. Set `PJRT_NPROC=8` (a larger pool)
+    before JAX starts.
     """
 
     name = "mosaic"
