@@ -81,7 +81,8 @@ def automatic(mesh):
 def automatic_bounded(mesh):
     """Segments and a sliding window on sequence-sharded inputs: the ring with each
     query's first key, relative to each key chunk it meets; through the chunked path's
-    pieces and the Triton kernels' (Pallas interpret mode)."""
+    pieces and the Triton kernels' (Pallas interpret mode), whose pieces also take
+    grouped-query heads (one K/V head for two query heads)."""
     ids = jnp.sort(jax.random.randint(jax.random.key(4), (2, 1, 256), 0, 5), axis=-1)
     chunked = ex.implementations.Chunked(16)
     for name, implementation, activation, kwargs in (
@@ -89,6 +90,8 @@ def automatic_bounded(mesh):
         ("none", chunked, "none", {"sliding_window": 40}),
         ("triton-softmax", SMALL_TRITON, "softmax", {"segment_ids": ids, "sliding_window": 70}),
         ("triton-sigmoid", SMALL_TRITON, "sigmoid", {"sliding_window": 40}),
+        ("triton-grouped-sigmoid", SMALL_TRITON, "sigmoid", {}),
+        ("triton-grouped-softmax", SMALL_TRITON, "softmax", {"segment_ids": ids}),
     ):
         f = value_and_grads(
             lambda q, k, v, a=activation, i=implementation, kw=kwargs: ex.attention(
@@ -96,6 +99,8 @@ def automatic_bounded(mesh):
             )
         )
         q, k, v = inputs(256)
+        if "grouped" in name:
+            k, v = k[:, :1], v[:, :1]
         want = jax.jit(f)(q, k, v)
         sharded = [jax.device_put(x, NamedSharding(mesh, SEQ)) for x in (q, k, v)]
         got = jax.jit(f)(*sharded)

@@ -237,3 +237,38 @@ def test_ring_pieces_with_first_keys_match_the_blockwise_pieces(activation, mask
     grads = [p.backward(q, k, v, want, lse, g, piece, first) for p in (blockwise, kernels_)]
     for name, a, b in zip(("dq", "dk", "dv"), grads[1], grads[0], strict=True):
         assert_close(f32(a), f32(b), rtol=2e-5, atol=1e-4, err_msg=name)
+
+
+@pytest.mark.parametrize("activation", ["softmax", "sigmoid"])
+def test_ring_pieces_read_grouped_heads_in_place(activation):
+    """Grouped-query heads in a full piece with first keys: the same as the piece on
+    K/V repeated for each query head, whose K/V gradients sum over the group."""
+    length, groups = SEQ, 2
+    keys = jax.random.split(jax.random.key(6), 4)
+    q, g = (jax.random.normal(key, (2, groups, length, 16), COMPARED_AS) for key in keys[:2])
+    k, v = (jax.random.normal(key, (2, 1, length, 16), COMPARED_AS) for key in keys[2:])
+    first = jnp.broadcast_to(jnp.asarray(piece_first_keys(21, True, length)), (2, 1, length))
+    piece = spec(
+        activation=activation,
+        mask="full",
+        batch_shape=(2, groups),
+        seq_len=length,
+        dqk=16,
+        dv=16,
+        sigmoid_bias=-1.5,
+        dtype=COMPARED_AS,
+    )
+    pieces = TRITON.ring_pieces()
+    repeated = [jnp.broadcast_to(x, q.shape) for x in (k, v)]
+    want, want_lse = pieces.forward(q, *repeated, piece, first)
+    got, got_lse = pieces.forward(q, k, v, piece.replace(kv_groups=groups), first)
+    f32 = lambda x: np.asarray(x.astype(jnp.float32))
+    assert_close(f32(got), f32(want), rtol=2e-5, atol=2e-5, err_msg="out")
+    np.testing.assert_array_equal(np.asarray(got_lse), np.asarray(want_lse))
+    lse = jnp.where(jnp.isfinite(want_lse), want_lse, 0.0)
+    want_grads = pieces.backward(q, *repeated, want, lse, g, piece, first)
+    want_grads = [want_grads[0], *(x.sum(axis=1, keepdims=True) for x in want_grads[1:])]
+    got_grads = pieces.backward(q, k, v, want, lse, g, piece.replace(kv_groups=groups), first)
+    for name, a, b in zip(("dq", "dk", "dv"), got_grads, want_grads, strict=True):
+        assert a.shape == b.shape, name
+        assert_close(f32(a), f32(b), rtol=2e-5, atol=1e-4, err_msg=name)

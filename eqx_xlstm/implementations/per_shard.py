@@ -36,19 +36,21 @@ def _sharded_like(mesh, shapes, leading: tuple):
     return jax.tree.map(whole, shapes)
 
 
-def _sequence_layout(mesh, shape, axes, batch_ndim: int) -> SequenceLayout | None:
+def _sequence_layout(mesh, shape, axes, seq_axis: int) -> SequenceLayout | None:
     """The contiguous layout of a sequence axis sharded over mesh `axes`, or None when
     it is not sharded or its length is not a multiple of the device count."""
     if axes is None:
         return None
     names = (axes,) if isinstance(axes, str) else tuple(axes)
     devices = math.prod(mesh.shape[name] for name in names)
-    if devices == 1 or shape[batch_ndim] % devices:
+    if devices == 1 or shape[seq_axis] % devices:
         return None
     return SequenceLayout(axes, devices, zigzag=False)
 
 
-def per_shard(fn, *arrays, batch_ndim: int, over_sequence: Callable | None = None):
+def per_shard(
+    fn, *arrays, batch_ndim: int, over_sequence: Callable | None = None, group_ndim: int = 0
+):
     """`fn(*arrays)`, run shard by shard when the arrays are sharded over their first
     `batch_ndim` axes (shared by every array and result; `fn` returns a tuple of
     arrays).
@@ -58,7 +60,8 @@ def per_shard(fn, *arrays, batch_ndim: int, over_sequence: Callable | None = Non
     function like `fn` that may communicate over `layout.axis_name` (a contiguous
     `SequenceLayout`); of its results the op keeps as many as `fn` returns, in `fn`'s
     dtypes. A sequence whose length is not a multiple of the device count is gathered
-    instead.
+    instead. `group_ndim` axes between the leading ones and the sequence are kept
+    whole (the group axis of grouped-query heads: G for q, 1 for k and v).
 
     Under `jax.vmap` (custom_partitioning has no batching rule) the mapped axis
     becomes one more leading axis: `fn` takes any number of them.
@@ -68,7 +71,7 @@ def per_shard(fn, *arrays, batch_ndim: int, over_sequence: Callable | None = Non
 
     @jax.custom_batching.custom_vmap
     def call(*arrays):
-        return _partitioned(fn, arrays, batch_ndim, over_sequence)
+        return _partitioned(fn, arrays, batch_ndim, over_sequence, group_ndim)
 
     @call.def_vmap
     def _mapped_axis_in_front(axis_size, in_batched, *arrays):
@@ -76,35 +79,45 @@ def per_shard(fn, *arrays, batch_ndim: int, over_sequence: Callable | None = Non
             x if batched else jnp.broadcast_to(x, (axis_size, *x.shape))
             for x, batched in zip(arrays, in_batched)
         ]
-        results = per_shard(fn, *arrays, batch_ndim=batch_ndim + 1, over_sequence=over_sequence)
+        results = per_shard(
+            fn,
+            *arrays,
+            batch_ndim=batch_ndim + 1,
+            over_sequence=over_sequence,
+            group_ndim=group_ndim,
+        )
         return results, jax.tree.map(lambda _: True, results)
 
     return call(*arrays)
 
 
-def _partitioned(fn, arrays, batch_ndim, over_sequence):
+def _partitioned(fn, arrays, batch_ndim, over_sequence, group_ndim=0):
     results = jax.eval_shape(fn, *arrays)
+    sequence = over_sequence is not None
+    group_ndim = group_ndim if sequence else 0  # otherwise they are whole anyway
 
-    # Shardy: the leading axes pass through, and the sequence when `over_sequence`;
-    # every other axis stays whole.
+    # Shardy: the leading axes pass through, and the sequence when `over_sequence`
+    # (after `group_ndim` axes); every other axis stays whole.
     factors, mappings = [], []
     for group in (arrays, results):
         parts = []
         for x in group:
-            rest = x.ndim - batch_ndim - (over_sequence is not None)
-            names = [f"f{len(factors) + i}" for i in range(rest)]
+            names = [f"f{len(factors) + i}" for i in range(x.ndim - batch_ndim - sequence)]
             factors += names
-            parts.append(" ".join(["...", *(["s"] if over_sequence else []), *names]))
+            axes = [*names[:group_ndim], *(["s"] if sequence else []), *names[group_ndim:]]
+            parts.append(" ".join(["...", *axes]))
         mappings.append(", ".join(parts))
     rule = f"{mappings[0]} -> {mappings[1]}"
-    kept = batch_ndim + (over_sequence is not None)
+    seq_axis = batch_ndim + group_ndim
+    kept = seq_axis + sequence
 
     def placement(mesh, arg_shapes):
         axes = _axes(arg_shapes[0].sharding, kept)
         layout = None
-        if over_sequence is not None:
-            layout = _sequence_layout(mesh, arg_shapes[0].shape, axes[-1], batch_ndim)
-            axes = (*axes[:-1], layout.axis_name if layout else None)
+        if sequence:
+            layout = _sequence_layout(mesh, arg_shapes[0].shape, axes[-1], seq_axis)
+            whole = (None,) * group_ndim
+            axes = (*axes[:batch_ndim], *whole, layout.axis_name if layout else None)
         return axes, layout
 
     def infer(mesh, arg_shapes, result_shapes):
@@ -162,12 +175,17 @@ class RowKernels:
     def batch_ndim(self, q) -> int:
         """How many leading axes of `q` `per_shard` partitions over: all but the group
         axis of grouped heads (q has G there, k and v 1)."""
-        return q.ndim - 2 - (self.spec.kv_groups > 1) if self.partition else 0
+        return q.ndim - 2 - self.group_ndim if self.partition else 0
+
+    @property
+    def group_ndim(self) -> int:
+        """The group axis of grouped heads (1), kept whole before the sequence."""
+        return int(self.spec.kv_groups > 1)
 
     def over_sequence(self, forward: bool):
         """`per_shard`'s `over_sequence` for the forward or backward pass, or None when
-        the sequence is gathered (always with grouped heads or an array bias, which the
-        ring does not take yet, and with first keys unless the pieces take them)."""
+        the sequence is gathered (always with an array bias, which the ring does not
+        take yet, and with first keys or grouped heads unless the pieces take them)."""
         spec = self.spec
         pieces = self.sequence_pieces
         if (
@@ -175,7 +193,7 @@ class RowKernels:
             or pieces is None
             or spec.seq_len % self.multiple
             or (spec.bounded and not getattr(pieces, "takes_first_keys", False))
-            or spec.kv_groups > 1
+            or (spec.kv_groups > 1 and not getattr(pieces, "takes_grouped_heads", False))
             or spec.array_bias
         ):
             return None
@@ -246,6 +264,7 @@ def _forward_outputs(kernels: RowKernels, q, k, v, first_key, biases):
         *biases,
         batch_ndim=kernels.batch_ndim(q),
         over_sequence=over_sequence,
+        group_ndim=kernels.group_ndim,
     )
 
 
@@ -297,6 +316,7 @@ def _row_attention_bwd(kernels, residuals, d_out):
         *outs,
         batch_ndim=kernels.batch_ndim(q),
         over_sequence=over_sequence,
+        group_ndim=kernels.group_ndim,
     )
     return (*grads[:3], tuple(None for _ in first_key), tuple(grads[3:]))
 

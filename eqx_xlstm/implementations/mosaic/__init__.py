@@ -108,17 +108,22 @@ class Mosaic(Implementation):
 class MosaicPieces:
     """The pieces of context-parallel attention (`ring`) through these kernels: a chunk
     against itself (causal) or against an earlier chunk (full), sigmoid and 'none'.
-    Softmax pieces, and pieces with first keys (segments, windows), run in
-    `triton_pieces`: the Mosaic forward returns no log-sum-exp and has no softmax
-    backward, and its kernels take first keys in causal pieces only."""
+    Softmax pieces, and pieces with first keys (segments, windows) or grouped heads,
+    run in `triton_pieces`: the Mosaic forward returns no log-sum-exp and has no
+    softmax backward, and its kernels take first keys in causal pieces only (grouped
+    heads in full pieces are not checked on a GPU yet)."""
 
     mosaic: Mosaic
     triton_pieces: TritonPieces = TritonPieces(Triton())
     takes_first_keys = True
+    takes_grouped_heads = True
+
+    def _to_triton(self, spec, first_key):
+        return spec.activation == "softmax" or first_key is not None or spec.kv_groups > 1
 
     def forward(self, q, k, v, spec: AttentionSpec, first_key=None):
         """`(out, lse)`: lse is zeros (sigmoid and 'none' pieces simply add)."""
-        if spec.activation == "softmax" or first_key is not None:
+        if self._to_triton(spec, first_key):
             return self.triton_pieces.forward(q, k, v, spec, first_key)
         rows = [as_rows(x, spec, PADDING) for x in (q, k, v)]
         (out,) = _forward_kernel(*rows, spec=spec, interpret=spec.platform != "gpu")
@@ -127,7 +132,7 @@ class MosaicPieces:
 
     def backward(self, q, k, v, out, lse, d_out, spec: AttentionSpec, first_key=None):
         """`(dq, dk, dv)` of a piece (sigmoid and 'none' need neither out nor lse)."""
-        if spec.activation == "softmax" or first_key is not None:
+        if self._to_triton(spec, first_key):
             return self.triton_pieces.backward(q, k, v, out, lse, d_out, spec, first_key)
         rows = [as_rows(x, spec, PADDING) for x in (q, k, v, d_out)]
         interpret = spec.platform != "gpu"

@@ -86,10 +86,12 @@ class TritonPieces:
     """The pieces of context-parallel attention (`ring`) through these kernels: a
     chunk against itself (causal) or against an earlier chunk (full); with segments or
     windows, each query's first visible key relative to the piece's keys (`first_key`,
-    `(*batch, L)`; L: none of them)."""
+    `(*batch, L)`; L: none of them); grouped-query heads read in place (q
+    `(*batch, Hkv, G, L, D)`, k and v `(*batch, Hkv, 1, L, D)`)."""
 
     triton: Triton
     takes_first_keys = True
+    takes_grouped_heads = True
 
     def _rows(self, arrays, first_key, spec):
         """The kernels' settings, rows of `arrays` and of `first_key` (a tuple)."""
@@ -114,11 +116,10 @@ class TritonPieces:
     def backward(self, q, k, v, out, lse, d_out, spec: AttentionSpec, first_key=None):
         """`(dq, dk, dv)`, given the output and lse of the whole rows."""
         launch, rows, first = self._rows((q, k, v, out, d_out), first_key, spec)
-        batch = q.shape[:-2]
         outs = rows[3:4]
         if spec.activation == "softmax":
             padded = rows[0].shape[1]
             lse = lse.astype(jnp.float32).reshape(-1, spec.seq_len)
             outs.append(jnp.pad(lse, ((0, 0), (0, padded - spec.seq_len))))
         grads = kernels.backward(*rows[:3], *outs, rows[4], first_key=first, launch=launch)
-        return tuple(from_rows(g, batch, spec) for g in grads)
+        return tuple(from_rows(g, x.shape[:-2], spec) for g, x in zip(grads, (q, k, v)))
