@@ -117,6 +117,38 @@ def automatic_bounded(mesh):
         )
 
 
+def automatic_array_bias(mesh):
+    """A learnable sigmoid bias per head on sequence-sharded inputs through the Triton
+    kernels' ring: each query's bias travels with it as a per-position array; output
+    and the gradients of q, k, v and the bias against one device."""
+    bias = jnp.array([-2.0, -1.0])
+    for name, kwargs in (("bias", {}), ("bias-window", {"sliding_window": 40})):
+
+        def loss(q, k, v, b, kw=kwargs):
+            options = dict(activation_function="sigmoid", implementation=SMALL_TRITON)
+            out = ex.attention(q, k, v, sigmoid_bias=b, **options, **kw)
+            return jnp.sum(jnp.sin(out)), out
+
+        f = lambda *xs: jax.grad(loss, argnums=(0, 1, 2, 3), has_aux=True)(*xs)[::-1]
+        q, k, v = inputs(256, seed=3)
+        out, grads = jax.jit(f)(q, k, v, bias)
+        want = [out, *grads]
+        sharded = [jax.device_put(x, NamedSharding(mesh, SEQ)) for x in (q, k, v)]
+        out, grads = jax.jit(f)(*sharded, bias)
+        hlo = jax.jit(f).lower(*sharded, bias).compile().as_text()
+        gathered = re.findall(r"= (\w+)\[[\d,]*\][^ ]* all-gather\(", hlo)
+        report(
+            case=f"ring-triton-{name}",
+            collectives=collectives(hlo),
+            gathered_dtypes=sorted(set(gathered)),
+            sharded_as_inputs=all(
+                x.sharding.is_equivalent_to(NamedSharding(mesh, SEQ), x.ndim)
+                for x in (out, *grads[:3])
+            ),
+            max_rel_err=rel_err([out, *grads], want),
+        )
+
+
 def explicit(mesh):
     from eqx_xlstm import context_parallel_attention
 
@@ -297,6 +329,7 @@ if __name__ == "__main__":
     mesh = Mesh(np.array(jax.devices()), ("x",))
     automatic(mesh)
     automatic_bounded(mesh)
+    automatic_array_bias(mesh)
     explicit(mesh)
     memory(mesh)
     explicit_mode()

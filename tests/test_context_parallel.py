@@ -49,6 +49,20 @@ def test_segments_and_windows_run_as_a_ring(rows):
         assert set(row["gathered_dtypes"]) <= {"s32"}, row
 
 
+def test_an_array_sigmoid_bias_runs_as_a_ring(rows):
+    # A learnable bias per head through the Triton kernels' ring (alone, and with a
+    # window): each query's bias travels with it; its gradient, summed over positions
+    # held on every device, costs one all-reduce of a (batch, heads) array. Nothing
+    # gathered; output and every gradient (the bias's too) as on one device.
+    for name in ("bias", "bias-window"):
+        row = rows[f"ring-triton-{name}"]
+        assert row["max_rel_err"] < 1e-5, row
+        assert row["sharded_as_inputs"], row
+        assert set(row["collectives"]) == {"collective-permute", "all-reduce"}, row
+        assert row["collectives"]["all-reduce"] == 1, row
+        assert not row["gathered_dtypes"], row
+
+
 def test_explicit_function_in_shard_map_matches_one_device(rows):
     explicit = [row for case, row in rows.items() if case.startswith("explicit-")]
     assert len(explicit) == 4  # every activation; both layouts for softmax

@@ -184,8 +184,8 @@ class RowKernels:
 
     def over_sequence(self, forward: bool):
         """`per_shard`'s `over_sequence` for the forward or backward pass, or None when
-        the sequence is gathered (always with an array bias, which the ring does not
-        take yet, and with first keys or grouped heads unless the pieces take them)."""
+        the sequence is gathered (with first keys, grouped heads or an array bias
+        unless the pieces take them)."""
         spec = self.spec
         pieces = self.sequence_pieces
         if (
@@ -194,19 +194,23 @@ class RowKernels:
             or spec.seq_len % self.multiple
             or (spec.bounded and not getattr(pieces, "takes_first_keys", False))
             or (spec.kv_groups > 1 and not getattr(pieces, "takes_grouped_heads", False))
-            or spec.array_bias
+            or (spec.array_bias and not getattr(pieces, "takes_array_bias", False))
         ):
             return None
 
         def make(layout):
             def run(*arrays):
+                options = dict(spec=spec, layout=layout, pieces=pieces)
                 if forward:  # (out, lse): per_shard keeps as many as the kernels return
-                    return ring.balanced_forward(*arrays, spec=spec, layout=layout, pieces=pieces)
+                    q, k, v, *rest = arrays
+                    first_key, bias = rest[: spec.bounded], rest[spec.bounded :]
+                    return ring.balanced_forward(q, k, v, *first_key, bias=bias, **options)
                 q, k, v, d_out, *rest = arrays
-                first_key, (out, *lse) = rest[: spec.bounded], rest[spec.bounded :]
+                first_key, rest = rest[: spec.bounded], rest[spec.bounded :]
+                bias, (out, *lse) = rest[: spec.array_bias], rest[spec.array_bias :]
                 lse = lse[0] if lse else jnp.zeros_like(out[..., 0], dtype=jnp.float32)
                 return ring.balanced_backward(
-                    q, k, v, out, lse, d_out, *first_key, spec=spec, layout=layout, pieces=pieces
+                    q, k, v, out, lse, d_out, *first_key, bias=bias, **options
                 )
 
             return run
@@ -224,12 +228,19 @@ def row_attention(kernels: RowKernels, q, k, v, first_key=None, bias=None):
     return _row_attention(q, k, v, first, biases, kernels)
 
 
-def _bias_rows(biases: tuple, rows: int, padded: int) -> dict:
-    """The kernels' `bias=` keyword: `(N, S')` float32, each row's bias at every
-    position; empty without one."""
+def _at_positions(biases: tuple, seq_len: int) -> tuple:
+    """The array bias of each row `(*batch,)` at each of its positions, `(*batch, S)`:
+    how it crosses `per_shard`, whose sequence axis may be sharded."""
+    return tuple(jnp.broadcast_to(b[..., None], (*b.shape, seq_len)) for b in biases)
+
+
+def bias_rows(biases: tuple, padded: int) -> dict:
+    """The kernels' `bias=` keyword from a bias at positions `(*batch, S)`: `(N, S')`
+    float32, edge-padded; empty without one."""
     if not biases:
         return {}
-    return {"bias": jnp.broadcast_to(biases[0].reshape(rows, 1), (rows, padded))}
+    rows = biases[0].reshape(-1, biases[0].shape[-1])
+    return {"bias": jnp.pad(rows, ((0, 0), (0, padded - rows.shape[1])), mode="edge")}
 
 
 def first_key_rows(first_key: tuple, padded: int) -> tuple:
@@ -249,8 +260,8 @@ def _forward_outputs(kernels: RowKernels, q, k, v, first_key, biases):
     def fn(q, k, v, *rest):
         batch = q.shape[:-2]
         rows = [as_rows(x, spec, multiple) for x in (q, k, v)]
-        n_rows, padded = rows[0].shape[:2]
-        bias = _bias_rows(rest[n_first:], n_rows, padded)
+        padded = rows[0].shape[1]
+        bias = bias_rows(rest[n_first:], padded)
         outs = kernels.forward(*rows, *first_key_rows(rest[:n_first], padded), **bias)
         return tuple(o.reshape(*batch, *o.shape[1:]) for o in outs)  # rows kept padded
 
@@ -261,7 +272,7 @@ def _forward_outputs(kernels: RowKernels, q, k, v, first_key, biases):
         k,
         v,
         *first_key,
-        *biases,
+        *_at_positions(biases, q.shape[-2]),
         batch_ndim=kernels.batch_ndim(q),
         over_sequence=over_sequence,
         group_ndim=kernels.group_ndim,
@@ -292,16 +303,16 @@ def _row_attention_bwd(kernels, residuals, d_out):
         batch = q.shape[:-2]
         rows = [as_rows(x, spec, multiple) for x in (q, k, v, d_out)]
         outs = [o.reshape(-1, *o.shape[len(batch) :]) for o in outs]
-        n_rows, padded = rows[0].shape[:2]
+        padded = rows[0].shape[1]
         first = first_key_rows(first_key, padded)
         options = {"first_key": first} if first else {}
-        options |= _bias_rows(biases, n_rows, padded)
+        options |= bias_rows(biases, padded)
         grads = kernels.backward(*rows[:3], *outs, rows[3], **options)
         grads_qkv = tuple(
             from_rows(g, x.shape[:-2], spec).astype(x.dtype) for g, x in zip(grads, (q, k, v))
         )
-        # The bias's gradient: each row's, summed over its real positions.
-        d_biases = tuple(g[:, : spec.seq_len].sum(axis=1).reshape(batch) for g in grads[3:])
+        # The bias's gradient at each real position (summed over them after the op).
+        d_biases = tuple(g[:, : spec.seq_len].reshape(*batch, spec.seq_len) for g in grads[3:])
         return grads_qkv + d_biases
 
     over_sequence = kernels.over_sequence(False)
@@ -312,13 +323,14 @@ def _row_attention_bwd(kernels, residuals, d_out):
         v,
         d_out,
         *first_key,
-        *biases,
+        *_at_positions(biases, q.shape[-2]),
         *outs,
         batch_ndim=kernels.batch_ndim(q),
         over_sequence=over_sequence,
         group_ndim=kernels.group_ndim,
     )
-    return (*grads[:3], tuple(None for _ in first_key), tuple(grads[3:]))
+    d_biases = tuple(g.sum(axis=-1) for g in grads[3:])
+    return (*grads[:3], tuple(None for _ in first_key), d_biases)
 
 
 _row_attention.defvjp(_row_attention_fwd, _row_attention_bwd)

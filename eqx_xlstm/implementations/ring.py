@@ -151,6 +151,15 @@ def _relative_first_keys(first_keys, layout: SequenceLayout, step, a, b, size):
     return (jnp.clip(_chunk(first_keys, a, -2) - start, 0, size),)
 
 
+def _piece_options(extras, with_first: bool) -> dict:
+    """The pieces' keyword arguments from a piece's operands after its arrays: the
+    relative first keys (`with_first`), then the query chunk's bias, if any."""
+    options = {"first_key": extras[0]} if with_first else {}
+    if len(extras) > with_first:
+        options["bias"] = extras[with_first]
+    return options
+
+
 def _each_pair(layout: SequenceLayout, step, carry, piece):
     """`carry = piece(kind, a, b, carry)` for each (query chunk a, key chunk b), one
     after another (one piece's temporaries at a time)."""
@@ -163,21 +172,25 @@ def _each_pair(layout: SequenceLayout, step, carry, piece):
     return lax.fori_loop(0, chunks * chunks, body, carry)
 
 
-def _forward(q, k, v, spec, layout, pieces, first_key=None):
+def _forward(q, k, v, spec, layout, pieces, first_key=None, bias=None):
     """`first_key`: each query's first visible key (global positions, sharded like q;
-    segments, windows), or None."""
+    segments, windows), or None; `bias`: each query's sigmoid bias `(*batch, L)`
+    (`spec.array_bias`, pieces that take `bias=`), or None."""
     accum, softmax = spec.accum_dtype, spec.activation == "softmax"
     causal, full = _pieces(spec, layout, q.shape[-2])
     chunks = layout.chunks
     size = q.shape[-2] // chunks
     qs = _in_chunks(q, chunks)
     fks = None if first_key is None else _in_chunks(first_key, chunks, -1)
+    biases = None if bias is None else _in_chunks(bias, chunks, -1)
     empty = lambda q_a, k_b, v_b, *_: _empty_piece(q_a, v_b, accum)
-    branches = [  # the spec goes before the optional first keys
-        lambda q, k, v, *first: _in(accum, pieces.forward(q, k, v, causal, *first)),
-        lambda q, k, v, *first: _in(accum, pieces.forward(q, k, v, full, *first)),
-        empty,
-    ]
+    with_first = first_key is not None
+    run = lambda piece_spec: (
+        lambda q, k, v, *extras: _in(
+            accum, pieces.forward(q, k, v, piece_spec, **_piece_options(extras, with_first))
+        )
+    )
+    branches = [run(causal), run(full), empty]
 
     def visit(step, held, acc):
         ks, vs = (_in_chunks(x, chunks) for x in held)
@@ -185,8 +198,9 @@ def _forward(q, k, v, spec, layout, pieces, first_key=None):
         def piece(kind, a, b, acc):
             outs, lses = acc
             first = _relative_first_keys(fks, layout, step, a, b, size)
+            own = () if biases is None else (_chunk(biases, a, -2),)
             chunk_b = (_chunk(ks, b), _chunk(vs, b))
-            out, lse = lax.switch(kind, branches, _chunk(qs, a), *chunk_b, *first)
+            out, lse = lax.switch(kind, branches, _chunk(qs, a), *chunk_b, *first, *own)
             if softmax:  # piece_forward marks empty rows +inf; merging wants -inf
                 lse = jnp.where(lse == jnp.inf, -jnp.inf, lse)
             out, lse = _merge((_chunk(outs, a), _chunk(lses, a, -2)), (out, lse), softmax)
@@ -202,48 +216,64 @@ def _forward(q, k, v, spec, layout, pieces, first_key=None):
     return out, jnp.where(lse == -jnp.inf, jnp.inf, lse)
 
 
-def _backward(q, k, v, out, lse, d_out, spec, layout, pieces, first_key=None):
+def _backward(q, k, v, out, lse, d_out, spec, layout, pieces, first_key=None, bias=None):
+    """`(dq, dk, dv)`, and with `bias` (as `_forward` takes it) its gradient at each
+    position, `(*batch, L)`."""
     causal, full = _pieces(spec, layout, q.shape[-2])
     chunks = layout.chunks
     size = q.shape[-2] // chunks
     fks = None if first_key is None else _in_chunks(first_key, chunks, -1)
+    biases = None if bias is None else _in_chunks(bias, chunks, -1)
     qs, outs, d_outs = (_in_chunks(x, chunks) for x in (q, out, d_out))
     lses = _in_chunks(lse, chunks, -1)
     accum = spec.accum_dtype
     zeros_of = lambda x: jnp.zeros_like(x, dtype=accum)
-    zeros = lambda q_a, k_b, v_b, *_: tuple(map(zeros_of, (q_a, k_b, v_b)))
-    branches = [
-        lambda *xs: _in(accum, pieces.backward(*xs[:6], causal, *xs[6:])),
-        lambda *xs: _in(accum, pieces.backward(*xs[:6], full, *xs[6:])),
-        zeros,
-    ]
+    with_first = first_key is not None
+
+    def zeros(q_a, k_b, v_b, *xs):
+        grads = tuple(map(zeros_of, (q_a, k_b, v_b)))
+        return grads if bias is None else (*grads, zeros_of(xs[-1]))  # the bias chunk
+
+    run = lambda piece_spec: (
+        lambda *xs: _in(
+            accum, pieces.backward(*xs[:6], piece_spec, **_piece_options(xs[6:], with_first))
+        )
+    )
+    branches = [run(causal), run(full), zeros]
 
     def visit(step, held, carry):
-        """Add this step's dq; send on the held shards' dk, dv with the sums that
-        came with them (the last send takes them home)."""
-        travelling, dqs = carry
+        """Add this step's dq (and bias gradient); send on the held shards' dk, dv
+        with the sums that came with them (the last send takes them home)."""
+        travelling, own = carry
         ks, vs = (_in_chunks(x, chunks) for x in held)
 
         def piece(kind, a, b, grads):
-            dqs, dks, dvs = grads
+            dks, dvs, *own = grads
             rows = (_chunk(qs, a), _chunk(ks, b), _chunk(vs, b), _chunk(outs, a))
             first = _relative_first_keys(fks, layout, step, a, b, size)
-            dq, dk, dv = lax.switch(
-                kind, branches, *rows, _chunk(lses, a, -2), _chunk(d_outs, a), *first
+            extra = () if biases is None else (_chunk(biases, a, -2),)
+            dq, dk, dv, *d_bias = lax.switch(
+                kind, branches, *rows, _chunk(lses, a, -2), _chunk(d_outs, a), *first, *extra
             )
+            own = [
+                _set_chunk(x, _chunk(x, a, axis) + g, a, axis)
+                for x, g, axis in zip(own, (dq, *d_bias), (-3, -2))
+            ]
             return (
-                _set_chunk(dqs, _chunk(dqs, a) + dq, a),
                 _set_chunk(dks, _chunk(dks, b) + dk, b),
                 _set_chunk(dvs, _chunk(dvs, b) + dv, b),
+                *own,
             )
 
-        dqs, dks, dvs = _each_pair(layout, step, (dqs, *travelling), piece)
-        return _next_device((dks, dvs), layout), dqs
+        dks, dvs, *own = _each_pair(layout, step, (*travelling, *own), piece)
+        return _next_device((dks, dvs), layout), tuple(own)
 
     dkv = (zeros_of(_in_chunks(k, chunks)), zeros_of(_in_chunks(v, chunks)))
-    carry = visit(0, (k, v), (dkv, zeros_of(qs)))
-    (dks, dvs), dqs = _around(layout, (k, v), carry, visit)
-    return dqs.reshape(q.shape), dks.reshape(k.shape), dvs.reshape(v.shape)
+    own = (zeros_of(qs),) + (() if biases is None else (zeros_of(biases),))
+    carry = visit(0, (k, v), (dkv, own))
+    (dks, dvs), own = _around(layout, (k, v), carry, visit)
+    grads = (own[0].reshape(q.shape), dks.reshape(k.shape), dvs.reshape(v.shape))
+    return grads if bias is None else (*grads, own[1].reshape(bias.shape))
 
 
 @functools.partial(jax.custom_vjp, nondiff_argnums=(3, 4, 5))
@@ -354,29 +384,40 @@ def balanced_attention(q, k, v, spec: AttentionSpec, layout: SequenceLayout, pie
     return from_zigzag(out.astype(spec.dtype), zigzag)
 
 
-def balanced_forward(q, k, v, *first_key, spec, layout: SequenceLayout, pieces):
+def _per_position(arrays, zigzag: SequenceLayout | None):
+    """The first of `arrays` (one per position, `(*batch, L)`; an empty sequence:
+    None), moved into `zigzag` where given."""
+    if not arrays:
+        return None
+    return arrays[0] if zigzag is None else to_zigzag(arrays[0], zigzag, axis=-1)
+
+
+def balanced_forward(q, k, v, *first_key, spec, layout: SequenceLayout, pieces, bias=()):
     """`(out, lse)` of contiguous shards, computed in the zig-zag layout; `first_key`
-    (optional): each query's first visible key, global positions, sharded like q."""
+    (optional): each query's first visible key, global positions, sharded like q;
+    `bias` (optional, a sequence of one): each query's sigmoid bias, `(*batch, L)`."""
     zigzag = balanced_layout(layout, q.shape[-2])
-    first = first_key[0] if first_key else None
     if zigzag is layout:
-        return _forward(q, k, v, spec, layout, pieces, first)
-    if first is not None:
-        first = to_zigzag(first, zigzag, axis=-1)
+        first, own = _per_position(first_key, None), _per_position(bias, None)
+        return _forward(q, k, v, spec, layout, pieces, first, own)
+    first, own = _per_position(first_key, zigzag), _per_position(bias, zigzag)
     moved = [to_zigzag(x, zigzag) for x in (q, k, v)]
-    out, lse = _forward(*moved, spec, zigzag, pieces, first)
+    out, lse = _forward(*moved, spec, zigzag, pieces, first, own)
     return from_zigzag(out, zigzag), from_zigzag(lse, zigzag, axis=-1)
 
 
-def balanced_backward(q, k, v, out, lse, d_out, *first_key, spec, layout: SequenceLayout, pieces):
-    """`(dq, dk, dv)` of contiguous shards, computed in the zig-zag layout."""
+def balanced_backward(
+    q, k, v, out, lse, d_out, *first_key, spec, layout: SequenceLayout, pieces, bias=()
+):
+    """`(dq, dk, dv)` of contiguous shards, computed in the zig-zag layout; with
+    `bias` (as `balanced_forward` takes it), its gradient at each position too."""
     zigzag = balanced_layout(layout, q.shape[-2])
-    first = first_key[0] if first_key else None
     if zigzag is layout:
-        return _backward(q, k, v, out, lse, d_out, spec, layout, pieces, first)
-    if first is not None:
-        first = to_zigzag(first, zigzag, axis=-1)
+        first, own = _per_position(first_key, None), _per_position(bias, None)
+        return _backward(q, k, v, out, lse, d_out, spec, layout, pieces, first, own)
+    first, own = _per_position(first_key, zigzag), _per_position(bias, zigzag)
     moved = [to_zigzag(x, zigzag) for x in (q, k, v, out, d_out)]
     lse = to_zigzag(lse, zigzag, axis=-1)
-    grads = _backward(*moved[:4], lse, moved[4], spec, zigzag, pieces, first)
-    return tuple(from_zigzag(g, zigzag) for g in grads)
+    grads = _backward(*moved[:4], lse, moved[4], spec, zigzag, pieces, first, own)
+    axes = (-2, -2, -2, -1)  # dq, dk, dv along their sequence; the bias's along its last
+    return tuple(from_zigzag(g, zigzag, axis=axis) for g, axis in zip(grads, axes))

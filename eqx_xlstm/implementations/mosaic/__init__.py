@@ -108,32 +108,38 @@ class Mosaic(Implementation):
 class MosaicPieces:
     """The pieces of context-parallel attention (`ring`) through these kernels: a chunk
     against itself (causal) or against an earlier chunk (full), sigmoid and 'none'.
-    Softmax pieces, and pieces with first keys (segments, windows) or grouped heads,
-    run in `triton_pieces`: the Mosaic forward returns no log-sum-exp and has no
-    softmax backward, and its kernels take first keys in causal pieces only (grouped
-    heads in full pieces are not checked on a GPU yet)."""
+    Softmax pieces, and pieces with first keys (segments, windows), grouped heads or
+    an array bias, run in `triton_pieces`: the Mosaic forward returns no log-sum-exp
+    and has no softmax backward, its kernels take first keys in causal pieces only and
+    a number bias only (grouped heads in full pieces are not checked on a GPU yet)."""
 
     mosaic: Mosaic
     triton_pieces: TritonPieces = TritonPieces(Triton())
     takes_first_keys = True
     takes_grouped_heads = True
+    takes_array_bias = True
 
     def _to_triton(self, spec, first_key):
-        return spec.activation == "softmax" or first_key is not None or spec.kv_groups > 1
+        return (
+            spec.activation == "softmax"
+            or first_key is not None
+            or spec.kv_groups > 1
+            or spec.array_bias
+        )
 
-    def forward(self, q, k, v, spec: AttentionSpec, first_key=None):
+    def forward(self, q, k, v, spec: AttentionSpec, first_key=None, bias=None):
         """`(out, lse)`: lse is zeros (sigmoid and 'none' pieces simply add)."""
         if self._to_triton(spec, first_key):
-            return self.triton_pieces.forward(q, k, v, spec, first_key)
+            return self.triton_pieces.forward(q, k, v, spec, first_key, bias)
         rows = [as_rows(x, spec, PADDING) for x in (q, k, v)]
         (out,) = _forward_kernel(*rows, spec=spec, interpret=spec.platform != "gpu")
         out = from_rows(out, q.shape[:-2], spec)
         return out, jnp.zeros(out.shape[:-1], jnp.float32)
 
-    def backward(self, q, k, v, out, lse, d_out, spec: AttentionSpec, first_key=None):
+    def backward(self, q, k, v, out, lse, d_out, spec: AttentionSpec, first_key=None, bias=None):
         """`(dq, dk, dv)` of a piece (sigmoid and 'none' need neither out nor lse)."""
         if self._to_triton(spec, first_key):
-            return self.triton_pieces.backward(q, k, v, out, lse, d_out, spec, first_key)
+            return self.triton_pieces.backward(q, k, v, out, lse, d_out, spec, first_key, bias)
         rows = [as_rows(x, spec, PADDING) for x in (q, k, v, d_out)]
         interpret = spec.platform != "gpu"
         fused = self.mosaic.fused(spec)

@@ -9,7 +9,7 @@ import jax.numpy as jnp
 
 from ...spec import AttentionSpec
 from ..base import Implementation, as_rows, from_rows
-from ..per_shard import RowKernels, first_key_rows, row_attention
+from ..per_shard import RowKernels, bias_rows, first_key_rows, row_attention
 from . import kernels
 from .kernels import Blocks, Launch
 
@@ -87,39 +87,49 @@ class TritonPieces:
     chunk against itself (causal) or against an earlier chunk (full); with segments or
     windows, each query's first visible key relative to the piece's keys (`first_key`,
     `(*batch, L)`; L: none of them); grouped-query heads read in place (q
-    `(*batch, Hkv, G, L, D)`, k and v `(*batch, Hkv, 1, L, D)`)."""
+    `(*batch, Hkv, G, L, D)`, k and v `(*batch, Hkv, 1, L, D)`); an array sigmoid
+    bias, each query's (`bias`, `(*batch, L)` float32, `spec.array_bias`)."""
 
     triton: Triton
     takes_first_keys = True
     takes_grouped_heads = True
+    takes_array_bias = True
 
-    def _rows(self, arrays, first_key, spec):
-        """The kernels' settings, rows of `arrays` and of `first_key` (a tuple)."""
+    def _rows(self, arrays, first_key, bias, spec):
+        """The kernels' settings, rows of `arrays`, of `first_key` (a tuple) and the
+        `bias=` keyword."""
         launch, step = self.triton._launch(spec, pieces_first_keys=first_key is not None)
         rows = [as_rows(x, spec, step) for x in arrays]
+        padded = rows[0].shape[1]
+        options = bias_rows(() if bias is None else (bias,), padded)
         if first_key is None:
-            return launch, rows, ()
+            return launch, rows, (), options
         first = jnp.broadcast_to(first_key, arrays[1].shape[:-1])
-        return launch, rows, first_key_rows((first,), rows[0].shape[1])
+        return launch, rows, first_key_rows((first,), padded), options
 
-    def forward(self, q, k, v, spec: AttentionSpec, first_key=None):
+    def forward(self, q, k, v, spec: AttentionSpec, first_key=None, bias=None):
         """`(out, lse)`: the output and each row's log2-sum-exp2 (zeros unless
         softmax; -inf where a row sees none of the keys)."""
-        launch, rows, first = self._rows((q, k, v), first_key, spec)
+        launch, rows, first, options = self._rows((q, k, v), first_key, bias, spec)
         batch = q.shape[:-2]
-        outs = kernels.forward(*rows, *first, launch=launch)
+        outs = kernels.forward(*rows, *first, launch=launch, **options)
         out = from_rows(outs[0], batch, spec)
         if spec.activation != "softmax":
             return out, jnp.zeros_like(out[..., 0], dtype=jnp.float32)
         return out, outs[1][:, : spec.seq_len].reshape(*batch, spec.seq_len)
 
-    def backward(self, q, k, v, out, lse, d_out, spec: AttentionSpec, first_key=None):
-        """`(dq, dk, dv)`, given the output and lse of the whole rows."""
-        launch, rows, first = self._rows((q, k, v, out, d_out), first_key, spec)
+    def backward(self, q, k, v, out, lse, d_out, spec: AttentionSpec, first_key=None, bias=None):
+        """`(dq, dk, dv)`, given the output and lse of the whole rows; with `bias`,
+        its gradient at each position too."""
+        launch, rows, first, options = self._rows((q, k, v, out, d_out), first_key, bias, spec)
         outs = rows[3:4]
         if spec.activation == "softmax":
             padded = rows[0].shape[1]
             lse = lse.astype(jnp.float32).reshape(-1, spec.seq_len)
             outs.append(jnp.pad(lse, ((0, 0), (0, padded - spec.seq_len))))
-        grads = kernels.backward(*rows[:3], *outs, rows[4], first_key=first, launch=launch)
-        return tuple(from_rows(g, x.shape[:-2], spec) for g, x in zip(grads, (q, k, v)))
+        grads = kernels.backward(
+            *rows[:3], *outs, rows[4], first_key=first, launch=launch, **options
+        )
+        grads_qkv = tuple(from_rows(g, x.shape[:-2], spec) for g, x in zip(grads, (q, k, v)))
+        d_bias = tuple(g[:, : spec.seq_len].reshape(bias.shape) for g in grads[3:])
+        return grads_qkv + d_bias
