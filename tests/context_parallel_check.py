@@ -82,7 +82,7 @@ def automatic_bounded(mesh):
     """Segments and a sliding window on sequence-sharded inputs: the ring with each
     query's first key, relative to each key chunk it meets; through the chunked path's
     pieces and the Triton kernels' (Pallas interpret mode), whose pieces also take
-    grouped-query heads (one K/V head for two query heads)."""
+    grouped-query heads (one K/V head for two query heads, with segments)."""
     ids = jnp.sort(jax.random.randint(jax.random.key(4), (2, 1, 256), 0, 5), axis=-1)
     chunked = ex.implementations.Chunked(16)
     for name, implementation, activation, kwargs in (
@@ -90,7 +90,6 @@ def automatic_bounded(mesh):
         ("none", chunked, "none", {"sliding_window": 40}),
         ("triton-softmax", SMALL_TRITON, "softmax", {"segment_ids": ids, "sliding_window": 70}),
         ("triton-sigmoid", SMALL_TRITON, "sigmoid", {"sliding_window": 40}),
-        ("triton-grouped-sigmoid", SMALL_TRITON, "sigmoid", {}),
         ("triton-grouped-softmax", SMALL_TRITON, "softmax", {"segment_ids": ids}),
     ):
         f = value_and_grads(

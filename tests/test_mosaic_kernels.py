@@ -138,8 +138,8 @@ def test_grouped_key_value_heads_read_in_place_with_gradients():
     """Grouped-query heads: each query head's K/V row is `n // G`, nothing repeated;
     dK and dV sum the group's shares. Through the fused backward kernel (the pair takes
     grouped heads in `test_backward_kernels_with_first_keys`)."""
-    q, _, _, g = random_inputs(256, batch=(1, 2), dqk=64, dv=64, dtype=jnp.bfloat16, seed=6)
-    _, k, v, _ = random_inputs(256, batch=(1, 1), dqk=64, dv=64, dtype=jnp.bfloat16, seed=7)
+    q, _, _, g = random_inputs(128, batch=(1, 2), dqk=64, dv=64, dtype=jnp.bfloat16, seed=6)
+    _, k, v, _ = random_inputs(128, batch=(1, 1), dqk=64, dv=64, dtype=jnp.bfloat16, seed=7)
 
     def out_and_grads(impl, q, k, v, g):
         f = lambda q, k, v: ex.attention(
@@ -238,7 +238,7 @@ def test_backward_kernels_with_first_keys(activation, window, runs, fused, group
 def test_attention_takes_segments_and_windows_through_the_kernels():
     """Through `attention`: padded rows (S=200), RoPE restarted per segment, and the
     gradient, against the reference path."""
-    q, k, v, g = random_inputs(200, batch=(1, 2), dqk=64, dv=64, dtype=jnp.bfloat16, seed=2)
+    q, k, v, g = random_inputs(200, batch=(1, 1), dqk=64, dv=64, dtype=jnp.bfloat16, seed=2)
     ids = jnp.repeat(jnp.arange(3), jnp.array([70, 60, 70]))
     kwargs = dict(activation_function="sigmoid", segment_ids=ids, sliding_window=50)
 
