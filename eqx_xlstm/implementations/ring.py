@@ -10,6 +10,11 @@ gradient back on its owner. 'none' with the causal mask needs no ring: each devi
 adds to its local linear attention the k^T v state of everything before it, an
 exclusive prefix over devices of D x D sums (`linear_prefix`).
 
+Segments and windows reach each piece as its queries' first keys relative to the key
+chunk it meets; an array sigmoid bias as its queries' bias at each position, whose
+gradient accumulates with dq. Grouped-query heads ride along in the pieces (k and v
+keep their Hkv heads).
+
 Causal work is balanced by the zig-zag layout: cutting the sequence into 2n chunks,
 device d holds chunks d and 2n - 1 - d, so every device does the same work at every
 ring step. `to_zigzag` and `from_zigzag` move contiguous shards into it and back (two
@@ -198,9 +203,9 @@ def _forward(q, k, v, spec, layout, pieces, first_key=None, bias=None):
         def piece(kind, a, b, acc):
             outs, lses = acc
             first = _relative_first_keys(fks, layout, step, a, b, size)
-            own = () if biases is None else (_chunk(biases, a, -2),)
+            bias_a = () if biases is None else (_chunk(biases, a, -2),)
             chunk_b = (_chunk(ks, b), _chunk(vs, b))
-            out, lse = lax.switch(kind, branches, _chunk(qs, a), *chunk_b, *first, *own)
+            out, lse = lax.switch(kind, branches, _chunk(qs, a), *chunk_b, *first, *bias_a)
             if softmax:  # piece_forward marks empty rows +inf; merging wants -inf
                 lse = jnp.where(lse == jnp.inf, -jnp.inf, lse)
             out, lse = _merge((_chunk(outs, a), _chunk(lses, a, -2)), (out, lse), softmax)
@@ -251,9 +256,9 @@ def _backward(q, k, v, out, lse, d_out, spec, layout, pieces, first_key=None, bi
             dks, dvs, *own = grads
             rows = (_chunk(qs, a), _chunk(ks, b), _chunk(vs, b), _chunk(outs, a))
             first = _relative_first_keys(fks, layout, step, a, b, size)
-            extra = () if biases is None else (_chunk(biases, a, -2),)
+            bias_a = () if biases is None else (_chunk(biases, a, -2),)
             dq, dk, dv, *d_bias = lax.switch(
-                kind, branches, *rows, _chunk(lses, a, -2), _chunk(d_outs, a), *first, *extra
+                kind, branches, *rows, _chunk(lses, a, -2), _chunk(d_outs, a), *first, *bias_a
             )
             own = [
                 _set_chunk(x, _chunk(x, a, axis) + g, a, axis)
