@@ -10,6 +10,7 @@ form's state prefix for 'none'), the pieces in the chosen implementation's kerne
 """
 
 import jax
+import jax.numpy as jnp
 from jax.sharding import PartitionSpec
 
 from . import maths
@@ -44,21 +45,25 @@ def _check_supported(typed: tuple, mask) -> None:
 
 
 def _check_features(typed: tuple, spec: AttentionSpec) -> None:
-    if typed[-2] is not None and (spec.bounded or spec.kv_groups > 1 or spec.array_bias):
+    if typed[-2] is not None and (spec.kv_groups > 1 or spec.array_bias):
         raise ValueError(
-            "`segment_ids`, `sliding_window`, grouped-query heads and an array sigmoid_bias "
-            "are not supported yet with queries sharded over the sequence axis (Explicit "
-            "mesh axes); shard the leading (batch, heads) axes, or use Auto mesh axes."
+            "Grouped-query heads and an array sigmoid_bias are not supported yet with "
+            "queries sharded over the sequence axis (Explicit mesh axes); shard the "
+            "leading (batch, heads) axes, or use Auto mesh axes."
         )
 
 
-def _along_leading(x, ndim: int, leading: tuple, like: tuple):
+def _along_leading(x, ndim: int, leading: tuple, like: tuple, sequence=None):
     """`x` (broadcasting against the leading axes of an array of shape `like`) with
     `ndim` axes, and its PartitionSpec: `leading`'s mesh axes where it has `like`'s
-    size, replicated where it broadcasts (size 1), the rest whole."""
+    size, replicated where it broadcasts (size 1), then `sequence`'s on the next axis
+    (per-position arrays of a sharded sequence), the rest whole."""
     x = x.reshape((1,) * (ndim - x.ndim) + x.shape)
     entries = [axis if x.shape[i] == like[i] else None for i, axis in enumerate(leading)]
-    spec = PartitionSpec(*entries, *([None] * (ndim - len(leading))))
+    rest = [None] * (ndim - len(leading))
+    if sequence is not None:
+        rest[0] = sequence
+    spec = PartitionSpec(*entries, *rest)
     return jax.sharding.reshard(x, spec), spec
 
 
@@ -82,14 +87,18 @@ def run_sharded(
         tables = PartitionSpec(sequence, None)
         sin, cos = (reshard(x, tables) for x in (sin, cos))
     else:  # read at restarted positions: a leading shape of their own
-        (sin, tables), (cos, _) = (_along_leading(x, q.ndim, leading, q.shape) for x in (sin, cos))
+        (sin, tables), (cos, _) = (
+            _along_leading(x, q.ndim, leading, q.shape, sequence) for x in (sin, cos)
+        )
     if mask is not None:
         mask = reshard(mask, PartitionSpec())
-    # First keys broadcast against k's batch axes and the sequence, the bias against
-    # q's batch axes.
+    # First keys broadcast against k's batch axes and the sequence (sharded like it),
+    # the bias against q's batch axes.
     placed, extra_specs = [], []
-    for x, ndim, like in zip(extras, (q.ndim - 1, q.ndim - 2), (k.shape, q.shape)):
-        x, x_spec = (None, None) if x is None else _along_leading(x, ndim, leading, like)
+    for x, ndim, like, seq in zip(
+        extras, (q.ndim - 1, q.ndim - 2), (k.shape, q.shape), (sequence, None)
+    ):
+        x, x_spec = (None, None) if x is None else _along_leading(x, ndim, leading, like, seq)
         placed.append(x)
         extra_specs.append(x_spec)
 
@@ -97,7 +106,9 @@ def run_sharded(
         local_spec = spec.replace(batch_shape=q.shape[:-2])
         if sequence is None:
             return run_local(q, k, v, mask, sin, cos, tuple(extras), spec=local_spec)
-        return _sequence_parallel(q, k, v, sin, cos, local_spec, sequence, chosen.gradient)
+        return _sequence_parallel(
+            q, k, v, sin, cos, extras[0], local_spec, sequence, chosen.gradient
+        )
 
     mask_spec = None if mask is None else PartitionSpec()
     return jax.shard_map(
@@ -109,16 +120,22 @@ def run_sharded(
     )(q, k, v, mask, sin, cos, placed)
 
 
-def _sequence_parallel(q, k, v, sin, cos, spec, axis_name, implementation):
+def _sequence_parallel(q, k, v, sin, cos, first_key, spec, axis_name, implementation):
     """Causal attention of this device's contiguous shards of a sequence sharded over
-    `axis_name` (RoPE tables sharded alike, so positions are global)."""
+    `axis_name` (RoPE tables sharded alike, so positions are global; `first_key`, each
+    query's first visible key in global positions, or None)."""
     accum = spec.accum_dtype
     q, k = (maths.prepare(x, spec.pre_activation, sin, cos, accum) for x in (q, k))
     v = v.astype(spec.dtype)
     devices = jax.lax.axis_size(axis_name)
     layout = SequenceLayout(axis_name, devices, zigzag=False)
-    if spec.activation == "none":  # one D x DV state per device: no ring
+    if spec.activation == "none" and first_key is None:  # one D x DV state a device
         out = ring.linear_prefix(q, k, v, spec, layout, lambda *xs: Linear()(*xs, None))
         return out.astype(spec.dtype)
-    pieces = implementation.ring_pieces() or ring.BlockwisePieces()
-    return ring.balanced_attention(q, k, v, spec, layout, pieces)
+    pieces = implementation.ring_pieces()
+    if first_key is not None:  # segments, windows
+        first_key = jnp.broadcast_to(first_key, k.shape[:-1])
+        if not getattr(pieces, "takes_first_keys", False):
+            pieces = None
+    pieces = pieces or ring.BlockwisePieces()
+    return ring.balanced_attention(q, k, v, spec, layout, pieces, first_key)

@@ -241,6 +241,7 @@ def explicit_mode():
         report(case=f"mode-explicit-{name}", **row)
     language_model_explicit()
     explicit_mode_features()
+    explicit_mode_sequence_features()
     try:
         with jax.set_mesh(mesh):
             sharded = jax.device_put(q, NamedSharding(mesh, PartitionSpec(None, None, None, "x")))
@@ -293,6 +294,38 @@ def explicit_mode_features():
         except Exception as err:
             row = {"crash": f"{type(err).__name__}: {err}"[:2000]}
         report(case=f"mode-explicit-{name}-features", **row)
+
+
+def explicit_mode_sequence_features():
+    """Packed segments and a window on inputs typed as sharded over the sequence: the
+    ring in explicit mode, each query's first key going round with it, RoPE restarted
+    per segment from tables sharded alike; through the chunked path's pieces and the
+    Triton kernels' (interpret mode). Values and gradients against one device."""
+    mesh = jax.make_mesh((4,), ("x",), axis_types=(jax.sharding.AxisType.Explicit,))
+    q, k, v = inputs(64, batch=2, heads=2, seed=2)
+    ids = jnp.repeat(jnp.arange(3), jnp.array([20, 30, 14]))
+    for name, implementation, activation in (
+        ("chunked-softmax", "chunked", "softmax"),
+        ("chunked-none", "chunked", "none"),
+        ("triton-sigmoid", SMALL_TRITON, "sigmoid"),
+    ):
+
+        def loss(q, k, v, i=implementation, a=activation):
+            options = dict(segment_ids=ids, sliding_window=25, implementation=i)
+            out = ex.attention(q, k, v, activation_function=a, **options)
+            return jnp.sum(out**2)
+
+        f = jax.value_and_grad(loss, argnums=(0, 1, 2))
+        want = jax.tree.leaves(jax.jit(f)(q, k, v))
+        with jax.set_mesh(mesh):
+            sharded = [jax.device_put(x, NamedSharding(mesh, SEQ)) for x in (q, k, v)]
+            compiled = jax.jit(f).lower(*sharded).compile()
+            got = jax.tree.leaves(compiled(*sharded))
+        report(
+            case=f"mode-explicit-sequence-{name}-features",
+            max_rel_err=rel_err(got, want),
+            collectives=collectives(compiled.as_text()),
+        )
 
 
 def language_model_explicit():

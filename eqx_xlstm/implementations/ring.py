@@ -87,12 +87,14 @@ def _pieces(spec: AttentionSpec, layout: SequenceLayout, shard_len: int):
     return piece.replace(mask="causal"), piece.replace(mask="full")
 
 
-def ring_attention(q, k, v, spec: AttentionSpec, layout: SequenceLayout, pieces):
+def ring_attention(q, k, v, spec: AttentionSpec, layout: SequenceLayout, pieces, first_key=None):
     """Causal attention of the whole sequence for this device's shard `(*batch, L, D)`
     (queries and keys through swish and RoPE); call inside `shard_map` (or a
     custom-partitioned op) over `layout.axis_name`; `pieces` computes each piece
-    (`BlockwisePieces`, or kernels). Returns `spec.accum_dtype`."""
-    return _ring(q, k, v, spec, layout, pieces)[0]
+    (`BlockwisePieces`, or kernels); `first_key` (segments, windows): each query's
+    first visible key, global positions, `(*batch, L)` like q. Returns
+    `spec.accum_dtype`."""
+    return _ring(q, k, v, first_key, spec, layout, pieces)[0]
 
 
 def _around(layout: SequenceLayout, held, carry, visit):
@@ -281,21 +283,21 @@ def _backward(q, k, v, out, lse, d_out, spec, layout, pieces, first_key=None, bi
     return grads if bias is None else (*grads, own[1].reshape(bias.shape))
 
 
-@functools.partial(jax.custom_vjp, nondiff_argnums=(3, 4, 5))
-def _ring(q, k, v, spec, layout, pieces):
-    return _forward(q, k, v, spec, layout, pieces)
+@functools.partial(jax.custom_vjp, nondiff_argnums=(4, 5, 6))
+def _ring(q, k, v, first_key, spec, layout, pieces):
+    return _forward(q, k, v, spec, layout, pieces, first_key)
 
 
-def _ring_fwd(q, k, v, spec, layout, pieces):
-    out, lse = _forward(q, k, v, spec, layout, pieces)
-    return (out, lse), (q, k, v, out, lse)
+def _ring_fwd(q, k, v, first_key, spec, layout, pieces):
+    out, lse = _forward(q, k, v, spec, layout, pieces, first_key)
+    return (out, lse), (q, k, v, first_key, out, lse)
 
 
 def _ring_bwd(spec, layout, pieces, residuals, cotangents):
-    q, k, v, out, lse = residuals
+    q, k, v, first_key, out, lse = residuals
     d_out = cotangents[0].astype(out.dtype)
-    dq, dk, dv = _backward(q, k, v, out, lse, d_out, spec, layout, pieces)
-    return dq.astype(q.dtype), dk.astype(k.dtype), dv.astype(v.dtype)
+    dq, dk, dv = _backward(q, k, v, out, lse, d_out, spec, layout, pieces, first_key)
+    return dq.astype(q.dtype), dk.astype(k.dtype), dv.astype(v.dtype), None
 
 
 _ring.defvjp(_ring_fwd, _ring_bwd)
@@ -379,13 +381,17 @@ def balanced_layout(layout: SequenceLayout, shard_len: int) -> SequenceLayout:
     return layout
 
 
-def balanced_attention(q, k, v, spec: AttentionSpec, layout: SequenceLayout, pieces):
+def balanced_attention(
+    q, k, v, spec: AttentionSpec, layout: SequenceLayout, pieces, first_key=None
+):
     """`ring_attention` (differentiable) of contiguous shards, computed in the zig-zag
     layout; in `spec.dtype` (cast before the output moves back)."""
     zigzag = balanced_layout(layout, q.shape[-2])
     if zigzag is layout:
-        return ring_attention(q, k, v, spec, layout, pieces).astype(spec.dtype)
-    out = ring_attention(*(to_zigzag(x, zigzag) for x in (q, k, v)), spec, zigzag, pieces)
+        return ring_attention(q, k, v, spec, layout, pieces, first_key).astype(spec.dtype)
+    first = None if first_key is None else to_zigzag(first_key, zigzag, axis=-1)
+    moved = [to_zigzag(x, zigzag) for x in (q, k, v)]
+    out = ring_attention(*moved, spec, zigzag, pieces, first)
     return from_zigzag(out.astype(spec.dtype), zigzag)
 
 
