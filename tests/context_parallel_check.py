@@ -44,6 +44,28 @@ def collectives(hlo):
     return {c: n for c in COLLECTIVES if (n := len(re.findall(c + r"(?:-start)?\(", hlo)))}
 
 
+def report_sequence_sharded(case, mesh, f, q, k, v, *replicated, per_position=None):
+    """Run `f(q, k, v, *replicated)` on one device and with q, k, v sharded over the
+    sequence; report the compiled program's collectives and all-gathered dtypes,
+    whether the first `per_position` results (all by default) kept the inputs'
+    sharding, and the largest relative error of every result."""
+    want = jax.tree.leaves(jax.jit(f)(q, k, v, *replicated))
+    sharded = [jax.device_put(x, NamedSharding(mesh, SEQ)) for x in (q, k, v)]
+    got = jax.tree.leaves(jax.jit(f)(*sharded, *replicated))
+    hlo = jax.jit(f).lower(*sharded, *replicated).compile().as_text()
+    gathered = re.findall(r"= (\w+)\[[\d,]*\][^ ]* all-gather\(", hlo)
+    report(
+        case=case,
+        collectives=collectives(hlo),
+        gathered_dtypes=sorted(set(gathered)),
+        sharded_as_inputs=all(
+            x.sharding.is_equivalent_to(NamedSharding(mesh, SEQ), x.ndim)
+            for x in got[:per_position]
+        ),
+        max_rel_err=rel_err(got, want),
+    )
+
+
 def automatic(mesh):
     cases = [
         ("chunked", "softmax", 256),
@@ -64,18 +86,8 @@ def automatic(mesh):
                 implementation=i,
             )
         )
-        q, k, v = inputs(seq_len)
-        want = jax.jit(f)(q, k, v)
-        sharded = [jax.device_put(x, NamedSharding(mesh, SEQ)) for x in (q, k, v)]
-        got = jax.jit(f)(*sharded)
-        report(
-            case=f"auto-{getattr(implementation, 'name', implementation)}-{activation}-{seq_len}",
-            collectives=collectives(jax.jit(f).lower(*sharded).compile().as_text()),
-            sharded_as_inputs=all(
-                x.sharding.is_equivalent_to(NamedSharding(mesh, SEQ), x.ndim) for x in got
-            ),
-            max_rel_err=rel_err(got, want),
-        )
+        name = getattr(implementation, "name", implementation)
+        report_sequence_sharded(f"auto-{name}-{activation}-{seq_len}", mesh, f, *inputs(seq_len))
 
 
 def automatic_bounded(mesh):
@@ -100,20 +112,7 @@ def automatic_bounded(mesh):
         q, k, v = inputs(256)
         if "grouped" in name:
             k, v = k[:, :1], v[:, :1]
-        want = jax.jit(f)(q, k, v)
-        sharded = [jax.device_put(x, NamedSharding(mesh, SEQ)) for x in (q, k, v)]
-        got = jax.jit(f)(*sharded)
-        hlo = jax.jit(f).lower(*sharded).compile().as_text()
-        gathered = re.findall(r"= (\w+)\[[\d,]*\][^ ]* all-gather\(", hlo)
-        report(
-            case=f"bounded-ring-{name}",
-            collectives=collectives(hlo),
-            gathered_dtypes=sorted(set(gathered)),
-            sharded_as_inputs=all(
-                x.sharding.is_equivalent_to(NamedSharding(mesh, SEQ), x.ndim) for x in got
-            ),
-            max_rel_err=rel_err(got, want),
-        )
+        report_sequence_sharded(f"bounded-ring-{name}", mesh, f, q, k, v)
 
 
 def automatic_array_bias(mesh):
@@ -128,24 +127,10 @@ def automatic_array_bias(mesh):
             out = ex.attention(q, k, v, sigmoid_bias=b, **options, **kw)
             return jnp.sum(jnp.sin(out)), out
 
+        # (out, dq, dk, dv, d_bias): the bias's gradient is per head, not per position.
         f = lambda *xs: jax.grad(loss, argnums=(0, 1, 2, 3), has_aux=True)(*xs)[::-1]
-        q, k, v = inputs(256, seed=3)
-        out, grads = jax.jit(f)(q, k, v, bias)
-        want = [out, *grads]
-        sharded = [jax.device_put(x, NamedSharding(mesh, SEQ)) for x in (q, k, v)]
-        out, grads = jax.jit(f)(*sharded, bias)
-        hlo = jax.jit(f).lower(*sharded, bias).compile().as_text()
-        gathered = re.findall(r"= (\w+)\[[\d,]*\][^ ]* all-gather\(", hlo)
-        report(
-            case=f"ring-triton-{name}",
-            collectives=collectives(hlo),
-            gathered_dtypes=sorted(set(gathered)),
-            sharded_as_inputs=all(
-                x.sharding.is_equivalent_to(NamedSharding(mesh, SEQ), x.ndim)
-                for x in (out, *grads[:3])
-            ),
-            max_rel_err=rel_err([out, *grads], want),
-        )
+        case = f"ring-triton-{name}"
+        report_sequence_sharded(case, mesh, f, *inputs(256, seed=3), bias, per_position=4)
 
 
 def explicit(mesh):
