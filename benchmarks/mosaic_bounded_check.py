@@ -1,8 +1,7 @@
 """The Mosaic kernels with segments, sliding windows and grouped-query heads on a
 Hopper GPU in bf16, against the reference path in float32: output and, for sigmoid and
 'none', the gradients (at S=4096 the grouped causal case runs the fused backward
-kernel, the others the dQ + dK/dV pair). Softmax at D=64 (at D=128 the Mosaic softmax
-kernel refuses segments and windows).
+kernel, the others the dQ + dK/dV pair). Softmax (the forward alone) at `--softmax-dim`.
 
     python benchmarks/mosaic_bounded_check.py   # results/h200_mosaic_bounded_check.txt
     python benchmarks/mosaic_bounded_check.py --seq-lens 4096 --cases causal
@@ -61,11 +60,12 @@ def main():
     parser.add_argument("--seq-lens", type=int, nargs="+", default=[1000, 4096])
     parser.add_argument("--cases", nargs="+", default=sorted({name for name, _ in CASES}))
     parser.add_argument("--activations", nargs="+", default=["sigmoid", "none", "softmax"])
+    parser.add_argument("--softmax-dim", type=int, default=128, choices=[64, 128])
     args = parser.parse_args()
     print(jax.devices()[0].device_kind, "jax", jax.__version__)
     for seq_len in args.seq_lens:
         for activation in args.activations:
-            dim = 64 if activation == "softmax" else 128
+            dim = args.softmax_dim if activation == "softmax" else 128
             for name, kv_heads in [case for case in CASES if case[0] in args.cases]:
                 keys = jax.random.split(jax.random.key(seq_len), 4)
                 q = jax.random.normal(keys[0], (1, 4, seq_len, dim), jnp.bfloat16)

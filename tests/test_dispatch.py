@@ -64,8 +64,7 @@ def test_default_table_on_hopper():
     assert defaults(on_hopper(activation="sigmoid", window=1024)) == ("mosaic",) * 2
     assert defaults(on_hopper(activation="sigmoid", kv_groups=8)) == ("mosaic",) * 2
     assert defaults(on_hopper(segmented=True, window=64, dqk=64, dv=64)) == ("mosaic", "triton")
-    # Softmax at head dim 128: no shared memory left in the Mosaic kernel for first keys.
-    assert defaults(on_hopper(segmented=True, dqk=128, dv=128)) == ("triton",) * 2
+    assert defaults(on_hopper(segmented=True, dqk=128, dv=128)) == ("mosaic", "triton")
     assert defaults(on_hopper(activation="sigmoid", segmented=True)) == ("mosaic",) * 2
     # A learnable sigmoid bias (an array): the Triton kernels read it per row.
     assert defaults(on_hopper(activation="sigmoid", array_bias=True)) == ("triton",) * 2

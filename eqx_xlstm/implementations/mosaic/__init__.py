@@ -53,11 +53,6 @@ class Mosaic(Implementation):
             return f"it needs float16 or bfloat16 inputs, got {spec.dtype}"
         if spec.dqk != spec.dv or spec.dqk not in (64, 128):
             return f"it needs q/k/v head dims of 64 or 128, got {spec.dqk}/{spec.dv}"
-        if spec.activation == "softmax" and spec.bounded and spec.dqk == 128:
-            return (
-                "its softmax kernel has no shared memory left for segments or windows at "
-                "head dim 128 (64 fits)"
-            )
         if spec.platform == "gpu":
             if not str(spec.gpu_capability).startswith("9"):
                 return (

@@ -176,7 +176,12 @@ def launch(kernel, scratch, out_type, grid, grid_names, interpret, *inputs):
     """Run `kernel(*input_and_output_refs, scratch_refs)` as a Mosaic GPU kernel with
     two compute warpgroups and one streaming, `scratch` allocated in shared memory for
     all three. An input may be a ref in GMEM (`in_gmem`), which the kernel updates in
-    place."""
+    place.
+
+    No shared memory is reserved for reductions across warps (Mosaic GPU reserves 2 KiB
+    by default for any kernel that reduces): the only reductions, the softmax forward's
+    row maxima and sums, run along rows of the WGMMA layout, within each warp. Those
+    2 KiB are what the softmax forward needs for segments and windows at head dim 128."""
 
     def entry(*refs):
         pl.run_scoped(lambda *s: kernel(*refs, s), *scratch, collective_axes="wg")
@@ -186,6 +191,6 @@ def launch(kernel, scratch, out_type, grid, grid_names, interpret, *inputs):
         entry,
         out_type=out_type,
         mesh=mesh,
-        compiler_params=plgpu.CompilerParams(approx_math=True),
+        compiler_params=plgpu.CompilerParams(approx_math=True, reduction_scratch_bytes=0),
         interpret=jax_private.interpret_params() if interpret else False,
     )(*inputs)

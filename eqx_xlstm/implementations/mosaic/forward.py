@@ -57,8 +57,7 @@ STAGES = 3  # key/value slots in flight
 def _kernel(*refs, activation, bias, scale, n_blocks, full, interpret, groups, bounded):
     (q_ref, k_ref, v_ref, *first_keys), out_ref, scratch = refs[:-2], refs[-2], refs[-1]
     q_smem, k_smem, v_smem, q_bar, k_bar, v_bar, k_free, v_free, turn, *extra = scratch
-    # Bounded: the block's rows' first keys, one buffer and one barrier (at D=128 the
-    # softmax kernel has no room even for these: `Mosaic` refuses that).
+    # Bounded: the block's rows' first keys, one buffer and one barrier.
     block_keys, keys_bar, *p_smem = extra if bounded else (None, None, *extra)
     bq, bk, stages = BLOCK_Q, BLOCK_K, STAGES
     n = jax.lax.axis_index("n")
