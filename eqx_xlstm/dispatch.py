@@ -74,15 +74,9 @@ def _mosaic_kernels_first(spec):
 
 DEFAULTS: tuple[Default, ...] = (
     Default("cudnn"),
-    # The Mosaic forward serves every activation, segments, windows and grouped heads
-    # (read in place); its backward, sigmoid and 'none'. Softmax gradients go on to
-    # Triton, as does an array bias.
-    Default("mosaic", FORWARD, _mosaic_kernels_first),
-    Default(
-        "mosaic",
-        GRADIENT,
-        lambda spec: _mosaic_kernels_first(spec) and IMPLEMENTATIONS["mosaic"].differentiable(spec),
-    ),
+    # The Mosaic kernels serve every activation, segments, windows and grouped heads
+    # (read in place); an array bias goes on to Triton.
+    Default("mosaic", when=_mosaic_kernels_first),
     Default("triton", when=_bounded_or_grouped_on_gpu),
     Default("triton", when=lambda spec: _on_gpu(spec) and spec.activation == "sigmoid"),
     # 'none' on Hopper: the kernel beats the linear form up to these lengths, forward
@@ -144,20 +138,14 @@ def plan(spec: AttentionSpec, requested: str | Implementation | None = None) -> 
 
 
 def _alias(spec, name):
-    """The first implementation of the alias that serves `spec`. Where the Mosaic
-    forward has no backward kernels (softmax, grouped-query heads): under
-    differentiation, the next that serves (Triton)."""
+    """The first implementation of the alias that serves `spec`."""
     serving = [
         IMPLEMENTATIONS[n] for n in ALIASES[name] if not IMPLEMENTATIONS[n].unsupported(spec)
     ]
     if not serving:
         last = IMPLEMENTATIONS[ALIASES[name][-1]]
         _refuse(name, last.unsupported(spec))
-    forward = serving[0]
-    gradient = forward
-    if isinstance(forward, Mosaic) and not forward.differentiable(spec) and len(serving) > 1:
-        gradient = serving[1]
-    return Plan(forward, gradient)
+    return Plan(serving[0], serving[0])
 
 
 def _default(spec, which):

@@ -79,12 +79,13 @@ def weights(scores, activation, scale, bias=0.0, row_stat=None, tanh=jnp.tanh):
     - `"softmax"`: `exp2(scores * scale * log2(e) - row_stat)`, where `row_stat` is
       the row's shift in log2 units of the logits: its running maximum while a
       flash-style pass accumulates, its log2-sum-exp2 once the row is complete (then
-      the weights are normalised).
+      the weights are normalised); one entry per row of `scores`, or already
+      broadcast to its shape.
     - `"sigmoid"`: `sigmoid(scores * scale + bias)`.
     - `"none"`: the logits `scores * scale`.
     """
     if activation == "softmax":
-        return jnp.exp2(scores * (scale * LOG2E) - row_stat[..., None])
+        return jnp.exp2(scores * (scale * LOG2E) - _per_row(row_stat, scores))
     if activation == "sigmoid":
         # One multiply-add inside: sigmoid(s c + b) = 0.5 tanh(s c/2 + b/2) + 0.5.
         return 0.5 * tanh(scores * (0.5 * scale) + 0.5 * bias) + 0.5
@@ -100,10 +101,16 @@ def score_grad(d_weights, p, activation, allowed=None, delta=None):
     softmax and sigmoid through `p`; 'none' through `allowed` (None: nothing masked).
     """
     if activation == "softmax":
-        return p * (d_weights - delta[..., None])
+        return p * (d_weights - _per_row(delta, p))
     if activation == "sigmoid":
         return d_weights * (p - p * p)
     return d_weights if allowed is None else jnp.where(allowed, d_weights, 0.0)
+
+
+def _per_row(stat, like):
+    """A row statistic broadcast against `like`: as given where it already has `like`'s
+    rank (a kernel that broadcast it in its own layout), else along a new last axis."""
+    return stat if len(stat.shape) == len(like.shape) else stat[..., None]
 
 
 def swish(x):

@@ -56,15 +56,14 @@ def test_default_table_on_hopper():
     assert defaults(on_hopper(activation="sigmoid", **ampere)) == ("triton", "triton")
     assert defaults(on_hopper(activation="none", seq_len=2048, **ampere)) == ("linear",) * 2
     # Segments, windows and grouped heads: cuDNN's own window and grouped heads for
-    # softmax; else the Mosaic kernels, which skip the tiles no query sees, under
-    # differentiation where they have the backward (sigmoid and 'none'), else Triton's;
-    # 'none' without a window at long S stays with the linear form.
+    # softmax; else the Mosaic kernels, which skip the tiles no query sees; 'none'
+    # without a window at long S stays with the linear form.
     for features in (dict(window=1024), dict(kv_groups=8)):
         assert defaults(on_hopper(**features)) == ("cudnn",) * 2
     assert defaults(on_hopper(activation="sigmoid", window=1024)) == ("mosaic",) * 2
     assert defaults(on_hopper(activation="sigmoid", kv_groups=8)) == ("mosaic",) * 2
-    assert defaults(on_hopper(segmented=True, window=64, dqk=64, dv=64)) == ("mosaic", "triton")
-    assert defaults(on_hopper(segmented=True, dqk=128, dv=128)) == ("mosaic", "triton")
+    assert defaults(on_hopper(segmented=True, window=64, dqk=64, dv=64)) == ("mosaic",) * 2
+    assert defaults(on_hopper(segmented=True, dqk=128, dv=128)) == ("mosaic",) * 2
     assert defaults(on_hopper(activation="sigmoid", segmented=True)) == ("mosaic",) * 2
     # A learnable sigmoid bias (an array): the Triton kernels read it per row.
     assert defaults(on_hopper(activation="sigmoid", array_bias=True)) == ("triton",) * 2
@@ -77,9 +76,8 @@ def test_default_table_on_hopper():
 def test_pallas_alias_picks_the_best_kernel():
     chosen = dispatch.plan(on_hopper(activation="sigmoid"), "pallas")
     assert (chosen.forward.name, chosen.gradient.name) == ("mosaic", "mosaic")
-    # Softmax: the Mosaic forward has no backward kernel; Triton's serves gradients.
     chosen = dispatch.plan(on_hopper(), "pallas")
-    assert (chosen.forward.name, chosen.gradient.name) == ("mosaic", "triton")
+    assert (chosen.forward.name, chosen.gradient.name) == ("mosaic", "mosaic")
     chosen = dispatch.plan(on_hopper(activation="sigmoid", kv_groups=4), "pallas")
     assert (chosen.forward.name, chosen.gradient.name) == ("mosaic", "mosaic")
     chosen = dispatch.plan(on_hopper(dqk=32, dv=32), "pallas")  # too narrow for Mosaic

@@ -51,11 +51,16 @@ def test_forward_kernel_matches_reference(activation, seq, dim, heads, dtype):
     q32, k32, v32 = (np.asarray(x.astype(jnp.float32)) for x in (q, k, v))
     scores = q32 @ k32.transpose(0, 2, 1) / np.sqrt(dim)
     w = 1 / (1 + np.exp(-(scores + bias))) if activation == "sigmoid" else scores
-    if activation == "softmax":
+    out = kernel(q, k, v)
+    if activation == "softmax":  # also each row's log2-sum-exp2 of the logits
+        out, lse = out
         w = np.where(np.tril(np.ones_like(w, bool)), w, -np.inf)
-        w = np.exp(w - w.max(-1, keepdims=True))
+        row_max = w.max(-1, keepdims=True)
+        w = np.exp(w - row_max)
+        want_lse = (row_max[..., 0] + np.log(w.sum(-1))) * maths.LOG2E
+        np.testing.assert_allclose(np.asarray(lse), want_lse, atol=1e-3, rtol=1e-4)
         w /= w.sum(-1, keepdims=True)
-    assert_close_16bit(kernel(q, k, v), np.tril(w) @ v32)
+    assert_close_16bit(out, np.tril(w) @ v32)
 
 
 # S=384: up to 3 key tiles (dQ) and 6 query tiles (dK/dV) through 2 slots: slots refill.
@@ -65,15 +70,20 @@ def test_forward_kernel_matches_reference(activation, seq, dim, heads, dtype):
     [
         ("sigmoid", 256, 128, True, 1, jnp.bfloat16),
         ("none", 384, 64, False, 1, jnp.bfloat16),
+        ("softmax", 384, 64, False, 1, jnp.bfloat16),
     ],
 )
 def test_backward_kernels_match_reference(activation, seq, dim, fused, heads, dtype):
     # dK/dV with dQ fused in, or dQ and dK/dV apart, against autodiff of float32.
+    # Softmax: with the forward kernel's lse and delta = sum(dO * O).
     q, k, v, g = inputs(seq, heads, dim, dtype, seed=6)
     bias = -float(np.log(seq))
 
     def reference(q, k, v):
         scores = q @ jnp.swapaxes(k, 1, 2) / np.sqrt(dim)
+        if activation == "softmax":
+            causal = jnp.tril(jnp.ones(scores.shape[-2:], bool))
+            return jax.nn.softmax(jnp.where(causal, scores, -jnp.inf), axis=-1) @ v
         w = jax.nn.sigmoid(scores + bias) if activation == "sigmoid" else scores
         return jnp.tril(w) @ v
 
@@ -84,7 +94,15 @@ def test_backward_kernels_match_reference(activation, seq, dim, fused, heads, dt
         rest = (activation, bias, INTERPRET)
         if fused:
             return backward.mosaic_dkv(*a, *rest, fused=True)
-        return (backward.mosaic_dq(*a, *rest), *backward.mosaic_dkv(*a, *rest))
+        return (backward.mosaic_dq(*a, *rest, **stats), *backward.mosaic_dkv(*a, *rest, **stats))
+
+    stats = {}
+    if activation == "softmax":
+        out, lse = jax.jit(lambda *a: forward.mosaic_forward(*a, activation, bias, INTERPRET))(
+            q, k, v
+        )
+        delta = jnp.sum(out.astype(jnp.float32) * f32[3], axis=-1)
+        stats = dict(lse=lse, delta=delta)
 
     for got, want in zip(jax.jit(kernels)(q, k, v, g), wanted, strict=True):
         assert_close_16bit(got, np.asarray(want))
@@ -200,6 +218,7 @@ def test_forward_kernel_with_first_keys(activation, window, runs, groups):
         q, k, v, activation, bias, INTERPRET, groups=groups, first_key=f
     )
     got = jax.jit(kernel)(q, k, v, first)
+    got = got[0] if activation == "softmax" else got  # (out, lse)
     assert_close_16bit(got, np.asarray(masked_reference(q, k, v, activation, bias, first)))
 
 
@@ -208,7 +227,11 @@ def test_forward_kernel_with_first_keys(activation, window, runs, groups):
 # With `groups` 2, both query rows read one K/V row.
 @pytest.mark.parametrize(
     "activation, window, runs, fused, groups",
-    [("sigmoid", None, (40, 100, 116), True, 1), ("none", 50, (40, 100, 116), False, 2)],
+    [
+        ("sigmoid", None, (40, 100, 116), True, 1),
+        ("none", 50, (40, 100, 116), False, 2),
+        ("softmax", 50, (40, 100, 116), False, 2),
+    ],
 )
 def test_backward_kernels_with_first_keys(activation, window, runs, fused, groups):
     seq, dim = 256, 64
@@ -218,10 +241,16 @@ def test_backward_kernels_with_first_keys(activation, window, runs, fused, group
     bias = -4.0
     reference = lambda q, k, v: masked_reference(q, k, v, activation, bias, first)
     wanted = jax.vjp(reference, q, k, v)[1](g.astype(jnp.float32))
+    stats = {}
+    if activation == "softmax":  # the forward kernel's lse; delta = sum(dO * O)
+        out, lse = forward.mosaic_forward(
+            q, k, v, activation, bias, INTERPRET, groups=groups, first_key=first
+        )
+        stats = dict(lse=lse, delta=jnp.sum(out.astype(jnp.float32) * g.astype(jnp.float32), -1))
 
     def kernels(q, k, v, g, f):
         rest = (activation, bias, INTERPRET)
-        options = dict(first_key=f, groups=groups)
+        options = dict(first_key=f, groups=groups, **stats)
         if fused:
             return backward.mosaic_dkv(q, k, v, g, *rest, fused=True, **options)
         dq = backward.mosaic_dq(q, k, v, g, *rest, **options)

@@ -19,18 +19,14 @@ PADDING = 128  # every kernel's sequence tile divides this
 
 @dataclasses.dataclass(frozen=True)
 class Mosaic(Implementation):
-    """Mosaic GPU kernels: a forward kernel for softmax, sigmoid and 'none', and a
-    backward for sigmoid and 'none' (dQ and dK/dV kernels, or one kernel that forms
-    both). float16/bfloat16, equal q/k/v head dims of 64 or 128, on a Hopper GPU; on a
+    """Mosaic GPU kernels: a forward kernel and a backward (dQ and dK/dV kernels, or
+    for sigmoid and 'none' one kernel that forms both) for softmax, sigmoid and
+    'none'. float16/bfloat16, equal q/k/v head dims of 64 or 128, on a Hopper GPU; on a
     machine without a GPU, in Mosaic GPU interpret mode where this jax has it.
     Segments and sliding windows skip the key tiles no query of a block sees (and the
     query tiles that see none of a key block's keys). Grouped-query heads (K/V with
     fewer heads) are read in place; the backward forms each query head's share of dK
     and dV and sums a group's shares after the kernel.
-
-    Softmax has no backward kernel here: differentiating it through this implementation
-    is an error; `implementation="pallas"` and the default dispatch run the Mosaic
-    forward when no gradient is taken and the Triton kernels under differentiation.
 
     Interpret mode runs a kernel's three warpgroups as threads on XLA's CPU client,
     whose thread pool has one thread per core: on a machine with few cores a jitted
@@ -66,15 +62,12 @@ class Mosaic(Implementation):
             )
         return None
 
-    def differentiable(self, spec: AttentionSpec) -> bool:
-        """Whether it has backward kernels for `spec`: sigmoid and 'none'."""
-        return spec.activation != "softmax"
-
     def fused(self, spec: AttentionSpec) -> bool:
-        """Whether the backward of `spec` is the one fused kernel: never with segments
-        or windows, where blocks walk few tiles and the fused kernel took 0.98-1.25x
-        the pair's time (H200; docs/benchmarks.md)."""
-        if spec.bounded or self.fused_backward_from is None:
+        """Whether the backward of `spec` is the one fused kernel: never for softmax
+        (the fused kernel has no row statistics), nor with segments or windows, where
+        blocks walk few tiles and the fused kernel took 0.98-1.25x the pair's time
+        (H200; docs/benchmarks.md)."""
+        if spec.activation == "softmax" or spec.bounded or self.fused_backward_from is None:
             return False
         return spec.seq_len >= self.fused_backward_from
 
@@ -89,10 +82,9 @@ class Mosaic(Implementation):
         )
         row_kernels = RowKernels(
             forward=functools.partial(_forward_kernel, spec=spec, interpret=interpret),
-            backward=backward if self.differentiable(spec) else None,
+            backward=backward,
             spec=spec,
             multiple=PADDING,
-            no_backward=NO_SOFTMAX_BACKWARD,
             partition=not interpret,
             sequence_pieces=self.ring_pieces(),
         )
@@ -104,9 +96,11 @@ class MosaicPieces:
     """The pieces of context-parallel attention (`ring`) through these kernels: a chunk
     against itself (causal) or against an earlier chunk (full), sigmoid and 'none'.
     Softmax pieces, and pieces with first keys (segments, windows), grouped heads or
-    an array bias, run in `triton_pieces`: the Mosaic forward returns no log-sum-exp
-    and has no softmax backward, its kernels take first keys in causal pieces only and
-    a number bias only (grouped heads in full pieces are not checked on a GPU yet)."""
+    an array bias, run in `triton_pieces`: the ring merges softmax pieces by their
+    natural log-sum-exp, which the Triton pieces return (the Mosaic softmax kernels
+    keep a log2 one, and their softmax pieces are not checked through the ring); the
+    Mosaic kernels take first keys in causal pieces only and a number bias only
+    (grouped heads in full pieces are not checked on a GPU yet)."""
 
     mosaic: Mosaic
     triton_pieces: TritonPieces = TritonPieces(Triton())
@@ -127,7 +121,7 @@ class MosaicPieces:
         if self._to_triton(spec, first_key):
             return self.triton_pieces.forward(q, k, v, spec, first_key, bias)
         rows = [as_rows(x, spec, PADDING) for x in (q, k, v)]
-        (out,) = _forward_kernel(*rows, spec=spec, interpret=spec.platform != "gpu")
+        out = _forward_kernel(*rows, spec=spec, interpret=spec.platform != "gpu")[0]
         out = from_rows(out, q.shape[:-2], spec)
         return out, jnp.zeros(out.shape[:-1], jnp.float32)
 
@@ -138,31 +132,32 @@ class MosaicPieces:
         rows = [as_rows(x, spec, PADDING) for x in (q, k, v, d_out)]
         interpret = spec.platform != "gpu"
         fused = self.mosaic.fused(spec)
-        grads = _backward_kernels(*rows[:3], None, rows[3], spec, interpret, fused)
+        grads = _backward_kernels(*rows[:3], rows[3], spec=spec, interpret=interpret, fused=fused)
         return tuple(from_rows(g, q.shape[:-2], spec) for g in grads)
 
 
-NO_SOFTMAX_BACKWARD = (
-    "implementation='mosaic' has no softmax backward kernel, so it cannot be "
-    "differentiated for activation_function='softmax'; use implementation="
-    "'pallas' (the Mosaic forward without a gradient, the Triton kernels with "
-    "one) or 'triton'."
-)
-
-
 def _forward_kernel(q, k, v, *first_key, spec, interpret):
+    """`(out,)`; softmax: `(out, lse)`."""
     full = spec.mask == "full"
     args = (spec.activation, spec.sigmoid_bias, interpret, full, spec.kv_groups)
-    return (mosaic_forward(q, k, v, *args, first_key=first_key[0] if first_key else None),)
+    outs = mosaic_forward(q, k, v, *args, first_key=first_key[0] if first_key else None)
+    return outs if spec.activation == "softmax" else (outs,)
 
 
-def _backward_kernels(q, k, v, out, d_out, spec, interpret, fused, first_key=()):
+def _backward_kernels(q, k, v, *outs_and_d_out, spec, interpret, fused, first_key=()):
+    """`(dq, dk, dv)` from the forward's outputs (softmax: out and lse; otherwise
+    none needed) and `d_out`."""
+    *outs, d_out = outs_and_d_out
     args = (q, k, v, d_out, spec.activation, spec.sigmoid_bias, interpret)
     options = {
         "full": spec.mask == "full",
         "first_key": first_key[0] if first_key else None,
         "groups": spec.kv_groups,
     }
+    if spec.activation == "softmax":
+        out, lse = outs
+        delta = jnp.sum(out.astype(jnp.float32) * d_out.astype(jnp.float32), axis=-1)
+        options |= {"lse": lse, "delta": delta}
     if fused:
         return mosaic_dkv(*args, fused=True, **options)
     return (mosaic_dq(*args, **options), *mosaic_dkv(*args, **options))

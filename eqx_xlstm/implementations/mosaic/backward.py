@@ -83,12 +83,16 @@ def _dq_part_width(dim):
 
 
 def _kernel(*refs, activation, bias, scale, n_tiles, full, interpret, fused, bounded, groups):
-    n_in = (6 if interpret else 4) + 2 * bounded + fused
+    softmax = activation == "softmax"
+    n_in = (6 if interpret else 4) + 2 * bounded + softmax + fused
     (q_ref, k_ref, v_ref, do_ref, *rest), (dk_ref, dv_ref) = refs[:n_in], refs[n_in:-1]
     dq_ref = rest.pop() if fused else None
     first_key_ref, key_ranges = (rest.pop(0), rest.pop(0)) if bounded else (None, None)
+    stats_ref = rest.pop(0) if softmax else None  # (N, 2, S): lse and delta per query
     transposed = rest
     k_smem, v_smem, q_smem, do_smem, k_bar, v_bar, q_bar, do_bar, free, *extra = refs[-1]
+    if softmax:
+        *extra, stat_smem, stat_bar = extra
     if bounded:
         *extra, fk_smem, fk_bar, info_smem, info_bar = extra
     if fused:
@@ -117,16 +121,17 @@ def _kernel(*refs, activation, bias, scale, n_tiles, full, interpret, fused, bou
     @pl.when(wg < 2)
     def _compute():
         claim_registers()
-        block_steps, mask_from = tile_range()
         key0 = (2 * block + wg) * rows
         own_k, own_v = k_smem.at[wg], v_smem.at[wg]
         plgpu.copy_gmem_to_smem(k_ref.at[kv, pl.ds(key0, rows)], own_k, k_bar.at[wg])
         plgpu.copy_gmem_to_smem(v_ref.at[kv, pl.ds(key0, rows)], own_v, v_bar.at[wg])
+        block_steps, mask_from = tile_range()  # read while my keys and values load
         plgpu.barrier_wait(k_bar.at[wg])
         plgpu.barrier_wait(v_bar.at[wg])
 
         def wait_tiles(slot):
-            for bar in (q_bar, do_bar, qt_bar, dot_bar, fk_bar if bounded else None):
+            bars = (fk_bar if bounded else None, stat_bar if softmax else None)
+            for bar in (q_bar, do_bar, qt_bar, dot_bar, *bars):
                 if bar is not None:
                     plgpu.barrier_wait(bar.at[slot])
 
@@ -145,7 +150,8 @@ def _kernel(*refs, activation, bias, scale, n_tiles, full, interpret, fused, bou
                 scores_t, dp_t = _matmuls((own_k, q_t), (own_v, do_t), shape=(rows, rows))
             else:
                 scores_t = _matmul(own_k, q_t, (rows, rows))
-            p_t = maths.weights(scores_t, activation, scale, bias)
+            lse_t, delta_t = column_stats(slot)
+            p_t = maths.weights(scores_t, activation, scale, bias, lse_t)
             if masked:
                 keys = iota((rows, rows), 0, interpret) + key0
                 queries = iota((rows, rows), 1, interpret) + (first + t) * rows
@@ -155,7 +161,7 @@ def _kernel(*refs, activation, bias, scale, n_tiles, full, interpret, fused, bou
             if not fused:
                 dp_t = _matmul(own_v, do_t, (rows, rows))
             # Gradient w.r.t. the logits; dK and dQ are scaled once at the end.
-            ds_t = maths.score_grad(dp_t, p_t, activation, allowed if masked else None)
+            ds_t = maths.score_grad(dp_t, p_t, activation, allowed if masked else None, delta_t)
             ds_t = ds_t.astype(k_smem.dtype)
             plgpu.wgmma(dk_acc, operand(ds_t, 1), q_smem.at[slot])
             if fused:  # the previous tile's dQ (the other warpgroup's dS^T of it is
@@ -171,6 +177,18 @@ def _kernel(*refs, activation, bias, scale, n_tiles, full, interpret, fused, bou
                 return None
             firsts = key_vector(fk_smem.at[slot], 0, interpret)
             return jax.lax.broadcast_in_dim(firsts, (rows, rows), [1])
+
+        def column_stats(slot):
+            """Softmax: the log2-sum-exp2 and delta of the queries of tile `slot`,
+            across the columns of P^T (None otherwise)."""
+            if not softmax:
+                return None, None
+            return tuple(
+                jax.lax.broadcast_in_dim(
+                    key_vector(stat_smem.at[slot, which], 0, interpret), (rows, rows), [1]
+                )
+                for which in range(2)
+            )
 
         def share_ds(ds_t, t):
             """Put my dS^T of tile t in shared memory for both warpgroups' dQ parts."""
@@ -261,8 +279,6 @@ def _kernel(*refs, activation, bias, scale, n_tiles, full, interpret, fused, bou
 
     @pl.when(wg == 2)
     def _stream():
-        block_steps, _ = tile_range()
-
         def load(t, slot):
             tile = pl.ds((first + t) * rows, rows)
             plgpu.copy_gmem_to_smem(q_ref.at[n, tile], q_smem.at[slot], q_bar.at[slot])
@@ -270,16 +286,36 @@ def _kernel(*refs, activation, bias, scale, n_tiles, full, interpret, fused, bou
             if bounded:
                 fk = first_key_ref.at[kv, tile]
                 plgpu.copy_gmem_to_smem(fk, fk_smem.at[slot], fk_bar.at[slot])
+            if softmax:
+                stats = stats_ref.at[n, :, tile]
+                plgpu.copy_gmem_to_smem(stats, stat_smem.at[slot], stat_bar.at[slot])
             if interpret:
                 qt_ref, dot_ref = transposed
                 plgpu.copy_gmem_to_smem(qt_ref.at[n, :, tile], qt_smem.at[slot], qt_bar.at[slot])
                 plgpu.copy_gmem_to_smem(dot_ref.at[n, :, tile], dot_smem.at[slot], dot_bar.at[slot])
 
-        stream_tiles(load, block_steps, stages, (free,), n_tiles)
+        # Every block walks at least its two diagonal tiles (each key sees its own
+        # query), so those load while the block's range is read.
+        def steps():
+            return tile_range()[0]
+
+        stream_tiles(load, steps, stages, (free,), n_tiles, sure=min(2, n_tiles))
 
 
 def mosaic_dkv(
-    q, k, v, d_out, activation, bias, interpret, fused=False, full=False, first_key=None, groups=1
+    q,
+    k,
+    v,
+    d_out,
+    activation,
+    bias,
+    interpret,
+    fused=False,
+    full=False,
+    first_key=None,
+    groups=1,
+    lse=None,
+    delta=None,
 ):
     """dK, dV for `q`, `k`, `v`, `d_out`: `(N, S, D)`, S a multiple of 128. With
     `fused`, dQ too, `(dq, dk, dv)`: the same kernel adds each tile's dS K into a
@@ -289,10 +325,14 @@ def mosaic_dkv(
     `first_key[i]` on, and a key block stops at the last query tile that sees it.
     With `groups` G, k, v and `first_key` have N / G rows, row `n // G` serving query
     row n: the kernel forms each query row's share of dK and dV, and the G shares of a
-    K/V row are summed after it (in float32). Under `jax.vmap` the mapped axis joins N
+    K/V row are summed after it (in float32). Softmax needs each query's `lse` (the
+    forward kernel's log2-sum-exp2) and `delta` (`sum(dO * O)`), `(N, S)` float32
+    each; the fused kernel takes no softmax. Under `jax.vmap` the mapped axis joins N
     (the fused kernel only where `in_gmem` can hide its in-place sum)."""
     if full and first_key is not None:
         raise ValueError("full pieces take no first keys")
+    if fused and activation == "softmax":
+        raise ValueError("the fused backward kernel takes no softmax")
     run = functools.partial(
         _dkv,
         activation=activation,
@@ -302,7 +342,7 @@ def mosaic_dkv(
         full=full,
         groups=groups,
     )
-    arrays = (q, k, v, d_out, *(() if first_key is None else (first_key,)))
+    arrays = (q, k, v, d_out, *_optional(first_key), *_stats(activation, lse, delta))
     if fused and jax_private.ref_type_mappings() is None:
         return run(*arrays)
     return fold_vmap(run, *arrays)
@@ -348,7 +388,23 @@ def _key_ranges(first_key):
     return block_info(stop, mask_from)
 
 
-def _dkv(q, k, v, d_out, *first_key, activation, bias, interpret, fused, full, groups):
+def _optional(first_key):
+    return () if first_key is None else (first_key,)
+
+
+def _stats(activation, lse, delta):
+    """Softmax's row statistics as the kernels read them: `(N, 2, S)` float32, lse
+    then delta (one copy a tile); nothing for sigmoid and 'none'."""
+    if activation != "softmax":
+        return ()
+    if lse is None or delta is None:
+        raise ValueError("softmax's backward needs each row's lse and delta")
+    return (jnp.stack([lse, delta], axis=1).astype(jnp.float32),)
+
+
+def _dkv(q, k, v, d_out, *rest, activation, bias, interpret, fused, full, groups):
+    n_first = len(rest) - (activation == "softmax")
+    first_key, stats = rest[:n_first], rest[n_first:]
     n, seq, dim = q.shape
     n_tiles = seq // ROWS
     scale = dim**-0.5
@@ -399,10 +455,13 @@ def _dkv(q, k, v, d_out, *first_key, activation, bias, interpret, fused, full, g
             plgpu.SMEM((3, BLOCK_INFO), jnp.int32),
             plgpu.Barrier(num_barriers=3),
         ]
+    if stats:  # the streamed query tiles' lse and delta
+        scratch += [plgpu.SMEM((STAGES, 2, ROWS), jnp.float32), plgpu.Barrier(num_barriers=STAGES)]
 
     inputs = [q, k, v, d_out]
     if first_key:
         inputs += [first_key[0], _key_ranges(first_key[0])]
+    inputs += stats
     if interpret:
         inputs += [jnp.swapaxes(q, 1, 2), jnp.swapaxes(d_out, 1, 2)]
     # One share of dK and dV per query row (`_group_sums` adds a K/V row's G shares).
@@ -435,14 +494,18 @@ def _group_sums(shares, groups):
 
 
 def _dq_kernel(*refs, activation, bias, scale, n_pairs, full, interpret, bounded, groups):
-    n_in = (6 if interpret else 4) + 2 * bounded
+    softmax = activation == "softmax"
+    n_in = (6 if interpret else 4) + 2 * bounded + softmax
     (q_ref, k_ref, v_ref, do_ref, *rest), (dq_ref,) = refs[:n_in], refs[n_in:-1]
     first_key_ref, blocks = (rest.pop(0), rest.pop(0)) if bounded else (None, None)
+    stats_ref = rest.pop(0) if softmax else None  # (N, 2, S): lse and delta per query
     transposed = rest
     # v_tiles: value tiles (128, D) on a GPU, transposed (D, 128) when interpreting.
     q_smem, do_smem, k_smem, v_tiles, q_bar, do_bar, k_bar, v_bar, free, *extra = refs[-1]
     if bounded:
         fk_smem, fk_bar, info_smem, info_bar, *extra = extra
+    if softmax:
+        stat_smem, stat_bar, *extra = extra
     kt_smem, kt_bar, *p_smem = extra if interpret else (None, None)
     rows, bk, stages = ROWS, 2 * ROWS, STAGES
     n = jax.lax.axis_index("n")
@@ -466,22 +529,35 @@ def _dq_kernel(*refs, activation, bias, scale, n_pairs, full, interpret, bounded
     @pl.when(wg < 2)
     def _compute():
         claim_registers()
-        lo, mask_until, steps = tile_range()
         row0 = (2 * pair + wg) * rows
         own_q, own_do = q_smem.at[wg], do_smem.at[wg]
         plgpu.copy_gmem_to_smem(q_ref.at[n, pl.ds(row0, rows)], own_q, q_bar.at[wg])
         plgpu.copy_gmem_to_smem(do_ref.at[n, pl.ds(row0, rows)], own_do, do_bar.at[wg])
-        plgpu.barrier_wait(q_bar.at[wg])
-        plgpu.barrier_wait(do_bar.at[wg])
-        first = None
-        if bounded:  # my rows' first keys, across the rows of P
+        if bounded:  # my rows' first keys, loaded with my queries
             own_first = fk_smem.at[wg]
             plgpu.copy_gmem_to_smem(
                 first_key_ref.at[kv, pl.ds(row0, rows)], own_first, fk_bar.at[wg]
             )
+        if softmax:  # my rows' lse and delta
+            own_stats = stats_ref.at[n, :, pl.ds(row0, rows)]
+            plgpu.copy_gmem_to_smem(own_stats, stat_smem.at[wg], stat_bar.at[wg])
+        lo, mask_until, steps = tile_range()  # read while those load
+        plgpu.barrier_wait(q_bar.at[wg])
+        plgpu.barrier_wait(do_bar.at[wg])
+        first = None
+        if bounded:  # my rows' first keys, across the rows of P
             plgpu.barrier_wait(fk_bar.at[wg])
             firsts = key_vector(own_first, 1, interpret)
             first = jax.lax.broadcast_in_dim(firsts, (rows, bk), [0])
+        lse = delta = None
+        if softmax:  # my rows' lse and delta, across the rows of P
+            plgpu.barrier_wait(stat_bar.at[wg])
+            lse, delta = (
+                jax.lax.broadcast_in_dim(
+                    key_vector(stat_smem.at[wg, which], 1, interpret), (rows, bk), [0]
+                )
+                for which in range(2)
+            )
 
         def operand(x):
             return staged(x, p_smem[0] if p_smem else None, wg)
@@ -496,14 +572,15 @@ def _dq_kernel(*refs, activation, bias, scale, n_pairs, full, interpret, bounded
             else:
                 keys_t = k_smem.at[slot].transpose((1, 0))
                 values_t = v_tiles.at[slot].transpose((1, 0))
-            p = maths.weights(_matmul(own_q, keys_t, (rows, bk)), activation, scale, bias)
+            scores = _matmul(own_q, keys_t, (rows, bk))
+            p = maths.weights(scores, activation, scale, bias, lse)
             dp = _matmul(own_do, values_t, (rows, bk))
             if masked:
                 queries = iota((rows, bk), 0, interpret) + row0
                 keys = iota((rows, bk), 1, interpret) + (lo + t) * bk
                 allowed = maths.visible(queries, keys, first)
                 p = jnp.where(allowed, p, 0.0)
-            ds = maths.score_grad(dp, p, activation, allowed if masked else None)
+            ds = maths.score_grad(dp, p, activation, allowed if masked else None, delta)
             plgpu.wgmma(dq_acc, operand(ds.astype(k_smem.dtype)), k_smem.at[slot])
             plgpu.wgmma_wait(0)
             plgpu.barrier_arrive(free.at[slot])
@@ -541,19 +618,35 @@ def _dq_kernel(*refs, activation, bias, scale, n_pairs, full, interpret, bounded
         stream_tiles(load, steps, stages, (free,), n_pairs)
 
 
-def mosaic_dq(q, k, v, d_out, activation, bias, interpret, full=False, first_key=None, groups=1):
+def mosaic_dq(
+    q,
+    k,
+    v,
+    d_out,
+    activation,
+    bias,
+    interpret,
+    full=False,
+    first_key=None,
+    groups=1,
+    lse=None,
+    delta=None,
+):
     """dQ for `q`, `k`, `v`, `d_out`: `(N, S, D)`, S a multiple of 128 (`full`: every
-    query sees every key; `first_key` and `groups` as `mosaic_dkv` takes them). Under
-    `jax.vmap` the mapped axis joins N."""
+    query sees every key; `first_key`, `groups` and softmax's `lse` and `delta` as
+    `mosaic_dkv` takes them). Under `jax.vmap` the mapped axis joins N."""
     if full and first_key is not None:
         raise ValueError("full pieces take no first keys")
     run = functools.partial(
         _dq, activation=activation, bias=bias, interpret=interpret, full=full, groups=groups
     )
-    return fold_vmap(run, q, k, v, d_out, *(() if first_key is None else (first_key,)))
+    stats = _stats(activation, lse, delta)
+    return fold_vmap(run, q, k, v, d_out, *_optional(first_key), *stats)
 
 
-def _dq(q, k, v, d_out, *first_key, activation, bias, interpret, full, groups):
+def _dq(q, k, v, d_out, *rest, activation, bias, interpret, full, groups):
+    n_first = len(rest) - (activation == "softmax")
+    first_key, stats = rest[:n_first], rest[n_first:]
     n, seq, dim = q.shape
     n_pairs = seq // (2 * ROWS)
     kernel = functools.partial(
@@ -587,6 +680,8 @@ def _dq(q, k, v, d_out, *first_key, activation, bias, interpret, full, groups):
             plgpu.SMEM((3, BLOCK_INFO), jnp.int32),
             plgpu.Barrier(num_barriers=3),
         ]
+    if stats:  # each compute warpgroup's rows' lse and delta
+        scratch += [plgpu.SMEM((2, 2, ROWS), jnp.float32), plgpu.Barrier(num_barriers=2)]
     if interpret:  # transposed keys and the wgmma operand staged in shared memory
         scratch += [
             tiled_smem((STAGES, dim, 2 * ROWS), k.dtype),
@@ -597,6 +692,7 @@ def _dq(q, k, v, d_out, *first_key, activation, bias, interpret, full, groups):
     inputs = [q, k, v, d_out]
     if first_key:
         inputs += [first_key[0], _pair_ranges(first_key[0])]
+    inputs += stats
     if interpret:
         inputs += [jnp.swapaxes(k, 1, 2), jnp.swapaxes(v, 1, 2)]
     out_type = jax.ShapeDtypeStruct(q.shape, q.dtype)

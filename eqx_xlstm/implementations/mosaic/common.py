@@ -40,14 +40,22 @@ def claim_registers():
     plgpu.set_max_registers(COMPUTE_REGISTERS, action="increase")
 
 
-def stream_tiles(load, steps, stages, free_bars, max_prefill):
+def stream_tiles(load, steps, stages, free_bars, max_prefill, sure=0):
     """The streaming warpgroup: `load(t, slot)` tiles 0 .. `steps` - 1 into a ring of
     `stages` slots. The first slots are filled at once (at most `max_prefill`, a static
     bound that keeps addresses in range); slot t % stages is refilled with tile t once
     every barrier of `free_bars` says the consumers released it. Finally the last
-    releases are waited out, so that no barrier phase goes unobserved."""
+    releases are waited out, so that no barrier phase goes unobserved.
+
+    `steps` may be a function that reads it (from memory): the first `sure` tiles,
+    known to be needed, are loaded before it is called."""
     plgpu.set_max_registers(STREAM_REGISTERS, action="decrease")
-    for slot in range(min(stages, max_prefill)):
+    prefill = min(stages, max_prefill)
+    for slot in range(min(sure, prefill)):
+        load(slot, slot)
+    if callable(steps):
+        steps = steps()
+    for slot in range(min(sure, prefill), prefill):
         pl.when(slot < steps)(functools.partial(load, slot, slot))
 
     def wait_free(t, carry=None):

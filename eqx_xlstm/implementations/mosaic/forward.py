@@ -55,8 +55,12 @@ STAGES = 3  # key/value slots in flight
 
 
 def _kernel(*refs, activation, bias, scale, n_blocks, full, interpret, groups, bounded):
-    (q_ref, k_ref, v_ref, *first_keys), out_ref, scratch = refs[:-2], refs[-2], refs[-1]
+    softmax = activation == "softmax"
+    n_out = 1 + softmax  # softmax: the output and each row's log2-sum-exp2
+    (q_ref, k_ref, v_ref, *first_keys), scratch = refs[: -1 - n_out], refs[-1]
+    out_ref, *lse_ref = refs[-1 - n_out : -1]
     q_smem, k_smem, v_smem, q_bar, k_bar, v_bar, k_free, v_free, turn, *extra = scratch
+    lse_smem = extra.pop(0) if softmax else None
     # Bounded: the block's rows' first keys, one buffer and one barrier.
     block_keys, keys_bar, *p_smem = extra if bounded else (None, None, *extra)
     bq, bk, stages = BLOCK_Q, BLOCK_K, STAGES
@@ -68,6 +72,12 @@ def _kernel(*refs, activation, bias, scale, n_blocks, full, interpret, groups, b
     # them with the `full` mask); bounded, from the tile of its rows' first key (the
     # first keys do not decrease) and masked up to the tile of their last one.
     n_tiles = n_blocks * 2 * bq // bk
+
+    def copy_queries():  # a compute warpgroup's, issued before the block's range is read
+        row0 = pair * 2 * bq + wg * bq
+        plgpu.copy_gmem_to_smem(q_ref.at[n, pl.ds(row0, bq)], q_smem.at[wg], q_bar.at[wg])
+
+    pl.when(wg < 2)(copy_queries)
     lo, mask_until = 0, 0  # each loop index t below is tile `lo + t`
     if bounded:
         rows = first_keys[0].at[kv, pl.ds(pair * 2 * bq, 2 * bq)]
@@ -79,7 +89,6 @@ def _kernel(*refs, activation, bias, scale, n_blocks, full, interpret, groups, b
         claim_registers()
         row0 = pair * 2 * bq + wg * bq
         own = q_smem.at[wg]
-        plgpu.copy_gmem_to_smem(q_ref.at[n, pl.ds(row0, bq)], own, q_bar.at[wg])
         plgpu.barrier_wait(q_bar.at[wg])
         steps = block_steps if full else pl.cdiv(row0 + bq, bk) - lo
         # Tiles [head, diagonal) are wholly visible; those before `head` and from the
@@ -236,7 +245,7 @@ def _kernel(*refs, activation, bias, scale, n_blocks, full, interpret, groups, b
             for start, stop, masked in loops:
                 body = functools.partial(softmax_step, masked=masked)
                 carry = jax.lax.fori_loop(start, stop, body, carry)
-            p, o, _, row_sum = carry
+            p, o, row_max, row_sum = carry
             last = jax.lax.rem(steps - 1, stages)
             plgpu.barrier_wait(turn.at[wg])
             plgpu.barrier_wait(v_bar.at[last])
@@ -247,15 +256,20 @@ def _kernel(*refs, activation, bias, scale, n_blocks, full, interpret, groups, b
 
             (o,) = accumulators(last_pv, o)
             plgpu.barrier_arrive(v_free.at[last])
-            return o / jax.lax.broadcast_in_dim(row_sum, o.shape, [0])
+            # The row's log2-sum-exp2 of the logits, the backward's row statistic.
+            row_stat = row_max * (scale * maths.LOG2E) + jnp.log2(row_sum)
+            return o / jax.lax.broadcast_in_dim(row_sum, o.shape, [0]), row_stat
 
-        if activation == "softmax":
-            acc = accumulate_softmax()
+        rows = pl.ds(row0, bq)
+        if softmax:
+            acc, row_stat = accumulate_softmax()
+            outputs = [(row_stat, lse_smem.at[wg], lse_ref[0].at[n, rows])]
         else:
             acc = pl.run_scoped(accumulate_pingpong, plgpu.ACC((bq, dv), jnp.float32))
+            outputs = []
         jax.lax.fori_loop(steps, block_steps, drain, None)
         # The queries' slot takes the output (dqk == dv).
-        write_back((acc, own, out_ref.at[n, pl.ds(row0, bq)]))
+        write_back((acc, own, out_ref.at[n, rows]), *outputs)
 
     @pl.when(wg == 2)
     def _stream():
@@ -270,8 +284,10 @@ def _kernel(*refs, activation, bias, scale, n_blocks, full, interpret, groups, b
 
 def mosaic_forward(q, k, v, activation, bias, interpret, full=False, groups=1, first_key=None):
     """Causal attention output for `q`, `k`, `v`: `(N, S, D)`, S a multiple of
-    `2 * BLOCK_Q` and of `BLOCK_K`; with `full`, every query sees every key (a piece
-    of context-parallel attention); with `groups` G, k and v have N / G rows, row
+    `2 * BLOCK_Q` and of `BLOCK_K` (softmax: `(out, lse)`, lse each row's
+    log2-sum-exp2 of the logits, `(N, S)` float32, the backward kernels' row
+    statistic); with `full`, every query sees every key (a piece of context-parallel
+    attention); with `groups` G, k and v have N / G rows, row
     `n // G` serving query row n; with `first_key` (`(N / G, S)` int32, non-decreasing
     along S, like k's rows), query i sees keys from `first_key[i]` on, and key tiles
     before its block's first key are skipped. Under `jax.vmap` the mapped axis joins
@@ -311,11 +327,15 @@ def _forward(q, k, v, *first_key, activation, bias, interpret, full, groups):
         plgpu.Barrier(num_arrivals=2, num_barriers=STAGES),
         plgpu.Barrier(num_barriers=2),  # whose turn it is on the tensor cores
     )
+    if activation == "softmax":  # each compute warpgroup's rows' log2-sum-exp2
+        scratch += (plgpu.SMEM((2, BLOCK_Q), jnp.float32),)
     if first_key:  # the block's rows' first keys
         scratch += (plgpu.SMEM((2 * BLOCK_Q,), jnp.int32), plgpu.Barrier(num_barriers=1))
     if interpret:
         scratch += (tiled_smem((2, BLOCK_Q, BLOCK_K), v.dtype),)
     out_type = jax.ShapeDtypeStruct((n, seq, dv), v.dtype)
+    if activation == "softmax":
+        out_type = (out_type, jax.ShapeDtypeStruct((n, seq), jnp.float32))
     keys = jnp.swapaxes(k, 1, 2) if interpret else k
     grid, names = block_grid(n_blocks, "q", n)
     return launch(kernel, scratch, out_type, grid, names, interpret, q, keys, v, *first_key)
