@@ -12,7 +12,8 @@ path jitted on inputs sharded over the sequence across every device (automatic c
 parallelism).
 "speedup" is the one-device time of the same engine over the sharded time; "exposed"
 estimates the time not hidden behind compute: sharded time minus the one-device time
-divided by the device count.
+divided by the device count. `--window` and `--documents` add a sliding window or
+packed documents to every row (each query's first key then goes round the ring).
 """
 
 import argparse
@@ -29,7 +30,7 @@ import eqx_xlstm as ex
 ENGINE = {"softmax": "cudnn", "sigmoid": "mosaic", "none": "linear"}
 
 
-def gradient(activation, implementation):
+def gradient(activation, implementation, **features):
     def output(q, k, v):
         return ex.attention(
             q,
@@ -38,6 +39,7 @@ def gradient(activation, implementation):
             activation_function=activation,
             qk_pre_activation_function="swish",
             implementation=implementation,
+            **features,
         )
 
     return sum_gradient(output)
@@ -51,6 +53,10 @@ def main():
     parser.add_argument("--head-dim", type=int, default=128)
     parser.add_argument("--repeats", type=int, default=3)
     parser.add_argument("--skip-default", action="store_true", help="no default-path column")
+    parser.add_argument("--window", type=int, default=None, help="a sliding window")
+    parser.add_argument(
+        "--documents", type=int, default=None, help="packed documents of S / documents each"
+    )
     parser.add_argument(
         "--engine",
         nargs="+",
@@ -67,6 +73,8 @@ def main():
     print(
         f"{len(devices)} x {devices[0].device_kind}, jax {jax.__version__}; bf16, B=1, "
         f"NH={args.heads}, D={args.head_dim}, swish, causal; fwd+bwd median ms"
+        + (f"; window {args.window}" if args.window else "")
+        + (f"; {args.documents} packed documents" if args.documents else "")
     )
     print_table_header(
         "| activation | S | one device, default path | path | one device, path | "
@@ -77,16 +85,23 @@ def main():
         shape = (1, args.heads, seq_len, args.head_dim)
         one = [jax.device_put(x, devices[0]) for x in random_qkv(shape, jnp.bfloat16)]
         many = [jax.device_put(x, sharding) for x in one]
+        features = {}
+        if args.window:
+            features["sliding_window"] = args.window
+        if args.documents:
+            ids = np.repeat(np.arange(args.documents), -(-seq_len // args.documents))
+            features["segment_ids"] = jnp.asarray(ids[:seq_len])
         for activation in args.activations:
             engine = engines[activation]
             t_default = (
                 float("nan")
                 if args.skip_default
-                else median_ms(gradient(activation, None), *one, repeats=args.repeats)
+                else median_ms(gradient(activation, None, **features), *one, repeats=args.repeats)
             )
-            t_engine = median_ms(gradient(activation, engine), *one, repeats=args.repeats)
+            timed = gradient(activation, engine, **features)
+            t_engine = median_ms(timed, *one, repeats=args.repeats)
             progress(f"{activation} S={seq_len}: one device, {engine}: {t_engine:.1f} ms")
-            t_many = median_ms(gradient(activation, engine), *many, repeats=args.repeats)
+            t_many = median_ms(timed, *many, repeats=args.repeats)
             exposed = t_many - t_engine / len(devices)
             print(
                 f"| {activation} | {seq_len} | {t_default:.1f} | {engine} | {t_engine:.1f} | "

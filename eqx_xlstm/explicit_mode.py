@@ -135,7 +135,6 @@ def _sequence_parallel(q, k, v, sin, cos, first_key, spec, axis_name, implementa
     pieces = implementation.ring_pieces()
     if first_key is not None:  # segments, windows
         first_key = jnp.broadcast_to(first_key, k.shape[:-1])
-        if not getattr(pieces, "takes_first_keys", False):
-            pieces = None
-    pieces = pieces or ring.BlockwisePieces()
+    if pieces is None or not ring.takes(pieces, spec):
+        pieces = ring.BlockwisePieces()
     return ring.balanced_attention(q, k, v, spec, layout, pieces, first_key)

@@ -192,9 +192,7 @@ class RowKernels:
             not self.partition
             or pieces is None
             or spec.seq_len % self.multiple
-            or (spec.bounded and not getattr(pieces, "takes_first_keys", False))
-            or (spec.kv_groups > 1 and not getattr(pieces, "takes_grouped_heads", False))
-            or (spec.array_bias and not getattr(pieces, "takes_array_bias", False))
+            or not ring.takes(pieces, spec)
         ):
             return None
 

@@ -51,6 +51,18 @@ class BlockwisePieces:
         return piece_backward(q, k, v, out, lse, d_out, spec, self.block, first_key)
 
 
+def takes(pieces, spec: AttentionSpec) -> bool:
+    """Whether ring `pieces` take what `spec` asks of them beyond plain pieces: each
+    query's first key (segments, windows), grouped-query heads, an array sigmoid bias
+    (each a `takes_...` attribute of the pieces; absent means no)."""
+    wants = {
+        "takes_first_keys": spec.bounded,
+        "takes_grouped_heads": spec.kv_groups > 1,
+        "takes_array_bias": spec.array_bias,
+    }
+    return all(getattr(pieces, name, False) for name, wanted in wants.items() if wanted)
+
+
 def _split(x, parts: int, axis: int = -2):
     return jnp.split(x, parts, axis=axis) if parts > 1 else [x]
 
