@@ -235,12 +235,8 @@ def _run(q, k, v, mask, sin, cos, extras, *, spec: AttentionSpec, chosen: Plan):
     k = maths.prepare(k, spec.pre_activation, sin, cos, accum)
     v = v.astype(spec.dtype)
     native = bias is not None and chosen.forward.takes_bias and chosen.gradient.takes_bias
-    if bias is not None and not native:  # q . k * scale + bias: [q, bias / scale] . [k, 1]
-        column = jnp.broadcast_to(
-            (bias / spec.scale).astype(accum)[..., None, None], (*q.shape[:-1], 1)
-        )
-        q = jnp.concatenate([q, column], axis=-1)
-        k = jnp.concatenate([k, jnp.ones((*k.shape[:-1], 1), accum)], axis=-1)
+    if bias is not None and not native:
+        q, k = maths.bias_as_feature(q, k, bias, spec.scale)
     inner = spec
     if spec.kv_groups > 1:
         q, k, v, first_key, inner = _grouped(q, k, v, first_key, spec)

@@ -44,15 +44,6 @@ def _check_supported(typed: tuple, mask) -> None:
         )
 
 
-def _check_features(typed: tuple, spec: AttentionSpec) -> None:
-    if typed[-2] is not None and (spec.kv_groups > 1 or spec.array_bias):
-        raise ValueError(
-            "Grouped-query heads and an array sigmoid_bias are not supported yet with "
-            "queries sharded over the sequence axis (Explicit mesh axes); shard the "
-            "leading (batch, heads) axes, or use Auto mesh axes."
-        )
-
-
 def _along_leading(x, ndim: int, leading: tuple, like: tuple, sequence=None):
     """`x` (broadcasting against the leading axes of an array of shape `like`) with
     `ndim` axes, and its PartitionSpec: `leading`'s mesh axes where it has `like`'s
@@ -77,7 +68,6 @@ def run_sharded(
     tables (segments) are split along the leading axes where they have q's sizes."""
     typed = typed + (None,) * (q.ndim - len(typed))
     _check_supported(typed, mask)
-    _check_features(typed, spec)
     leading, sequence = typed[:-2], typed[-2]
     rows = PartitionSpec(*leading, sequence, None)
     mesh = jax.typeof(q).sharding.mesh
@@ -106,9 +96,7 @@ def run_sharded(
         local_spec = spec.replace(batch_shape=q.shape[:-2])
         if sequence is None:
             return run_local(q, k, v, mask, sin, cos, tuple(extras), spec=local_spec)
-        return _sequence_parallel(
-            q, k, v, sin, cos, extras[0], local_spec, sequence, chosen.gradient
-        )
+        return _sequence_parallel(q, k, v, sin, cos, extras, local_spec, sequence, chosen.gradient)
 
     mask_spec = None if mask is None else PartitionSpec()
     return jax.shard_map(
@@ -120,13 +108,22 @@ def run_sharded(
     )(q, k, v, mask, sin, cos, placed)
 
 
-def _sequence_parallel(q, k, v, sin, cos, first_key, spec, axis_name, implementation):
+def _sequence_parallel(q, k, v, sin, cos, extras, spec, axis_name, implementation):
     """Causal attention of this device's contiguous shards of a sequence sharded over
-    `axis_name` (RoPE tables sharded alike, so positions are global; `first_key`, each
-    query's first visible key in global positions, or None)."""
+    `axis_name` (RoPE tables sharded alike, so positions are global; `extras`: each
+    query's first visible key in global positions, and an array sigmoid bias, each or
+    None). Grouped-query heads: k and v are repeated to q's heads (the ring's pieces
+    then see plain heads). An array bias becomes one more feature of q and k
+    (`maths.bias_as_feature`), run in the blockwise XLA pieces."""
+    first_key, bias = extras
     accum = spec.accum_dtype
     q, k = (maths.prepare(x, spec.pre_activation, sin, cos, accum) for x in (q, k))
     v = v.astype(spec.dtype)
+    if spec.kv_groups > 1:
+        k, v = (jnp.repeat(x, spec.kv_groups, axis=-3) for x in (k, v))
+    if bias is not None:
+        q, k = maths.bias_as_feature(q, k, bias, spec.scale)
+    spec = spec.replace(kv_groups=1, array_bias=False)
     devices = jax.lax.axis_size(axis_name)
     layout = SequenceLayout(axis_name, devices, zigzag=False)
     if spec.activation == "none" and first_key is None:  # one D x DV state a device
@@ -135,6 +132,6 @@ def _sequence_parallel(q, k, v, sin, cos, first_key, spec, axis_name, implementa
     pieces = implementation.ring_pieces()
     if first_key is not None:  # segments, windows
         first_key = jnp.broadcast_to(first_key, k.shape[:-1])
-    if pieces is None or not ring.takes(pieces, spec):
+    if pieces is None or not ring.takes(pieces, spec) or bias is not None:
         pieces = ring.BlockwisePieces()
     return ring.balanced_attention(q, k, v, spec, layout, pieces, first_key)

@@ -113,6 +113,15 @@ def _per_row(stat, like):
     return stat if len(stat.shape) == len(like.shape) else stat[..., None]
 
 
+def bias_as_feature(q, k, bias, scale):
+    """`q` and `k` with one more feature each, so that `q . k * scale` gains `bias`
+    (broadcasting against q's batch axes): `[q, bias / scale] . [k, 1]`. For paths that
+    do not take an array bias themselves."""
+    column = jnp.broadcast_to((bias / scale).astype(q.dtype)[..., None, None], (*q.shape[:-1], 1))
+    ones = jnp.ones((*k.shape[:-1], 1), k.dtype)
+    return jnp.concatenate([q, column], axis=-1), jnp.concatenate([k, ones], axis=-1)
+
+
 def swish(x):
     """x * sigmoid(x) (also called SiLU)."""
     return x * jax.nn.sigmoid(x)

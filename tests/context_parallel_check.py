@@ -239,8 +239,8 @@ def explicit_mode():
 
 def explicit_mode_features():
     """Packed segments, a window, grouped-query heads and a per-head sigmoid bias on
-    inputs typed as sharded over the batch (values and gradients as one device's); the
-    same sharded over the sequence is a ValueError naming the features."""
+    inputs typed as sharded over the batch, and over the sequence (the ring): values
+    and gradients as one device's."""
     mesh = jax.make_mesh((4,), ("x",), axis_types=(jax.sharding.AxisType.Explicit,))
     q = inputs(48, batch=4, heads=4)[0]
     _, k, v = inputs(48, batch=4, heads=2, seed=1)
