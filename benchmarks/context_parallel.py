@@ -12,7 +12,8 @@ path jitted on inputs sharded over the sequence across every device (automatic c
 parallelism).
 "speedup" is the one-device time of the same engine over the sharded time; "exposed"
 estimates the time not hidden behind compute: sharded time minus the one-device time
-divided by the device count. `--window` and `--documents` add a sliding window or
+divided by the device count; "max rel err" compares the sharded gradients with one
+device's. `--window` and `--documents` add a sliding window or
 packed documents to every row (each query's first key then goes round the ring).
 """
 
@@ -79,7 +80,7 @@ def main():
     print_table_header(
         "| activation | S | one device, default path | path | one device, path | "
         f"{len(devices)} devices, sequence-sharded | speedup vs path | "
-        "speedup vs default | exposed ms |"
+        "speedup vs default | exposed ms | max rel err |"
     )
     for seq_len in args.seq_lens:
         shape = (1, args.heads, seq_len, args.head_dim)
@@ -103,12 +104,22 @@ def main():
             progress(f"{activation} S={seq_len}: one device, {engine}: {t_engine:.1f} ms")
             t_many = median_ms(timed, *many, repeats=args.repeats)
             exposed = t_many - t_engine / len(devices)
+            error = max_rel_err(jax.jit(timed)(*many), jax.jit(timed)(*one))
             print(
                 f"| {activation} | {seq_len} | {t_default:.1f} | {engine} | {t_engine:.1f} | "
                 f"{t_many:.1f} | {t_engine / t_many:.2f} | {t_default / t_many:.2f} | "
-                f"{exposed:.1f} |",
+                f"{exposed:.1f} | {error:.1e} |",
                 flush=True,
             )
+
+
+def max_rel_err(got, want):
+    """The largest of each gradient's max |got - want| over max |want|."""
+    errors = []
+    for a, b in zip(got, want, strict=True):
+        a, b = (np.asarray(jax.device_get(x), np.float32) for x in (a, b))
+        errors.append(np.abs(a - b).max() / np.abs(b).max())
+    return max(errors)
 
 
 def progress(text):

@@ -11,6 +11,7 @@ from helpers import HALF_KERNEL, assert_all_close, spec
 import eqx_xlstm as ex
 from eqx_xlstm import maths
 from eqx_xlstm.implementations import Reference, Triton
+from eqx_xlstm.implementations.cudnn import CuDNNPieces
 from eqx_xlstm.implementations.ring import BlockwisePieces
 from eqx_xlstm.implementations.triton import kernels
 
@@ -197,13 +198,17 @@ def test_a_learnable_sigmoid_bias_per_head_is_read_per_row_with_its_gradient(kv_
     assert_close(got[4], expected[4], rtol=1e-4, atol=1e-5, err_msg="d bias")
 
 
-@pytest.mark.parametrize("mask", ["causal", "full"])
-@pytest.mark.parametrize("activation", ["softmax", "sigmoid", "none"])
-def test_ring_pieces_with_first_keys_match_the_blockwise_pieces(activation, mask):
+@pytest.mark.parametrize(
+    "activation, mask, pieces",
+    [(a, m, "triton") for a in ("softmax", "sigmoid", "none") for m in ("causal", "full")]
+    + [("softmax", m, "cudnn") for m in ("causal", "full")],
+)
+def test_ring_pieces_with_first_keys_match_the_blockwise_pieces(activation, mask, pieces):
     """A piece of context-parallel attention with first keys relative to its keys:
     causal (a chunk against itself) or full (against an earlier chunk, where some rows
     see every key, some part and the last none); output, log-sum-exp and gradients
-    against the XLA pieces."""
+    against the XLA pieces. cuDNN's pieces hand such pieces to the Triton pieces
+    (cuDNN's window cannot start elsewhere than the diagonal), so no cuDNN call runs."""
     length = SEQ
     keys = jax.random.split(jax.random.key(5), 4)
     q, k, v, g = (jax.random.normal(key, (2, 2, length, 16), COMPARED_AS) for key in keys)
@@ -222,6 +227,8 @@ def test_ring_pieces_with_first_keys_match_the_blockwise_pieces(activation, mask
         dtype=COMPARED_AS,
     )
     blockwise, kernels_ = BlockwisePieces(16), TRITON.ring_pieces()
+    if pieces == "cudnn":
+        kernels_ = CuDNNPieces(triton_pieces=kernels_)
     want, want_lse = blockwise.forward(q, k, v, piece, first)
     got, got_lse = kernels_.forward(q, k, v, piece, first)
     seen = True  # sigmoid and 'none' pieces return zeros for lse

@@ -167,24 +167,31 @@ def _backward_rows(q, k, v, out, lse, d_out, spec):
 @dataclasses.dataclass(frozen=True)
 class CuDNNPieces:
     """The softmax pieces of context-parallel attention (`ring`) through cuDNN's
-    kernels: a chunk against itself (causal) or an earlier chunk (full). A piece of odd
-    length, which cuDNN's backward refuses and which zero padding would change without
-    the causal mask, runs in `odd_pieces`."""
+    kernels: a chunk against itself (causal) or an earlier chunk (full). Pieces that
+    cuDNN cannot run go to `triton_pieces`: of odd length (which cuDNN's backward
+    refuses and which zero padding would change without the causal mask), with first
+    keys (segments, windows: cuDNN's window cannot start a piece's keys elsewhere than
+    its diagonal) or with grouped-query heads (the pieces' layout)."""
 
-    odd_pieces: TritonPieces = TritonPieces(Triton())
+    triton_pieces: TritonPieces = TritonPieces(Triton())
+    takes_first_keys = True
+    takes_grouped_heads = True
 
-    def forward(self, q, k, v, spec: AttentionSpec):
+    def _to_triton(self, spec, first_key) -> bool:
+        return bool(spec.seq_len % 2) or first_key is not None or spec.kv_groups > 1
+
+    def forward(self, q, k, v, spec: AttentionSpec, first_key=None):
         """`(out, lse)`: the output and each row's log2-sum-exp2."""
-        if spec.seq_len % 2:
-            return self.odd_pieces.forward(q, k, v, spec)
+        if self._to_triton(spec, first_key):
+            return self.triton_pieces.forward(q, k, v, spec, first_key)
         batch = q.shape[:-2]
         out, lse = _forward_rows(*(as_rows(x, spec, 2) for x in (q, k, v)), spec)
         return from_rows(out, batch, spec), lse.reshape(*batch, spec.seq_len)
 
-    def backward(self, q, k, v, out, lse, d_out, spec: AttentionSpec):
+    def backward(self, q, k, v, out, lse, d_out, spec: AttentionSpec, first_key=None):
         """`(dq, dk, dv)`, given the output and lse of the whole rows."""
-        if spec.seq_len % 2:
-            return self.odd_pieces.backward(q, k, v, out, lse, d_out, spec)
+        if self._to_triton(spec, first_key):
+            return self.triton_pieces.backward(q, k, v, out, lse, d_out, spec, first_key)
         batch = q.shape[:-2]
         rows = [as_rows(x, spec, 2) for x in (q, k, v, out, d_out)]
         lse = lse.reshape(-1, spec.seq_len)
