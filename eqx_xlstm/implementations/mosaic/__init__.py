@@ -94,13 +94,13 @@ class Mosaic(Implementation):
 @dataclasses.dataclass(frozen=True)
 class MosaicPieces:
     """The pieces of context-parallel attention (`ring`) through these kernels: a chunk
-    against itself (causal) or against an earlier chunk (full), sigmoid and 'none'.
-    Softmax pieces, and pieces with first keys (segments, windows), grouped heads or
-    an array bias, run in `triton_pieces`: the ring merges softmax pieces by their
-    natural log-sum-exp, which the Triton pieces return (the Mosaic softmax kernels
-    keep a log2 one, and their softmax pieces are not checked through the ring); the
-    Mosaic kernels take first keys in causal pieces only and a number bias only
-    (grouped heads in full pieces are not checked on a GPU yet)."""
+    against itself (causal) or against an earlier chunk (full), every activation
+    (softmax's lse, like the other pieces', each row's log2-sum-exp2). Pieces with
+    first keys (segments, windows), grouped heads or an array bias run in
+    `triton_pieces`, as do full softmax pieces whose length needs padding (every query
+    of a full piece would see the zero keys padded on): the Mosaic kernels take first
+    keys in causal pieces only and a number bias only (grouped heads in full pieces are
+    not checked on a GPU yet)."""
 
     mosaic: Mosaic
     triton_pieces: TritonPieces = TritonPieces(Triton())
@@ -109,30 +109,42 @@ class MosaicPieces:
     takes_array_bias = True
 
     def _to_triton(self, spec, first_key):
-        return (
-            spec.activation == "softmax"
-            or first_key is not None
-            or spec.kv_groups > 1
-            or spec.array_bias
+        padded_full_softmax = (
+            spec.activation == "softmax" and spec.mask == "full" and spec.seq_len % PADDING
+        )
+        return bool(
+            padded_full_softmax or first_key is not None or spec.kv_groups > 1 or spec.array_bias
         )
 
     def forward(self, q, k, v, spec: AttentionSpec, first_key=None, bias=None):
-        """`(out, lse)`: lse is zeros (sigmoid and 'none' pieces simply add)."""
+        """`(out, lse)`: lse is zeros for sigmoid and 'none' (their pieces simply add)."""
         if self._to_triton(spec, first_key):
             return self.triton_pieces.forward(q, k, v, spec, first_key, bias)
+        batch = q.shape[:-2]
         rows = [as_rows(x, spec, PADDING) for x in (q, k, v)]
-        out = _forward_kernel(*rows, spec=spec, interpret=spec.platform != "gpu")[0]
-        out = from_rows(out, q.shape[:-2], spec)
-        return out, jnp.zeros(out.shape[:-1], jnp.float32)
+        outs = _forward_kernel(*rows, spec=spec, interpret=spec.platform != "gpu")
+        out = from_rows(outs[0], batch, spec)
+        if spec.activation != "softmax":
+            return out, jnp.zeros(out.shape[:-1], jnp.float32)
+        return out, outs[1][:, : spec.seq_len].reshape(*batch, spec.seq_len)
 
     def backward(self, q, k, v, out, lse, d_out, spec: AttentionSpec, first_key=None, bias=None):
-        """`(dq, dk, dv)` of a piece (sigmoid and 'none' need neither out nor lse)."""
+        """`(dq, dk, dv)` of a piece, given the whole rows' out and lse (which only
+        softmax needs)."""
         if self._to_triton(spec, first_key):
             return self.triton_pieces.backward(q, k, v, out, lse, d_out, spec, first_key, bias)
         rows = [as_rows(x, spec, PADDING) for x in (q, k, v, d_out)]
+        outs = ()
+        if spec.activation == "softmax":  # padded rows: weights exp2(-inf) = 0
+            padded = rows[0].shape[1]
+            lse = lse.astype(jnp.float32).reshape(-1, spec.seq_len)
+            lse = jnp.pad(lse, ((0, 0), (0, padded - spec.seq_len)), constant_values=jnp.inf)
+            outs = (as_rows(out, spec, PADDING), lse)
         interpret = spec.platform != "gpu"
         fused = self.mosaic.fused(spec)
-        grads = _backward_kernels(*rows[:3], rows[3], spec=spec, interpret=interpret, fused=fused)
+        grads = _backward_kernels(
+            *rows[:3], *outs, rows[3], spec=spec, interpret=interpret, fused=fused
+        )
         return tuple(from_rows(g, q.shape[:-2], spec) for g in grads)
 
 
