@@ -209,7 +209,7 @@ def test_mosaic_matches_reference(activation, fused, dtype):
     assert_all_close(got, expected, dtype)
 
 
-def pieces_against_blockwise(pieces, activation, mask, seq=200):
+def pieces_against_blockwise(pieces, activation, mask, seq=200, batch=(2,)):
     """Context parallelism's ring pieces through `pieces` and through the blockwise
     XLA pieces: (got, expected) lists of out, dq, dk, dv, and lse for softmax."""
     dtype = jnp.bfloat16
@@ -218,12 +218,12 @@ def pieces_against_blockwise(pieces, activation, mask, seq=200):
         mask=mask,
         dtype=dtype,
         seq_len=seq,
-        batch_shape=(2,),
+        batch_shape=batch,
         dqk=64,
         dv=64,
         sigmoid_bias=-2.0,
     )
-    q, k, v, d_out = random_inputs(seq, batch=(2,), dqk=64, dv=64, dtype=dtype, seed=5)
+    q, k, v, d_out = random_inputs(seq, batch=batch, dqk=64, dv=64, dtype=dtype, seed=5)
 
     def run(pieces):
         # One jit per pass: interpreted kernels in one program with the other pass's
@@ -250,7 +250,7 @@ def test_mosaic_ring_pieces_match_blockwise(activation, fused, mask, seq):
     # is `attention`'s); S = 100 pads to 128. Softmax: with each row's log2-sum-exp2.
     mosaic_or_skip()
     mosaic = MosaicPieces(Mosaic(fused_backward_from=0 if fused else None))
-    got, expected = pieces_against_blockwise(mosaic, activation, mask, seq=seq)
+    got, expected = pieces_against_blockwise(mosaic, activation, mask, seq=seq, batch=(1,))
     assert_all_close(got[:4], expected[:4], jnp.bfloat16)
     if activation == "softmax":
         np.testing.assert_allclose(got[4], expected[4], atol=2e-3, rtol=1e-3, err_msg="lse")

@@ -213,8 +213,8 @@ def first_keys(seq, rows, window=None, runs=None):
 def test_forward_kernel_with_first_keys(activation, window, runs, groups):
     """Segments and windows: each query's first key, the tiles before its block's
     skipped, grouped K/V rows read in place; against the reference with the mask."""
-    seq, dim, kv_rows = 384, 64, 2 // groups  # two query rows
-    q, _, _, _ = inputs(seq, 2, dim, jnp.bfloat16, seed=3)
+    seq, dim, kv_rows = 384, 64, 1  # `groups` query rows on one K/V row
+    q, _, _, _ = inputs(seq, groups, dim, jnp.bfloat16, seed=3)
     _, k, v, _ = inputs(seq, kv_rows, dim, jnp.bfloat16, seed=4)
     first = first_keys(seq, kv_rows, window, runs)
     bias = -4.0
@@ -238,10 +238,10 @@ def test_forward_kernel_with_first_keys(activation, window, runs, groups):
     ],
 )
 def test_backward_kernels_with_first_keys(activation, window, runs, fused, groups):
-    seq, dim = 256, 64
-    q, _, _, g = inputs(seq, 2, dim, jnp.bfloat16, seed=6)
-    _, k, v, _ = inputs(seq, 2 // groups, dim, jnp.bfloat16, seed=7)
-    first = first_keys(seq, 2 // groups, window, runs)
+    seq, dim = 256, 64  # `groups` query rows on one K/V row
+    q, _, _, g = inputs(seq, groups, dim, jnp.bfloat16, seed=6)
+    _, k, v, _ = inputs(seq, 1, dim, jnp.bfloat16, seed=7)
+    first = first_keys(seq, 1, window, runs)
     bias = -4.0
     reference = lambda q, k, v: masked_reference(q, k, v, activation, bias, first)
     wanted = jax.vjp(reference, q, k, v)[1](g.astype(jnp.float32))
