@@ -65,7 +65,7 @@ class Mosaic(Implementation):
     def fused(self, spec: AttentionSpec) -> bool:
         """Whether the backward of `spec` is the one fused kernel: never for softmax
         (the fused kernel has no row statistics), nor with segments or windows, where
-        blocks walk few tiles and the fused kernel took 0.98-1.25x the pair's time
+        blocks walk few tiles and the fused kernel took 1.05-1.24x the pair's time
         (H200; docs/benchmarks.md)."""
         if spec.activation == "softmax" or spec.bounded or self.fused_backward_from is None:
             return False
