@@ -147,8 +147,8 @@ def test_triton_16bit_matches_reference(activation, dtype):
 @pytest.mark.parametrize("activation", ["sigmoid", "softmax"])
 def test_pallas_under_vmap_over_heads(activation):
     # `eqx.filter_vmap` over the heads axis, as the README shows: on a Hopper GPU the
-    # Mosaic kernels run batched (softmax: forward only, Triton under a gradient);
-    # elsewhere the Triton kernels, interpreted. Same as the unbatched call.
+    # Mosaic kernels run batched, forward and backward (softmax's lse folded like the
+    # output); elsewhere the Triton kernels, interpreted. Same as the unbatched call.
     dtype, dim, seq = (jnp.bfloat16, 64, 200) if ON_GPU else (jnp.float32, 16, 40)
     q, k, v, g = random_inputs(seq, batch=(2, 2), dqk=dim, dv=dim, dtype=dtype, seed=6)
 

@@ -1,27 +1,32 @@
-"""Backward of causal sigmoid / 'none' attention in Pallas on Mosaic GPU (Hopper).
+"""Backward of causal softmax, sigmoid and 'none' attention in Pallas on Mosaic GPU
+(Hopper).
 
 `mosaic_dkv`: one CUDA block owns 128 keys: two compute warpgroups hold 64 keys (and
 their values) each, and a third warpgroup streams 64-row tiles of queries and output
 gradients dO through `STAGES` shared-memory slots with TMA. Per tile a compute
 warpgroup forms the transposed weights P^T = w(K Q^T), accumulates dV += P^T dO, forms
 dP^T = V dO^T and dS^T, and accumulates dK += dS^T Q, all on the tensor cores (wgmma).
+Softmax reads each query's row statistics (the forward's log2-sum-exp2 and
+delta = sum(dO * O)), streamed beside its tile: P^T = exp2(K Q^T c - lse),
+dS^T = P^T (dP^T - delta).
 
-With `fused=True` the same kernel also computes dQ, so the weights and dP are formed
-once rather than again by a dQ kernel: five S x S matmuls instead of seven. Both
-warpgroups put their dS^T of a query tile in shared memory; once the next tile's is
-written (so neither waits for the other), each forms its part of the tile's dQ share,
-dS K over the block's 128 keys for one half of the head dim (for D=64, all of it over
-its own 64 keys), stages it in float32 shared memory and adds it into a float32 dQ in
-global memory with a TMA reduce-add. Since the kernels launch each head's blocks side
+With `fused=True` (sigmoid and 'none') the same kernel also computes dQ, so the weights
+and dP are formed once rather than again by a dQ kernel: five S x S matmuls instead of
+seven. Both warpgroups put their dS^T of a query tile in shared memory; once the next
+tile's is written (so neither waits for the other), each forms its part of the tile's dQ
+share, dS K over the block's 128 keys for one half of the head dim (for D=64, all of it
+over its own 64 keys), stages it in float32 shared memory and adds it into a float32 dQ
+in global memory with a TMA reduce-add. Since the kernels launch each head's blocks side
 by side (`common.block_grid`), those adds land in L2. The fused kernel issues a tile's
-S^T and dP^T together and waits for the previous tile's dQ part together with dV and
-dK: two waits a tile instead of four. The unfused dK/dV kernel measured slower with
-that grouping, so it waits for each matmul. Which of the two `attention` runs is the
-`Mosaic` implementation's `fused_backward_from` (docs/benchmarks.md has the rounds).
+S^T and dP^T together and waits for the previous tile's dQ part together with dV and dK:
+two waits a tile instead of four. The unfused dK/dV kernel measured slower with that
+grouping, so it waits for each matmul. Which of the two `attention` runs is the `Mosaic`
+implementation's `fused_backward_from` (docs/benchmarks.md has the rounds).
 
 `mosaic_dq`: the dQ kernel of the unfused pair, laid out like the forward kernel: two
 compute warpgroups own 64 query rows (and their dO) each and walk 128-key tiles up to
-the diagonal: P = w(Q K^T), dP = dO V^T, dQ += dS K.
+the diagonal: P = w(Q K^T), dP = dO V^T, dQ += dS K (softmax: its rows' statistics
+read once).
 
 With segments or sliding windows both take each query's first visible key: a dK/dV
 block stops after the last query tile that sees one of its keys, and a dQ pair starts
