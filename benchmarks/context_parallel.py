@@ -24,7 +24,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 from jax.sharding import Mesh, NamedSharding, PartitionSpec
-from timing import median_ms, print_table_header, random_qkv, sum_gradient
+from timing import median_ms, packed_ids, print_table_header, random_qkv, sum_gradient
 
 import eqx_xlstm as ex
 
@@ -90,8 +90,7 @@ def main():
         if args.window:
             features["sliding_window"] = args.window
         if args.documents:
-            ids = np.repeat(np.arange(args.documents), -(-seq_len // args.documents))
-            features["segment_ids"] = jnp.asarray(ids[:seq_len])
+            features["segment_ids"] = packed_ids(seq_len, args.documents)
         for activation in args.activations:
             engine = engines[activation]
             t_default = (

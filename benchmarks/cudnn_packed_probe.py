@@ -16,7 +16,8 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 from jax._src.cudnn import fused_attention_stablehlo as cudnn
-from timing import median_ms, print_table_header, random_qkv, sum_gradient
+from packed_windows import explicit_mask
+from timing import median_ms, packed_ids, print_table_header, random_qkv, sum_gradient
 
 
 def packed_lengths_and_offsets(batch, seq_len, documents, max_segments):
@@ -54,8 +55,7 @@ def main():
     plain = median_ms(sum_gradient(lambda q, k, v: causal(q, k, v)), q, k, v, repeats=args.repeats)
     print(f"| plain causal | | {plain:.2f} | 1.000 | |", flush=True)
 
-    ids = jnp.repeat(jnp.arange(args.documents), args.seq_len // args.documents)
-    mask = (ids[:, None] == ids[None, :]) & jnp.tril(jnp.ones((args.seq_len,) * 2, bool))
+    mask = explicit_mask(args.seq_len, packed_ids(args.seq_len, args.documents))
 
     def masked(q, k, v):
         return jax.nn.dot_product_attention(q, k, v, mask=mask, implementation="cudnn")

@@ -22,7 +22,7 @@ import argparse
 
 import jax
 import jax.numpy as jnp
-from timing import median_ms, print_table_header, random_qkv, sum_gradient
+from timing import median_ms, packed_ids, print_table_header, random_qkv, sum_gradient
 
 import eqx_xlstm as ex
 from eqx_xlstm import dispatch
@@ -104,8 +104,9 @@ def _ratio(ms, full):
     return f"{ms / full:.3f}" if full else ""
 
 
-def main():
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+def add_case_arguments(parser):
+    """The shapes of the cases (issue #10's by default), shared with
+    `profile_kernels.py`."""
     parser.add_argument("--seq-len", type=int, default=16384)
     parser.add_argument("--window-seq-len", type=int, default=32768)
     parser.add_argument("--window", type=int, default=1024)
@@ -114,6 +115,11 @@ def main():
     parser.add_argument("--heads", type=int, default=16)
     parser.add_argument("--head-dim", type=int, default=128)
     parser.add_argument("--dtype", default="bfloat16")
+
+
+def main():
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    add_case_arguments(parser)
     parser.add_argument("--repeats", type=int, default=5)
     parser.add_argument("--activations", nargs="+", default=["softmax", "sigmoid", "none"])
     parser.add_argument("--forward", action="store_true", help="time the forward pass alone")
@@ -142,8 +148,7 @@ def main():
     for seq_len in sorted({args.seq_len, args.window_seq_len}):
         shape = (args.batch, args.heads, seq_len, args.head_dim)
         inputs[seq_len] = random_qkv(shape, dtype)
-    ids = jnp.repeat(jnp.arange(args.documents), -(-args.seq_len // args.documents))
-    ids = ids[: args.seq_len]
+    ids = packed_ids(args.seq_len, args.documents)
     for activation in args.activations:
         full = {}  # (S, path) -> full causal ms
         for seq_len, label, kwargs, kv in [

@@ -19,8 +19,8 @@ import tempfile
 import jax
 import jax.numpy as jnp
 from jax.profiler import ProfileData
-from packed_windows import timed_call
-from timing import median_ms, random_qkv
+from packed_windows import add_case_arguments, timed_call
+from timing import median_ms, packed_ids, random_qkv
 
 PLANE = "/device:GPU:0"
 
@@ -64,14 +64,7 @@ def main():
     parser.add_argument("--activation", default="sigmoid")
     parser.add_argument("--cases", nargs="+", default=["full", "packed", "window"])
     parser.add_argument("--implementation", default=None)
-    parser.add_argument("--seq-len", type=int, default=16384)
-    parser.add_argument("--window-seq-len", type=int, default=32768)
-    parser.add_argument("--window", type=int, default=1024)
-    parser.add_argument("--documents", type=int, default=8)
-    parser.add_argument("--batch", type=int, default=4)
-    parser.add_argument("--heads", type=int, default=16)
-    parser.add_argument("--head-dim", type=int, default=128)
-    parser.add_argument("--dtype", default="bfloat16")
+    add_case_arguments(parser)
     parser.add_argument("--forward", action="store_true")
     parser.add_argument("--top", type=int, default=12, help="kernels listed per case")
     args = parser.parse_args()
@@ -86,8 +79,7 @@ def main():
         q, k, v = random_qkv(shape, jnp.dtype(args.dtype))
         kwargs = {} if args.implementation is None else {"implementation": args.implementation}
         if case == "packed":
-            ids = jnp.repeat(jnp.arange(args.documents), -(-seq_len // args.documents))
-            kwargs["segment_ids"] = ids[:seq_len]
+            kwargs["segment_ids"] = packed_ids(seq_len, args.documents)
         elif case == "window":
             kwargs["sliding_window"] = args.window
         fn = timed_call(args.activation, args.forward, **kwargs)

@@ -52,6 +52,13 @@ def print_table_header(header):
     print("|---" * (header.count("|") - 1) + "|")
 
 
+def packed_ids(seq_len, documents):
+    """Segment ids of `documents` packed documents of `seq_len / documents` positions
+    each (the last shorter where it does not divide), `(seq_len,)` int32."""
+    ids = jnp.repeat(jnp.arange(documents, dtype=jnp.int32), -(-seq_len // documents))
+    return ids[:seq_len]
+
+
 def random_qkv(shape, dtype, count=3):
     """`count` standard-normal arrays of `shape` and `dtype` (fixed seed)."""
     keys = jax.random.split(jax.random.key(0), count)
