@@ -107,6 +107,12 @@ def score_grad(d_weights, p, activation, allowed=None, delta=None):
     return d_weights if allowed is None else jnp.where(allowed, d_weights, 0.0)
 
 
+def row_delta(out, d_out):
+    """Softmax's `delta` for `score_grad`: each row's `sum(dO * O)`, in float32 (the
+    kernels' backward passes)."""
+    return jnp.sum(d_out.astype(jnp.float32) * out.astype(jnp.float32), axis=-1)
+
+
 def _per_row(stat, like):
     """A row statistic broadcast against `like`: as given where it already has `like`'s
     rank (a kernel that broadcast it in its own layout), else along a new last axis."""

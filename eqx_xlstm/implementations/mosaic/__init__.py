@@ -6,6 +6,7 @@ import functools
 import jax
 import jax.numpy as jnp
 
+from ... import maths
 from ...spec import AttentionSpec
 from ..base import GROUPED, SEGMENTS, WINDOW, Implementation, as_rows, from_rows, untaken_features
 from ..per_shard import RowKernels, row_attention
@@ -168,8 +169,7 @@ def _backward_kernels(q, k, v, *outs_and_d_out, spec, interpret, fused, first_ke
     }
     if spec.activation == "softmax":
         out, lse = outs
-        delta = jnp.sum(out.astype(jnp.float32) * d_out.astype(jnp.float32), axis=-1)
-        options |= {"lse": lse, "delta": delta}
+        options |= {"lse": lse, "delta": maths.row_delta(out, d_out)}
     if fused:
         return mosaic_dkv(*args, fused=True, **options)
     return (mosaic_dq(*args, **options), *mosaic_dkv(*args, **options))

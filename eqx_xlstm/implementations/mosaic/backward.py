@@ -54,6 +54,7 @@ from .common import (
     iota,
     key_vector,
     launch,
+    optional,
     staged,
     stream_tiles,
     tiled_smem,
@@ -347,7 +348,7 @@ def mosaic_dkv(
         full=full,
         groups=groups,
     )
-    arrays = (q, k, v, d_out, *_optional(first_key), *_stats(activation, lse, delta))
+    arrays = (q, k, v, d_out, *optional(first_key), *_stats(activation, lse, delta))
     if fused and jax_private.ref_type_mappings() is None:
         return run(*arrays)
     return fold_vmap(run, *arrays)
@@ -391,10 +392,6 @@ def _key_ranges(first_key):
     `block_info` lays them out."""
     mask_from, stop = maths.key_block_reach(first_key, 2 * ROWS, ROWS)
     return block_info(stop, mask_from)
-
-
-def _optional(first_key):
-    return () if first_key is None else (first_key,)
 
 
 def _stats(activation, lse, delta):
@@ -646,7 +643,7 @@ def mosaic_dq(
         _dq, activation=activation, bias=bias, interpret=interpret, full=full, groups=groups
     )
     stats = _stats(activation, lse, delta)
-    return fold_vmap(run, q, k, v, d_out, *_optional(first_key), *stats)
+    return fold_vmap(run, q, k, v, d_out, *optional(first_key), *stats)
 
 
 def _dq(q, k, v, d_out, *rest, activation, bias, interpret, full, groups):

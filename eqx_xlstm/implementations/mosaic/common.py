@@ -131,6 +131,11 @@ def block_grid(blocks, block_name, n):
     return (n, blocks), ("n", block_name)
 
 
+def optional(x):
+    """`(x,)`, or `()` for None: an optional kernel input among positional ones."""
+    return () if x is None else (x,)
+
+
 def fold_vmap(fn, *arrays):
     """`fn(*arrays)` for arrays whose leading axis `fn` treats as independent rows (the
     kernels' `N`). Pallas Mosaic GPU kernels have no batching rule, so under `jax.vmap`

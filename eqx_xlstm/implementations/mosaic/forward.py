@@ -43,6 +43,7 @@ from .common import (
     iota,
     key_vector,
     launch,
+    optional,
     staged,
     stream_tiles,
     tiled_smem,
@@ -297,7 +298,7 @@ def mosaic_forward(q, k, v, activation, bias, interpret, full=False, groups=1, f
     run = functools.partial(
         _forward, activation=activation, bias=bias, interpret=interpret, full=full, groups=groups
     )
-    return fold_vmap(run, q, k, v, *(() if first_key is None else (first_key,)))
+    return fold_vmap(run, q, k, v, *optional(first_key))
 
 
 def _forward(q, k, v, *first_key, activation, bias, interpret, full, groups):

@@ -348,7 +348,7 @@ def backward(q, k, v, *outs_and_d_out, first_key=(), bias=None, launch: Launch):
     stats, stat_rows, stat_whole = [], [], []
     if spec.activation == "softmax":
         out, lse = outs
-        delta = jnp.sum(d_out.astype(jnp.float32) * out.astype(jnp.float32), axis=-1)
+        delta = maths.row_delta(out, d_out)
         stats, stat_rows, stat_whole = [lse, delta], [_rows(bq)] * 2, [_whole(groups * padded)] * 2
     biases = () if bias is None else (bias,)
     dq_outs = _call(
