@@ -73,9 +73,9 @@ def _kernel(*refs, activation, bias, scale, n_blocks, full, interpret, groups, b
     # them with the `full` mask); bounded, from the tile of its rows' first key (the
     # first keys do not decrease) and masked up to the tile of their last one.
     n_tiles = n_blocks * 2 * bq // bk
+    row0 = pair * 2 * bq + wg * bq  # a compute warpgroup's first query row
 
     def copy_queries():  # a compute warpgroup's, issued before the block's range is read
-        row0 = pair * 2 * bq + wg * bq
         plgpu.copy_gmem_to_smem(q_ref.at[n, pl.ds(row0, bq)], q_smem.at[wg], q_bar.at[wg])
 
     pl.when(wg < 2)(copy_queries)
@@ -88,7 +88,6 @@ def _kernel(*refs, activation, bias, scale, n_blocks, full, interpret, groups, b
     @pl.when(wg < 2)
     def _compute():
         claim_registers()
-        row0 = pair * 2 * bq + wg * bq
         own = q_smem.at[wg]
         plgpu.barrier_wait(q_bar.at[wg])
         steps = block_steps if full else pl.cdiv(row0 + bq, bk) - lo
