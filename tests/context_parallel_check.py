@@ -13,7 +13,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 from jax.sharding import Mesh, NamedSharding, PartitionSpec
-from sharded_attention_check import COLLECTIVES  # this folder is the script's path
+from sharded_attention_check import COLLECTIVES, compiled_run  # this folder is the script's path
 
 import eqx_xlstm as ex
 
@@ -51,8 +51,8 @@ def report_sequence_sharded(case, mesh, f, q, k, v, *replicated, per_position=No
     sharding, and the largest relative error of every result."""
     want = jax.tree.leaves(jax.jit(f)(q, k, v, *replicated))
     sharded = [jax.device_put(x, NamedSharding(mesh, SEQ)) for x in (q, k, v)]
-    got = jax.tree.leaves(jax.jit(f)(*sharded, *replicated))
-    hlo = jax.jit(f).lower(*sharded, *replicated).compile().as_text()
+    got, hlo = compiled_run(f, *sharded, *replicated)
+    got = jax.tree.leaves(got)
     gathered = re.findall(r"= (\w+)\[[\d,]*\][^ ]* all-gather\(", hlo)
     report(
         case=case,

@@ -25,6 +25,19 @@ CASES = [  # (implementation, activation): each path once
 ]
 
 
+def compiled_run(fn, *args):
+    """`fn(*args)` compiled once (`jax.jit`): its outputs and the compiled HLO's text."""
+    compiled = jax.jit(fn).lower(*args).compile()
+    return compiled(*args), compiled.as_text()
+
+
+def value_and_grads(f):
+    """`f`'s value followed by the gradients of `sum(f**2)` w.r.t. its first three
+    arguments, as one function (one program to compile)."""
+    grad = jax.grad(lambda q, k, v, *rest: jnp.sum(f(q, k, v, *rest) ** 2), argnums=(0, 1, 2))
+    return lambda *args: [f(*args), *grad(*args)]
+
+
 def attention(implementation, activation, vmap_heads):
     def f(q, k, v):
         call = lambda q, k, v: ex.attention(
@@ -43,13 +56,11 @@ def main(mesh):
     for (implementation, activation), vmap_heads in [(case, False) for case in CASES] + [
         (CASES[1], True)
     ]:
-        f = attention(implementation, activation, vmap_heads)
-        grad = jax.grad(lambda q, k, v, f=f: jnp.sum(f(q, k, v) ** 2), argnums=(0, 1, 2))
-        want = [jax.jit(f)(q, k, v), *jax.jit(grad)(q, k, v)]
+        both = value_and_grads(attention(implementation, activation, vmap_heads))
+        want = jax.jit(both)(q, k, v)
         for axis_name, spec in (("batch", PartitionSpec("x")), ("heads", PartitionSpec(None, "x"))):
             sharded = [jax.device_put(x, NamedSharding(mesh, spec)) for x in (q, k, v)]
-            got = [jax.jit(f)(*sharded), *jax.jit(grad)(*sharded)]
-            hlo = "".join(jax.jit(fn).lower(*sharded).compile().as_text() for fn in (f, grad))
+            got, hlo = compiled_run(both, *sharded)
             report(
                 f"{implementation}-{activation}" + ("-vmap" if vmap_heads else ""),
                 axis_name,
@@ -79,8 +90,7 @@ def decoding_cases(mesh):
         h_want, _ = eqx.filter_jit(decode)(q, k, v)
         for axis_name, spec in (("batch", PartitionSpec("x")), ("heads", PartitionSpec(None, "x"))):
             sharded = [jax.device_put(x, NamedSharding(mesh, spec)) for x in (q, k, v)]
-            h, state = eqx.filter_jit(decode)(*sharded)
-            hlo = jax.jit(decode).lower(*sharded).compile().as_text()
+            (h, state), hlo = compiled_run(decode, *sharded)
             arrays = [h, *(x for x in jax.tree.leaves(state) if isinstance(x, jax.Array))]
             report(f"decode-{activation}", axis_name, hlo, arrays, spec, [h], [h_want])
 
@@ -117,9 +127,9 @@ def bounded_cases(mesh):
                 **kw,
             )
 
-        grad = jax.grad(lambda q, k, v, ids, f=f: jnp.sum(f(q, k, v, ids) ** 2), argnums=(0, 1, 2))
+        both = value_and_grads(f)
         kk, vv = k[:, :kv_heads], v[:, :kv_heads]
-        want = [jax.jit(f)(q, kk, vv, ids), *jax.jit(grad)(q, kk, vv, ids)]
+        want = jax.jit(both)(q, kk, vv, ids)
         shardings = (
             ("batch", PartitionSpec("x"), PartitionSpec("x")),
             ("heads", PartitionSpec(None, "x"), PartitionSpec()),
@@ -127,8 +137,7 @@ def bounded_cases(mesh):
         for axis_name, spec, id_spec in shardings:
             sharded = [jax.device_put(x, NamedSharding(mesh, spec)) for x in (q, kk, vv)]
             sharded.append(jax.device_put(ids, NamedSharding(mesh, id_spec)))
-            got = [jax.jit(f)(*sharded), *jax.jit(grad)(*sharded)]
-            hlo = "".join(jax.jit(fn).lower(*sharded).compile().as_text() for fn in (f, grad))
+            got, hlo = compiled_run(both, *sharded)
             report(label, axis_name, hlo, got, spec, got, want)
 
 

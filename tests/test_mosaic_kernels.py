@@ -10,7 +10,7 @@ from helpers import HALF_KERNEL, here, random_inputs
 import eqx_xlstm as ex
 from eqx_xlstm import maths
 from eqx_xlstm.implementations import Mosaic
-from eqx_xlstm.implementations.mosaic import backward, forward, jax_private
+from eqx_xlstm.implementations.mosaic import backward, forward, jax_private, prepared
 
 INTERPRET = jax.default_backend() != "gpu"
 
@@ -228,28 +228,42 @@ def test_forward_kernel_with_first_keys(activation, window, runs, groups):
 
 # S=256: key block 0 is seen by no query after 140 (the dK/dV walk stops early), the
 # second query pair starts at key tile 1.
-# With `groups` 2, both query rows read one K/V row.
+# With `groups` 2, both query rows read one K/V row. With `raw` ("swish" or "none"), the
+# kernels take q and k after RoPE (restarting with each run, as packed documents' do)
+# and swish, and return the raw rows' gradients (RoPE transposed and swish' as each
+# block writes its rows; the fused kernel's summed dQ after it).
 @pytest.mark.parametrize(
-    "activation, window, runs, fused, groups",
+    "activation, window, runs, fused, groups, raw",
     [
-        ("sigmoid", None, (40, 100, 116), True, 1),
-        ("none", 50, (40, 100, 116), False, 2),
-        ("softmax", 50, (40, 100, 116), False, 2),
+        ("sigmoid", None, (40, 100, 116), True, 1, "swish"),
+        ("none", 50, (40, 100, 116), False, 2, None),
+        ("softmax", 50, (40, 100, 116), False, 2, "none"),
     ],
 )
-def test_backward_kernels_with_first_keys(activation, window, runs, fused, groups):
+def test_backward_kernels_with_first_keys(activation, window, runs, fused, groups, raw):
     seq, dim = 256, 64  # `groups` query rows on one K/V row
     q, _, _, g = inputs(seq, groups, dim, jnp.bfloat16, seed=6)
     _, k, v, _ = inputs(seq, 1, dim, jnp.bfloat16, seed=7)
     first = first_keys(seq, 1, window, runs)
     bias = -4.0
-    reference = lambda q, k, v: masked_reference(q, k, v, activation, bias, first)
-    wanted = jax.vjp(reference, q, k, v)[1](g.astype(jnp.float32))
-    stats = softmax_stats(q, k, v, g, first) if activation == "softmax" else {}
+    prepare = lambda x: x
+    if raw is not None:
+        ids = jnp.repeat(jnp.arange(len(runs)), np.asarray(runs))
+        sin, cos = rope_tables(maths.segment_positions(ids)[None], dim)
+        prepare = lambda x: maths.prepare(x, raw, sin, cos, jnp.float32)
+    reference = lambda q, k, v: masked_reference(prepare(q), prepare(k), v, activation, bias, first)
+    f32 = [x.astype(jnp.float32) for x in (q, k, v, g)]
+    wanted = jax.vjp(reference, *f32[:3])[1](f32[3])
+    options = dict(first_key=first, groups=groups)
+    if raw is not None:  # the kernels' q and k: prepared, in bfloat16
+        table = prepared.rope_pair_table(sin, cos)
+        options["prepared"] = prepared.Prepared(q, k, table, swish=raw == "swish")
+        q, k = (prepare(x.astype(jnp.float32)).astype(jnp.bfloat16) for x in (q, k))
+    if activation == "softmax":
+        options |= softmax_stats(q, k, v, g, first)
 
-    def kernels(q, k, v, g, f):
+    def kernels(q, k, v, g):
         rest = (activation, bias, INTERPRET)
-        options = dict(first_key=f, groups=groups, **stats)
         if fused:
             return backward.mosaic_dkv(q, k, v, g, *rest, fused=True, **options)
         dq = backward.mosaic_dq(q, k, v, g, *rest, **options)
@@ -259,7 +273,7 @@ def test_backward_kernels_with_first_keys(activation, window, runs, fused, group
     # times when XLA's CPU thread pool ran out: conftest.py; on a GPU they run under
     # jit: benchmarks/results/h200_mosaic_bounded_check.txt).
     call = kernels if INTERPRET else jax.jit(kernels)
-    for got, want in zip(call(q, k, v, g, first), wanted, strict=True):
+    for got, want in zip(call(q, k, v, g), wanted, strict=True):
         assert_close_16bit(got, np.asarray(want))
 
 
@@ -308,3 +322,22 @@ def test_first_key_tile_ranges_visit_exactly_the_seen_tiles(window, runs):
         assert all(
             tile(rows * t, rows * t + rows, k0, k1).all() for t in range(2 * b + 2, mask_from)
         )
+
+
+def rope_tables(positions, dim):
+    """sin, cos `(..., S, D/2)` of RoPE at `positions` (`(..., S)`)."""
+    freq = 1.0 / 10000 ** (jnp.arange(dim // 2) / (dim // 2))
+    angles = positions[..., None].astype(jnp.float32) * freq
+    return jnp.sin(angles), jnp.cos(angles)
+
+
+@pytest.mark.parametrize("pre_activation", ["swish", "none"])
+def test_raw_gradient_is_the_transpose_of_prepare(pre_activation):
+    """What the kernels' epilogues compute (here in its XLA form, also used after the
+    fused kernel): the vector-Jacobian product of swish then RoPE, per-row tables."""
+    x, grad = jax.random.normal(jax.random.key(0), (2, 2, 40, 16))
+    sin, cos = rope_tables(jnp.stack([jnp.arange(40), jnp.arange(40) % 13]), 16)
+    want = jax.vjp(lambda x: maths.prepare(x, pre_activation, sin, cos, jnp.float32), x)[1](grad)
+    table = prepared.rope_pair_table(sin, cos)
+    got = prepared.raw_gradient(grad, x, table, pre_activation == "swish", interpret=True)
+    np.testing.assert_allclose(got, want[0], rtol=1e-5, atol=1e-6)

@@ -46,6 +46,7 @@ from jax.experimental.pallas import mosaic_gpu as plgpu
 
 from ... import maths
 from . import jax_private
+from . import prepared as raw_grads
 from .common import (
     block_grid,
     claim_registers,
@@ -88,15 +89,32 @@ def _dq_part_width(dim):
     return dim if dim < 128 else dim // 2
 
 
-def _kernel(*refs, activation, bias, scale, n_tiles, full, interpret, fused, bounded, groups):
+def _kernel(
+    *refs,
+    activation,
+    bias,
+    scale,
+    n_tiles,
+    full,
+    interpret,
+    fused,
+    bounded,
+    groups,
+    to_raw,
+    swish,
+    every,
+):
     softmax = activation == "softmax"
-    n_in = (6 if interpret else 4) + 2 * bounded + softmax + fused
+    n_in = (6 if interpret else 4) + 2 * bounded + softmax + 2 * to_raw + fused
     (q_ref, k_ref, v_ref, do_ref, *rest), (dk_ref, dv_ref) = refs[:n_in], refs[n_in:-1]
     dq_ref = rest.pop() if fused else None
     first_key_ref, key_ranges = (rest.pop(0), rest.pop(0)) if bounded else (None, None)
     stats_ref = rest.pop(0) if softmax else None  # (N, 2, S): lse and delta per query
+    raw_ref, table_ref = (rest.pop(0), rest.pop(0)) if to_raw else (None, None)
     transposed = rest
     k_smem, v_smem, q_smem, do_smem, k_bar, v_bar, q_bar, do_bar, free, *extra = refs[-1]
+    if to_raw and interpret:
+        *extra, raw_smem, table_smem, raw_bars = extra
     if softmax:
         *extra, stat_smem, stat_bar = extra
     if bounded:
@@ -281,6 +299,10 @@ def _kernel(*refs, activation, bias, scale, n_tiles, full, interpret, fused, bou
         )
         own_rows = pl.ds(key0, rows)
         dk = dk * scale  # dS came without it
+        if to_raw:  # through RoPE and swish: the raw keys' gradient (this row's share)
+            smem = raw_grads.own_smem((raw_smem, table_smem, raw_bars), wg) if interpret else None
+            srcs = raw_ref.at[kv, own_rows], table_ref.at[n // every, own_rows]
+            dk = raw_grads.epilogue(dk, *srcs, swish, interpret, smem)
         write_back((dk, own_k, dk_ref.at[n, own_rows]), (dv, own_v, dv_ref.at[n, own_rows]))
 
     @pl.when(wg == 2)
@@ -322,6 +344,7 @@ def mosaic_dkv(
     groups=1,
     lse=None,
     delta=None,
+    prepared=None,
 ):
     """dK, dV for `q`, `k`, `v`, `d_out`: `(N, S, D)`, S a multiple of 128. With
     `fused`, dQ too, `(dq, dk, dv)`: the same kernel adds each tile's dS K into a
@@ -333,8 +356,11 @@ def mosaic_dkv(
     row n: the kernel forms each query row's share of dK and dV, and the G shares of a
     K/V row are summed after it (in float32). Softmax needs each query's `lse` (the
     forward kernel's log2-sum-exp2) and `delta` (`sum(dO * O)`), `(N, S)` float32
-    each; the fused kernel takes no softmax. Under `jax.vmap` the mapped axis joins N
-    (the fused kernel only where `in_gmem` can hide its in-place sum)."""
+    each; the fused kernel takes no softmax. With `prepared` (`prepared.Prepared`),
+    `q` and `k` are queries and keys after swish and RoPE, and the gradients returned
+    are w.r.t. the raw ones, formed as each kernel writes its rows. Under `jax.vmap`
+    the mapped axis joins N (the fused kernel only where `in_gmem` can hide its
+    in-place sum)."""
     if full and first_key is not None:
         raise ValueError("full pieces take no first keys")
     if fused and activation == "softmax":
@@ -347,8 +373,11 @@ def mosaic_dkv(
         fused=fused,
         full=full,
         groups=groups,
+        n_first=first_key is not None,
+        swish=prepared and prepared.swish,
     )
-    arrays = (q, k, v, d_out, *optional(first_key), *_stats(activation, lse, delta))
+    raw = () if prepared is None else prepared.arrays()
+    arrays = (q, k, v, d_out, *optional(first_key), *_stats(activation, lse, delta), *raw)
     if fused and jax_private.ref_type_mappings() is None:
         return run(*arrays)
     return fold_vmap(run, *arrays)
@@ -404,9 +433,29 @@ def _stats(activation, lse, delta):
     return (jnp.stack([lse, delta], axis=1).astype(jnp.float32),)
 
 
-def _dkv(q, k, v, d_out, *rest, activation, bias, interpret, fused, full, groups):
-    n_first = len(rest) - (activation == "softmax")
-    first_key, stats = rest[:n_first], rest[n_first:]
+def _split_extras(rest, activation, n_first):
+    """A backward kernel's trailing inputs: `(first_key, stats, raw)`, each a tuple
+    (`mosaic_dkv` lists them)."""
+    n_stats = activation == "softmax"
+    return rest[:n_first], rest[n_first : n_first + n_stats], rest[n_first + n_stats :]
+
+
+def _table_every(n, raw, groups):
+    """How many consecutive query rows read each row of the RoPE table (`Prepared`):
+    a K/V row's group of query rows must share one."""
+    if not raw:
+        return 1
+    tables = raw[-1].shape[0]
+    if n % tables or (n // tables) % groups:
+        raise ValueError(
+            f"prepared.table has {tables} rows, which do not divide {n} query rows in "
+            f"groups of {groups}"
+        )
+    return n // tables
+
+
+def _dkv(q, k, v, d_out, *rest, activation, bias, interpret, fused, full, groups, n_first, swish):
+    first_key, stats, raw = _split_extras(rest, activation, n_first)
     n, seq, dim = q.shape
     n_tiles = seq // ROWS
     scale = dim**-0.5
@@ -421,6 +470,9 @@ def _dkv(q, k, v, d_out, *rest, activation, bias, interpret, fused, full, groups
         fused=fused,
         bounded=bool(first_key),
         groups=groups,
+        to_raw=bool(raw),
+        swish=swish,
+        every=_table_every(n, raw, groups),
     )
 
     scratch = [
@@ -459,11 +511,13 @@ def _dkv(q, k, v, d_out, *rest, activation, bias, interpret, fused, full, groups
         ]
     if stats:  # the streamed query tiles' lse and delta
         scratch += [plgpu.SMEM((STAGES, 2, ROWS), jnp.float32), plgpu.Barrier(num_barriers=STAGES)]
+    if raw:  # (interpret mode) the raw rows and their angles
+        scratch += raw_grads.scratch(ROWS, dim, k.dtype, interpret)
 
     inputs = [q, k, v, d_out]
     if first_key:
         inputs += [first_key[0], _key_ranges(first_key[0])]
-    inputs += stats
+    inputs += [*stats, *raw[1:]]  # raw keys and the table (raw queries: after the kernel)
     if interpret:
         inputs += [jnp.swapaxes(q, 1, 2), jnp.swapaxes(d_out, 1, 2)]
     # One share of dK and dV per query row (`_group_sums` adds a K/V row's G shares).
@@ -484,7 +538,19 @@ def _dkv(q, k, v, d_out, *rest, activation, bias, interpret, fused, full, groups
     shares = (jnp.zeros(out.shape, out.dtype) for out in out_type)
     dq, dk, dv = in_gmem(update, zeros, *shares)
     dq = dq.sum(0) * scale  # the kernel's dS came without the scale
+    if raw:  # dQ sums over blocks: the raw queries' gradient after the kernel, in XLA
+        dq = _raw_gradient_rows(dq, raw, swish)
     return dq.astype(q.dtype), _group_sums(dk, groups), _group_sums(dv, groups)
+
+
+def _raw_gradient_rows(grad, raw, swish):
+    """`prepared.raw_gradient` of every row (in XLA): `raw` = (q, k, table)."""
+    raw_q, table = raw[0], raw[-1]
+    tables = table.shape[0]
+    grad = grad.reshape(tables, -1, *grad.shape[1:])
+    rows = raw_q.reshape(grad.shape)
+    out = raw_grads.raw_gradient(grad, rows, table[:, None], swish, interpret=True)
+    return out.reshape(raw_q.shape)
 
 
 def _group_sums(shares, groups):
@@ -495,12 +561,15 @@ def _group_sums(shares, groups):
     return summed.astype(shares.dtype)
 
 
-def _dq_kernel(*refs, activation, bias, scale, n_pairs, full, interpret, bounded, groups):
+def _dq_kernel(
+    *refs, activation, bias, scale, n_pairs, full, interpret, bounded, groups, to_raw, swish, every
+):
     softmax = activation == "softmax"
-    n_in = (6 if interpret else 4) + 2 * bounded + softmax
+    n_in = (6 if interpret else 4) + 2 * bounded + softmax + 2 * to_raw
     (q_ref, k_ref, v_ref, do_ref, *rest), (dq_ref,) = refs[:n_in], refs[n_in:-1]
     first_key_ref, blocks = (rest.pop(0), rest.pop(0)) if bounded else (None, None)
     stats_ref = rest.pop(0) if softmax else None  # (N, 2, S): lse and delta per query
+    raw_ref, table_ref = (rest.pop(0), rest.pop(0)) if to_raw else (None, None)
     transposed = rest
     # v_tiles: value tiles (128, D) on a GPU, transposed (D, 128) when interpreting.
     q_smem, do_smem, k_smem, v_tiles, q_bar, do_bar, k_bar, v_bar, free, *extra = refs[-1]
@@ -508,6 +577,8 @@ def _dq_kernel(*refs, activation, bias, scale, n_pairs, full, interpret, bounded
         fk_smem, fk_bar, info_smem, info_bar, *extra = extra
     if softmax:
         stat_smem, stat_bar, *extra = extra
+    if to_raw and interpret:
+        raw_smem, table_smem, raw_bars, *extra = extra
     kt_smem, kt_bar, *p_smem = extra if interpret else (None, None)
     rows, bk, stages = ROWS, 2 * ROWS, STAGES
     n = jax.lax.axis_index("n")
@@ -601,6 +672,11 @@ def _dq_kernel(*refs, activation, bias, scale, n_pairs, full, interpret, bounded
 
         dq = pl.run_scoped(accumulate, plgpu.ACC((rows, q_smem.shape[-1]), jnp.float32))
         dq = dq * scale  # dS came without it
+        if to_raw:  # through RoPE and swish: the raw queries' gradient
+            own_rows = pl.ds(row0, rows)
+            smem = raw_grads.own_smem((raw_smem, table_smem, raw_bars), wg) if interpret else None
+            srcs = raw_ref.at[n, own_rows], table_ref.at[n // every, own_rows]
+            dq = raw_grads.epilogue(dq, *srcs, swish, interpret, smem)
         write_back((dq, own_q, dq_ref.at[n, pl.ds(row0, rows)]))
 
     @pl.when(wg == 2)
@@ -633,22 +709,30 @@ def mosaic_dq(
     groups=1,
     lse=None,
     delta=None,
+    prepared=None,
 ):
     """dQ for `q`, `k`, `v`, `d_out`: `(N, S, D)`, S a multiple of 128 (`full`: every
-    query sees every key; `first_key`, `groups` and softmax's `lse` and `delta` as
-    `mosaic_dkv` takes them). Under `jax.vmap` the mapped axis joins N."""
+    query sees every key; `first_key`, `groups`, softmax's `lse` and `delta` and
+    `prepared` as `mosaic_dkv` takes them). Under `jax.vmap` the mapped axis joins N."""
     if full and first_key is not None:
         raise ValueError("full pieces take no first keys")
     run = functools.partial(
-        _dq, activation=activation, bias=bias, interpret=interpret, full=full, groups=groups
+        _dq,
+        activation=activation,
+        bias=bias,
+        interpret=interpret,
+        full=full,
+        groups=groups,
+        n_first=first_key is not None,
+        swish=prepared and prepared.swish,
     )
     stats = _stats(activation, lse, delta)
-    return fold_vmap(run, q, k, v, d_out, *optional(first_key), *stats)
+    raw = () if prepared is None else (prepared.q, prepared.table)
+    return fold_vmap(run, q, k, v, d_out, *optional(first_key), *stats, *raw)
 
 
-def _dq(q, k, v, d_out, *rest, activation, bias, interpret, full, groups):
-    n_first = len(rest) - (activation == "softmax")
-    first_key, stats = rest[:n_first], rest[n_first:]
+def _dq(q, k, v, d_out, *rest, activation, bias, interpret, full, groups, n_first, swish):
+    first_key, stats, raw = _split_extras(rest, activation, n_first)
     n, seq, dim = q.shape
     n_pairs = seq // (2 * ROWS)
     kernel = functools.partial(
@@ -661,6 +745,9 @@ def _dq(q, k, v, d_out, *rest, activation, bias, interpret, full, groups):
         interpret=interpret,
         bounded=bool(first_key),
         groups=groups,
+        to_raw=bool(raw),
+        swish=swish,
+        every=_table_every(n, raw, groups),
     )
     value_tile = (STAGES, dim, 2 * ROWS) if interpret else (STAGES, 2 * ROWS, dim)
 
@@ -684,6 +771,8 @@ def _dq(q, k, v, d_out, *rest, activation, bias, interpret, full, groups):
         ]
     if stats:  # each compute warpgroup's rows' lse and delta
         scratch += [plgpu.SMEM((2, 2, ROWS), jnp.float32), plgpu.Barrier(num_barriers=2)]
+    if raw:  # (interpret mode) the raw rows and their angles
+        scratch += raw_grads.scratch(ROWS, dim, q.dtype, interpret)
     if interpret:  # transposed keys and the wgmma operand staged in shared memory
         scratch += [
             tiled_smem((STAGES, dim, 2 * ROWS), k.dtype),
@@ -694,7 +783,7 @@ def _dq(q, k, v, d_out, *rest, activation, bias, interpret, full, groups):
     inputs = [q, k, v, d_out]
     if first_key:
         inputs += [first_key[0], _pair_ranges(first_key[0])]
-    inputs += stats
+    inputs += [*stats, *raw]
     if interpret:
         inputs += [jnp.swapaxes(k, 1, 2), jnp.swapaxes(v, 1, 2)]
     out_type = jax.ShapeDtypeStruct(q.shape, q.dtype)

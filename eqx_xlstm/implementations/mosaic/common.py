@@ -101,8 +101,13 @@ def key_vector(ref, reduced_axis, interpret):
     (`reduced_axis` 1) or columns (0) for broadcasting against them."""
     if interpret:  # the interpreter has no layouts
         return ref[...]
-    index = ((),) if _LOAD_NEEDS_INDEX else ()  # jax >= 0.11 deprecates passing one
-    return plgpu.load(ref, *index, layout=plgpu.Layout.WGMMA.reduce(reduced_axis))
+    return plgpu.load(ref, *load_index(), layout=plgpu.Layout.WGMMA.reduce(reduced_axis))
+
+
+def load_index():
+    """The index argument `plgpu.load` takes for a whole ref: required by jax 0.10,
+    deprecated from 0.11."""
+    return ((),) if _LOAD_NEEDS_INDEX else ()
 
 
 _load_index = inspect.signature(plgpu.load).parameters.get("idx")
