@@ -7,9 +7,11 @@ that into the gradient w.r.t. x, from x itself and each row's RoPE angles, so no
 over memory is needed after the kernel.
 
 RoPE rotates the interleaved pairs `(2i, 2i + 1)`. In the WGMMA register layout a pair
-sits in one thread's two-element vector, so the pair swap RoPE's transpose needs is a
-shuffle inside each register (`pair_shuffle`, written in Mosaic GPU itself since Pallas
-has no such op); interpret mode, which has no layouts, swaps by reshaping.
+sits in one thread's two-element vector, with the pair of its angle's `(cos, sin)` in
+the matching register of the table. On a GPU the whole epilogue is written register by
+register in Mosaic GPU itself (`plgpu.inline_mgpu`: Pallas has no op that swaps within
+a pair), so that only one register of each operand is in flight at a time; interpret
+mode, which has no layouts, and XLA (after the fused kernel) use the array form.
 """
 
 import dataclasses
@@ -20,9 +22,6 @@ import numpy as np
 from jax.experimental.pallas import mosaic_gpu as plgpu
 
 from .common import load_index
-
-SWAP, FIRSTS, SECONDS = (1, 0), (0, 0), (1, 1)
-"""`pair_shuffle` orders: swap each pair, or repeat its first or its second entry."""
 
 
 @dataclasses.dataclass(frozen=True)
@@ -49,47 +48,26 @@ def rope_pair_table(sin, cos):
     return jnp.stack((cos, sin), axis=-1).reshape(*cos.shape[:-1], 2 * cos.shape[-1])
 
 
-def pair_shuffle(x, order, interpret):
-    """`x` (`(rows, D)`) with each pair of columns `(2i, 2i + 1)` rearranged as `order`
-    says (`SWAP`, `FIRSTS`, `SECONDS`)."""
-    if interpret:  # no layouts: reshape
-        pairs = x.reshape(*x.shape[:-1], x.shape[-1] // 2, 2)
-        return jnp.stack([pairs[..., i] for i in order], axis=-1).reshape(x.shape)
-    return _shuffle_registers(x, order)
-
-
-def _shuffle_registers(x, order):
-    import jax.experimental.mosaic.gpu as mgpu
-    from jax._src.lib.mlir.dialects import vector
-
-    layout = plgpu.Layout.WGMMA
-    x = plgpu.layout_cast(x, layout)
-
-    @plgpu.inline_mgpu(
-        arg_types=(layout,), return_type=plgpu.ShapeDtypeStruct(x.shape, x.dtype, layout)
-    )
-    def shuffle(ctx, array):
-        del ctx
-        registers = np.empty_like(array.registers)
-        for index, register in np.ndenumerate(array.registers):
-            registers[index] = vector.shuffle(register, register, list(order))
-        return mgpu.FragmentedArray(
-            _registers=registers, _layout=array.layout, _is_signed=array.is_signed
-        )
-
-    return shuffle(x)
+def _pairs(x, order):
+    """`x` with each pair of its last axis `(2i, 2i + 1)` rearranged as `order` says
+    ((1, 0) swaps, (0, 0) and (1, 1) repeat one entry)."""
+    pairs = x.reshape(*x.shape[:-1], x.shape[-1] // 2, 2)
+    return jnp.stack([pairs[..., i] for i in order], axis=-1).reshape(x.shape)
 
 
 def raw_gradient(grad, raw, table, swish, interpret):
-    """The gradient w.r.t. `raw` (x, `(rows, D)`) of rows whose gradient w.r.t.
+    """The gradient w.r.t. `raw` (x, `(..., D)`) of rows whose gradient w.r.t.
     `rope(swish(x))` is `grad` (float32), RoPE's angles given as `table` rows
-    (`rope_pair_table`); `swish` False where the rows skip it."""
-    cos = pair_shuffle(table, FIRSTS, interpret)
-    sin = pair_shuffle(table, SECONDS, interpret)
+    (`rope_pair_table`); `swish` False where the rows skip it. `interpret`: the array
+    form (interpret mode, or outside a kernel); else the register form of a Mosaic GPU
+    kernel."""
+    if not interpret:
+        return _register_gradient(grad, raw, table, swish)
+    table = table.astype(jnp.float32)
+    cos, sin = _pairs(table, (0, 0)), _pairs(table, (1, 1))
     # RoPE^T on a pair (a, b): (a cos + b sin, b cos - a sin).
-    columns = _iota(grad.shape, interpret)
-    signed_sin = jnp.where(columns % 2 == 0, sin, -sin)
-    out = grad * cos + pair_shuffle(grad, SWAP, interpret) * signed_sin
+    signs = jnp.where(jnp.arange(grad.shape[-1]) % 2 == 0, 1.0, -1.0)
+    out = grad * cos + _pairs(grad, (1, 0)) * sin * signs
     if not swish:
         return out
     x = raw.astype(jnp.float32)
@@ -97,11 +75,55 @@ def raw_gradient(grad, raw, table, swish, interpret):
     return out * (gate + x * gate * (1.0 - gate))  # swish'(x)
 
 
-def _iota(shape, interpret):
-    """Column indices of `shape`'s last axis."""
-    if interpret:
-        return jax.lax.broadcasted_iota(jnp.int32, shape, len(shape) - 1)
-    return plgpu.broadcasted_iota(jnp.int32, shape, 1, layout=plgpu.Layout.WGMMA)
+def _register_gradient(grad, raw, table, swish):
+    """`raw_gradient` inside a kernel, one WGMMA register (a feature pair) at a time."""
+    import jax.experimental.mosaic.gpu as mgpu
+    from jax._src.lib.mlir import ir
+    from jax._src.lib.mlir.dialects import arith, llvm, vector
+
+    layout = plgpu.Layout.WGMMA
+    grad, raw, table = (plgpu.layout_cast(x, layout) for x in (grad, raw, table))
+
+    @plgpu.inline_mgpu(
+        arg_types=(layout, layout, layout),
+        return_type=plgpu.ShapeDtypeStruct(grad.shape, jnp.float32, layout),
+    )
+    def epilogue(ctx, grad, raw, table):
+        del ctx
+        f32 = ir.F32Type.get()
+        pair = ir.VectorType.get((2,), f32)
+        if ir.VectorType(grad.registers.flat[0].type) != pair:
+            raise NotImplementedError(f"unexpected registers {grad.registers.flat[0].type}")
+
+        def const(*values):
+            values = np.asarray(values, np.float32)
+            return arith.constant(pair, ir.DenseElementsAttr.get(values, type=pair))
+
+        def tanh(v):  # tanh.approx.f32 of each entry (as approx_math gives Pallas)
+            out = llvm.mlir_undef(pair)
+            for i in range(2):
+                position = ir.DenseI64ArrayAttr.get([i])
+                entry = vector.extract(v, dynamic_position=[], static_position=position)
+                entry = llvm.inline_asm(f32, [entry], "tanh.approx.f32 $0, $1;", "=f,f")
+                out = vector.insert(entry, out, dynamic_position=[], static_position=position)
+            return out
+
+        half, one, signs = const(0.5, 0.5), const(1.0, 1.0), const(1.0, -1.0)
+        registers = np.empty_like(grad.registers)
+        for index, g in np.ndenumerate(grad.registers):
+            angle = table.registers[index]
+            cos = vector.shuffle(angle, angle, [0, 0])
+            sin = arith.mulf(vector.shuffle(angle, angle, [1, 1]), signs)
+            out = arith.addf(arith.mulf(g, cos), arith.mulf(vector.shuffle(g, g, [1, 0]), sin))
+            if swish:
+                x = arith.extf(pair, raw.registers[index])
+                gate = arith.addf(arith.mulf(half, tanh(arith.mulf(half, x))), half)
+                slope = arith.addf(one, arith.mulf(x, arith.subf(one, gate)))
+                out = arith.mulf(out, arith.mulf(gate, slope))
+            registers[index] = out
+        return mgpu.FragmentedArray(_registers=registers, _layout=grad.layout, _is_signed=None)
+
+    return epilogue(grad, raw, table)
 
 
 def load_rows(src, smem, bar, interpret):
