@@ -337,7 +337,8 @@ def test_raw_gradient_is_the_transpose_of_prepare(pre_activation):
     fused kernel): the vector-Jacobian product of swish then RoPE, per-row tables."""
     x, grad = jax.random.normal(jax.random.key(0), (2, 2, 40, 16))
     sin, cos = rope_tables(jnp.stack([jnp.arange(40), jnp.arange(40) % 13]), 16)
+    table = prepared.from_bits(prepared.as_bits(prepared.rope_pair_table(sin, cos), jnp.bfloat16))
+    sin, cos = (t.astype(jnp.float16).astype(jnp.float32) for t in (sin, cos))  # as the table
     want = jax.vjp(lambda x: maths.prepare(x, pre_activation, sin, cos, jnp.float32), x)[1](grad)
-    table = prepared.rope_pair_table(sin, cos)
     got = prepared.raw_gradient(grad, x, table, pre_activation == "swish", interpret=True)
     np.testing.assert_allclose(got, want[0], rtol=1e-5, atol=1e-6)

@@ -113,7 +113,7 @@ def _kernel(
     raw_ref, table_ref = (rest.pop(0), rest.pop(0)) if to_raw else (None, None)
     transposed = rest
     k_smem, v_smem, q_smem, do_smem, k_bar, v_bar, q_bar, do_bar, free, *extra = refs[-1]
-    if to_raw and interpret:
+    if to_raw and (interpret or not fused):  # `raw_grads.loaded_scratch` or `early_scratch`
         *extra, raw_smem, table_smem, raw_bars = extra
     if softmax:
         *extra, stat_smem, stat_bar = extra
@@ -149,6 +149,15 @@ def _kernel(
         own_k, own_v = k_smem.at[wg], v_smem.at[wg]
         plgpu.copy_gmem_to_smem(k_ref.at[kv, pl.ds(key0, rows)], own_k, k_bar.at[wg])
         plgpu.copy_gmem_to_smem(v_ref.at[kv, pl.ds(key0, rows)], own_v, v_bar.at[wg])
+        raw_srcs = None
+        if to_raw:  # my raw keys and their angles, for the end
+            own_rows = pl.ds(key0, rows)
+            raw_srcs = raw_ref.at[kv, own_rows], table_ref.at[n // every, own_rows]
+        raw_smem_here = None
+        if to_raw and (interpret or not fused):
+            raw_smem_here = raw_grads.own_smem((raw_smem, table_smem, raw_bars), wg)
+        if to_raw and not fused:  # (the fused kernel has no room for them)
+            raw_grads.copy_early(*raw_srcs, raw_smem_here)
         block_steps, mask_from = tile_range()  # read while my keys and values load
         plgpu.barrier_wait(k_bar.at[wg])
         plgpu.barrier_wait(v_bar.at[wg])
@@ -299,10 +308,10 @@ def _kernel(
         )
         own_rows = pl.ds(key0, rows)
         dk = dk * scale  # dS came without it
-        if to_raw:  # through RoPE and swish: the raw keys' gradient (this row's share)
-            smem = raw_grads.own_smem((raw_smem, table_smem, raw_bars), wg) if interpret else None
-            srcs = raw_ref.at[kv, own_rows], table_ref.at[n // every, own_rows]
-            dk = raw_grads.epilogue(dk, *srcs, swish, interpret, smem)
+        if to_raw and not fused:  # through RoPE and swish: the raw keys' gradient
+            dk = raw_grads.copied_gradient(dk, swish, interpret, raw_smem_here)
+        elif to_raw:  # (this query row's share of it)
+            dk = raw_grads.loaded_gradient(dk, *raw_srcs, swish, interpret, raw_smem_here)
         write_back((dk, own_k, dk_ref.at[n, own_rows]), (dv, own_v, dv_ref.at[n, own_rows]))
 
     @pl.when(wg == 2)
@@ -376,7 +385,7 @@ def mosaic_dkv(
         n_first=first_key is not None,
         swish=prepared and prepared.swish,
     )
-    raw = () if prepared is None else prepared.arrays()
+    raw = () if prepared is None else prepared.arrays(q.dtype)
     arrays = (q, k, v, d_out, *optional(first_key), *_stats(activation, lse, delta), *raw)
     if fused and jax_private.ref_type_mappings() is None:
         return run(*arrays)
@@ -512,7 +521,10 @@ def _dkv(q, k, v, d_out, *rest, activation, bias, interpret, fused, full, groups
     if stats:  # the streamed query tiles' lse and delta
         scratch += [plgpu.SMEM((STAGES, 2, ROWS), jnp.float32), plgpu.Barrier(num_barriers=STAGES)]
     if raw:  # (interpret mode) the raw rows and their angles
-        scratch += raw_grads.scratch(ROWS, dim, k.dtype, interpret)
+        if fused:
+            scratch += raw_grads.loaded_scratch(ROWS, dim, k.dtype, interpret)
+        else:
+            scratch += raw_grads.early_scratch(ROWS, dim, k.dtype)
 
     inputs = [q, k, v, d_out]
     if first_key:
@@ -549,7 +561,8 @@ def _raw_gradient_rows(grad, raw, swish):
     tables = table.shape[0]
     grad = grad.reshape(tables, -1, *grad.shape[1:])
     rows = raw_q.reshape(grad.shape)
-    out = raw_grads.raw_gradient(grad, rows, table[:, None], swish, interpret=True)
+    table = raw_grads.from_bits(table[:, None])
+    out = raw_grads.raw_gradient(grad, rows, table, swish, interpret=True)
     return out.reshape(raw_q.shape)
 
 
@@ -676,7 +689,7 @@ def _dq_kernel(
             own_rows = pl.ds(row0, rows)
             smem = raw_grads.own_smem((raw_smem, table_smem, raw_bars), wg) if interpret else None
             srcs = raw_ref.at[n, own_rows], table_ref.at[n // every, own_rows]
-            dq = raw_grads.epilogue(dq, *srcs, swish, interpret, smem)
+            dq = raw_grads.loaded_gradient(dq, *srcs, swish, interpret, smem)
         write_back((dq, own_q, dq_ref.at[n, pl.ds(row0, rows)]))
 
     @pl.when(wg == 2)
@@ -727,7 +740,7 @@ def mosaic_dq(
         swish=prepared and prepared.swish,
     )
     stats = _stats(activation, lse, delta)
-    raw = () if prepared is None else (prepared.q, prepared.table)
+    raw = () if prepared is None else prepared.arrays(q.dtype)[::2]  # queries and table
     return fold_vmap(run, q, k, v, d_out, *optional(first_key), *stats, *raw)
 
 
@@ -772,7 +785,7 @@ def _dq(q, k, v, d_out, *rest, activation, bias, interpret, full, groups, n_firs
     if stats:  # each compute warpgroup's rows' lse and delta
         scratch += [plgpu.SMEM((2, 2, ROWS), jnp.float32), plgpu.Barrier(num_barriers=2)]
     if raw:  # (interpret mode) the raw rows and their angles
-        scratch += raw_grads.scratch(ROWS, dim, q.dtype, interpret)
+        scratch += raw_grads.loaded_scratch(ROWS, dim, q.dtype, interpret)
     if interpret:  # transposed keys and the wgmma operand staged in shared memory
         scratch += [
             tiled_smem((STAGES, dim, 2 * ROWS), k.dtype),

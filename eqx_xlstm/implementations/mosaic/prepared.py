@@ -4,7 +4,10 @@ Attention sees queries and keys as `rope(swish(x))` (`maths.prepare`). A kernel 
 owns rows of x (the dQ kernel its queries, the dK/dV kernel its keys) holds the
 gradient w.r.t. the prepared rows in float32 registers at its end; `raw_gradient` turns
 that into the gradient w.r.t. x, from x itself and each row's RoPE angles, so no pass
-over memory is needed after the kernel.
+over memory is needed after the kernel. The dK/dV pair copies its raw rows and
+angles into shared memory of their own with its first copies (`copy_early`); the dQ
+kernel (no shared memory to spare at D=128) and the fused kernel (whose dQ sums across
+blocks, finished in XLA) read them after their loops (`loaded_gradient`).
 
 RoPE rotates the interleaved pairs `(2i, 2i + 1)`. In the WGMMA register layout a pair
 sits in one thread's two-element vector, with the pair of its angle's `(cos, sin)` in
@@ -21,7 +24,7 @@ import jax.numpy as jnp
 import numpy as np
 from jax.experimental.pallas import mosaic_gpu as plgpu
 
-from .common import load_index
+from .common import load_index, tiled_smem
 
 
 @dataclasses.dataclass(frozen=True)
@@ -29,23 +32,38 @@ class Prepared:
     """What the backward kernels need to return gradients w.r.t. the raw queries and
     keys: `q` and `k`, the rows before swish and RoPE (the kernels' q and k rows,
     `(N, S, D)` and `(N_kv, S, D)`), `table`, the RoPE angles (`rope_pair_table`,
-    `(T, S, D)` float32, query row n and its K/V row reading row `n // (N / T)`), and
-    whether swish comes first."""
+    `(T, S, D)`, query row n and its K/V row reading row `n // (N / T)`), and whether
+    swish comes first."""
 
     q: jax.Array
     k: jax.Array
     table: jax.Array
     swish: bool
 
-    def arrays(self):
-        return self.q, self.k, self.table
+    def arrays(self, dtype):
+        """The raw rows, and the table as the kernels take it (`as_bits`)."""
+        return self.q, self.k, as_bits(self.table, dtype)
 
 
 def rope_pair_table(sin, cos):
-    """`(..., S, D/2)` sine and cosine tables -> `(..., S, D)` float32 with each pair
+    """`(..., S, D/2)` sine and cosine tables -> `(..., S, D)` float16 with each pair
     `(cos, sin)` of an angle where RoPE rotates a feature pair: what `raw_gradient`
-    reads, one row per position."""
-    return jnp.stack((cos, sin), axis=-1).reshape(*cos.shape[:-1], 2 * cos.shape[-1])
+    reads, one row per position. (float16: relative error 2^-11, a quarter of a
+    bfloat16 gradient's rounding, in half the bytes of float32, and in the rows' own
+    16 bits, `as_bits`.)"""
+    table = jnp.stack((cos, sin), axis=-1).reshape(*cos.shape[:-1], 2 * cos.shape[-1])
+    return table.astype(jnp.float16)
+
+
+def as_bits(table, dtype):
+    """The float16 `table` as `dtype` (16 bits) bit patterns: how the kernels copy it,
+    beside rows of that dtype."""
+    return jax.lax.bitcast_convert_type(table, dtype)
+
+
+def from_bits(bits):
+    """`as_bits` undone, in float32 (inside a kernel too)."""
+    return jax.lax.bitcast_convert_type(bits, jnp.float16).astype(jnp.float32)
 
 
 def _pairs(x, order):
@@ -137,27 +155,56 @@ def load_rows(src, smem, bar, interpret):
     return plgpu.load(src, *load_index(), layout=plgpu.Layout.WGMMA, optimized=False)
 
 
-def epilogue(grad, raw_src, table_src, swish, interpret, smem=None):
-    """`raw_gradient` of a kernel's own rows: `raw_src` and `table_src` are their slices
-    in global memory; `smem` (interpret mode): `(raw, table, raw_bar, table_bar)`."""
+def loaded_gradient(grad, raw_src, table_src, swish, interpret, smem=None):
+    """`raw_gradient` of a kernel's own rows read from global memory after its loop:
+    `raw_src` and `table_src` (bits) are their slices there; `smem` (interpret mode):
+    `(raw, table, raw_bar, table_bar)`, `own_smem` of `loaded_scratch`."""
     raw_smem, table_smem, raw_bar, table_bar = smem if interpret else (None,) * 4
     raw = load_rows(raw_src, raw_smem, raw_bar, interpret)
-    table = load_rows(table_src, table_smem, table_bar, interpret)
+    table = from_bits(load_rows(table_src, table_smem, table_bar, interpret))
     return raw_gradient(grad, raw, table, swish, interpret)
 
 
 def own_smem(scratch, wg):
-    """Compute warpgroup `wg`'s part of `scratch`'s refs, as `epilogue` takes it."""
+    """Compute warpgroup `wg`'s part of `loaded_scratch`'s or `early_scratch`'s refs:
+    `(raw, table, raw_bar, table_bar)`."""
     raw_smem, table_smem, bars = scratch
     return raw_smem.at[wg], table_smem.at[wg], bars.at[2 * wg], bars.at[2 * wg + 1]
 
 
-def scratch(rows, dim, dtype, interpret):
-    """The shared memory `epilogue` needs per compute warpgroup: none on a GPU."""
+def loaded_scratch(rows, dim, dtype, interpret):
+    """The shared memory `loaded_gradient` needs per compute warpgroup: none on a GPU."""
     if not interpret:
         return []
     return [
         plgpu.SMEM((2, rows, dim), dtype),
-        plgpu.SMEM((2, rows, dim), jnp.float32),
+        plgpu.SMEM((2, rows, dim), dtype),
         plgpu.Barrier(num_barriers=4),
     ]
+
+
+def early_scratch(rows, dim, dtype):
+    """Shared memory of each compute warpgroup's own for `copy_early`."""
+    return [
+        tiled_smem((2, rows, dim), dtype),
+        tiled_smem((2, rows, dim), dtype),
+        plgpu.Barrier(num_barriers=4),
+    ]
+
+
+def copy_early(raw_src, table_src, smem):
+    """Start copying a block's rows (`raw_src`) and angles (`table_src`, bits) into
+    `smem` (`own_smem` of `early_scratch`) with its first copies, so that they have
+    landed by its end: a read after the loop is a round trip to memory that nothing
+    hides, one block running per SM."""
+    raw_smem, table_smem, raw_bar, table_bar = smem
+    plgpu.copy_gmem_to_smem(raw_src, raw_smem, raw_bar)
+    plgpu.copy_gmem_to_smem(table_src, table_smem, table_bar)
+
+
+def copied_gradient(grad, swish, interpret, smem):
+    """`raw_gradient` from what `copy_early` copied into `smem`."""
+    raw_smem, table_smem, raw_bar, table_bar = smem
+    plgpu.barrier_wait(raw_bar)
+    plgpu.barrier_wait(table_bar)
+    return raw_gradient(grad, raw_smem[...], from_bits(table_smem[...]), swish, interpret)
