@@ -20,7 +20,8 @@ from profile_kernels import kernel_times
 from timing import median_ms, packed_ids, print_table_header, random_qkv
 
 from eqx_xlstm import maths
-from eqx_xlstm.implementations.mosaic import backward, prepared
+from eqx_xlstm.implementations import raw_rows
+from eqx_xlstm.implementations.mosaic import backward
 from eqx_xlstm.nn.rope import rope_tables
 
 
@@ -34,7 +35,7 @@ def case_inputs(seq_len, rows, dim, window, documents):
     prepare = lambda x: maths.prepare(x, "swish", sin, cos, jnp.float32).astype(x.dtype)
     q, k = prepare(q_raw), prepare(k_raw)
     first = jnp.broadcast_to(first, (rows, seq_len)).astype(jnp.int32)
-    table = prepared.rope_pair_table(sin, cos)[None]
+    table = raw_rows.rope_pair_table(sin, cos)[None]
     return q_raw, k_raw, q, k, v, g, first, sin, cos, table
 
 
@@ -45,7 +46,7 @@ def run(activation, q_raw, k_raw, q, k, v, g, first, sin, cos, table, epilogue):
         options |= dict(lse=scores_lse, delta=jnp.zeros(q.shape[:2], jnp.float32))
     rest = (activation, -9.7, False)
     if epilogue:
-        options["prepared"] = prepared.Prepared(q_raw, k_raw, table, swish=True)
+        options["prepared"] = raw_rows.Prepared(q_raw, k_raw, table, swish=True)
     dq = backward.mosaic_dq(q, k, v, g, *rest, **options)
     dk, dv = backward.mosaic_dkv(q, k, v, g, *rest, **options)
     if not epilogue:  # XLA's pass: the transpose of swish + RoPE

@@ -231,8 +231,13 @@ def _grouped(q, k, v, first_key, spec: AttentionSpec):
 def _run(q, k, v, mask, sin, cos, extras, *, spec: AttentionSpec, chosen: Plan):
     first_key, bias = extras
     accum = spec.accum_dtype
-    q = maths.prepare(q, spec.pre_activation, sin, cos, accum)
-    k = maths.prepare(k, spec.pre_activation, sin, cos, accum)
+    rope = None
+    if _takes_raw(chosen, sin, bias):  # swish and RoPE inside it (`Implementation.takes_raw`)
+        rope = (sin, cos)
+        q, k = q.astype(spec.dtype), k.astype(spec.dtype)
+    else:
+        q = maths.prepare(q, spec.pre_activation, sin, cos, accum)
+        k = maths.prepare(k, spec.pre_activation, sin, cos, accum)
     v = v.astype(spec.dtype)
     native = bias is not None and chosen.forward.takes_bias and chosen.gradient.takes_bias
     if bias is not None and not native:
@@ -242,17 +247,28 @@ def _run(q, k, v, mask, sin, cos, extras, *, spec: AttentionSpec, chosen: Plan):
         q, k, v, first_key, inner = _grouped(q, k, v, first_key, spec)
     bias = jnp.broadcast_to(bias, spec.batch_shape).reshape(q.shape[:-2]) if native else None
     if chosen.forward == chosen.gradient:
-        out = _call(chosen.forward, q, k, v, inner, mask, first_key, bias)
+        out = _call(chosen.forward, q, k, v, inner, mask, first_key, bias, rope)
     else:
         out = _forward_or_gradient(q, k, v, mask, first_key, bias, inner, chosen)
     return out.reshape(*spec.batch_shape, *out.shape[-2:]).astype(spec.dtype)
 
 
-def _call(implementation, q, k, v, spec, mask, first_key, bias=None):
+def _takes_raw(chosen: Plan, sin, bias) -> bool:
+    """Whether the plan's one implementation takes q and k raw with the RoPE tables:
+    where it says so, the tables are shared by every row (`(S, D/2)`: no per-sequence
+    segment positions) and no bias is handed over as a feature of q and k."""
+    impl = chosen.forward
+    return impl == chosen.gradient and impl.takes_raw and bias is None and sin.ndim == 2
+
+
+def _call(implementation, q, k, v, spec, mask, first_key, bias=None, rope=None):
     """`implementation(q, k, v, spec, mask)`, with `first_key` when the spec is bounded
-    (implementations written before segments and windows take five arguments) and
-    `bias=` when it takes the array bias itself."""
+    (implementations written before segments and windows take five arguments),
+    `bias=` when it takes the array bias itself, and `rope=` when it takes q and k
+    raw."""
     extra = {} if bias is None else {"bias": bias}
+    if rope is not None:
+        extra["rope"] = rope
     if first_key is None:
         return implementation(q, k, v, spec, mask, **extra)
     return implementation(q, k, v, spec, mask, first_key, **extra)

@@ -17,7 +17,8 @@ from helpers import (
 )
 
 import eqx_xlstm as ex
-from eqx_xlstm.implementations import Chunked, CuDNN, Mosaic, Triton, cudnn_private
+from eqx_xlstm import dispatch
+from eqx_xlstm.implementations import Chunked, CuDNN, Mosaic, Triton, cudnn_private, per_shard
 from eqx_xlstm.implementations.cudnn import CuDNNPieces
 from eqx_xlstm.implementations.mosaic import MosaicPieces
 from eqx_xlstm.implementations.ring import BlockwisePieces
@@ -267,11 +268,18 @@ def test_cudnn_ring_pieces_match_blockwise(mask, seq):
     np.testing.assert_allclose(got[4], expected[4], atol=2e-3, rtol=1e-3, err_msg="lse")
 
 
-def test_mosaic_softmax_gradients_through_attention():
+def test_mosaic_softmax_gradients_through_attention(monkeypatch):
     # Padded rows (S=130), swish and RoPE; the backward's lse comes from the forward.
+    # Mosaic takes q and k raw and its kernels return their gradients (swish' and RoPE
+    # transposed as the dK/dV and dQ blocks write their rows), not XLA after them.
     mosaic_or_skip()
+    raw_calls = []
+    real = per_shard._raw_row_attention
+    monkeypatch.setattr(per_shard, "_raw_row_attention", lambda *a: raw_calls.append(a) or real(*a))
+    dispatch._run.clear_cache()  # traced anew, through the spy
     q, k, v, g = random_inputs(130, batch=(1,), dqk=64, dv=64, dtype=jnp.bfloat16, seed=4)
     got, expected = against_reference("mosaic", q, k, v, g, qk_pre_activation_function="swish")
+    assert raw_calls, "Mosaic was not handed the raw q and k"
     assert_all_close(got, expected, jnp.bfloat16)
 
 

@@ -9,8 +9,8 @@ from helpers import HALF_KERNEL, here, random_inputs
 
 import eqx_xlstm as ex
 from eqx_xlstm import maths
-from eqx_xlstm.implementations import Mosaic
-from eqx_xlstm.implementations.mosaic import backward, forward, jax_private, prepared
+from eqx_xlstm.implementations import Mosaic, raw_rows
+from eqx_xlstm.implementations.mosaic import backward, forward, jax_private
 
 INTERPRET = jax.default_backend() != "gpu"
 
@@ -256,8 +256,8 @@ def test_backward_kernels_with_first_keys(activation, window, runs, fused, group
     wanted = jax.vjp(reference, *f32[:3])[1](f32[3])
     options = dict(first_key=first, groups=groups)
     if raw is not None:  # the kernels' q and k: prepared, in bfloat16
-        table = prepared.rope_pair_table(sin, cos)
-        options["prepared"] = prepared.Prepared(q, k, table, swish=raw == "swish")
+        table = raw_rows.rope_pair_table(sin, cos)
+        options["prepared"] = raw_rows.Prepared(q, k, table, swish=raw == "swish")
         q, k = (prepare(x.astype(jnp.float32)).astype(jnp.bfloat16) for x in (q, k))
     if activation == "softmax":
         options |= softmax_stats(q, k, v, g, first)
@@ -337,8 +337,8 @@ def test_raw_gradient_is_the_transpose_of_prepare(pre_activation):
     fused kernel): the vector-Jacobian product of swish then RoPE, per-row tables."""
     x, grad = jax.random.normal(jax.random.key(0), (2, 2, 40, 16))
     sin, cos = rope_tables(jnp.stack([jnp.arange(40), jnp.arange(40) % 13]), 16)
-    table = prepared.from_bits(prepared.as_bits(prepared.rope_pair_table(sin, cos), jnp.bfloat16))
+    table = raw_rows.from_bits(raw_rows.as_bits(raw_rows.rope_pair_table(sin, cos), jnp.bfloat16))
     sin, cos = (t.astype(jnp.float16).astype(jnp.float32) for t in (sin, cos))  # as the table
     want = jax.vjp(lambda x: maths.prepare(x, pre_activation, sin, cos, jnp.float32), x)[1](grad)
-    got = prepared.raw_gradient(grad, x, table, pre_activation == "swish", interpret=True)
+    got = raw_rows.raw_gradient(grad, x, table, pre_activation == "swish")
     np.testing.assert_allclose(got, want[0], rtol=1e-5, atol=1e-6)

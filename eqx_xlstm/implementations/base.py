@@ -26,6 +26,11 @@ class Implementation(abc.ABC):
     """Whether it takes an array sigmoid bias (`spec.array_bias`) as `bias=`, q's batch
     shape, and differentiates it; otherwise dispatch hands it over as one more feature
     of q and k."""
+    takes_raw: ClassVar[bool] = False
+    """Whether it takes `rope=(sin, cos)` (`(S, D/2)` each) with queries and keys as
+    they come, before swish and RoPE, and applies them itself (so that its backward
+    can return the raw rows' gradients without a pass of its own); dispatch hands it
+    raw rows where the tables are shared by every row and no bias is a feature."""
 
     @abc.abstractmethod
     def unsupported(self, spec: AttentionSpec) -> str | None:

@@ -18,9 +18,11 @@ import jax.numpy as jnp
 from jax.experimental.custom_partitioning import custom_partitioning
 from jax.sharding import NamedSharding, PartitionSpec
 
+from .. import maths
 from ..spec import AttentionSpec
 from . import ring
 from .base import SequenceLayout, as_rows, from_rows
+from .raw_rows import Prepared, raw_gradient, rope_pair_table
 
 
 def _axes(sharding, ndim: int) -> tuple:
@@ -49,11 +51,17 @@ def _sequence_layout(mesh, shape, axes, seq_axis: int) -> SequenceLayout | None:
 
 
 def per_shard(
-    fn, *arrays, batch_ndim: int, over_sequence: Callable | None = None, group_ndim: int = 0
+    fn,
+    *arrays,
+    batch_ndim: int,
+    over_sequence: Callable | None = None,
+    group_ndim: int = 0,
+    shared: int = 0,
 ):
     """`fn(*arrays)`, run shard by shard when the arrays are sharded over their first
     `batch_ndim` axes (shared by every array and result; `fn` returns a tuple of
-    arrays).
+    arrays). The last `shared` arrays have no leading axes, `(S, ...)`: every shard
+    gets them whole (or its part of the sequence, when that is sharded).
 
     With `over_sequence`, the next axis of every array and result (the sequence) may
     be sharded too: then each device runs `over_sequence(layout)` on its shards, a
@@ -71,13 +79,17 @@ def per_shard(
 
     @jax.custom_batching.custom_vmap
     def call(*arrays):
-        return _partitioned(fn, arrays, batch_ndim, over_sequence, group_ndim)
+        return _partitioned(fn, arrays, batch_ndim, over_sequence, group_ndim, shared)
 
     @call.def_vmap
     def _mapped_axis_in_front(axis_size, in_batched, *arrays):
+        if shared and any(in_batched[len(arrays) - shared :]):
+            raise NotImplementedError("per_shard's shared arrays cannot be mapped by vmap")
         arrays = [
-            x if batched else jnp.broadcast_to(x, (axis_size, *x.shape))
-            for x, batched in zip(arrays, in_batched)
+            x
+            if batched or i >= len(arrays) - shared
+            else jnp.broadcast_to(x, (axis_size, *x.shape))
+            for i, (x, batched) in enumerate(zip(arrays, in_batched))
         ]
         results = per_shard(
             fn,
@@ -85,27 +97,32 @@ def per_shard(
             batch_ndim=batch_ndim + 1,
             over_sequence=over_sequence,
             group_ndim=group_ndim,
+            shared=shared,
         )
         return results, jax.tree.map(lambda _: True, results)
 
     return call(*arrays)
 
 
-def _partitioned(fn, arrays, batch_ndim, over_sequence, group_ndim=0):
+def _partitioned(fn, arrays, batch_ndim, over_sequence, group_ndim=0, shared=0):
     results = jax.eval_shape(fn, *arrays)
     sequence = over_sequence is not None
     group_ndim = group_ndim if sequence else 0  # otherwise they are whole anyway
+    n_own = len(arrays) - shared
 
     # Shardy: the leading axes pass through, and the sequence when `over_sequence`
-    # (after `group_ndim` axes); every other axis stays whole.
+    # (after `group_ndim` axes); every other axis stays whole. Shared arrays have no
+    # leading axes, and no group axis.
     factors, mappings = [], []
     for group in (arrays, results):
         parts = []
-        for x in group:
-            names = [f"f{len(factors) + i}" for i in range(x.ndim - batch_ndim - sequence)]
+        for i, x in enumerate(group):
+            own = group is results or i < n_own
+            lead, groups = (batch_ndim, group_ndim) if own else (0, 0)
+            names = [f"f{len(factors) + i}" for i in range(x.ndim - lead - sequence)]
             factors += names
-            axes = [*names[:group_ndim], *(["s"] if sequence else []), *names[group_ndim:]]
-            parts.append(" ".join(["...", *axes]))
+            axes = [*names[:groups], *(["s"] if sequence else []), *names[groups:]]
+            parts.append(" ".join(["..."] * own + axes))
         mappings.append(", ".join(parts))
     rule = f"{mappings[0]} -> {mappings[1]}"
     seq_axis = batch_ndim + group_ndim
@@ -123,6 +140,11 @@ def _partitioned(fn, arrays, batch_ndim, over_sequence, group_ndim=0):
     def infer(mesh, arg_shapes, result_shapes):
         return _sharded_like(mesh, result_shapes, placement(mesh, arg_shapes)[0])
 
+    def arg_shardings(mesh, arg_shapes, axes, layout):
+        own = _sharded_like(mesh, arg_shapes[:n_own], axes)
+        along = (layout.axis_name,) if layout else ()
+        return (*own, *_sharded_like(mesh, arg_shapes[n_own:], along))
+
     def like_results(shard_fn):
         # `over_sequence` may compute in other dtypes, or more: the op's results are fn's.
         return lambda *xs: tuple(x.astype(r.dtype) for x, r in zip(shard_fn(*xs), results))
@@ -133,7 +155,7 @@ def _partitioned(fn, arrays, batch_ndim, over_sequence, group_ndim=0):
             mesh,
             fn if layout is None else like_results(over_sequence(layout)),
             _sharded_like(mesh, result_shapes, axes),
-            _sharded_like(mesh, arg_shapes, axes),
+            arg_shardings(mesh, arg_shapes, axes, layout),
         )
 
     op = custom_partitioning(fn)
@@ -216,14 +238,21 @@ class RowKernels:
         return make
 
 
-def row_attention(kernels: RowKernels, q, k, v, first_key=None, bias=None):
+def row_attention(kernels: RowKernels, q, k, v, first_key=None, bias=None, rope=None):
     """Differentiable attention of `(*batch, S, D)` inputs through `kernels`, each pass
     one op per device's shard of the leading axes (`per_shard`); `first_key` (bounded
     specs) broadcasts against k's batch axes; `bias` (`spec.array_bias`: the kernels
-    then take `bias=` rows and return its gradient) against q's, differentiable."""
+    then take `bias=` rows and return its gradient) against q's, differentiable.
+
+    With `rope` (`(sin, cos)`, `(S, D/2)` each), q and k are the raw queries and keys:
+    swish (as `spec.pre_activation` says) and RoPE are applied here, and the kernels'
+    backward takes `prepared=` and returns the raw rows' gradients itself."""
     first = () if first_key is None else (jnp.broadcast_to(first_key, k.shape[:-1]),)
     biases = () if bias is None else (jnp.broadcast_to(bias, q.shape[:-2]).astype(jnp.float32),)
-    return _row_attention(q, k, v, first, biases, kernels)
+    if rope is None:
+        return _row_attention(q, k, v, first, biases, kernels)
+    table = rope_pair_table(*rope)
+    return _raw_row_attention(q, k, v, first, biases, table, kernels)
 
 
 def _at_positions(biases: tuple, seq_len: int) -> tuple:
@@ -292,12 +321,21 @@ def _row_attention_fwd(q, k, v, first_key, biases, kernels):
 
 def _row_attention_bwd(kernels, residuals, d_out):
     q, k, v, first_key, biases, outs = residuals
+    return _backward(kernels, q, k, v, d_out, first_key, biases, outs)
+
+
+def _backward(kernels, q, k, v, d_out, first_key, biases, outs, raw=()):
+    """The cotangents of `_row_attention`'s inputs; with `raw` (`(q, k, table)`, the
+    raw rows and `rope_pair_table`), q and k are prepared, and the q and k cotangents
+    are the raw rows'."""
     spec, multiple = kernels.spec, kernels.multiple
-    n_first, n_bias = len(first_key), len(biases)
+    n_first, n_bias, n_outs = len(first_key), len(biases), len(outs)
+    swish = spec.pre_activation != "none"
 
     def fn(q, k, v, d_out, *rest):
         first_key, biases = rest[:n_first], rest[n_first : n_first + n_bias]
-        outs = rest[n_first + n_bias :]
+        outs = rest[n_first + n_bias : n_first + n_bias + n_outs]
+        raw = rest[n_first + n_bias + n_outs :]
         batch = q.shape[:-2]
         rows = [as_rows(x, spec, multiple) for x in (q, k, v, d_out)]
         outs = [o.reshape(-1, *o.shape[len(batch) :]) for o in outs]
@@ -305,6 +343,10 @@ def _row_attention_bwd(kernels, residuals, d_out):
         first = first_key_rows(first_key, padded)
         options = {"first_key": first} if first else {}
         options |= bias_rows(biases, padded)
+        if raw:
+            raw_q, raw_k = (as_rows(x, spec, multiple) for x in raw[:2])
+            table = jnp.pad(raw[2], ((0, padded - raw[2].shape[0]), (0, 0)))[None]
+            options["prepared"] = Prepared(raw_q, raw_k, table, swish)
         grads = kernels.backward(*rows[:3], *outs, rows[3], **options)
         grads_qkv = tuple(
             from_rows(g, x.shape[:-2], spec).astype(x.dtype) for g, x in zip(grads, (q, k, v))
@@ -314,6 +356,8 @@ def _row_attention_bwd(kernels, residuals, d_out):
         return grads_qkv + d_biases
 
     over_sequence = kernels.over_sequence(False)
+    if raw and over_sequence is not None:
+        over_sequence = _raw_after(over_sequence, n_first + n_bias + n_outs, swish)
     grads = per_shard(
         fn,
         q,
@@ -323,12 +367,70 @@ def _row_attention_bwd(kernels, residuals, d_out):
         *first_key,
         *_at_positions(biases, q.shape[-2]),
         *outs,
+        *raw,
         batch_ndim=kernels.batch_ndim(q),
         over_sequence=over_sequence,
         group_ndim=kernels.group_ndim,
+        shared=int(bool(raw)),
     )
     d_biases = tuple(g.sum(axis=-1) for g in grads[3:])
     return (*grads[:3], tuple(None for _ in first_key), d_biases)
 
 
+def _raw_after(over_sequence, n_rest, swish):
+    """`over_sequence` for a backward with raw rows: the ring's gradients w.r.t. the
+    prepared q and k, then swish and RoPE's transpose on this device's shard (in XLA)."""
+
+    def make(layout):
+        ring_backward = over_sequence(layout)
+
+        def run(q, k, v, d_out, *rest):
+            rest, (raw_q, raw_k, table) = rest[:n_rest], rest[n_rest:]
+            dq, dk, *others = ring_backward(q, k, v, d_out, *rest)
+            table = table.astype(jnp.float32)
+            dq, dk = (
+                raw_gradient(g.astype(jnp.float32), x, table, swish)
+                for g, x in ((dq, raw_q), (dk, raw_k))
+            )
+            return (dq, dk, *others)
+
+        return run
+
+    return make
+
+
 _row_attention.defvjp(_row_attention_fwd, _row_attention_bwd)
+
+
+def _prepare(q, k, table, spec):
+    """Swish (unless `spec.pre_activation` is "none") and RoPE on q and k, with the
+    angles of `table` (`rope_pair_table`), in `spec.dtype`."""
+    table = table.astype(jnp.float32)
+    sin, cos = table[..., 1::2], table[..., ::2]
+    return tuple(
+        maths.prepare(x, spec.pre_activation, sin, cos, spec.accum_dtype).astype(spec.dtype)
+        for x in (q, k)
+    )
+
+
+@functools.partial(jax.custom_vjp, nondiff_argnums=(6,))
+def _raw_row_attention(q, k, v, first_key, biases, table, kernels):
+    q, k = _prepare(q, k, table, kernels.spec)
+    return _row_attention(q, k, v, first_key, biases, kernels)
+
+
+def _raw_row_attention_fwd(q, k, v, first_key, biases, table, kernels):
+    prepared = _prepare(q, k, table, kernels.spec)
+    out, (*_, outs) = _row_attention_fwd(*prepared, v, first_key, biases, kernels)
+    return out, (q, k, *prepared, v, first_key, biases, table, outs)
+
+
+def _raw_row_attention_bwd(kernels, residuals, d_out):
+    q, k, q_prepared, k_prepared, v, first_key, biases, table, outs = residuals
+    grads = _backward(
+        kernels, q_prepared, k_prepared, v, d_out, first_key, biases, outs, raw=(q, k, table)
+    )
+    return (*grads, None)
+
+
+_raw_row_attention.defvjp(_raw_row_attention_fwd, _raw_row_attention_bwd)

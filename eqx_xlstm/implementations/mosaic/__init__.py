@@ -36,6 +36,7 @@ class Mosaic(Implementation):
     """
 
     name = "mosaic"
+    takes_raw = True
     fused_backward_from: int | None = 4096
     """From this sequence length on, the backward pass is the one fused kernel rather
     than the dQ + dK/dV pair (None: never). The fused kernel won every measured round
@@ -75,8 +76,11 @@ class Mosaic(Implementation):
     def ring_pieces(self) -> "MosaicPieces":
         return MosaicPieces(self)
 
-    def __call__(self, q, k, v, spec, mask, first_key=None):
-        """`first_key`: each query's first visible key, for segments and windows."""
+    def __call__(self, q, k, v, spec, mask, first_key=None, rope=None):
+        """`first_key`: each query's first visible key, for segments and windows.
+        `rope`: `(sin, cos)` when q and k come raw (`takes_raw`): the backward kernels
+        then return the raw rows' gradients, RoPE transposed and swish' applied as each
+        block writes its rows (`prepared`)."""
         interpret = spec.platform != "gpu"
         backward = functools.partial(
             _backward_kernels, spec=spec, interpret=interpret, fused=self.fused(spec)
@@ -89,7 +93,7 @@ class Mosaic(Implementation):
             partition=not interpret,
             sequence_pieces=self.ring_pieces(),
         )
-        return row_attention(row_kernels, q, k, v, first_key)
+        return row_attention(row_kernels, q, k, v, first_key, rope=rope)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -157,15 +161,18 @@ def _forward_kernel(q, k, v, *first_key, spec, interpret):
     return outs if spec.activation == "softmax" else (outs,)
 
 
-def _backward_kernels(q, k, v, *outs_and_d_out, spec, interpret, fused, first_key=()):
+def _backward_kernels(
+    q, k, v, *outs_and_d_out, spec, interpret, fused, first_key=(), prepared=None
+):
     """`(dq, dk, dv)` from the forward's outputs (softmax: out and lse; otherwise
-    none needed) and `d_out`."""
+    none needed) and `d_out`; w.r.t. the raw q and k with `prepared`."""
     *outs, d_out = outs_and_d_out
     args = (q, k, v, d_out, spec.activation, spec.sigmoid_bias, interpret)
     options = {
         "full": spec.mask == "full",
         "first_key": first_key[0] if first_key else None,
         "groups": spec.kv_groups,
+        "prepared": prepared,
     }
     if spec.activation == "softmax":
         out, lse = outs

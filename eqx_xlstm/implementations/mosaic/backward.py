@@ -45,6 +45,7 @@ from jax.experimental import pallas as pl
 from jax.experimental.pallas import mosaic_gpu as plgpu
 
 from ... import maths
+from .. import raw_rows
 from . import jax_private
 from . import prepared as raw_grads
 from .common import (
@@ -561,8 +562,7 @@ def _raw_gradient_rows(grad, raw, swish):
     tables = table.shape[0]
     grad = grad.reshape(tables, -1, *grad.shape[1:])
     rows = raw_q.reshape(grad.shape)
-    table = raw_grads.from_bits(table[:, None])
-    out = raw_grads.raw_gradient(grad, rows, table, swish, interpret=True)
+    out = raw_rows.raw_gradient(grad, rows, raw_rows.from_bits(table[:, None]), swish)
     return out.reshape(raw_q.shape)
 
 
