@@ -251,8 +251,7 @@ def row_attention(kernels: RowKernels, q, k, v, first_key=None, bias=None, rope=
     biases = () if bias is None else (jnp.broadcast_to(bias, q.shape[:-2]).astype(jnp.float32),)
     if rope is None:
         return _row_attention(q, k, v, first, biases, kernels)
-    table = rope_pair_table(*rope)
-    return _raw_row_attention(q, k, v, first, biases, table, kernels)
+    return _raw_row_attention(q, k, v, first, biases, tuple(rope), kernels)
 
 
 def _at_positions(biases: tuple, seq_len: int) -> tuple:
@@ -402,11 +401,10 @@ def _raw_after(over_sequence, n_rest, swish):
 _row_attention.defvjp(_row_attention_fwd, _row_attention_bwd)
 
 
-def _prepare(q, k, table, spec):
-    """Swish (unless `spec.pre_activation` is "none") and RoPE on q and k, with the
-    angles of `table` (`rope_pair_table`), in `spec.dtype`."""
-    table = table.astype(jnp.float32)
-    sin, cos = table[..., 1::2], table[..., ::2]
+def _prepare(q, k, rope, spec):
+    """Swish (unless `spec.pre_activation` is "none") and RoPE (`rope`: sin, cos) on q
+    and k, in `spec.dtype`."""
+    sin, cos = rope
     return tuple(
         maths.prepare(x, spec.pre_activation, sin, cos, spec.accum_dtype).astype(spec.dtype)
         for x in (q, k)
@@ -414,15 +412,15 @@ def _prepare(q, k, table, spec):
 
 
 @functools.partial(jax.custom_vjp, nondiff_argnums=(6,))
-def _raw_row_attention(q, k, v, first_key, biases, table, kernels):
-    q, k = _prepare(q, k, table, kernels.spec)
+def _raw_row_attention(q, k, v, first_key, biases, rope, kernels):
+    q, k = _prepare(q, k, rope, kernels.spec)
     return _row_attention(q, k, v, first_key, biases, kernels)
 
 
-def _raw_row_attention_fwd(q, k, v, first_key, biases, table, kernels):
-    prepared = _prepare(q, k, table, kernels.spec)
+def _raw_row_attention_fwd(q, k, v, first_key, biases, rope, kernels):
+    prepared = _prepare(q, k, rope, kernels.spec)
     out, (*_, outs) = _row_attention_fwd(*prepared, v, first_key, biases, kernels)
-    return out, (q, k, *prepared, v, first_key, biases, table, outs)
+    return out, (q, k, *prepared, v, first_key, biases, rope_pair_table(*rope), outs)
 
 
 def _raw_row_attention_bwd(kernels, residuals, d_out):
@@ -430,7 +428,7 @@ def _raw_row_attention_bwd(kernels, residuals, d_out):
     grads = _backward(
         kernels, q_prepared, k_prepared, v, d_out, first_key, biases, outs, raw=(q, k, table)
     )
-    return (*grads, None)
+    return (*grads, (None, None))  # the RoPE tables are constants
 
 
 _raw_row_attention.defvjp(_raw_row_attention_fwd, _raw_row_attention_bwd)
