@@ -232,7 +232,7 @@ def _run(q, k, v, mask, sin, cos, extras, *, spec: AttentionSpec, chosen: Plan):
     first_key, bias = extras
     accum = spec.accum_dtype
     rope = None
-    if _takes_raw(chosen, sin, bias):  # swish and RoPE inside it (`Implementation.takes_raw`)
+    if _takes_raw(chosen, spec, sin, bias):  # swish and RoPE in it (`Implementation.takes_raw`)
         rope = (sin, cos)
         q, k = q.astype(spec.dtype), k.astype(spec.dtype)
     else:
@@ -253,12 +253,13 @@ def _run(q, k, v, mask, sin, cos, extras, *, spec: AttentionSpec, chosen: Plan):
     return out.reshape(*spec.batch_shape, *out.shape[-2:]).astype(spec.dtype)
 
 
-def _takes_raw(chosen: Plan, sin, bias) -> bool:
+def _takes_raw(chosen: Plan, spec: AttentionSpec, sin, bias) -> bool:
     """Whether the plan's one implementation takes q and k raw with the RoPE tables:
     where it says so, the tables are shared by every row (`(S, D/2)`: no per-sequence
     segment positions) and no bias is handed over as a feature of q and k."""
     impl = chosen.forward
-    return impl == chosen.gradient and impl.takes_raw and bias is None and sin.ndim == 2
+    shared_tables = bias is None and sin.ndim == 2
+    return impl == chosen.gradient and shared_tables and impl.takes_raw(spec)
 
 
 def _call(implementation, q, k, v, spec, mask, first_key, bias=None, rope=None):

@@ -26,11 +26,6 @@ class Implementation(abc.ABC):
     """Whether it takes an array sigmoid bias (`spec.array_bias`) as `bias=`, q's batch
     shape, and differentiates it; otherwise dispatch hands it over as one more feature
     of q and k."""
-    takes_raw: ClassVar[bool] = False
-    """Whether it takes `rope=(sin, cos)` (`(S, D/2)` each) with queries and keys as
-    they come, before swish and RoPE, and applies them itself (so that its backward
-    can return the raw rows' gradients without a pass of its own); dispatch hands it
-    raw rows where the tables are shared by every row and no bias is a feature."""
 
     @abc.abstractmethod
     def unsupported(self, spec: AttentionSpec) -> str | None:
@@ -54,6 +49,14 @@ class Implementation(abc.ABC):
         k and v have a 1 where q has the group axis (-3). Any float dtype may come
         back: the caller casts to `spec.dtype`. Differentiable with respect to q, k
         and v."""
+
+    def takes_raw(self, spec: AttentionSpec) -> bool:
+        """Whether it takes calls of `spec` with `rope=(sin, cos)` (`(S, D/2)` each)
+        and queries and keys as they come, before swish and RoPE, applying them itself
+        (so that its backward can return the raw rows' gradients without a pass of its
+        own). Dispatch hands it raw rows where the tables are shared by every row and
+        no bias is a feature of q and k."""
+        return False
 
     def ring_pieces(self) -> Any:
         """The pieces (forward and backward of a causal or full chunk pair, with their

@@ -36,7 +36,6 @@ class Mosaic(Implementation):
     """
 
     name = "mosaic"
-    takes_raw = True
     fused_backward_from: int | None = 4096
     """From this sequence length on, the backward pass is the one fused kernel rather
     than the dQ + dK/dV pair (None: never). The fused kernel won every measured round
@@ -72,6 +71,14 @@ class Mosaic(Implementation):
         if spec.activation == "softmax" or spec.bounded or self.fused_backward_from is None:
             return False
         return spec.seq_len >= self.fused_backward_from
+
+    def takes_raw(self, spec: AttentionSpec) -> bool:
+        """With segments or windows: there the dQ + dK/dV pair forms the raw rows'
+        gradients as its blocks write them (fwd+bwd 0.90-0.97 of the time with XLA's
+        pass after the kernels, H200). Not for plain causal calls, whose fused
+        backward sums dQ across blocks, so XLA finishes it anyway: 1.012 of before at
+        S=16384 (docs/benchmarks.md)."""
+        return spec.bounded
 
     def ring_pieces(self) -> "MosaicPieces":
         return MosaicPieces(self)
