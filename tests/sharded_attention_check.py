@@ -141,6 +141,30 @@ def bounded_cases(mesh):
             report(label, axis_name, hlo, got, spec, got, want)
 
 
+def shared_array_cases(mesh):
+    """`per_shard` with an array shared by every shard (no leading axes, like the RoPE
+    table the Mosaic backward takes): over the batch each device gets it whole, over
+    the sequence its own part, next to its shard of the others."""
+    from eqx_xlstm.implementations.per_shard import per_shard
+
+    x = jax.random.normal(jax.random.key(5), (4, 2, 64, 8))
+    table = jax.random.normal(jax.random.key(6), (64, 8))
+    scaled = lambda x, table: (x * table,)
+    cases = (
+        ("batch", PartitionSpec("x"), None),
+        ("sequence", PartitionSpec(None, None, "x"), lambda layout: scaled),
+    )
+    for axis_name, spec, over_sequence in cases:
+
+        def f(x, table, over_sequence=over_sequence):
+            options = dict(batch_ndim=2, over_sequence=over_sequence, shared=1)
+            return per_shard(scaled, x, table, **options)[0]
+
+        sharded = jax.device_put(x, NamedSharding(mesh, spec))
+        got, hlo = compiled_run(f, sharded, table)
+        report("shared-table", axis_name, hlo, [got], spec, [got], [x * table])
+
+
 def report(case, axis_name, hlo, got, spec, compared, want):
     print(
         json.dumps(
@@ -241,6 +265,7 @@ def model_parallel_case():
 if __name__ == "__main__":
     mesh = Mesh(np.array(jax.devices()), ("x",))
     main(mesh)
+    shared_array_cases(mesh)
     bounded_cases(mesh)
     decoding_cases(mesh)
     checkpoint_case(mesh)

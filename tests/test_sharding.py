@@ -14,6 +14,15 @@ def test_paths_are_shard_local_over_batch_and_heads():
     (model_parallel,) = [row for row in rows if row["case"] == "model-parallel"]
     rows = [row for row in rows if row["case"] not in ("model-parallel",)]
     rows = [row for row in rows if not row["case"].startswith("checkpoint")]
+    # An array shared by every shard (the Mosaic backward's RoPE table): whole on each
+    # device over the batch, each device's part over the sequence; no collective.
+    shared = [row for row in rows if row["case"] == "shared-table"]
+    rows = [row for row in rows if row["case"] != "shared-table"]
+    assert [row["sharded"] for row in shared] == ["batch", "sequence"], shared
+    for row in shared:
+        assert not row["collectives"], row
+        assert row["shardings"] == [row["expected"]], row
+        assert row["max_rel_err"] == 0.0, row
     # Packed sequences with a window (chunked, linear, Triton) and grouped-query heads:
     # no collective either (each device its own block bounds), shardings kept, exact.
     bounded = [row for row in rows if row["case"].startswith("bounded")]
