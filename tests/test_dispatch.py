@@ -218,3 +218,20 @@ def test_vmap_keeps_the_mapped_axis_in_place():
     np.testing.assert_allclose(
         per_head_grad(q, k, v), jax.grad(lambda q: jnp.sum(fn(q, k, v)))(q), atol=1e-5
     )
+
+
+def test_mosaic_takes_raw_queries_and_keys_where_bounded_with_shared_tables():
+    # Dispatch hands Mosaic q and k before swish and RoPE (its backward kernels return
+    # their gradients) for segments and windows, with RoPE tables shared by every row
+    # and no bias folded into q and k; otherwise the XLA pass runs as before.
+    plan = dispatch.Plan
+    mosaic, triton = plan(Mosaic(), Mosaic()), plan(Triton(), Triton())
+    shared, per_row = jnp.zeros((64, 32)), jnp.zeros((2, 64, 32))
+    bounded = on_hopper(window=16)
+    assert dispatch._takes_raw(mosaic, bounded, shared, None)
+    assert dispatch._takes_raw(mosaic, on_hopper(segmented=True), shared, None)
+    assert not dispatch._takes_raw(mosaic, on_hopper(), shared, None)  # plain causal
+    assert not dispatch._takes_raw(mosaic, bounded, per_row, None)  # per-sequence positions
+    assert not dispatch._takes_raw(mosaic, bounded, shared, jnp.zeros(2))  # a bias feature
+    assert not dispatch._takes_raw(triton, bounded, shared, None)
+    assert not dispatch._takes_raw(plan(Mosaic(), Triton()), bounded, shared, None)

@@ -28,6 +28,10 @@ compute warpgroups own 64 query rows (and their dO) each and walk 128-key tiles 
 the diagonal: P = w(Q K^T), dP = dO V^T, dQ += dS K (softmax: its rows' statistics
 read once).
 
+With `prepared` (the raw queries and keys and their RoPE angles) the kernels return
+the gradients w.r.t. the rows before swish and RoPE: each block applies RoPE's
+transpose and swish' to its own rows as it writes them (`prepared.py`).
+
 With segments or sliding windows both take each query's first visible key: a dK/dV
 block stops after the last query tile that sees one of its keys, and a dQ pair starts
 at the key tile of its first key (tile ranges found in XLA).
@@ -366,7 +370,7 @@ def mosaic_dkv(
     row n: the kernel forms each query row's share of dK and dV, and the G shares of a
     K/V row are summed after it (in float32). Softmax needs each query's `lse` (the
     forward kernel's log2-sum-exp2) and `delta` (`sum(dO * O)`), `(N, S)` float32
-    each; the fused kernel takes no softmax. With `prepared` (`prepared.Prepared`),
+    each; the fused kernel takes no softmax. With `prepared` (`raw_rows.Prepared`),
     `q` and `k` are queries and keys after swish and RoPE, and the gradients returned
     are w.r.t. the raw ones, formed as each kernel writes its rows. Under `jax.vmap`
     the mapped axis joins N (the fused kernel only where `in_gmem` can hide its
@@ -384,7 +388,7 @@ def mosaic_dkv(
         full=full,
         groups=groups,
         n_first=first_key is not None,
-        swish=prepared and prepared.swish,
+        swish=bool(prepared and prepared.swish),
     )
     raw = () if prepared is None else prepared.arrays(q.dtype)
     arrays = (q, k, v, d_out, *optional(first_key), *_stats(activation, lse, delta), *raw)
@@ -521,7 +525,7 @@ def _dkv(q, k, v, d_out, *rest, activation, bias, interpret, fused, full, groups
         ]
     if stats:  # the streamed query tiles' lse and delta
         scratch += [plgpu.SMEM((STAGES, 2, ROWS), jnp.float32), plgpu.Barrier(num_barriers=STAGES)]
-    if raw:  # (interpret mode) the raw rows and their angles
+    if raw:  # the raw rows and their angles (the fused kernel's: interpret mode only)
         if fused:
             scratch += raw_grads.loaded_scratch(ROWS, dim, k.dtype, interpret)
         else:
@@ -557,7 +561,7 @@ def _dkv(q, k, v, d_out, *rest, activation, bias, interpret, fused, full, groups
 
 
 def _raw_gradient_rows(grad, raw, swish):
-    """`prepared.raw_gradient` of every row (in XLA): `raw` = (q, k, table)."""
+    """`raw_rows.raw_gradient` of every row (in XLA): `raw` = (q, k, table bits)."""
     raw_q, table = raw[0], raw[-1]
     tables = table.shape[0]
     grad = grad.reshape(tables, -1, *grad.shape[1:])
@@ -737,7 +741,7 @@ def mosaic_dq(
         full=full,
         groups=groups,
         n_first=first_key is not None,
-        swish=prepared and prepared.swish,
+        swish=bool(prepared and prepared.swish),
     )
     stats = _stats(activation, lse, delta)
     raw = () if prepared is None else prepared.arrays(q.dtype)[::2]  # queries and table
