@@ -193,7 +193,16 @@ def run(q, k, v, mask, sin, cos, spec: AttentionSpec, chosen: Plan, segment_ids=
     @call.def_vmap
     def _keep_in_place(axis_size, in_batched, q, k, v, mask, sin, cos, extras):
         # jax moved the mapped axis to the front; move it back, so that XLA cancels
-        # the two transposes, and run with it as one more batch axis.
+        # the two transposes, and run with it as one more batch axis. The unmapped
+        # per-sequence arrays (segment positions' tables, first keys, a bias) get a
+        # size-1 axis there, so they keep broadcasting against the axes they meant.
+        inner = q.ndim - 3  # the mapped function's batch axes
+        sin, cos = (_with_mapped_axis(t, 2, inner, axis) for t in (sin, cos))
+        first_key, bias = extras
+        extras = (
+            _with_mapped_axis(first_key, 1, inner, axis),
+            _with_mapped_axis(bias, 0, inner, axis),
+        )
         q, k, v = (jnp.moveaxis(x, 0, axis) for x in (q, k, v))
         batch_shape = q.shape[:-2]
         spec_here = spec.replace(batch_shape=batch_shape)
@@ -201,6 +210,16 @@ def run(q, k, v, mask, sin, cos, spec: AttentionSpec, chosen: Plan, segment_ids=
         return jnp.moveaxis(out, axis, 0), True
 
     return call(q, k, v, mask, sin, cos, extras)
+
+
+def _with_mapped_axis(x, trailing, inner, axis):
+    """`x` (None, or an array whose axes before its last `trailing` broadcast against
+    `inner` batch axes) with a size-1 axis at batch axis `axis` (where a mapped axis
+    goes back in), when it has batch axes at all."""
+    if x is None or x.ndim == trailing:
+        return x
+    x = x.reshape((1,) * (inner - (x.ndim - trailing)) + x.shape)
+    return jnp.expand_dims(x, axis)
 
 
 def _run_typed(q, k, v, mask, sin, cos, extras, spec: AttentionSpec, chosen: Plan):
@@ -233,7 +252,7 @@ def _run(q, k, v, mask, sin, cos, extras, *, spec: AttentionSpec, chosen: Plan):
     accum = spec.accum_dtype
     rope = None
     if _takes_raw(chosen, spec, sin, bias):  # swish and RoPE in it (`Implementation.takes_raw`)
-        rope = (sin, cos)
+        rope = tuple(_of_batch_rank(t, spec) for t in (sin, cos))
         q, k = q.astype(spec.dtype), k.astype(spec.dtype)
     else:
         q = maths.prepare(q, spec.pre_activation, sin, cos, accum)
@@ -245,6 +264,8 @@ def _run(q, k, v, mask, sin, cos, extras, *, spec: AttentionSpec, chosen: Plan):
     inner = spec
     if spec.kv_groups > 1:
         q, k, v, first_key, inner = _grouped(q, k, v, first_key, spec)
+        if rope is not None:  # one table for the group axis too
+            rope = tuple(t[..., None, :, :] for t in rope)
     bias = jnp.broadcast_to(bias, spec.batch_shape).reshape(q.shape[:-2]) if native else None
     if chosen.forward == chosen.gradient:
         out = _call(chosen.forward, q, k, v, inner, mask, first_key, bias, rope)
@@ -255,11 +276,28 @@ def _run(q, k, v, mask, sin, cos, extras, *, spec: AttentionSpec, chosen: Plan):
 
 def _takes_raw(chosen: Plan, spec: AttentionSpec, sin, bias) -> bool:
     """Whether the plan's one implementation takes q and k raw with the RoPE tables:
-    where it says so, the tables are shared by every row (`(S, D/2)`: no per-sequence
-    segment positions) and no bias is handed over as a feature of q and k."""
+    where it says so, no bias is handed over as a feature of q and k, and the tables
+    (`sin`, `(..., S, D/2)`: per sequence with segments) vary along leading axes of
+    the batch only (every row's angles are row `n // every` of them, one table for a
+    group of grouped heads)."""
     impl = chosen.forward
-    shared_tables = bias is None and sin.ndim == 2
-    return impl == chosen.gradient and shared_tables and impl.takes_raw(spec)
+    if impl != chosen.gradient or bias is not None or not impl.takes_raw(spec):
+        return False
+    batch = spec.batch_shape
+    lead = sin.shape[:-2]
+    if len(lead) > len(batch):
+        return False
+    lead = (1,) * (len(batch) - len(lead)) + lead
+    same = next((i for i, (a, b) in enumerate(zip(lead, batch)) if a != b), len(batch))
+    if any(size != 1 for size in lead[same:]):  # the angles vary after an axis they share
+        return False
+    return spec.kv_groups == 1 or lead[-1] == 1  # grouped heads: one table for all heads
+
+
+def _of_batch_rank(table, spec: AttentionSpec):
+    """A RoPE table `(..., S, D/2)` with leading axes of size 1 up to q's rank."""
+    missing = len(spec.batch_shape) + 2 - table.ndim
+    return table.reshape((1,) * missing + table.shape)
 
 
 def _call(implementation, q, k, v, spec, mask, first_key, bias=None, rope=None):

@@ -147,14 +147,16 @@ def shared_array_cases(mesh):
     the sequence its own part, next to its shard of the others."""
     from eqx_xlstm.implementations.per_shard import per_shard
 
-    x = jax.random.normal(jax.random.key(5), (4, 2, 64, 8))
-    table = jax.random.normal(jax.random.key(6), (64, 8))
+    x = jax.random.normal(jax.random.key(5), (4, 4, 64, 8))
     scaled = lambda x, table: (x * table,)
-    cases = (
-        ("batch", PartitionSpec("x"), None),
-        ("sequence", PartitionSpec(None, None, "x"), lambda layout: scaled),
+    cases = (  # (sharded axis, table's leading axes: one for all, or one per batch row)
+        ("batch", PartitionSpec("x"), None, (1, 1)),
+        ("batch", PartitionSpec("x"), None, (4, 1)),
+        ("heads", PartitionSpec(None, "x"), None, (4, 1)),
+        ("sequence", PartitionSpec(None, None, "x"), lambda layout: scaled, (4, 1)),
     )
-    for axis_name, spec, over_sequence in cases:
+    for axis_name, spec, over_sequence, lead in cases:
+        table = jax.random.normal(jax.random.key(6), (*lead, 64, 8))
 
         def f(x, table, over_sequence=over_sequence):
             options = dict(batch_ndim=2, over_sequence=over_sequence, shared=1)

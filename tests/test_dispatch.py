@@ -220,18 +220,25 @@ def test_vmap_keeps_the_mapped_axis_in_place():
     )
 
 
-def test_mosaic_takes_raw_queries_and_keys_where_bounded_with_shared_tables():
+def test_mosaic_takes_raw_queries_and_keys_where_bounded():
     # Dispatch hands Mosaic q and k before swish and RoPE (its backward kernels return
-    # their gradients) for segments and windows, with RoPE tables shared by every row
-    # and no bias folded into q and k; otherwise the XLA pass runs as before.
+    # their gradients) for segments and windows, where the RoPE tables vary along
+    # leading axes of the batch only (row n reads table row n // every; one table for a
+    # group of grouped heads) and no bias is folded into q and k; otherwise the XLA
+    # pass runs as before.
     plan = dispatch.Plan
     mosaic, triton = plan(Mosaic(), Mosaic()), plan(Triton(), Triton())
-    shared, per_row = jnp.zeros((64, 32)), jnp.zeros((2, 64, 32))
-    bounded = on_hopper(window=16)
-    assert dispatch._takes_raw(mosaic, bounded, shared, None)
-    assert dispatch._takes_raw(mosaic, on_hopper(segmented=True), shared, None)
-    assert not dispatch._takes_raw(mosaic, on_hopper(), shared, None)  # plain causal
-    assert not dispatch._takes_raw(mosaic, bounded, per_row, None)  # per-sequence positions
-    assert not dispatch._takes_raw(mosaic, bounded, shared, jnp.zeros(2))  # a bias feature
-    assert not dispatch._takes_raw(triton, bounded, shared, None)
-    assert not dispatch._takes_raw(plan(Mosaic(), Triton()), bounded, shared, None)
+    table = lambda *lead: jnp.zeros((*lead, 64, 32))
+    bounded = on_hopper(window=16, batch_shape=(2, 4))
+    takes = lambda spec, sin, bias=None, chosen=mosaic: dispatch._takes_raw(chosen, spec, sin, bias)
+    assert takes(bounded, table())  # shared by every row
+    assert takes(bounded, table(2, 1))  # per sequence (segments), shared by its heads
+    assert takes(bounded, table(2, 4))
+    assert takes(on_hopper(segmented=True, batch_shape=(2, 4)), table(1))
+    assert not takes(bounded, table(1, 4))  # varies along heads only
+    assert not takes(on_hopper(batch_shape=(2, 4)), table())  # plain causal
+    assert not takes(bounded, table(), bias=jnp.zeros(2))  # a bias feature
+    assert not takes(bounded, table(), chosen=triton)
+    assert not takes(bounded, table(), chosen=plan(Mosaic(), Triton()))
+    grouped = on_hopper(window=16, batch_shape=(2, 4), kv_groups=2)
+    assert takes(grouped, table(2, 1)) and not takes(grouped, table(2, 4))

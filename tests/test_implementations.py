@@ -269,17 +269,19 @@ def test_cudnn_ring_pieces_match_blockwise(mask, seq):
 
 
 def test_mosaic_softmax_gradients_through_attention(monkeypatch):
-    # Padded rows (S=130), swish and RoPE, a window; the backward's lse comes from the
-    # forward. Bounded, Mosaic takes q and k raw and its kernels return their gradients
-    # (swish' and RoPE transposed as the dK/dV and dQ blocks write their rows), not XLA
-    # after them.
+    # Padded rows (S=130), swish and RoPE, a window and packed documents, different in
+    # each sequence (RoPE restarting with each: a table per sequence); the backward's
+    # lse comes from the forward. Bounded, Mosaic takes q and k raw and its kernels
+    # return their gradients (swish' and RoPE transposed as the dK/dV and dQ blocks
+    # write their rows), not XLA after them.
     mosaic_or_skip()
     raw_calls = []
     real = per_shard._raw_row_attention
     monkeypatch.setattr(per_shard, "_raw_row_attention", lambda *a: raw_calls.append(a) or real(*a))
     dispatch._run.clear_cache()  # traced anew, through the spy
-    q, k, v, g = random_inputs(130, batch=(1,), dqk=64, dv=64, dtype=jnp.bfloat16, seed=4)
-    kwargs = dict(qk_pre_activation_function="swish", sliding_window=100)
+    q, k, v, g = random_inputs(130, batch=(2,), dqk=64, dv=64, dtype=jnp.bfloat16, seed=4)
+    ids = jnp.stack([jnp.arange(130) // 50, jnp.arange(130) // 90])
+    kwargs = dict(qk_pre_activation_function="swish", sliding_window=100, segment_ids=ids)
     got, expected = against_reference("mosaic", q, k, v, g, **kwargs)
     assert raw_calls, "Mosaic was not handed the raw q and k"
     assert_all_close(got, expected, jnp.bfloat16)

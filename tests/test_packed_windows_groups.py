@@ -181,6 +181,23 @@ def test_features_combine_under_jit_and_vmap():
     np.testing.assert_allclose(mapped, direct, **F32_OUT)
 
 
+@pytest.mark.parametrize("heads", [2, 3])
+def test_per_sequence_features_under_vmap_over_heads(heads):
+    """vmapped over the heads axis (kept in place as a batch axis, not moved), each
+    sequence's own segments and bias still apply to that sequence: equal the unmapped
+    call, with as many heads as sequences too (where broadcasting against the wrong
+    axis would not even fail)."""
+    q, k, v, _ = random_inputs(seq=SEQ, batch=(2, heads))
+    ids = jnp.stack([jnp.asarray(IDS), jnp.asarray(IDS[::-1])])
+    bias = jnp.array([-1.0, -3.0])  # one per sequence
+    call = lambda q, k, v, ids, bias: ex.attention(
+        q, k, v, activation_function="sigmoid", segment_ids=ids, sigmoid_bias=bias
+    )
+    mapped = jax.vmap(lambda q, k, v: call(q, k, v, ids, bias), in_axes=1, out_axes=1)(q, k, v)
+    direct = call(q, k, v, ids[:, None, :], bias[:, None])
+    np.testing.assert_allclose(mapped, direct, **F32_OUT)
+
+
 @pytest.mark.parametrize(
     "kwargs, error, match",
     [

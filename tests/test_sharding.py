@@ -14,11 +14,12 @@ def test_paths_are_shard_local_over_batch_and_heads():
     (model_parallel,) = [row for row in rows if row["case"] == "model-parallel"]
     rows = [row for row in rows if row["case"] not in ("model-parallel",)]
     rows = [row for row in rows if not row["case"].startswith("checkpoint")]
-    # An array shared by every shard (the Mosaic backward's RoPE table): whole on each
-    # device over the batch, each device's part over the sequence; no collective.
+    # An array shared by the shards (the Mosaic backward's RoPE table, one for all rows
+    # or one per batch row): whole along its axes of size 1, split like the others
+    # along the rest and the sequence; no collective.
     shared = [row for row in rows if row["case"] == "shared-table"]
     rows = [row for row in rows if row["case"] != "shared-table"]
-    assert [row["sharded"] for row in shared] == ["batch", "sequence"], shared
+    assert [row["sharded"] for row in shared] == ["batch", "batch", "heads", "sequence"], shared
     for row in shared:
         assert not row["collectives"], row
         assert row["shardings"] == [row["expected"]], row

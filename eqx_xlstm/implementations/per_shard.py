@@ -60,8 +60,10 @@ def per_shard(
 ):
     """`fn(*arrays)`, run shard by shard when the arrays are sharded over their first
     `batch_ndim` axes (shared by every array and result; `fn` returns a tuple of
-    arrays). The last `shared` arrays have no leading axes, `(S, ...)`: every shard
-    gets them whole (or its part of the sequence, when that is sharded).
+    arrays). The last `shared` arrays may have size 1 on leading axes (broadcasting
+    against the others', like a RoPE table shared by every head): sharded like the
+    others along the leading axes where they are not 1, whole on every device where
+    they are.
 
     With `over_sequence`, the next axis of every array and result (the sequence) may
     be sharded too: then each device runs `over_sequence(layout)` on its shards, a
@@ -83,14 +85,14 @@ def per_shard(
 
     @call.def_vmap
     def _mapped_axis_in_front(axis_size, in_batched, *arrays):
-        if shared and any(in_batched[len(arrays) - shared :]):
-            raise NotImplementedError("per_shard's shared arrays cannot be mapped by vmap")
-        arrays = [
-            x
-            if batched or i >= len(arrays) - shared
-            else jnp.broadcast_to(x, (axis_size, *x.shape))
-            for i, (x, batched) in enumerate(zip(arrays, in_batched))
-        ]
+        n_own = len(arrays) - shared
+
+        def mapped(i, x, batched):
+            if batched:
+                return x
+            return x[None] if i >= n_own else jnp.broadcast_to(x, (axis_size, *x.shape))
+
+        arrays = [mapped(i, x, b) for i, (x, b) in enumerate(zip(arrays, in_batched))]
         results = per_shard(
             fn,
             *arrays,
@@ -110,19 +112,27 @@ def _partitioned(fn, arrays, batch_ndim, over_sequence, group_ndim=0, shared=0):
     group_ndim = group_ndim if sequence else 0  # otherwise they are whole anyway
     n_own = len(arrays) - shared
 
-    # Shardy: the leading axes pass through, and the sequence when `over_sequence`
-    # (after `group_ndim` axes); every other axis stays whole. Shared arrays have no
-    # leading axes, and no group axis.
+    # Shardy: the leading axes pass through (b0, b1, ...; a shared array's axes of size
+    # 1 among them are factors of their own, kept whole), and the sequence when
+    # `over_sequence` (after `group_ndim` axes); every other axis stays whole.
+    batch = arrays[0].shape[:batch_ndim]
     factors, mappings = [], []
     for group in (arrays, results):
         parts = []
         for i, x in enumerate(group):
-            own = group is results or i < n_own
-            lead, groups = (batch_ndim, group_ndim) if own else (0, 0)
-            names = [f"f{len(factors) + i}" for i in range(x.ndim - lead - sequence)]
+            leading = []
+            for j in range(batch_ndim):
+                if x.shape[j] == batch[j]:
+                    leading.append(f"b{j}")
+                elif group is arrays and i >= n_own and x.shape[j] == 1:
+                    leading.append(f"u{len(factors)}")  # a shared array's axis of size 1
+                    factors.append(leading[-1])
+                else:
+                    raise ValueError(f"per_shard: leading axes {x.shape[:batch_ndim]}, not {batch}")
+            names = [f"f{len(factors) + i}" for i in range(x.ndim - batch_ndim - sequence)]
             factors += names
-            axes = [*names[:groups], *(["s"] if sequence else []), *names[groups:]]
-            parts.append(" ".join(["..."] * own + axes))
+            axes = [*names[:group_ndim], *(["s"] if sequence else []), *names[group_ndim:]]
+            parts.append(" ".join([*leading, *axes]))
         mappings.append(", ".join(parts))
     rule = f"{mappings[0]} -> {mappings[1]}"
     seq_axis = batch_ndim + group_ndim
@@ -140,10 +150,14 @@ def _partitioned(fn, arrays, batch_ndim, over_sequence, group_ndim=0, shared=0):
     def infer(mesh, arg_shapes, result_shapes):
         return _sharded_like(mesh, result_shapes, placement(mesh, arg_shapes)[0])
 
-    def arg_shardings(mesh, arg_shapes, axes, layout):
+    def arg_shardings(mesh, arg_shapes, axes):
+        def shared_sharding(x):  # whole along its axes of size 1
+            lead = [a if x.shape[j] == batch[j] else None for j, a in enumerate(axes[:batch_ndim])]
+            rest = [None] * (len(x.shape) - len(axes))
+            return NamedSharding(mesh, PartitionSpec(*lead, *axes[batch_ndim:], *rest))
+
         own = _sharded_like(mesh, arg_shapes[:n_own], axes)
-        along = (layout.axis_name,) if layout else ()
-        return (*own, *_sharded_like(mesh, arg_shapes[n_own:], along))
+        return (*own, *(shared_sharding(x) for x in arg_shapes[n_own:]))
 
     def like_results(shard_fn):
         # `over_sequence` may compute in other dtypes, or more: the op's results are fn's.
@@ -155,7 +169,7 @@ def _partitioned(fn, arrays, batch_ndim, over_sequence, group_ndim=0, shared=0):
             mesh,
             fn if layout is None else like_results(over_sequence(layout)),
             _sharded_like(mesh, result_shapes, axes),
-            arg_shardings(mesh, arg_shapes, axes, layout),
+            arg_shardings(mesh, arg_shapes, axes),
         )
 
     op = custom_partitioning(fn)
@@ -244,9 +258,10 @@ def row_attention(kernels: RowKernels, q, k, v, first_key=None, bias=None, rope=
     specs) broadcasts against k's batch axes; `bias` (`spec.array_bias`: the kernels
     then take `bias=` rows and return its gradient) against q's, differentiable.
 
-    With `rope` (`(sin, cos)`, `(S, D/2)` each), q and k are the raw queries and keys:
-    swish (as `spec.pre_activation` says) and RoPE are applied here, and the kernels'
-    backward takes `prepared=` and returns the raw rows' gradients itself."""
+    With `rope` (`(sin, cos)`, `(..., S, D/2)` each, of q's rank, broadcasting against
+    it with the axes where the angles vary first), q and k are the raw queries and
+    keys: swish (as `spec.pre_activation` says) and RoPE are applied here, and the
+    kernels' backward takes `prepared=` and returns the raw rows' gradients itself."""
     first = () if first_key is None else (jnp.broadcast_to(first_key, k.shape[:-1]),)
     biases = () if bias is None else (jnp.broadcast_to(bias, q.shape[:-2]).astype(jnp.float32),)
     if rope is None:
@@ -344,7 +359,8 @@ def _backward(kernels, q, k, v, d_out, first_key, biases, outs, raw=()):
         options |= bias_rows(biases, padded)
         if raw:
             raw_q, raw_k = (as_rows(x, spec, multiple) for x in raw[:2])
-            table = jnp.pad(raw[2], ((0, padded - raw[2].shape[0]), (0, 0)))[None]
+            table = raw[2].reshape(-1, *raw[2].shape[-2:])  # rows of this shard's angles
+            table = jnp.pad(table, ((0, 0), (0, padded - table.shape[1]), (0, 0)))
             options["prepared"] = Prepared(raw_q, raw_k, table, swish)
         grads = kernels.backward(*rows[:3], *outs, rows[3], **options)
         grads_qkv = tuple(
