@@ -242,3 +242,18 @@ def test_mosaic_takes_raw_queries_and_keys_where_bounded():
     assert not takes(bounded, table(), chosen=plan(Mosaic(), Triton()))
     grouped = on_hopper(window=16, batch_shape=(2, 4), kv_groups=2)
     assert takes(grouped, table(2, 1)) and not takes(grouped, table(2, 4))
+
+
+def test_without_the_mlir_bindings_mosaic_keeps_the_xla_pass(monkeypatch):
+    # The register-by-register epilogue builds MLIR with JAX's private bindings
+    # (`jax_private.mlir_modules`); where they moved, Mosaic takes prepared q and k.
+    from eqx_xlstm.implementations.mosaic import jax_private
+
+    bounded = on_hopper(window=16)
+    assert Mosaic().takes_raw(bounded)
+
+    def moved():
+        raise ImportError("not here")
+
+    monkeypatch.setattr(jax_private, "mlir_modules", moved)
+    assert not Mosaic().takes_raw(bounded)

@@ -13,7 +13,7 @@ from ..per_shard import RowKernels, row_attention
 from ..triton import Triton, TritonPieces
 from .backward import mosaic_dkv, mosaic_dq
 from .forward import mosaic_forward
-from .jax_private import interpret_available
+from .jax_private import interpret_available, mlir_available
 
 PADDING = 128  # every kernel's sequence tile divides this
 
@@ -77,8 +77,9 @@ class Mosaic(Implementation):
         gradients as its blocks write them (fwd+bwd 0.90-0.97 of the time with XLA's
         pass after the kernels, H200). Not for plain causal calls, whose fused
         backward sums dQ across blocks, so XLA finishes it anyway: 1.012 of before at
-        S=16384 (docs/benchmarks.md)."""
-        return spec.bounded
+        S=16384 (docs/benchmarks.md). Only where this jax's MLIR bindings are where
+        the kernels' epilogue finds them (`jax_private.mlir_modules`)."""
+        return spec.bounded and mlir_available()
 
     def ring_pieces(self) -> "MosaicPieces":
         return MosaicPieces(self)

@@ -6,6 +6,10 @@ where JAX lacks it (tests/test_implementations.py checks the fallbacks).
 - `pl.run_state` makes refs without a memory space; Mosaic GPU kernels need their refs
   in GPU global memory, which takes an entry in JAX's table of ref types:
   `ref_type_mappings`, `gmem_ref_aval`.
+- Code written in Mosaic GPU itself inside a Pallas kernel (`plgpu.inline_mgpu`, the
+  backward's register-by-register epilogue) builds MLIR with JAX's bundled bindings:
+  `mlir_modules` (where they differ, attention keeps swish and RoPE's gradient in XLA:
+  `Mosaic.takes_raw`).
 """
 
 
@@ -43,3 +47,21 @@ def gmem_ref_aval(value, memory_space):
     from jax._src.state.types import AbstractRef
 
     return AbstractRef(jax.typeof(value), memory_space=memory_space)
+
+
+def mlir_modules():
+    """`(ir, arith, llvm, vector)`: the MLIR bindings Mosaic GPU itself builds with; an
+    ImportError where this jax has them elsewhere."""
+    from jax._src.lib.mlir import ir
+    from jax._src.lib.mlir.dialects import arith, llvm, vector
+
+    return ir, arith, llvm, vector
+
+
+def mlir_available() -> bool:
+    """Whether `mlir_modules` finds the bindings."""
+    try:
+        mlir_modules()
+    except ImportError:
+        return False
+    return True

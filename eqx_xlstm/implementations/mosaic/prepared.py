@@ -23,6 +23,7 @@ from jax.experimental.pallas import mosaic_gpu as plgpu
 
 from ..raw_rows import from_bits
 from ..raw_rows import raw_gradient as array_raw_gradient
+from . import jax_private
 from .common import load_index, tiled_smem
 
 
@@ -37,8 +38,8 @@ def raw_gradient(grad, raw, table, swish, interpret):
 def _register_gradient(grad, raw, table, swish):
     """`raw_gradient` inside a kernel, one WGMMA register (a feature pair) at a time."""
     import jax.experimental.mosaic.gpu as mgpu
-    from jax._src.lib.mlir import ir
-    from jax._src.lib.mlir.dialects import arith, llvm, vector
+
+    ir, arith, llvm, vector = jax_private.mlir_modules()
 
     layout = plgpu.Layout.WGMMA
     grad, raw, table = (plgpu.layout_cast(x, layout) for x in (grad, raw, table))
