@@ -51,11 +51,11 @@ class Implementation(abc.ABC):
         and v."""
 
     def takes_raw(self, spec: AttentionSpec) -> bool:
-        """Whether it takes calls of `spec` with `rope=(sin, cos)` (`(S, D/2)` each)
-        and queries and keys as they come, before swish and RoPE, applying them itself
-        (so that its backward can return the raw rows' gradients without a pass of its
-        own). Dispatch hands it raw rows where the tables are shared by every row and
-        no bias is a feature of q and k."""
+        """Whether it takes calls of `spec` with `rope=(sin, cos)` (`(..., S, D/2)`
+        each, of q's rank) and queries and keys as they come, before swish and RoPE,
+        applying them itself (so that its backward can return the raw rows' gradients
+        without a pass of its own). Dispatch hands it raw rows where no bias is a
+        feature of q and k and the tables vary along leading batch axes only."""
         return False
 
     def ring_pieces(self) -> Any:

@@ -74,11 +74,11 @@ class Mosaic(Implementation):
 
     def takes_raw(self, spec: AttentionSpec) -> bool:
         """With segments or windows: there the dQ + dK/dV pair forms the raw rows'
-        gradients as its blocks write them (fwd+bwd 0.90-0.97 of the time with XLA's
-        pass after the kernels, H200). Not for plain causal calls, whose fused
-        backward sums dQ across blocks, so XLA finishes it anyway: 1.012 of before at
-        S=16384 (docs/benchmarks.md). Only where this jax's MLIR bindings are where
-        the kernels' epilogue finds them (`jax_private.mlir_modules`)."""
+        gradients as its blocks write them, faster than XLA's pass after the kernels.
+        Not for plain causal calls, whose fused backward sums dQ across blocks, so XLA
+        finishes it anyway and the raw path measured slower (docs/benchmarks.md,
+        "Issue #10, sixth part"). Only where this jax's MLIR bindings are where the
+        kernels' epilogue finds them (`jax_private.mlir_modules`)."""
         return spec.bounded and mlir_available()
 
     def ring_pieces(self) -> "MosaicPieces":

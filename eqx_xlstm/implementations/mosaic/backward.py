@@ -375,21 +375,10 @@ def mosaic_dkv(
     are w.r.t. the raw ones, formed as each kernel writes its rows. Under `jax.vmap`
     the mapped axis joins N (the fused kernel only where `in_gmem` can hide its
     in-place sum)."""
-    if full and first_key is not None:
-        raise ValueError("full pieces take no first keys")
     if fused and activation == "softmax":
         raise ValueError("the fused backward kernel takes no softmax")
-    run = functools.partial(
-        _dkv,
-        activation=activation,
-        bias=bias,
-        interpret=interpret,
-        fused=fused,
-        full=full,
-        groups=groups,
-        n_first=first_key is not None,
-        swish=bool(prepared and prepared.swish),
-    )
+    options = _options(activation, bias, interpret, full, groups, first_key, prepared)
+    run = functools.partial(_dkv, fused=fused, **options)
     raw = () if prepared is None else prepared.arrays(q.dtype)
     arrays = (q, k, v, d_out, *optional(first_key), *_stats(activation, lse, delta), *raw)
     if fused and jax_private.ref_type_mappings() is None:
@@ -445,6 +434,21 @@ def _stats(activation, lse, delta):
     if lse is None or delta is None:
         raise ValueError("softmax's backward needs each row's lse and delta")
     return (jnp.stack([lse, delta], axis=1).astype(jnp.float32),)
+
+
+def _options(activation, bias, interpret, full, groups, first_key, prepared):
+    """The keyword settings `_dq` and `_dkv` share, checked."""
+    if full and first_key is not None:
+        raise ValueError("full pieces take no first keys")
+    return dict(
+        activation=activation,
+        bias=bias,
+        interpret=interpret,
+        full=full,
+        groups=groups,
+        n_first=first_key is not None,
+        swish=bool(prepared and prepared.swish),
+    )
 
 
 def _split_extras(rest, activation, n_first):
@@ -731,18 +735,8 @@ def mosaic_dq(
     """dQ for `q`, `k`, `v`, `d_out`: `(N, S, D)`, S a multiple of 128 (`full`: every
     query sees every key; `first_key`, `groups`, softmax's `lse` and `delta` and
     `prepared` as `mosaic_dkv` takes them). Under `jax.vmap` the mapped axis joins N."""
-    if full and first_key is not None:
-        raise ValueError("full pieces take no first keys")
-    run = functools.partial(
-        _dq,
-        activation=activation,
-        bias=bias,
-        interpret=interpret,
-        full=full,
-        groups=groups,
-        n_first=first_key is not None,
-        swish=bool(prepared and prepared.swish),
-    )
+    options = _options(activation, bias, interpret, full, groups, first_key, prepared)
+    run = functools.partial(_dq, **options)
     stats = _stats(activation, lse, delta)
     raw = () if prepared is None else prepared.arrays(q.dtype)[::2]  # queries and table
     return fold_vmap(run, q, k, v, d_out, *optional(first_key), *stats, *raw)
