@@ -64,7 +64,8 @@ def key_block_reach(first_key, key_block: int, query_block: int):
     whole key block (every earlier one's rows whose keys come after it do), and the
     block after the last with a row that sees one of its keys."""
     starts = jnp.arange(0, first_key.shape[-1], key_block, dtype=jnp.int32)
-    # Unrolled: a while loop here cost the packed backward ~0.6 ms of launch gaps (H200).
+    # Unrolled: as a while loop it left the GPU idle between many tiny kernels
+    # (docs/benchmarks.md, "Issue #10, fifth part").
     search = jax.vmap(
         lambda row, x: jnp.searchsorted(row, x, side="right", method="scan_unrolled"), (0, None)
     )

@@ -66,8 +66,8 @@ class Mosaic(Implementation):
     def fused(self, spec: AttentionSpec) -> bool:
         """Whether the backward of `spec` is the one fused kernel: never for softmax
         (the fused kernel has no row statistics), nor with segments or windows, where
-        blocks walk few tiles and the fused kernel took 1.05-1.24x the pair's time
-        (H200; docs/benchmarks.md)."""
+        blocks walk few tiles and the fused kernel measured slower than the pair
+        (docs/benchmarks.md)."""
         if spec.activation == "softmax" or spec.bounded or self.fused_backward_from is None:
             return False
         return spec.seq_len >= self.fused_backward_from
