@@ -6,7 +6,11 @@ attention at the same S, in one run (issue #10's targets).
         --batch 1 --heads 4 --head-dim 64 --dtype float32       # a CPU
 
 For each activation and each of `--paths` (the default dispatch, or an implementation
-by name), fwd+bwd (the gradient of a sum; with `--forward`, the output alone): full
+by name), the timed call (`--timed`): "step", a training step's share (the output and
+its gradients for a given cotangent; the default), "sum-gradient" (the gradient of the
+output's sum, as timed up to the sixth part of issue #10: XLA drops the forward kernel where the
+gradient does not need it, sigmoid and 'none', and makes the cotangent inside the call)
+or "forward" (the output alone; `--forward` for short). Cases: full
 causal; `--documents` packed documents of S/documents positions each (`segment_ids`);
 keys/values with heads/8 heads (grouped-query 8:1); and a sliding window of `--window`
 at `--window-seq-len`. The ratios are the time over full causal's at the same S,
@@ -19,39 +23,61 @@ that ran is printed beside each row (`eqx_xlstm.dispatch.plan`).
 """
 
 import argparse
+import statistics
 
 import jax
 import jax.numpy as jnp
-from timing import median_ms, packed_ids, print_table_header, random_qkv, sum_gradient
+from timing import (
+    compiled_median_ms,
+    packed_ids,
+    print_table_header,
+    random_qkv,
+    sum_gradient,
+    training_step,
+)
 
 import eqx_xlstm as ex
 from eqx_xlstm import dispatch
 
+TIMED = ("step", "sum-gradient", "forward")
 
-def timed_call(activation, forward=False, **kwargs):
-    """The timed call: the gradient of the output's sum, or with `forward` the output."""
+
+def timed_form(fn, timed):
+    """`fn(q, k, v)` as the `timed` call (one of `TIMED`); "step" takes the cotangent
+    as a fourth argument."""
+    return {"step": training_step, "sum-gradient": sum_gradient, "forward": lambda f: f}[timed](fn)
+
+
+def timed_call(activation, timed="step", **kwargs):
+    """Our attention with swish + RoPE as the `timed` call."""
 
     def output(q, k, v):
         return ex.attention(
             q, k, v, activation_function=activation, qk_pre_activation_function="swish", **kwargs
         )
 
-    return output if forward else sum_gradient(output)
+    return timed_form(output, timed)
 
 
-def chosen(q, k, v, activation, forward=False, **kwargs):
-    """The implementation dispatch picks for this call (`forward`: without a gradient)."""
+def timed_arrays(q, k, v, timed):
+    """The timed call's arguments: q, k, v and, for a step, a cotangent like q."""
+    return (q, k, v, random_qkv(q.shape, q.dtype, count=4)[3]) if timed == "step" else (q, k, v)
+
+
+def chosen(q, k, v, activation, timed="step", **kwargs):
+    """The implementation dispatch picks for this call (its forward's where only the
+    forward is timed)."""
     seen = {}
     original = dispatch.plan
 
     def spy(spec, requested=None):
         plan = original(spec, requested)
-        seen["name"] = plan.forward.name if forward else plan.gradient.name
+        seen["name"] = plan.forward.name if timed == "forward" else plan.gradient.name
         return plan
 
     dispatch.plan = spy
     try:
-        jax.eval_shape(timed_call(activation, forward, **kwargs), q, k, v)
+        jax.eval_shape(timed_call(activation, timed, **kwargs), *timed_arrays(q, k, v, timed))
     finally:
         dispatch.plan = original
     return seen.get("name", "?")
@@ -69,39 +95,53 @@ def explicit_mask(seq_len, ids=None, window=None):
     return mask
 
 
-def masked_cudnn_call(mask, forward=False):
+def masked_cudnn_call(mask, timed="step"):
     """The peer: `jax.nn.dot_product_attention` through cuDNN with the mask written out
     (softmax; no swish or RoPE, so it does less than our rows)."""
 
     def output(q, k, v):
         bthn = [jnp.swapaxes(x, 1, 2) for x in (q, k, v)]
-        return jax.nn.dot_product_attention(*bthn, mask=mask, implementation="cudnn")
+        out = jax.nn.dot_product_attention(*bthn, mask=mask, implementation="cudnn")
+        return jnp.swapaxes(out, 1, 2)
 
-    return output if forward else sum_gradient(output)
+    return timed_form(output, timed)
 
 
-def time_case(activation, arrays, kwargs, path, repeats, forward=False):
-    """`(ms, implementation)` of one case on one path ("default": the dispatch's
-    choice; "cudnn mask": the explicit mask through cuDNN), or None where the path
-    cannot serve it."""
+def compile_case(activation, arrays, kwargs, path, timed="step"):
+    """`(compiled call, its arguments, implementation)` of one case on one path
+    ("default": the dispatch's choice; "cudnn mask": the explicit mask through cuDNN),
+    or None where the path cannot serve it."""
+    xs = timed_arrays(*arrays, timed)
     if path == "cudnn mask":
         mask = explicit_mask(
             arrays[0].shape[-2], kwargs.get("segment_ids"), kwargs.get("sliding_window")
         )
-        timed = masked_cudnn_call(mask, forward)
-        return median_ms(timed, *arrays, repeats=repeats), "jax.nn cudnn"
-    if path != "default":
-        kwargs = {**kwargs, "implementation": path}
-    try:
-        name = chosen(*arrays, activation, forward, **kwargs)
-        timed = timed_call(activation, forward, **kwargs)
-        return median_ms(timed, *arrays, repeats=repeats), name
-    except ValueError:  # "cannot serve these inputs"
-        return None
+        call, name = masked_cudnn_call(mask, timed), "jax.nn cudnn"
+    else:
+        if path != "default":
+            kwargs = {**kwargs, "implementation": path}
+        try:
+            name = chosen(*arrays, activation, timed, **kwargs)
+        except ValueError:  # "cannot serve these inputs"
+            return None
+        call = timed_call(activation, timed, **kwargs)
+    return jax.jit(call).lower(*xs).compile(), xs, name
 
 
-def _ratio(ms, full):
-    return f"{ms / full:.3f}" if full else ""
+def _summary(values, digits):
+    """The median of per-round values, with their range where there are several."""
+    text = f"{statistics.median(values):.{digits}f}"
+    if len(values) > 1:
+        text += f" ({min(values):.{digits}f}-{max(values):.{digits}f})"
+    return text
+
+
+def _full(rows, times, seq_len, path):
+    """The per-round times of full causal at `seq_len` on `path`, if timed."""
+    for i, (s, case, p, _) in enumerate(rows):
+        if (s, case, p) == (seq_len, "full causal", path) and i in times:
+            return times[i]
+    return None
 
 
 def add_case_arguments(parser):
@@ -120,9 +160,18 @@ def add_case_arguments(parser):
 def main():
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     add_case_arguments(parser)
-    parser.add_argument("--repeats", type=int, default=5)
+    parser.add_argument("--repeats", type=int, default=3, help="samples per case and round")
+    parser.add_argument("--rounds", type=int, default=3, help="rounds over every case")
     parser.add_argument("--activations", nargs="+", default=["softmax", "sigmoid", "none"])
-    parser.add_argument("--forward", action="store_true", help="time the forward pass alone")
+    parser.add_argument("--timed", choices=TIMED, default="step", help="the timed call")
+    parser.add_argument("--forward", action="store_true", help='short for "--timed forward"')
+    parser.add_argument(
+        "--sample-ms",
+        type=float,
+        default=100.0,
+        help="calls issued back to back per sample (timing.median_ms); long samples keep "
+        "the host's dispatch of the first call out of the device time",
+    )
     parser.add_argument(
         "--paths",
         nargs="+",
@@ -131,13 +180,15 @@ def main():
         "written out: the issue's peer)",
     )
     args = parser.parse_args()
+    timed = "forward" if args.forward else args.timed
     dtype = jnp.dtype(args.dtype)
     groups = max(1, args.heads // 8)
     device = jax.devices()[0]
     print(
         f"{device.device_kind}, jax {jax.__version__}; {args.dtype}, B={args.batch}, "
         f"NH={args.heads}, D={args.head_dim}, swish, "
-        f"{'forward' if args.forward else 'fwd+bwd'} median ms; packed and grouped "
+        f"timed: {timed}; median ms over {args.rounds} rounds of {args.repeats} samples of "
+        f"{args.sample_ms:g} ms (ratios: per round, median and range); packed and grouped "
         f"at S={args.seq_len}, the window at S={args.window_seq_len}"
     )
     print_table_header(
@@ -150,7 +201,7 @@ def main():
         inputs[seq_len] = random_qkv(shape, dtype)
     ids = packed_ids(args.seq_len, args.documents)
     for activation in args.activations:
-        full = {}  # (S, path) -> full causal ms
+        rows = []  # (S, case, path, compiled case or None)
         for seq_len, label, kwargs, kv in [
             (args.seq_len, f"{args.documents} packed documents", {"segment_ids": ids}, None),
             (args.seq_len, f"grouped {args.heads}:{groups} heads", {}, groups),
@@ -161,26 +212,39 @@ def main():
             for path in args.paths:
                 if path == "cudnn mask" and (activation != "softmax" or kv):
                     continue
-                rows = [("full causal", (q, k, v), {}), (label, arrays, kwargs)]
-                if (seq_len, path) in full or path == "cudnn mask":
-                    rows = rows[1:]
-                for case, xs, kw in rows:
-                    timed = time_case(activation, xs, kw, path, args.repeats, args.forward)
-                    if timed is None:
-                        print(
-                            f"| {activation} | {seq_len} | {case} | {path} | cannot serve | | | |"
-                        )
-                        continue
-                    ms, name = timed
-                    if case == "full causal":
-                        full[seq_len, path] = ms
-                    base = full.get((seq_len, "default"))
-                    own = full.get((seq_len, path))
-                    print(
-                        f"| {activation} | {seq_len} | {case} | {path} | {name} | {ms:.2f} "
-                        f"| {_ratio(ms, base)} | {_ratio(ms, own)} |",
-                        flush=True,
+                cases = [("full causal", (q, k, v), {}), (label, arrays, kwargs)]
+                if any(r[:3] == (seq_len, "full causal", path) for r in rows):
+                    cases = cases[1:]
+                if path == "cudnn mask":
+                    cases = cases[1:]
+                for case, xs, kw in cases:
+                    compiled = compile_case(activation, xs, kw, path, timed)
+                    rows.append((seq_len, case, path, compiled))
+        # Rounds interleave the cases, so that a drift of the GPU's clock over the run
+        # shows in the ratios' range instead of biasing them.
+        times = {i: [] for i, row in enumerate(rows) if row[3] is not None}
+        for _ in range(args.rounds):
+            for i in times:
+                compiled, xs, _ = rows[i][3]
+                times[i].append(
+                    compiled_median_ms(
+                        compiled, *xs, repeats=args.repeats, sample_ms=args.sample_ms
                     )
+                )
+
+        for i, (seq_len, case, path, compiled) in enumerate(rows):
+            if compiled is None:
+                print(f"| {activation} | {seq_len} | {case} | {path} | cannot serve | | | |")
+                continue
+            ratios = []
+            for base in (_full(rows, times, seq_len, "default"), _full(rows, times, seq_len, path)):
+                each = [t / b for t, b in zip(times[i], base)] if base else None
+                ratios.append(_summary(each, 3) if each else "")
+            print(
+                f"| {activation} | {seq_len} | {case} | {path} | {compiled[2]} "
+                f"| {_summary(times[i], 2)} | {ratios[0]} | {ratios[1]} |",
+                flush=True,
+            )
 
 
 if __name__ == "__main__":

@@ -5,7 +5,7 @@
 
 The cases are those of `packed_windows.py` (bf16, B=4, NH=16, D=128, swish + RoPE by
 default): full causal and packed documents at `--seq-len`, a sliding window at
-`--window-seq-len`; fwd+bwd unless `--forward`. Kernels are grouped by name (a
+`--window-seq-len`; the call `--timed` as there. Kernels are grouped by name (a
 fusion's numbered copies add up); the wall time per call (`timing.median_ms`) shows
 the gaps between them.
 """
@@ -19,7 +19,7 @@ import tempfile
 import jax
 import jax.numpy as jnp
 from jax.profiler import ProfileData
-from packed_windows import add_case_arguments, timed_call
+from packed_windows import TIMED, add_case_arguments, timed_arrays, timed_call
 from timing import median_ms, packed_ids, random_qkv
 
 PLANE = "/device:GPU:0"
@@ -65,13 +65,13 @@ def main():
     parser.add_argument("--cases", nargs="+", default=["full", "packed", "window"])
     parser.add_argument("--implementation", default=None)
     add_case_arguments(parser)
-    parser.add_argument("--forward", action="store_true")
+    parser.add_argument("--timed", choices=TIMED, default="step")
     parser.add_argument("--top", type=int, default=12, help="kernels listed per case")
     args = parser.parse_args()
     print(
         f"{jax.devices()[0].device_kind}, jax {jax.__version__}; {args.activation}, "
         f"{args.dtype}, B={args.batch}, NH={args.heads}, D={args.head_dim}, swish + RoPE, "
-        f"{'forward' if args.forward else 'fwd+bwd'}; µs per call on the device"
+        f"timed: {args.timed}; µs per call on the device"
     )
     for case in args.cases:
         seq_len = args.window_seq_len if case == "window" else args.seq_len
@@ -82,9 +82,10 @@ def main():
             kwargs["segment_ids"] = packed_ids(seq_len, args.documents)
         elif case == "window":
             kwargs["sliding_window"] = args.window
-        fn = timed_call(args.activation, args.forward, **kwargs)
-        times, total = kernel_times(fn, q, k, v)
-        wall = median_ms(fn, q, k, v, repeats=5) * 1e3
+        fn = timed_call(args.activation, args.timed, **kwargs)
+        xs = timed_arrays(q, k, v, args.timed)
+        times, total = kernel_times(fn, *xs)
+        wall = median_ms(fn, *xs, repeats=5, sample_ms=100.0) * 1e3
         print(f"\n{case} (S={seq_len}): {total:.0f} µs of kernels in {wall:.0f} µs per call")
         print("| kernel | launches | µs | share |")
         print("|---|---|---|---|")
