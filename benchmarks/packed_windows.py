@@ -8,16 +8,17 @@ attention at the same S, in one run (issue #10's targets).
 For each activation and each of `--paths` (the default dispatch, or an implementation
 by name), the timed call (`--timed`): "step", a training step's share (the output and
 its gradients for a given cotangent; the default), "sum-gradient" (the gradient of the
-output's sum, as timed up to the sixth part of issue #10: XLA drops the forward kernel where the
-gradient does not need it, sigmoid and 'none', and makes the cotangent inside the call)
-or "forward" (the output alone; `--forward` for short). Cases: full
-causal; `--documents` packed documents of S/documents positions each (`segment_ids`);
+output's sum, as timed up to the sixth part of issue #10: XLA drops the forward kernel
+where the gradient does not need it, sigmoid and 'none', and makes the cotangent inside
+the call) or "forward" (the output alone; `--forward` for short). Cases: full causal;
+`--documents` packed documents of S/documents positions each (`segment_ids`);
 keys/values with heads/8 heads (grouped-query 8:1); and a sliding window of `--window`
-at `--window-seq-len`. The ratios are the time over full causal's at the same S,
-through the default dispatch and through the same path. The path "cudnn mask" is the
-peer the issue names: softmax with the visibility written out as a mask, through
-`jax.nn.dot_product_attention`'s cuDNN (without swish and RoPE). The implementation
-that ran is printed beside each row (`eqx_xlstm.dispatch.plan`).
+at `--window-seq-len`. Each case is compiled once and timed in `--rounds` interleaved
+rounds. The ratios are the time over full causal's at the same S in the same round
+(their median and range), through the default dispatch and through the same path. The
+path "cudnn mask" is the peer the issue names: softmax with the visibility written out
+as a mask, through `jax.nn.dot_product_attention`'s cuDNN (without swish and RoPE). The
+implementation that ran is printed beside each row (`eqx_xlstm.dispatch.plan`).
 
     python benchmarks/packed_windows.py --paths default triton chunked "cudnn mask"
 """
@@ -61,7 +62,9 @@ def timed_call(activation, timed="step", **kwargs):
 
 def timed_arrays(q, k, v, timed):
     """The timed call's arguments: q, k, v and, for a step, a cotangent like q."""
-    return (q, k, v, random_qkv(q.shape, q.dtype, count=4)[3]) if timed == "step" else (q, k, v)
+    if timed != "step":
+        return q, k, v
+    return q, k, v, jax.random.normal(jax.random.key(3), q.shape, q.dtype)
 
 
 def chosen(q, k, v, activation, timed="step", **kwargs):
