@@ -7,11 +7,14 @@ each activation, forward and fwd+bwd (`value_and_grad`, as a training step runs 
 with swish + RoPE: the default path; the Pallas kernels ("pallas"); the XLA blockwise
 path ("chunked"; for 'none' the linear form: "chunked" before, "linear" after); and the
 backend through `eqx.filter_vmap` over the heads axis (forward), beside `attention` on
-the same inputs. Prints a markdown table: the median time of each version, after /
+the same inputs; and ("bounded") packed documents and a sliding window through the
+default path. Prints a markdown table: the median time of each version, after /
 before per round (min-max) and the median of those ratios.
 
     git worktree add /tmp/before <commit>
     python benchmarks/before_after.py --before /tmp/before/eqx_xlstm --seqs 4096,8192,16384
+    python benchmarks/before_after.py --before /tmp/before/eqx_xlstm --seqs 16384,32768 \
+        --groups bounded --sample-ms 100     # issue #10's packed and window cases
 """
 
 import argparse
@@ -26,7 +29,7 @@ import time
 import equinox as eqx
 import jax
 import jax.numpy as jnp
-from timing import print_table_header, random_qkv
+from timing import packed_ids, print_table_header, random_qkv
 
 import eqx_xlstm as new
 
@@ -40,8 +43,13 @@ parser.add_argument("--dtype", default="bfloat16")
 parser.add_argument("--rounds", type=int, default=3)
 parser.add_argument("--repeats", type=int, default=10)
 parser.add_argument(
-    "--groups", default="default,pallas,chunked,vmap", help="cases to run (also: triton)"
+    "--groups",
+    default="default,pallas,chunked,vmap,bounded",
+    help="cases to run (also: triton)",
 )
+parser.add_argument("--documents", type=int, default=8, help="bounded: packed documents")
+parser.add_argument("--window", type=int, default=1024, help="bounded: the sliding window")
+parser.add_argument("--sample-ms", type=float, default=10.0, help="back-to-back calls per sample")
 parser.add_argument("--only", default="", help="a regular expression the case labels must match")
 parser.add_argument(
     "--linear-before",
@@ -67,7 +75,7 @@ old = load_package(args.before, "eqx_xlstm_before")
 VERSIONS = {"before": old, "after": new}
 
 
-def attention(ex, activation, implementation=None, bias=None):
+def attention(ex, activation, implementation=None, bias=None, **kwargs):
     return lambda q, k, v: ex.attention(
         q,
         k,
@@ -76,6 +84,7 @@ def attention(ex, activation, implementation=None, bias=None):
         qk_pre_activation_function="swish",
         implementation=implementation,
         sigmoid_bias=bias,
+        **kwargs,
     )
 
 
@@ -119,6 +128,16 @@ def cases(seq):
                     {v: value_and_grad(f) for v, f in fns.items()},
                 )
             )
+    bounded = [
+        (f"{args.documents} packed documents", {"segment_ids": packed_ids(seq, args.documents)}),
+        (f"window {args.window}", {"sliding_window": args.window}),
+    ]
+    for activation in ("softmax", "sigmoid", "none"):
+        for label, kwargs in bounded:
+            fns = {v: attention(ex, activation, **kwargs) for v, ex in VERSIONS.items()}
+            out.append(("bounded", f"{activation} {label}", "fwd", fns))
+            grads = {v: value_and_grad(f) for v, f in fns.items()}
+            out.append(("bounded", f"{activation} {label}", "fwd+bwd", grads))
     for activation in ("softmax", "sigmoid"):
         bias = -math.log(seq)
         fns = {v: vmapped_backend(ex, activation, seq) for v, ex in VERSIONS.items()}
@@ -139,10 +158,11 @@ def compiled(fn, xs):
 
 
 def sample_ms(exe, xs):
-    """Median over `repeats` samples of back-to-back calls lasting about 10 ms each."""
+    """Median over `repeats` samples of back-to-back calls lasting about `--sample-ms`
+    each."""
     start = time.perf_counter()
     jax.block_until_ready(exe(*xs))
-    calls = max(1, min(100, round(10.0 / ((time.perf_counter() - start) * 1e3))))
+    calls = max(1, min(100, round(args.sample_ms / ((time.perf_counter() - start) * 1e3))))
     times = []
     for _ in range(args.repeats):
         start = time.perf_counter()
@@ -155,7 +175,8 @@ def sample_ms(exe, xs):
 
 print(
     f"{jax.devices()[0].device_kind}; jax {jax.__version__}; {dtype.name} B={B} NH={H} D={D}, "
-    f"causal, swish + RoPE; {args.rounds} interleaved rounds, median of {args.repeats} samples"
+    f"causal, swish + RoPE; {args.rounds} interleaved rounds, median of {args.repeats} samples "
+    f"of {args.sample_ms:g} ms"
 )
 print_table_header(
     "| S | case | pass | before ms | after ms | after / before, per round | median ratio |"
