@@ -226,6 +226,31 @@ def test_forward_kernel_with_first_keys(activation, window, runs, groups):
     assert_close_16bit(got, np.asarray(masked_reference(q, k, v, activation, bias, first)))
 
 
+# The persistent schedule: 4 CUDA blocks take 2 rows x 3 query-block pairs in turn (2,
+# 2, 1 and 1 each), the ring of key/value slots running on from one block into the
+# next; bounded (two buffers of first keys take turns), and full (every tile walked).
+@pytest.mark.parametrize(
+    "activation, window, runs, full, groups",
+    [("softmax", 70, (40, 100, 244), False, 2), ("sigmoid", None, None, True, 1)],
+)
+def test_persistent_forward_matches_one_block_per_query_block(
+    activation, window, runs, full, groups
+):
+    seq, dim, rows = 384, 64, 2
+    q, _, _, _ = inputs(seq, rows, dim, jnp.bfloat16, seed=3)
+    _, k, v, _ = inputs(seq, rows // groups, dim, jnp.bfloat16, seed=4)
+    first = None if full else first_keys(seq, rows // groups, window, runs)
+    options = dict(full=full, groups=groups, first_key=first)
+    run = lambda ctas: forward.mosaic_forward(
+        q, k, v, activation, -4.0, INTERPRET, **options, ctas=ctas
+    )
+    want, got = run(None), run(4)
+    for a, b in zip(jax.tree.leaves(got), jax.tree.leaves(want), strict=True):
+        np.testing.assert_array_equal(np.asarray(a, np.float32), np.asarray(b, np.float32))
+    with pytest.raises(ValueError, match="ctas"):
+        run(0)
+
+
 # S=256: key block 0 is seen by no query after 140 (the dK/dV walk stops early), the
 # second query pair starts at key tile 1.
 # With `groups` 2, both query rows read one K/V row. With `raw` ("swish" or "none"), the

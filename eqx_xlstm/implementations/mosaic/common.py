@@ -115,15 +115,17 @@ _LOAD_NEEDS_INDEX = _load_index is not None and _load_index.default is inspect.P
 """Whether `plgpu.load` requires the index as an argument (jax 0.10)."""
 
 
-def write_back(*outputs):
+def write_back(*outputs, wait=True):
     """Each `(value, smem, dst)`: cast the accumulator `value` into its shared-memory
-    buffer, then copy every buffer out to its global-memory slice `dst`."""
+    buffer, then copy every buffer out to its global-memory slice `dst`; with `wait`,
+    wait for the copies (else the caller waits before it reuses the buffers)."""
     for value, smem, _ in outputs:
         smem[...] = value.astype(smem.dtype)
     plgpu.commit_smem()
     for _, smem, dst in outputs:
         plgpu.copy_smem_to_gmem(smem, dst)
-    plgpu.wait_smem_to_gmem(0)
+    if wait:
+        plgpu.wait_smem_to_gmem(0)
 
 
 def block_grid(blocks, block_name, n):

@@ -21,6 +21,12 @@ its matmuls are issued, so that the other's queue right behind them; passing it 
 once they were done measured slower (docs/benchmarks.md). Each head's blocks are
 launched side by side (`common.block_grid`).
 
+With `ctas`, the kernel runs a persistent schedule instead: that many CUDA blocks take
+the blocks of query rows in turn, the ring of key/value slots (and two buffers of first
+keys) running on from one block into the next, so that the streaming warpgroup loads a
+block's first tiles while the previous block still computes (not measured on a GPU
+yet: `benchmarks/persistent_forward.py`; `attention` does not use it).
+
 On a GPU, q k^T reads each key tile through a transposed view of shared memory (wgmma
 takes either major order). On a machine without a GPU the same kernel runs in Mosaic
 GPU interpret mode, which cannot transpose a shared-memory view; there the keys are
@@ -36,6 +42,7 @@ from jax.experimental.pallas import mosaic_gpu as plgpu
 
 from ... import maths
 from .common import (
+    STREAM_REGISTERS,
     block_first_keys,
     block_grid,
     claim_registers,
@@ -55,39 +62,54 @@ BLOCK_K = 2 * BLOCK_Q  # key rows per tile: both warpgroups then walk as many ti
 STAGES = 3  # key/value slots in flight
 
 
-def _kernel(*refs, activation, bias, scale, n_blocks, full, interpret, groups, bounded):
+def _kernel(
+    *refs, activation, bias, scale, n_blocks, full, interpret, groups, bounded, n_ctas=None
+):
     softmax = activation == "softmax"
+    persistent = n_ctas is not None
     n_out = 1 + softmax  # softmax: the output and each row's log2-sum-exp2
     (q_ref, k_ref, v_ref, *first_keys), scratch = refs[: -1 - n_out], refs[-1]
     out_ref, *lse_ref = refs[-1 - n_out : -1]
     q_smem, k_smem, v_smem, q_bar, k_bar, v_bar, k_free, v_free, turn, *extra = scratch
     lse_smem = extra.pop(0) if softmax else None
-    # Bounded: the block's rows' first keys, one buffer and one barrier.
-    block_keys, keys_bar, *p_smem = extra if bounded else (None, None, *extra)
+    # Bounded: the block's rows' first keys, one buffer and one barrier (persistent:
+    # two of each, and a barrier that says a buffer was read).
+    block_keys, keys_bar = (extra.pop(0), extra.pop(0)) if bounded else (None, None)
+    keys_free = extra.pop(0) if bounded and persistent else None
+    p_smem = extra
     bq, bk, stages = BLOCK_Q, BLOCK_K, STAGES
-    n = jax.lax.axis_index("n")
-    kv = n // groups  # grouped-query heads: G query rows read one K/V row in place
-    pair = n_blocks - 1 - jax.lax.axis_index("q")  # the longest rows start first
-    wg = jax.lax.axis_index("wg")
-    # Key tiles this block needs: up to the diagonal of its second query block (all of
+    # Key tiles a block needs: up to the diagonal of its second query block (all of
     # them with the `full` mask); bounded, from the tile of its rows' first key (the
     # first keys do not decrease) and masked up to the tile of their last one.
     n_tiles = n_blocks * 2 * bq // bk
-    row0 = pair * 2 * bq + wg * bq  # a compute warpgroup's first query row
 
-    def copy_queries():  # a compute warpgroup's, issued before the block's range is read
+    def block_range(kv, pair, buf):
+        """Every warpgroup, at a block's start: `(lo, mask_until, block_steps)`, its key
+        tiles (bounded: after its rows' first keys are copied into buffer `buf`)."""
+        lo, mask_until = 0, 0  # each loop index t below is tile `lo + t`
+        if bounded:
+            rows = first_keys[0].at[kv, pl.ds(pair * 2 * bq, 2 * bq)]
+            keys, bar = (
+                (block_keys, keys_bar.at[0])
+                if buf is None
+                else (block_keys.at[buf], keys_bar.at[buf])
+            )
+            lo, mask_until = block_first_keys(rows, keys, bar, issuer=2)(bk)
+        block_steps = n_tiles if full else pl.cdiv((pair + 1) * 2 * bq, bk) - lo
+        return lo, mask_until, block_steps
+
+    def copy_queries(n, row0):  # a compute warpgroup's, issued before the range is read
         plgpu.copy_gmem_to_smem(q_ref.at[n, pl.ds(row0, bq)], q_smem.at[wg], q_bar.at[wg])
 
-    pl.when(wg < 2)(copy_queries)
-    lo, mask_until = 0, 0  # each loop index t below is tile `lo + t`
-    if bounded:
-        rows = first_keys[0].at[kv, pl.ds(pair * 2 * bq, 2 * bq)]
-        lo, mask_until = block_first_keys(rows, block_keys, keys_bar.at[0], issuer=2)(bk)
-    block_steps = n_tiles if full else pl.cdiv((pair + 1) * 2 * bq, bk) - lo
+    def compute_item(n, row0, lo, mask_until, block_steps, base=None, buf=None):
+        """A compute warpgroup's share of one block (`row0`: its first query row).
+        `base` (persistent): how many tiles the ring held before this block's (slots
+        continue from there); `buf`: the keys buffer of this block."""
+        keys = block_keys if buf is None else (block_keys.at[buf] if bounded else None)
 
-    @pl.when(wg < 2)
-    def _compute():
-        claim_registers()
+        def slot_of(t):
+            return jax.lax.rem(t, stages) if base is None else jax.lax.rem(base + t, stages)
+
         own = q_smem.at[wg]
         plgpu.barrier_wait(q_bar.at[wg])
         steps = block_steps if full else pl.cdiv(row0 + bq, bk) - lo
@@ -101,7 +123,9 @@ def _kernel(*refs, activation, bias, scale, n_blocks, full, interpret, groups, b
         dv = v_ref.shape[-1]
         row_first = None
         if bounded:  # my rows' first keys, in the scores' row layout
-            row_first = key_vector(block_keys.at[pl.ds(wg * bq, bq)], 1, interpret)
+            row_first = key_vector(keys.at[pl.ds(wg * bq, bq)], 1, interpret)
+            if base is not None:  # read: the streamer may refill the buffer
+                plgpu.barrier_arrive(keys_free.at[buf])
 
         def key_tile(slot):
             tile = k_smem.at[slot]
@@ -127,7 +151,7 @@ def _kernel(*refs, activation, bias, scale, n_blocks, full, interpret, groups, b
         def pingpong_step(t, p_prev, o_acc, masked):
             """My turn: p @ v of tile t - 1, then the scores of tile t; hand the tensor
             cores to the other warpgroup and compute the weights of tile t meanwhile."""
-            slot, prev = jax.lax.rem(t, stages), jax.lax.rem(t + stages - 1, stages)
+            slot, prev = slot_of(t), slot_of(t + stages - 1)
             plgpu.barrier_wait(turn.at[wg])
 
             @pl.when(t > 0)
@@ -157,7 +181,7 @@ def _kernel(*refs, activation, bias, scale, n_blocks, full, interpret, groups, b
             for start, stop, masked in loops:
                 body = functools.partial(pingpong_step, o_acc=o_acc, masked=masked)
                 p = jax.lax.fori_loop(start, stop, body, p)
-            last = jax.lax.rem(steps - 1, stages)
+            last = slot_of(steps - 1)
             plgpu.barrier_wait(turn.at[wg])
             plgpu.barrier_wait(v_bar.at[last])
             plgpu.wgmma(o_acc, operand(p), v_smem.at[last])
@@ -168,7 +192,7 @@ def _kernel(*refs, activation, bias, scale, n_blocks, full, interpret, groups, b
 
         def drain(t, carry):
             # Tiles the other warpgroup still needs: keep the slot phases in step.
-            slot = jax.lax.rem(t, stages)
+            slot = slot_of(t)
             plgpu.barrier_wait(k_bar.at[slot])
             plgpu.barrier_arrive(k_free.at[slot])
             plgpu.barrier_wait(v_bar.at[slot])
@@ -199,7 +223,7 @@ def _kernel(*refs, activation, bias, scale, n_blocks, full, interpret, groups, b
             accumulator held across tiles: once tile t - 1's p @ v is in, it is rescaled
             by exp2(old row max - new row max) with tile t's maxima."""
             p_prev, o, row_max, row_sum = carry
-            slot, prev = jax.lax.rem(t, stages), jax.lax.rem(t + stages - 1, stages)
+            slot, prev = slot_of(t), slot_of(t + stages - 1)
             plgpu.barrier_wait(turn.at[wg])
 
             def matmuls(o_acc, s_acc):
@@ -246,7 +270,7 @@ def _kernel(*refs, activation, bias, scale, n_blocks, full, interpret, groups, b
                 body = functools.partial(softmax_step, masked=masked)
                 carry = jax.lax.fori_loop(start, stop, body, carry)
             p, o, row_max, row_sum = carry
-            last = jax.lax.rem(steps - 1, stages)
+            last = slot_of(steps - 1)
             plgpu.barrier_wait(turn.at[wg])
             plgpu.barrier_wait(v_bar.at[last])
 
@@ -269,20 +293,104 @@ def _kernel(*refs, activation, bias, scale, n_blocks, full, interpret, groups, b
             outputs = []
         jax.lax.fori_loop(steps, block_steps, drain, None)
         # The queries' slot takes the output (dqk == dv).
-        write_back((acc, own, out_ref.at[n, rows]), *outputs)
+        if base is None:
+            write_back((acc, own, out_ref.at[n, rows]), *outputs)
+        else:  # the next item waits for the copies to have read the buffers
+            write_back((acc, own, out_ref.at[n, rows]), *outputs, wait=False)
 
-    @pl.when(wg == 2)
-    def _stream():
+    def tile_loader(kv, lo):
         def load(t, slot):
             cols = pl.ds((lo + t) * bk, bk)
             keys = k_ref.at[kv, :, cols] if interpret else k_ref.at[kv, cols]
             plgpu.copy_gmem_to_smem(keys, k_smem.at[slot], k_bar.at[slot])
             plgpu.copy_gmem_to_smem(v_ref.at[kv, cols], v_smem.at[slot], v_bar.at[slot])
 
-        stream_tiles(load, block_steps, stages, (k_free, v_free), n_tiles)
+        return load
+
+    if not persistent:  # one CUDA block per block of query rows
+        n = jax.lax.axis_index("n")
+        kv = n // groups  # grouped-query heads: G query rows read one K/V row in place
+        pair = n_blocks - 1 - jax.lax.axis_index("q")  # the longest rows start first
+        wg = jax.lax.axis_index("wg")
+        row0 = pair * 2 * bq + wg * bq  # a compute warpgroup's first query row
+        pl.when(wg < 2)(lambda: copy_queries(n, row0))
+        lo, mask_until, block_steps = block_range(kv, pair, None)
+
+        @pl.when(wg < 2)
+        def _compute():
+            claim_registers()
+            compute_item(n, row0, lo, mask_until, block_steps)
+
+        @pl.when(wg == 2)
+        def _stream():
+            stream_tiles(tile_loader(kv, lo), block_steps, stages, (k_free, v_free), n_tiles)
+
+        return
+
+    # Persistent: `n_ctas` CUDA blocks take the blocks of query rows in turn; the ring of
+    # key/value slots runs on from one block into the next, so that the streaming
+    # warpgroup loads a block's first tiles while the previous block computes.
+    cta = jax.lax.axis_index("c")
+    wg = jax.lax.axis_index("wg")
+    n_items = q_ref.shape[0] * n_blocks
+    count = jnp.maximum(n_items - cta + n_ctas - 1, 0) // n_ctas  # this CUDA block's
+
+    def item(j):
+        index = cta + j * n_ctas
+        n = index // n_blocks
+        return n, n // groups, n_blocks - 1 - index % n_blocks, jax.lax.rem(j, 2)
+
+    @pl.when(wg < 2)
+    def _compute():
+        claim_registers()
+
+        def body(j, base):
+            n, kv, pair, buf = item(j)
+            row0 = pair * 2 * bq + wg * bq
+            plgpu.wait_smem_to_gmem(0, wait_read_only=True)  # my last outputs' copies
+            copy_queries(n, row0)
+            lo, mask_until, block_steps = block_range(kv, pair, buf)
+            compute_item(n, row0, lo, mask_until, block_steps, base, buf)
+            return base + block_steps
+
+        jax.lax.fori_loop(0, count, body, jnp.int32(0))
+        plgpu.wait_smem_to_gmem(0, wait_read_only=True)
+
+    @pl.when(wg == 2)
+    def _stream():
+        plgpu.set_max_registers(STREAM_REGISTERS, action="decrease")
+
+        def wait_free(g, carry=None):
+            for bar in (k_free, v_free):
+                plgpu.barrier_wait(bar.at[jax.lax.rem(g, stages)])
+            return carry
+
+        def body(j, base):
+            n, kv, pair, buf = item(j)
+            if bounded:  # the compute warpgroups have read the keys buffer's last block
+                pl.when(j >= 2)(lambda: plgpu.barrier_wait(keys_free.at[buf]))
+            lo, _, block_steps = block_range(kv, pair, buf)
+            load = tile_loader(kv, lo)
+
+            def one(t, carry):
+                g = base + t  # slot g % stages, free once tile g - stages is released
+                pl.when(g >= stages)(lambda: wait_free(g))
+                load(t, jax.lax.rem(g, stages))
+                return carry
+
+            jax.lax.fori_loop(0, block_steps, one, None)
+            return base + block_steps
+
+        tiles = jax.lax.fori_loop(0, count, body, jnp.int32(0))
+        jax.lax.fori_loop(jnp.maximum(tiles - stages, 0), tiles, wait_free, None)
+        if bounded:  # the last reads of the keys buffers
+            last = lambda j, carry: plgpu.barrier_wait(keys_free.at[jax.lax.rem(j, 2)]) or carry
+            jax.lax.fori_loop(jnp.maximum(count - 2, 0), count, last, None)
 
 
-def mosaic_forward(q, k, v, activation, bias, interpret, full=False, groups=1, first_key=None):
+def mosaic_forward(
+    q, k, v, activation, bias, interpret, full=False, groups=1, first_key=None, ctas=None
+):
     """Causal attention output for `q`, `k`, `v`: `(N, S, D)`, S a multiple of
     `2 * BLOCK_Q` and of `BLOCK_K` (softmax: `(out, lse)`, lse each row's
     log2-sum-exp2 of the logits, `(N, S)` float32, the backward kernels' row
@@ -290,17 +398,27 @@ def mosaic_forward(q, k, v, activation, bias, interpret, full=False, groups=1, f
     attention); with `groups` G, k and v have N / G rows, row
     `n // G` serving query row n; with `first_key` (`(N / G, S)` int32, non-decreasing
     along S, like k's rows), query i sees keys from `first_key[i]` on, and key tiles
-    before its block's first key are skipped. Under `jax.vmap` the mapped axis joins
-    N."""
+    before its block's first key are skipped. With `ctas` (a persistent schedule, not
+    measured on a GPU yet), that many CUDA blocks take the blocks of query rows in turn,
+    the streamed tiles running on from one block into the next. Under `jax.vmap` the
+    mapped axis joins N."""
     if full and first_key is not None:
         raise ValueError("full pieces take no first keys")
+    if ctas is not None and (not isinstance(ctas, int) or ctas < 1):
+        raise ValueError(f"ctas must be a positive int or None, got {ctas!r}")
     run = functools.partial(
-        _forward, activation=activation, bias=bias, interpret=interpret, full=full, groups=groups
+        _forward,
+        activation=activation,
+        bias=bias,
+        interpret=interpret,
+        full=full,
+        groups=groups,
+        ctas=ctas,
     )
     return fold_vmap(run, q, k, v, *optional(first_key))
 
 
-def _forward(q, k, v, *first_key, activation, bias, interpret, full, groups):
+def _forward(q, k, v, *first_key, activation, bias, interpret, full, groups, ctas):
     n, seq, dqk = q.shape
     dv = v.shape[-1]
     n_blocks = seq // (2 * BLOCK_Q)
@@ -314,6 +432,7 @@ def _forward(q, k, v, *first_key, activation, bias, interpret, full, groups):
         interpret=interpret,
         groups=groups,
         bounded=bool(first_key),
+        n_ctas=ctas,
     )
 
     scratch = (
@@ -329,13 +448,19 @@ def _forward(q, k, v, *first_key, activation, bias, interpret, full, groups):
     )
     if activation == "softmax":  # each compute warpgroup's rows' log2-sum-exp2
         scratch += (plgpu.SMEM((2, BLOCK_Q), jnp.float32),)
-    if first_key:  # the block's rows' first keys
+    if first_key and ctas is None:  # the block's rows' first keys
         scratch += (plgpu.SMEM((2 * BLOCK_Q,), jnp.int32), plgpu.Barrier(num_barriers=1))
+    elif first_key:  # persistent: two buffers of them, and when each was read
+        scratch += (
+            plgpu.SMEM((2, 2 * BLOCK_Q), jnp.int32),
+            plgpu.Barrier(num_barriers=2),
+            plgpu.Barrier(num_arrivals=2, num_barriers=2),
+        )
     if interpret:
         scratch += (tiled_smem((2, BLOCK_Q, BLOCK_K), v.dtype),)
     out_type = jax.ShapeDtypeStruct((n, seq, dv), v.dtype)
     if activation == "softmax":
         out_type = (out_type, jax.ShapeDtypeStruct((n, seq), jnp.float32))
     keys = jnp.swapaxes(k, 1, 2) if interpret else k
-    grid, names = block_grid(n_blocks, "q", n)
+    grid, names = block_grid(n_blocks, "q", n) if ctas is None else ((ctas,), ("c",))
     return launch(kernel, scratch, out_type, grid, names, interpret, q, keys, v, *first_key)
