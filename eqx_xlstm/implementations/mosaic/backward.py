@@ -53,7 +53,9 @@ from .. import raw_rows
 from . import jax_private
 from . import prepared as raw_grads
 from .common import (
+    STREAM_REGISTERS,
     block_grid,
+    check_ctas,
     claim_registers,
     fold_vmap,
     in_gmem,
@@ -61,7 +63,10 @@ from .common import (
     key_vector,
     launch,
     optional,
+    persistent_items,
+    release_ring,
     staged,
+    stream_ring,
     stream_tiles,
     tiled_smem,
     write_back,
@@ -586,7 +591,19 @@ def _group_sums(shares, groups):
 
 
 def _dq_kernel(
-    *refs, activation, bias, scale, n_pairs, full, interpret, bounded, groups, to_raw, swish, every
+    *refs,
+    activation,
+    bias,
+    scale,
+    n_pairs,
+    full,
+    interpret,
+    bounded,
+    groups,
+    to_raw,
+    swish,
+    every,
+    n_ctas=None,
 ):
     softmax = activation == "softmax"
     n_in = (6 if interpret else 4) + 2 * bounded + softmax + 2 * to_raw
@@ -605,17 +622,13 @@ def _dq_kernel(
         raw_smem, table_smem, raw_bars, *extra = extra
     kt_smem, kt_bar, *p_smem = extra if interpret else (None, None)
     rows, bk, stages = ROWS, 2 * ROWS, STAGES
-    n = jax.lax.axis_index("n")
-    kv = n // groups  # grouped-query heads: G query rows read one K/V row in place
-    pair = n_pairs - 1 - jax.lax.axis_index("q")  # the longest rows start first
-    wg = jax.lax.axis_index("wg")
 
     # Key tiles of 128 up to this pair's diagonal (all of them when `full`); bounded,
     # from the tile of the pair's first key (first keys do not decrease), masked up to
     # the tile of its last. Counted from tile `lo`: loop index t is tile `lo + t`. (Each
     # warpgroup reads its own copy of the range: one copy waited for by all three
     # deadlocks Mosaic GPU interpret mode under jit here.)
-    def tile_range():
+    def tile_range(kv, pair):
         """`(lo, mask_until, steps)`, as in the forward kernel."""
         lo, mask_until = 0, 0
         if bounded:
@@ -623,9 +636,14 @@ def _dq_kernel(
             lo, mask_until = read_block_info(blocks.at[kv, pair], *own)
         return lo, mask_until, n_pairs if full else pair + 1 - lo
 
-    @pl.when(wg < 2)
-    def _compute():
-        claim_registers()
+    def compute_item(n, kv, pair, base=None):
+        """A compute warpgroup's share of one pair of query blocks; how many key tiles
+        it walked. `base` (persistent): how many tiles the ring held before this
+        pair's (slots continue from there)."""
+
+        def slot_of(t):
+            return jax.lax.rem(t, stages) if base is None else jax.lax.rem(base + t, stages)
+
         row0 = (2 * pair + wg) * rows
         own_q, own_do = q_smem.at[wg], do_smem.at[wg]
         plgpu.copy_gmem_to_smem(q_ref.at[n, pl.ds(row0, rows)], own_q, q_bar.at[wg])
@@ -638,7 +656,7 @@ def _dq_kernel(
         if softmax:  # my rows' lse and delta
             own_stats = stats_ref.at[n, :, pl.ds(row0, rows)]
             plgpu.copy_gmem_to_smem(own_stats, stat_smem.at[wg], stat_bar.at[wg])
-        lo, mask_until, steps = tile_range()  # read while those load
+        lo, mask_until, steps = tile_range(kv, pair)  # read while those load
         plgpu.barrier_wait(q_bar.at[wg])
         plgpu.barrier_wait(do_bar.at[wg])
         first = None
@@ -660,7 +678,7 @@ def _dq_kernel(
             return staged(x, p_smem[0] if p_smem else None, wg)
 
         def step(t, dq_acc, masked):
-            slot = jax.lax.rem(t, stages)
+            slot = slot_of(t)
             plgpu.barrier_wait(k_bar.at[slot])
             plgpu.barrier_wait(v_bar.at[slot])
             if interpret:
@@ -701,12 +719,13 @@ def _dq_kernel(
             smem = raw_grads.own_smem((raw_smem, table_smem, raw_bars), wg) if interpret else None
             srcs = raw_ref.at[n, own_rows], table_ref.at[n // every, own_rows]
             dq = raw_grads.loaded_gradient(dq, *srcs, swish, interpret, smem)
-        write_back((dq, own_q, dq_ref.at[n, pl.ds(row0, rows)]))
+        if base is None:
+            write_back((dq, own_q, dq_ref.at[n, pl.ds(row0, rows)]))
+        else:  # the next block waits for the copy to have read the buffer
+            write_back((dq, own_q, dq_ref.at[n, pl.ds(row0, rows)]), wait=False)
+        return steps
 
-    @pl.when(wg == 2)
-    def _stream():
-        lo, _, steps = tile_range()
-
+    def tile_loader(kv, lo):
         def load(t, slot):
             tile = pl.ds((lo + t) * bk, bk)
             plgpu.copy_gmem_to_smem(k_ref.at[kv, tile], k_smem.at[slot], k_bar.at[slot])
@@ -717,7 +736,57 @@ def _dq_kernel(
             else:
                 plgpu.copy_gmem_to_smem(v_ref.at[kv, tile], v_tiles.at[slot], v_bar.at[slot])
 
-        stream_tiles(load, steps, stages, (free,), n_pairs)
+        return load
+
+    if n_ctas is None:  # one CUDA block per pair of query blocks
+        n = jax.lax.axis_index("n")
+        kv = n // groups  # grouped-query heads: G query rows read one K/V row in place
+        pair = n_pairs - 1 - jax.lax.axis_index("q")  # the longest rows start first
+        wg = jax.lax.axis_index("wg")
+
+        @pl.when(wg < 2)
+        def _compute():
+            claim_registers()
+            compute_item(n, kv, pair)
+
+        @pl.when(wg == 2)
+        def _stream():
+            lo, _, steps = tile_range(kv, pair)
+            stream_tiles(tile_loader(kv, lo), steps, stages, (free,), n_pairs)
+
+        return
+
+    # Persistent: as in the forward kernel (`forward.py`), `n_ctas` CUDA blocks take the
+    # pairs in turn, the ring of key/value slots running on from one into the next.
+    wg = jax.lax.axis_index("wg")
+    index_of, count = persistent_items(q_ref.shape[0] * n_pairs, n_ctas)
+
+    def item(j):
+        index = index_of(j)
+        n = index // n_pairs
+        return n, n // groups, n_pairs - 1 - index % n_pairs
+
+    @pl.when(wg < 2)
+    def _compute():
+        claim_registers()
+
+        def body(j, base):
+            plgpu.wait_smem_to_gmem(0, wait_read_only=True)  # my last dQ's copy
+            return base + compute_item(*item(j), base)
+
+        jax.lax.fori_loop(0, count, body, jnp.int32(0))
+        plgpu.wait_smem_to_gmem(0, wait_read_only=True)
+
+    @pl.when(wg == 2)
+    def _stream():
+        def body(j, base):
+            n, kv, pair = item(j)
+            lo, _, steps = tile_range(kv, pair)
+            return stream_ring(tile_loader(kv, lo), base, steps, stages, (free,))
+
+        plgpu.set_max_registers(STREAM_REGISTERS, action="decrease")
+        tiles = jax.lax.fori_loop(0, count, body, jnp.int32(0))
+        release_ring(tiles, stages, (free,))
 
 
 def mosaic_dq(
@@ -734,18 +803,21 @@ def mosaic_dq(
     lse=None,
     delta=None,
     prepared=None,
+    ctas=None,
 ):
     """dQ for `q`, `k`, `v`, `d_out`: `(N, S, D)`, S a multiple of 128 (`full`: every
     query sees every key; `first_key`, `groups`, softmax's `lse` and `delta` and
-    `prepared` as `mosaic_dkv` takes them). Under `jax.vmap` the mapped axis joins N."""
+    `prepared` as `mosaic_dkv` takes them; `ctas`, a persistent schedule as
+    `forward.mosaic_forward` takes it). Under `jax.vmap` the mapped axis joins N."""
     options = _options(activation, bias, interpret, full, groups, first_key, prepared)
-    run = functools.partial(_dq, **options)
+    check_ctas(ctas)
+    run = functools.partial(_dq, **options, ctas=ctas)
     stats = _stats(activation, lse, delta)
     raw = () if prepared is None else prepared.arrays(q.dtype)[::2]  # queries and table
     return fold_vmap(run, q, k, v, d_out, *optional(first_key), *stats, *raw)
 
 
-def _dq(q, k, v, d_out, *rest, activation, bias, interpret, full, groups, n_first, swish):
+def _dq(q, k, v, d_out, *rest, activation, bias, interpret, full, groups, n_first, swish, ctas):
     first_key, stats, raw = _split_extras(rest, activation, n_first)
     n, seq, dim = q.shape
     n_pairs = seq // (2 * ROWS)
@@ -762,6 +834,7 @@ def _dq(q, k, v, d_out, *rest, activation, bias, interpret, full, groups, n_firs
         to_raw=bool(raw),
         swish=swish,
         every=_table_every(n, raw, groups),
+        n_ctas=ctas,
     )
     value_tile = (STAGES, dim, 2 * ROWS) if interpret else (STAGES, 2 * ROWS, dim)
 
@@ -801,5 +874,5 @@ def _dq(q, k, v, d_out, *rest, activation, bias, interpret, full, groups, n_firs
     if interpret:
         inputs += [jnp.swapaxes(k, 1, 2), jnp.swapaxes(v, 1, 2)]
     out_type = jax.ShapeDtypeStruct(q.shape, q.dtype)
-    grid, names = block_grid(n_pairs, "q", n)
+    grid, names = block_grid(n_pairs, "q", n) if ctas is None else ((ctas,), ("c",))
     return launch(kernel, scratch, out_type, grid, names, interpret, *inputs)

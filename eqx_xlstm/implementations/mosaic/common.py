@@ -72,6 +72,53 @@ def stream_tiles(load, steps, stages, free_bars, max_prefill, sure=0):
     jax.lax.fori_loop(jnp.maximum(steps - stages, 0), steps, wait_free, None)
 
 
+def check_ctas(ctas):
+    """A kernel's `ctas` (its persistent schedule's CUDA blocks): None or an int >= 1."""
+    if ctas is not None and (not isinstance(ctas, int) or isinstance(ctas, bool) or ctas < 1):
+        raise ValueError(f"ctas must be a positive int or None, got {ctas!r}")
+
+
+def persistent_items(n_items, n_ctas):
+    """In a persistent kernel (grid `(n_ctas,)`, axis "c"), this CUDA block's items:
+    `(index_of, count)`, its j-th item being `index_of(j)` for j < `count` (the blocks
+    take the items in turn: c, c + n_ctas, ...)."""
+    cta = jax.lax.axis_index("c")
+    count = jnp.maximum(n_items - cta + n_ctas - 1, 0) // n_ctas
+    return (lambda j: cta + j * n_ctas), count
+
+
+def stream_ring(load, base, steps, stages, free_bars):
+    """A persistent kernel's streaming warpgroup, for one item: `load(t, slot)` its
+    tiles 0 .. `steps` - 1, tile t into slot (base + t) % stages once every barrier of
+    `free_bars` says the tile `stages` before it there was released. Returns
+    base + steps, the next item's base."""
+
+    def one(t, carry):
+        g = base + t
+        pl.when(g >= stages)(lambda: _wait_released(g, stages, free_bars))
+        load(t, jax.lax.rem(g, stages))
+        return carry
+
+    jax.lax.fori_loop(0, steps, one, None)
+    return base + steps
+
+
+def release_ring(tiles, stages, free_bars):
+    """After a persistent kernel's last item (`tiles` streamed in all): wait out the
+    last releases, so that no barrier phase goes unobserved."""
+
+    def wait(g, carry):
+        _wait_released(g, stages, free_bars)
+        return carry
+
+    jax.lax.fori_loop(jnp.maximum(tiles - stages, 0), tiles, wait, None)
+
+
+def _wait_released(g, stages, free_bars):
+    for bar in free_bars:
+        plgpu.barrier_wait(bar.at[jax.lax.rem(g, stages)])
+
+
 def staged(x, buffers, index):
     """`x` as a wgmma operand: itself on a GPU; in Mosaic GPU interpret mode, whose wgmma
     reads shared memory only, copied into `buffers.at[index]` (`buffers` is None on a

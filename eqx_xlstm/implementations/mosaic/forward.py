@@ -45,13 +45,17 @@ from .common import (
     STREAM_REGISTERS,
     block_first_keys,
     block_grid,
+    check_ctas,
     claim_registers,
     fold_vmap,
     iota,
     key_vector,
     launch,
     optional,
+    persistent_items,
+    release_ring,
     staged,
+    stream_ring,
     stream_tiles,
     tiled_smem,
     write_back,
@@ -330,13 +334,11 @@ def _kernel(
     # Persistent: `n_ctas` CUDA blocks take the blocks of query rows in turn; the ring of
     # key/value slots runs on from one block into the next, so that the streaming
     # warpgroup loads a block's first tiles while the previous block computes.
-    cta = jax.lax.axis_index("c")
     wg = jax.lax.axis_index("wg")
-    n_items = q_ref.shape[0] * n_blocks
-    count = jnp.maximum(n_items - cta + n_ctas - 1, 0) // n_ctas  # this CUDA block's
+    index_of, count = persistent_items(q_ref.shape[0] * n_blocks, n_ctas)
 
     def item(j):
-        index = cta + j * n_ctas
+        index = index_of(j)
         n = index // n_blocks
         return n, n // groups, n_blocks - 1 - index % n_blocks, jax.lax.rem(j, 2)
 
@@ -360,29 +362,15 @@ def _kernel(
     def _stream():
         plgpu.set_max_registers(STREAM_REGISTERS, action="decrease")
 
-        def wait_free(g, carry=None):
-            for bar in (k_free, v_free):
-                plgpu.barrier_wait(bar.at[jax.lax.rem(g, stages)])
-            return carry
-
         def body(j, base):
             n, kv, pair, buf = item(j)
             if bounded:  # the compute warpgroups have read the keys buffer's last block
                 pl.when(j >= 2)(lambda: plgpu.barrier_wait(keys_free.at[buf]))
             lo, _, block_steps = block_range(kv, pair, buf)
-            load = tile_loader(kv, lo)
-
-            def one(t, carry):
-                g = base + t  # slot g % stages, free once tile g - stages is released
-                pl.when(g >= stages)(lambda: wait_free(g))
-                load(t, jax.lax.rem(g, stages))
-                return carry
-
-            jax.lax.fori_loop(0, block_steps, one, None)
-            return base + block_steps
+            return stream_ring(tile_loader(kv, lo), base, block_steps, stages, (k_free, v_free))
 
         tiles = jax.lax.fori_loop(0, count, body, jnp.int32(0))
-        jax.lax.fori_loop(jnp.maximum(tiles - stages, 0), tiles, wait_free, None)
+        release_ring(tiles, stages, (k_free, v_free))
         if bounded:  # the last reads of the keys buffers
             last = lambda j, carry: plgpu.barrier_wait(keys_free.at[jax.lax.rem(j, 2)]) or carry
             jax.lax.fori_loop(jnp.maximum(count - 2, 0), count, last, None)
@@ -404,8 +392,7 @@ def mosaic_forward(
     mapped axis joins N."""
     if full and first_key is not None:
         raise ValueError("full pieces take no first keys")
-    if ctas is not None and (not isinstance(ctas, int) or ctas < 1):
-        raise ValueError(f"ctas must be a positive int or None, got {ctas!r}")
+    check_ctas(ctas)
     run = functools.partial(
         _forward,
         activation=activation,
