@@ -226,29 +226,48 @@ def test_forward_kernel_with_first_keys(activation, window, runs, groups):
     assert_close_16bit(got, np.asarray(masked_reference(q, k, v, activation, bias, first)))
 
 
-# The persistent schedule: 4 CUDA blocks take 2 rows x 3 query-block pairs in turn (2,
-# 2, 1 and 1 each), the ring of key/value slots running on from one block into the
-# next; bounded (two buffers of first keys take turns), and full (every tile walked).
+# The persistent schedule: 4 CUDA blocks take the blocks (2 rows x 3 blocks of 128
+# query rows or keys) in turn, 2, 2, 1 and 1 each, the ring of streamed tiles running on
+# from one block into the next; bounded (the forward's two buffers of first keys take
+# turns), full (every tile walked), grouped heads, raw rows' gradients.
 @pytest.mark.parametrize(
-    "activation, window, runs, full, groups",
-    [("softmax", 70, (40, 100, 244), False, 2), ("sigmoid", None, None, True, 1)],
+    "kernel, activation, window, runs, full, groups, raw",
+    [
+        ("forward", "softmax", 70, (40, 100, 244), False, 2, False),
+        ("forward", "sigmoid", None, None, True, 1, False),
+        ("dq", "softmax", 70, (40, 100, 244), False, 2, True),
+        ("dkv", "sigmoid", None, (40, 100, 244), False, 1, True),
+        ("dkv", "none", None, None, True, 1, False),
+    ],
 )
-def test_persistent_forward_matches_one_block_per_query_block(
-    activation, window, runs, full, groups
+def test_persistent_kernels_match_one_block_per_query_block(
+    kernel, activation, window, runs, full, groups, raw
 ):
     seq, dim, rows = 384, 64, 2
-    q, _, _, _ = inputs(seq, rows, dim, jnp.bfloat16, seed=3)
+    q, _, _, g = inputs(seq, rows, dim, jnp.bfloat16, seed=3)
     _, k, v, _ = inputs(seq, rows // groups, dim, jnp.bfloat16, seed=4)
     first = None if full else first_keys(seq, rows // groups, window, runs)
     options = dict(full=full, groups=groups, first_key=first)
-    run = lambda ctas: forward.mosaic_forward(
-        q, k, v, activation, -4.0, INTERPRET, **options, ctas=ctas
-    )
-    want, got = run(None), run(4)
+    if raw:
+        sin, cos = rope_tables(jnp.arange(seq)[None], dim)
+        options["prepared"] = raw_rows.Prepared(q, k, raw_rows.rope_pair_table(sin, cos), True)
+    if kernel != "forward" and activation == "softmax":
+        options |= softmax_stats(
+            q, k, v, g, jnp.zeros((rows // groups, seq), jnp.int32) if full else first
+        )
+    call = {
+        "forward": lambda **o: forward.mosaic_forward(q, k, v, activation, -4.0, INTERPRET, **o),
+        "dq": lambda **o: backward.mosaic_dq(q, k, v, g, activation, -4.0, INTERPRET, **o),
+        "dkv": lambda **o: backward.mosaic_dkv(q, k, v, g, activation, -4.0, INTERPRET, **o),
+    }[kernel]
+    want, got = call(**options), call(**options, ctas=4)
     for a, b in zip(jax.tree.leaves(got), jax.tree.leaves(want), strict=True):
         np.testing.assert_array_equal(np.asarray(a, np.float32), np.asarray(b, np.float32))
     with pytest.raises(ValueError, match="ctas"):
-        run(0)
+        call(**options, ctas=0)
+    if kernel == "dkv" and activation != "softmax":
+        with pytest.raises(ValueError, match="fused"):
+            call(**options, ctas=4, fused=True)
 
 
 # S=256: key block 0 is seen by no query after 140 (the dK/dV walk stops early), the

@@ -36,6 +36,9 @@ With segments or sliding windows both take each query's first visible key: a dK/
 block stops after the last query tile that sees one of its keys, and a dQ pair starts
 at the key tile of its first key (tile ranges found in XLA).
 
+With `ctas` the dQ kernel and the unfused dK/dV kernel run the forward kernel's
+persistent schedule (`forward.py`; not measured on a GPU yet).
+
 As in the forward kernel, the GPU reads transposed operands through transposed
 shared-memory views; Mosaic GPU interpret mode cannot, so there they come transposed
 from memory.
@@ -113,6 +116,7 @@ def _kernel(
     to_raw,
     swish,
     every,
+    n_ctas=None,
 ):
     softmax = activation == "softmax"
     n_in = (6 if interpret else 4) + 2 * bounded + softmax + 2 * to_raw + fused
@@ -133,17 +137,12 @@ def _kernel(
         *extra, ds_smem, dq_smem, ds_full, ds_free, dq_bar = extra
     qt_smem, dot_smem, qt_bar, dot_bar, *p_smem = extra if interpret else (None,) * 4
     rows, stages = ROWS, STAGES
-    n = jax.lax.axis_index("n")
-    kv = n // groups  # grouped-query heads: G query rows read one K/V row in place
-    block = jax.lax.axis_index("k")
-    wg = jax.lax.axis_index("wg")
-    # The first query tile this block needs: warpgroup 0's diagonal, or tile 0 when
+    # A block's first query tile (`first`): warpgroup 0's diagonal, or tile 0 when
     # every query sees every key (`full`). Bounded, it stops after the last tile with
     # a query whose first key is in the block, and tiles from `mask_from` on hold
     # queries that see only some of its keys (`_key_ranges`).
-    first = 0 if full else 2 * block
 
-    def tile_range():
+    def tile_range(kv, block, first):
         """`(steps, mask_from)`: how many query tiles this block walks from `first`,
         and the first tile to mask after the diagonal."""
         if not bounded:
@@ -152,9 +151,14 @@ def _kernel(
         stop, mask_from = read_block_info(key_ranges.at[kv, block], *own)
         return stop - first, mask_from
 
-    @pl.when(wg < 2)
-    def _compute():
-        claim_registers()
+    def compute_item(n, kv, block, first, base=None):
+        """A compute warpgroup's share of one block of keys; how many query tiles it
+        walked. `base` (persistent): how many tiles the ring held before this block's
+        (slots continue from there)."""
+
+        def slot_of(t):
+            return jax.lax.rem(t, stages) if base is None else jax.lax.rem(base + t, stages)
+
         key0 = (2 * block + wg) * rows
         own_k, own_v = k_smem.at[wg], v_smem.at[wg]
         plgpu.copy_gmem_to_smem(k_ref.at[kv, pl.ds(key0, rows)], own_k, k_bar.at[wg])
@@ -168,7 +172,7 @@ def _kernel(
             raw_smem_here = raw_grads.own_smem((raw_smem, table_smem, raw_bars), wg)
         if to_raw and not fused:  # (the fused kernel has no room for them)
             raw_grads.copy_early(*raw_srcs, raw_smem_here)
-        block_steps, mask_from = tile_range()  # read while my keys and values load
+        block_steps, mask_from = tile_range(kv, block, first)  # read while K and V load
         plgpu.barrier_wait(k_bar.at[wg])
         plgpu.barrier_wait(v_bar.at[wg])
 
@@ -186,7 +190,7 @@ def _kernel(
             return staged(x, p_smem[0] if p_smem else None, (wg, which))
 
         def step(t, dk_acc, dv_acc, masked):
-            slot = jax.lax.rem(t, stages)
+            slot = slot_of(t)
             wait_tiles(slot)
             q_t, do_t = view(q_smem, qt_smem, slot), view(do_smem, dot_smem, slot)
             if fused:  # S^T and dP^T issued together, waited for once (see above)
@@ -280,7 +284,7 @@ def _kernel(
                 plgpu.wait_smem_to_gmem(0)
 
         def skip(t, carry):  # a tile wholly before this warpgroup's keys
-            slot = jax.lax.rem(t, stages)
+            slot = slot_of(t)
             wait_tiles(slot)
             plgpu.barrier_arrive(free.at[slot])
             if fused:  # my dS^T of it is zero
@@ -322,10 +326,11 @@ def _kernel(
             dk = raw_grads.copied_gradient(dk, swish, interpret, raw_smem_here)
         elif to_raw:  # (this query row's share of it)
             dk = raw_grads.loaded_gradient(dk, *raw_srcs, swish, interpret, raw_smem_here)
-        write_back((dk, own_k, dk_ref.at[n, own_rows]), (dv, own_v, dv_ref.at[n, own_rows]))
+        outputs = (dk, own_k, dk_ref.at[n, own_rows]), (dv, own_v, dv_ref.at[n, own_rows])
+        write_back(*outputs, wait=base is None)  # persistent: the next block waits
+        return block_steps
 
-    @pl.when(wg == 2)
-    def _stream():
+    def tile_loader(n, kv, first):
         def load(t, slot):
             tile = pl.ds((first + t) * rows, rows)
             plgpu.copy_gmem_to_smem(q_ref.at[n, tile], q_smem.at[slot], q_bar.at[slot])
@@ -341,12 +346,65 @@ def _kernel(
                 plgpu.copy_gmem_to_smem(qt_ref.at[n, :, tile], qt_smem.at[slot], qt_bar.at[slot])
                 plgpu.copy_gmem_to_smem(dot_ref.at[n, :, tile], dot_smem.at[slot], dot_bar.at[slot])
 
-        # Every block walks at least its two diagonal tiles (each key sees its own
-        # query), so those load while the block's range is read.
-        def steps():
-            return tile_range()[0]
+        return load
 
-        stream_tiles(load, steps, stages, (free,), n_tiles, sure=min(2, n_tiles))
+    if n_ctas is None:  # one CUDA block per block of keys
+        n = jax.lax.axis_index("n")
+        kv = n // groups  # grouped-query heads: G query rows read one K/V row in place
+        block = jax.lax.axis_index("k")
+        wg = jax.lax.axis_index("wg")
+        first = 0 if full else 2 * block
+
+        @pl.when(wg < 2)
+        def _compute():
+            claim_registers()
+            compute_item(n, kv, block, first)
+
+        @pl.when(wg == 2)
+        def _stream():
+            # Every block walks at least its two diagonal tiles (each key sees its own
+            # query), so those load while the block's range is read.
+            def steps():
+                return tile_range(kv, block, first)[0]
+
+            load = tile_loader(n, kv, first)
+            stream_tiles(load, steps, stages, (free,), n_tiles, sure=min(2, n_tiles))
+
+        return
+
+    # Persistent (the dK/dV pair, not the fused kernel): as in the forward kernel
+    # (`forward.py`), `n_ctas` CUDA blocks take the blocks of keys in turn, the ring of
+    # query tiles running on from one into the next.
+    wg = jax.lax.axis_index("wg")
+    n_blocks = n_tiles // 2
+    index_of, count = persistent_items(q_ref.shape[0] * n_blocks, n_ctas)
+
+    def item(j):
+        index = index_of(j)
+        n, block = index // n_blocks, index % n_blocks
+        return n, n // groups, block, 0 if full else 2 * block
+
+    @pl.when(wg < 2)
+    def _compute():
+        claim_registers()
+
+        def body(j, base):
+            plgpu.wait_smem_to_gmem(0, wait_read_only=True)  # my last dK and dV copies
+            return base + compute_item(*item(j), base)
+
+        jax.lax.fori_loop(0, count, body, jnp.int32(0))
+        plgpu.wait_smem_to_gmem(0, wait_read_only=True)
+
+    @pl.when(wg == 2)
+    def _stream():
+        def body(j, base):
+            n, kv, block, first = item(j)
+            steps = tile_range(kv, block, first)[0]
+            return stream_ring(tile_loader(n, kv, first), base, steps, stages, (free,))
+
+        plgpu.set_max_registers(STREAM_REGISTERS, action="decrease")
+        tiles = jax.lax.fori_loop(0, count, body, jnp.int32(0))
+        release_ring(tiles, stages, (free,))
 
 
 def mosaic_dkv(
@@ -364,6 +422,7 @@ def mosaic_dkv(
     lse=None,
     delta=None,
     prepared=None,
+    ctas=None,
 ):
     """dK, dV for `q`, `k`, `v`, `d_out`: `(N, S, D)`, S a multiple of 128. With
     `fused`, dQ too, `(dq, dk, dv)`: the same kernel adds each tile's dS K into a
@@ -377,13 +436,17 @@ def mosaic_dkv(
     forward kernel's log2-sum-exp2) and `delta` (`sum(dO * O)`), `(N, S)` float32
     each; the fused kernel takes no softmax. With `prepared` (`raw_rows.Prepared`),
     `q` and `k` are queries and keys after swish and RoPE, and the gradients returned
-    are w.r.t. the raw ones, formed as each kernel writes its rows. Under `jax.vmap`
-    the mapped axis joins N (the fused kernel only where `in_gmem` can hide its
-    in-place sum)."""
+    are w.r.t. the raw ones, formed as each kernel writes its rows. `ctas`: a
+    persistent schedule, as `forward.mosaic_forward` takes it (not with `fused`). Under
+    `jax.vmap` the mapped axis joins N (the fused kernel only where `in_gmem` can hide
+    its in-place sum)."""
     if fused and activation == "softmax":
         raise ValueError("the fused backward kernel takes no softmax")
+    check_ctas(ctas)
+    if fused and ctas is not None:
+        raise ValueError("the fused backward kernel has no persistent schedule (ctas)")
     options = _options(activation, bias, interpret, full, groups, first_key, prepared)
-    run = functools.partial(_dkv, fused=fused, **options)
+    run = functools.partial(_dkv, fused=fused, **options, ctas=ctas)
     raw = () if prepared is None else prepared.arrays(q.dtype)
     arrays = (q, k, v, d_out, *optional(first_key), *_stats(activation, lse, delta), *raw)
     if fused and jax_private.ref_type_mappings() is None:
@@ -480,7 +543,9 @@ def _table_every(n, raw, groups):
     return n // tables
 
 
-def _dkv(q, k, v, d_out, *rest, activation, bias, interpret, fused, full, groups, n_first, swish):
+def _dkv(
+    q, k, v, d_out, *rest, activation, bias, interpret, fused, full, groups, n_first, swish, ctas
+):
     first_key, stats, raw = _split_extras(rest, activation, n_first)
     n, seq, dim = q.shape
     n_tiles = seq // ROWS
@@ -499,6 +564,7 @@ def _dkv(q, k, v, d_out, *rest, activation, bias, interpret, fused, full, groups
         to_raw=bool(raw),
         swish=swish,
         every=_table_every(n, raw, groups),
+        n_ctas=ctas,
     )
 
     scratch = [
@@ -551,7 +617,7 @@ def _dkv(q, k, v, d_out, *rest, activation, bias, interpret, fused, full, groups
         inputs += [jnp.swapaxes(q, 1, 2), jnp.swapaxes(d_out, 1, 2)]
     # One share of dK and dV per query row (`_group_sums` adds a K/V row's G shares).
     out_type = tuple(jax.ShapeDtypeStruct((n, *x.shape[1:]), x.dtype) for x in (k, v))
-    grid, names = block_grid(seq // (2 * ROWS), "k", n)
+    grid, names = block_grid(seq // (2 * ROWS), "k", n) if ctas is None else ((ctas,), ("c",))
     if not fused:
         dk, dv = launch(kernel, scratch, out_type, grid, names, interpret, *inputs)
         return _group_sums(dk, groups), _group_sums(dv, groups)
