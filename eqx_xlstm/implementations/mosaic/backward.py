@@ -56,10 +56,10 @@ from .. import raw_rows
 from . import jax_private
 from . import prepared as raw_grads
 from .common import (
-    STREAM_REGISTERS,
     block_grid,
     check_ctas,
     claim_registers,
+    compute_items,
     fold_vmap,
     in_gmem,
     iota,
@@ -67,9 +67,8 @@ from .common import (
     launch,
     optional,
     persistent_items,
-    release_ring,
     staged,
-    stream_ring,
+    stream_items,
     stream_tiles,
     tiled_smem,
     write_back,
@@ -376,35 +375,24 @@ def _kernel(
     # (`forward.py`), `n_ctas` CUDA blocks take the blocks of keys in turn, the ring of
     # query tiles running on from one into the next.
     wg = jax.lax.axis_index("wg")
-    n_blocks = n_tiles // 2
-    index_of, count = persistent_items(q_ref.shape[0] * n_blocks, n_ctas)
+    row_block, count = persistent_items(q_ref.shape[0], n_tiles // 2, n_ctas)
 
     def item(j):
-        index = index_of(j)
-        n, block = index // n_blocks, index % n_blocks
+        n, block = row_block(j)
         return n, n // groups, block, 0 if full else 2 * block
 
     @pl.when(wg < 2)
     def _compute():
         claim_registers()
-
-        def body(j, base):
-            plgpu.wait_smem_to_gmem(0, wait_read_only=True)  # my last dK and dV copies
-            return base + compute_item(*item(j), base)
-
-        jax.lax.fori_loop(0, count, body, jnp.int32(0))
-        plgpu.wait_smem_to_gmem(0, wait_read_only=True)
+        compute_items(count, lambda j, base: compute_item(*item(j), base))
 
     @pl.when(wg == 2)
     def _stream():
-        def body(j, base):
+        def item_tiles(j):
             n, kv, block, first = item(j)
-            steps = tile_range(kv, block, first)[0]
-            return stream_ring(tile_loader(n, kv, first), base, steps, stages, (free,))
+            return tile_loader(n, kv, first), tile_range(kv, block, first)[0]
 
-        plgpu.set_max_registers(STREAM_REGISTERS, action="decrease")
-        tiles = jax.lax.fori_loop(0, count, body, jnp.int32(0))
-        release_ring(tiles, stages, (free,))
+        stream_items(count, item_tiles, stages, (free,))
 
 
 def mosaic_dkv(
@@ -825,34 +813,25 @@ def _dq_kernel(
     # Persistent: as in the forward kernel (`forward.py`), `n_ctas` CUDA blocks take the
     # pairs in turn, the ring of key/value slots running on from one into the next.
     wg = jax.lax.axis_index("wg")
-    index_of, count = persistent_items(q_ref.shape[0] * n_pairs, n_ctas)
+    row_block, count = persistent_items(q_ref.shape[0], n_pairs, n_ctas)
 
     def item(j):
-        index = index_of(j)
-        n = index // n_pairs
-        return n, n // groups, n_pairs - 1 - index % n_pairs
+        n, index = row_block(j)
+        return n, n // groups, n_pairs - 1 - index  # the longest rows first
 
     @pl.when(wg < 2)
     def _compute():
         claim_registers()
-
-        def body(j, base):
-            plgpu.wait_smem_to_gmem(0, wait_read_only=True)  # my last dQ's copy
-            return base + compute_item(*item(j), base)
-
-        jax.lax.fori_loop(0, count, body, jnp.int32(0))
-        plgpu.wait_smem_to_gmem(0, wait_read_only=True)
+        compute_items(count, lambda j, base: compute_item(*item(j), base))
 
     @pl.when(wg == 2)
     def _stream():
-        def body(j, base):
+        def item_tiles(j):
             n, kv, pair = item(j)
             lo, _, steps = tile_range(kv, pair)
-            return stream_ring(tile_loader(kv, lo), base, steps, stages, (free,))
+            return tile_loader(kv, lo), steps
 
-        plgpu.set_max_registers(STREAM_REGISTERS, action="decrease")
-        tiles = jax.lax.fori_loop(0, count, body, jnp.int32(0))
-        release_ring(tiles, stages, (free,))
+        stream_items(count, item_tiles, stages, (free,))
 
 
 def mosaic_dq(

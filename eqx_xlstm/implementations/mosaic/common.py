@@ -78,13 +78,45 @@ def check_ctas(ctas):
         raise ValueError(f"ctas must be a positive int or None, got {ctas!r}")
 
 
-def persistent_items(n_items, n_ctas):
-    """In a persistent kernel (grid `(n_ctas,)`, axis "c"), this CUDA block's items:
-    `(index_of, count)`, its j-th item being `index_of(j)` for j < `count` (the blocks
-    take the items in turn: c, c + n_ctas, ...)."""
+def persistent_items(n_rows, n_blocks, n_ctas):
+    """In a persistent kernel (grid `(n_ctas,)`, axis "c") over `n_blocks` blocks of
+    each of `n_rows` rows: `(item, count)`, this CUDA block's j-th item (j < `count`)
+    being `(row, block) = item(j)` (the CUDA blocks take the items in turn, row by row,
+    so those running at one time share a few rows' tiles in L2 as `block_grid`'s do)."""
     cta = jax.lax.axis_index("c")
-    count = jnp.maximum(n_items - cta + n_ctas - 1, 0) // n_ctas
-    return (lambda j: cta + j * n_ctas), count
+    count = jnp.maximum(n_rows * n_blocks - cta + n_ctas - 1, 0) // n_ctas
+
+    def item(j):
+        index = cta + j * n_ctas
+        return index // n_blocks, index % n_blocks
+
+    return item, count
+
+
+def compute_items(count, run_item):
+    """A persistent kernel's compute warpgroup: `run_item(j, base)` for its items j <
+    `count`, `base` counting the tiles the ring held before item j (`run_item` returns
+    how many item j took). Each item starts once the previous one's output copies have
+    read their buffers; the last ones are waited out at the end."""
+
+    def body(j, base):
+        plgpu.wait_smem_to_gmem(0, wait_read_only=True)
+        return base + run_item(j, base)
+
+    jax.lax.fori_loop(0, count, body, jnp.int32(0))
+    plgpu.wait_smem_to_gmem(0, wait_read_only=True)
+
+
+def stream_items(count, item_tiles, stages, free_bars):
+    """A persistent kernel's streaming warpgroup: for its items j < `count`,
+    `(load, steps) = item_tiles(j)`, and `stream_ring` loads them; then `release_ring`."""
+    plgpu.set_max_registers(STREAM_REGISTERS, action="decrease")
+
+    def body(j, base):
+        load, steps = item_tiles(j)
+        return stream_ring(load, base, steps, stages, free_bars)
+
+    release_ring(jax.lax.fori_loop(0, count, body, jnp.int32(0)), stages, free_bars)
 
 
 def stream_ring(load, base, steps, stages, free_bars):

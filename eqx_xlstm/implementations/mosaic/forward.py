@@ -42,20 +42,19 @@ from jax.experimental.pallas import mosaic_gpu as plgpu
 
 from ... import maths
 from .common import (
-    STREAM_REGISTERS,
     block_first_keys,
     block_grid,
     check_ctas,
     claim_registers,
+    compute_items,
     fold_vmap,
     iota,
     key_vector,
     launch,
     optional,
     persistent_items,
-    release_ring,
     staged,
-    stream_ring,
+    stream_items,
     stream_tiles,
     tiled_smem,
     write_back,
@@ -335,42 +334,37 @@ def _kernel(
     # key/value slots runs on from one block into the next, so that the streaming
     # warpgroup loads a block's first tiles while the previous block computes.
     wg = jax.lax.axis_index("wg")
-    index_of, count = persistent_items(q_ref.shape[0] * n_blocks, n_ctas)
+    row_block, count = persistent_items(q_ref.shape[0], n_blocks, n_ctas)
 
     def item(j):
-        index = index_of(j)
-        n = index // n_blocks
-        return n, n // groups, n_blocks - 1 - index % n_blocks, jax.lax.rem(j, 2)
+        n, index = row_block(j)
+        # (the longest rows first; the keys buffers take turns)
+        return n, n // groups, n_blocks - 1 - index, jax.lax.rem(j, 2)
 
     @pl.when(wg < 2)
     def _compute():
         claim_registers()
 
-        def body(j, base):
+        def run_item(j, base):
             n, kv, pair, buf = item(j)
             row0 = pair * 2 * bq + wg * bq
-            plgpu.wait_smem_to_gmem(0, wait_read_only=True)  # my last outputs' copies
             copy_queries(n, row0)
             lo, mask_until, block_steps = block_range(kv, pair, buf)
             compute_item(n, row0, lo, mask_until, block_steps, base, buf)
-            return base + block_steps
+            return block_steps
 
-        jax.lax.fori_loop(0, count, body, jnp.int32(0))
-        plgpu.wait_smem_to_gmem(0, wait_read_only=True)
+        compute_items(count, run_item)
 
     @pl.when(wg == 2)
     def _stream():
-        plgpu.set_max_registers(STREAM_REGISTERS, action="decrease")
-
-        def body(j, base):
+        def item_tiles(j):
             n, kv, pair, buf = item(j)
             if bounded:  # the compute warpgroups have read the keys buffer's last block
                 pl.when(j >= 2)(lambda: plgpu.barrier_wait(keys_free.at[buf]))
             lo, _, block_steps = block_range(kv, pair, buf)
-            return stream_ring(tile_loader(kv, lo), base, block_steps, stages, (k_free, v_free))
+            return tile_loader(kv, lo), block_steps
 
-        tiles = jax.lax.fori_loop(0, count, body, jnp.int32(0))
-        release_ring(tiles, stages, (k_free, v_free))
+        stream_items(count, item_tiles, stages, (k_free, v_free))
         if bounded:  # the last reads of the keys buffers
             last = lambda j, carry: plgpu.barrier_wait(keys_free.at[jax.lax.rem(j, 2)]) or carry
             jax.lax.fori_loop(jnp.maximum(count - 2, 0), count, last, None)
