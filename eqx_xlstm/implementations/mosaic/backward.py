@@ -59,7 +59,6 @@ from .common import (
     block_grid,
     check_ctas,
     claim_registers,
-    compute_items,
     fold_vmap,
     in_gmem,
     iota,
@@ -67,8 +66,8 @@ from .common import (
     launch,
     optional,
     persistent_items,
+    run_persistent,
     staged,
-    stream_items,
     stream_tiles,
     tiled_smem,
     write_back,
@@ -381,18 +380,12 @@ def _kernel(
         n, block = row_block(j)
         return n, n // groups, block, 0 if full else 2 * block
 
-    @pl.when(wg < 2)
-    def _compute():
-        claim_registers()
-        compute_items(count, lambda j, base: compute_item(*item(j), base))
+    def item_tiles(j):
+        n, kv, block, first = item(j)
+        return tile_loader(n, kv, first), tile_range(kv, block, first)[0]
 
-    @pl.when(wg == 2)
-    def _stream():
-        def item_tiles(j):
-            n, kv, block, first = item(j)
-            return tile_loader(n, kv, first), tile_range(kv, block, first)[0]
-
-        stream_items(count, item_tiles, stages, (free,))
+    run_item = lambda j, base: compute_item(*item(j), base)
+    run_persistent(count, run_item, item_tiles, stages, (free,))
 
 
 def mosaic_dkv(
@@ -819,19 +812,13 @@ def _dq_kernel(
         n, index = row_block(j)
         return n, n // groups, n_pairs - 1 - index  # the longest rows first
 
-    @pl.when(wg < 2)
-    def _compute():
-        claim_registers()
-        compute_items(count, lambda j, base: compute_item(*item(j), base))
+    def item_tiles(j):
+        n, kv, pair = item(j)
+        lo, _, steps = tile_range(kv, pair)
+        return tile_loader(kv, lo), steps
 
-    @pl.when(wg == 2)
-    def _stream():
-        def item_tiles(j):
-            n, kv, pair = item(j)
-            lo, _, steps = tile_range(kv, pair)
-            return tile_loader(kv, lo), steps
-
-        stream_items(count, item_tiles, stages, (free,))
+    run_item = lambda j, base: compute_item(*item(j), base)
+    run_persistent(count, run_item, item_tiles, stages, (free,))
 
 
 def mosaic_dq(

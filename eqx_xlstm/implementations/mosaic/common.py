@@ -93,6 +93,24 @@ def persistent_items(n_rows, n_blocks, n_ctas):
     return item, count
 
 
+def run_persistent(count, run_item, item_tiles, stages, free_bars, stream_end=None):
+    """A persistent kernel's warpgroups over this CUDA block's `count` items: the two
+    compute warpgroups run `compute_items(count, run_item)`, the streaming one
+    `stream_items(count, item_tiles, ...)` and then `stream_end()` if given."""
+    wg = jax.lax.axis_index("wg")
+
+    @pl.when(wg < 2)
+    def _compute():
+        claim_registers()
+        compute_items(count, run_item)
+
+    @pl.when(wg == 2)
+    def _stream():
+        stream_items(count, item_tiles, stages, free_bars)
+        if stream_end is not None:
+            stream_end()
+
+
 def compute_items(count, run_item):
     """A persistent kernel's compute warpgroup: `run_item(j, base)` for its items j <
     `count`, `base` counting the tiles the ring held before item j (`run_item` returns

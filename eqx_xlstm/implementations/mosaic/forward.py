@@ -46,15 +46,14 @@ from .common import (
     block_grid,
     check_ctas,
     claim_registers,
-    compute_items,
     fold_vmap,
     iota,
     key_vector,
     launch,
     optional,
     persistent_items,
+    run_persistent,
     staged,
-    stream_items,
     stream_tiles,
     tiled_smem,
     write_back,
@@ -341,33 +340,27 @@ def _kernel(
         # (the longest rows first; the keys buffers take turns)
         return n, n // groups, n_blocks - 1 - index, jax.lax.rem(j, 2)
 
-    @pl.when(wg < 2)
-    def _compute():
-        claim_registers()
+    def run_item(j, base):
+        n, kv, pair, buf = item(j)
+        row0 = pair * 2 * bq + wg * bq
+        copy_queries(n, row0)
+        lo, mask_until, block_steps = block_range(kv, pair, buf)
+        compute_item(n, row0, lo, mask_until, block_steps, base, buf)
+        return block_steps
 
-        def run_item(j, base):
-            n, kv, pair, buf = item(j)
-            row0 = pair * 2 * bq + wg * bq
-            copy_queries(n, row0)
-            lo, mask_until, block_steps = block_range(kv, pair, buf)
-            compute_item(n, row0, lo, mask_until, block_steps, base, buf)
-            return block_steps
+    def item_tiles(j):
+        n, kv, pair, buf = item(j)
+        if bounded:  # the compute warpgroups have read the keys buffer's last block
+            pl.when(j >= 2)(lambda: plgpu.barrier_wait(keys_free.at[buf]))
+        lo, _, block_steps = block_range(kv, pair, buf)
+        return tile_loader(kv, lo), block_steps
 
-        compute_items(count, run_item)
+    def stream_end():  # the last reads of the keys buffers
+        last = lambda j, carry: plgpu.barrier_wait(keys_free.at[jax.lax.rem(j, 2)]) or carry
+        jax.lax.fori_loop(jnp.maximum(count - 2, 0), count, last, None)
 
-    @pl.when(wg == 2)
-    def _stream():
-        def item_tiles(j):
-            n, kv, pair, buf = item(j)
-            if bounded:  # the compute warpgroups have read the keys buffer's last block
-                pl.when(j >= 2)(lambda: plgpu.barrier_wait(keys_free.at[buf]))
-            lo, _, block_steps = block_range(kv, pair, buf)
-            return tile_loader(kv, lo), block_steps
-
-        stream_items(count, item_tiles, stages, (k_free, v_free))
-        if bounded:  # the last reads of the keys buffers
-            last = lambda j, carry: plgpu.barrier_wait(keys_free.at[jax.lax.rem(j, 2)]) or carry
-            jax.lax.fori_loop(jnp.maximum(count - 2, 0), count, last, None)
+    stream_end = stream_end if bounded else None
+    run_persistent(count, run_item, item_tiles, stages, (k_free, v_free), stream_end)
 
 
 def mosaic_forward(
