@@ -21,6 +21,7 @@ as a mask, through `jax.nn.dot_product_attention`'s cuDNN (without swish and RoP
 implementation that ran is printed beside each row (`eqx_xlstm.dispatch.plan`).
 
     python benchmarks/packed_windows.py --paths default triton chunked "cudnn mask"
+    python benchmarks/packed_windows.py --paths default "mosaic persistent"
 """
 
 import argparse
@@ -39,6 +40,7 @@ from timing import (
 
 import eqx_xlstm as ex
 from eqx_xlstm import dispatch
+from eqx_xlstm.implementations import Mosaic
 
 TIMED = ("step", "sum-gradient", "forward")
 
@@ -121,7 +123,10 @@ def compile_case(activation, arrays, kwargs, path, timed="step"):
         )
         call, name = masked_cudnn_call(mask, timed), "jax.nn cudnn"
     else:
-        if path != "default":
+        if path == "mosaic persistent":  # Mosaic's persistent schedule, a CUDA block per SM
+            sms = getattr(jax.devices()[0], "core_count", 0) or 4
+            kwargs = {**kwargs, "implementation": Mosaic(ctas=sms)}
+        elif path != "default":
             kwargs = {**kwargs, "implementation": path}
         try:
             name = chosen(*arrays, activation, timed, **kwargs)
@@ -179,8 +184,8 @@ def main():
         "--paths",
         nargs="+",
         default=["default"],
-        help='"default", implementation names, or "cudnn mask" (softmax with the mask '
-        "written out: the issue's peer)",
+        help='"default", implementation names, "cudnn mask" (softmax with the mask written '
+        'out: the issue\'s peer) or "mosaic persistent" (Mosaic(ctas=the SM count))',
     )
     args = parser.parse_args()
     timed = "forward" if args.forward else args.timed

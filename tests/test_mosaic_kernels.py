@@ -339,6 +339,40 @@ def test_attention_takes_segments_and_windows_through_the_kernels():
         assert_close_16bit(a, np.asarray(b))
 
 
+def test_attention_through_the_persistent_kernels(monkeypatch):
+    """`Mosaic(ctas=3)` through `attention` (forward, dQ and dK/dV persistent; raw q
+    and k, segments and a window, padded rows) gives what `Mosaic()` gives."""
+    import eqx_xlstm.implementations.mosaic as package
+
+    seen = []
+    for name in ("mosaic_forward", "mosaic_dq", "mosaic_dkv"):
+        real = getattr(package, name)
+        spy = lambda *a, real=real, name=name, **o: (
+            seen.append((name, o.get("ctas"))) or real(*a, **o)
+        )
+        monkeypatch.setattr(package, name, spy)
+    q, k, v, g = random_inputs(200, batch=(2,), dqk=64, dv=64, dtype=jnp.bfloat16, seed=5)
+    ids = jnp.repeat(jnp.arange(3), jnp.array([70, 60, 70]))
+    kwargs = dict(
+        activation_function="softmax",
+        qk_pre_activation_function="swish",
+        segment_ids=ids,
+        sliding_window=50,
+    )
+
+    def out_and_grads(impl):
+        f = lambda q, k, v: ex.attention(q, k, v, implementation=impl, **kwargs)
+        out, vjp = jax.vjp(f, q, k, v)
+        return (out, *vjp(g))
+
+    persistent = out_and_grads(Mosaic(ctas=3))
+    assert set(seen) == {("mosaic_dkv", 3), ("mosaic_dq", 3), ("mosaic_forward", 3)}, seen
+    for a, b in zip(persistent, out_and_grads(Mosaic()), strict=True):
+        np.testing.assert_array_equal(np.asarray(a, np.float32), np.asarray(b, np.float32))
+    with pytest.raises(ValueError, match="ctas"):
+        Mosaic(ctas=0)
+
+
 @pytest.mark.parametrize("window, runs", [(70, None), (None, (40, 100, 300, 72)), (50, (200, 312))])
 def test_first_key_tile_ranges_visit_exactly_the_seen_tiles(window, runs):
     """The dQ pairs' and dK/dV blocks' ranges (computed in XLA): a walk visits a tile

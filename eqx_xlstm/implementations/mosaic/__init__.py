@@ -12,6 +12,7 @@ from ..base import GROUPED, SEGMENTS, WINDOW, Implementation, as_rows, from_rows
 from ..per_shard import RowKernels, row_attention
 from ..triton import Triton, TritonPieces
 from .backward import mosaic_dkv, mosaic_dq
+from .common import check_ctas
 from .forward import mosaic_forward
 from .jax_private import interpret_available, mlir_available
 
@@ -40,6 +41,14 @@ class Mosaic(Implementation):
     """From this sequence length on, the backward pass is the one fused kernel rather
     than the dQ + dK/dV pair (None: never). The fused kernel won every measured round
     from S=4096 on, H100 and H200; below, the two tie (docs/benchmarks.md)."""
+    ctas: int | None = None
+    """A persistent schedule for the forward, dQ and unfused dK/dV kernels: that many
+    CUDA blocks take the blocks of rows in turn (`forward.mosaic_forward`'s `ctas`; the
+    fused backward keeps one CUDA block per block). None, the default: one CUDA block
+    per block of rows, the only form measured on a GPU so far."""
+
+    def __post_init__(self):
+        check_ctas(self.ctas)
 
     def unsupported(self, spec: AttentionSpec) -> str | None:
         if reason := untaken_features(spec, takes=(SEGMENTS, WINDOW, GROUPED)):
@@ -91,10 +100,16 @@ class Mosaic(Implementation):
         block writes its rows (`prepared`)."""
         interpret = spec.platform != "gpu"
         backward = functools.partial(
-            _backward_kernels, spec=spec, interpret=interpret, fused=self.fused(spec)
+            _backward_kernels,
+            spec=spec,
+            interpret=interpret,
+            fused=self.fused(spec),
+            ctas=self.ctas,
         )
         row_kernels = RowKernels(
-            forward=functools.partial(_forward_kernel, spec=spec, interpret=interpret),
+            forward=functools.partial(
+                _forward_kernel, spec=spec, interpret=interpret, ctas=self.ctas
+            ),
             backward=backward,
             spec=spec,
             multiple=PADDING,
@@ -161,16 +176,17 @@ class MosaicPieces:
         return tuple(from_rows(g, q.shape[:-2], spec) for g in grads)
 
 
-def _forward_kernel(q, k, v, *first_key, spec, interpret):
+def _forward_kernel(q, k, v, *first_key, spec, interpret, ctas=None):
     """`(out,)`; softmax: `(out, lse)`."""
     full = spec.mask == "full"
     args = (spec.activation, spec.sigmoid_bias, interpret, full, spec.kv_groups)
-    outs = mosaic_forward(q, k, v, *args, first_key=first_key[0] if first_key else None)
+    first_key = first_key[0] if first_key else None
+    outs = mosaic_forward(q, k, v, *args, first_key=first_key, ctas=ctas)
     return outs if spec.activation == "softmax" else (outs,)
 
 
 def _backward_kernels(
-    q, k, v, *outs_and_d_out, spec, interpret, fused, first_key=(), prepared=None
+    q, k, v, *outs_and_d_out, spec, interpret, fused, first_key=(), prepared=None, ctas=None
 ):
     """`(dq, dk, dv)` from the forward's outputs (softmax: out and lse; otherwise
     none needed) and `d_out`; w.r.t. the raw q and k with `prepared`."""
@@ -187,4 +203,5 @@ def _backward_kernels(
         options |= {"lse": lse, "delta": maths.row_delta(out, d_out)}
     if fused:
         return mosaic_dkv(*args, fused=True, **options)
+    options["ctas"] = ctas
     return (mosaic_dq(*args, **options), *mosaic_dkv(*args, **options))

@@ -75,7 +75,7 @@ def stream_tiles(load, steps, stages, free_bars, max_prefill, sure=0):
 def check_ctas(ctas):
     """A kernel's `ctas` (its persistent schedule's CUDA blocks): None or an int >= 1."""
     if ctas is not None and (not isinstance(ctas, int) or isinstance(ctas, bool) or ctas < 1):
-        raise ValueError(f"ctas must be a positive int or None, got {ctas!r}")
+        raise ValueError(f"`ctas` must be a positive int or None, got {ctas!r}.")
 
 
 def persistent_items(n_rows, n_blocks, n_ctas):
