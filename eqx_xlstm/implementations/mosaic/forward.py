@@ -25,7 +25,7 @@ With `ctas`, the kernel runs a persistent schedule instead: that many CUDA block
 the blocks of query rows in turn, the ring of key/value slots (and two buffers of first
 keys) running on from one block into the next, so that the streaming warpgroup loads a
 block's first tiles while the previous block still computes (not measured on a GPU
-yet: `benchmarks/persistent_kernels.py`; `attention` does not use it).
+yet: `benchmarks/persistent_kernels.py`; `attention` uses it with `Mosaic(ctas=C)`).
 
 On a GPU, q k^T reads each key tile through a transposed view of shared memory (wgmma
 takes either major order). On a machine without a GPU the same kernel runs in Mosaic
