@@ -402,7 +402,6 @@ def _raw_after(over_sequence, n_rest, swish):
         def run(q, k, v, d_out, *rest):
             rest, (raw_q, raw_k, table) = rest[:n_rest], rest[n_rest:]
             dq, dk, *others = ring_backward(q, k, v, d_out, *rest)
-            table = table.astype(jnp.float32)
             dq, dk = (
                 raw_gradient(g.astype(jnp.float32), x, table, swish)
                 for g, x in ((dq, raw_q), (dk, raw_k))

@@ -66,6 +66,7 @@ from .common import (
     launch,
     optional,
     persistent_items,
+    ring_slot,
     run_persistent,
     staged,
     stream_tiles,
@@ -154,8 +155,7 @@ def _kernel(
         walked. `base` (persistent): how many tiles the ring held before this block's
         (slots continue from there)."""
 
-        def slot_of(t):
-            return jax.lax.rem(t, stages) if base is None else jax.lax.rem(base + t, stages)
+        slot_of = functools.partial(ring_slot, stages=stages, base=base)
 
         key0 = (2 * block + wg) * rows
         own_k, own_v = k_smem.at[wg], v_smem.at[wg]
@@ -423,11 +423,10 @@ def mosaic_dkv(
     its in-place sum)."""
     if fused and activation == "softmax":
         raise ValueError("the fused backward kernel takes no softmax")
-    check_ctas(ctas)
+    options = _options(activation, bias, interpret, full, groups, first_key, prepared, ctas)
     if fused and ctas is not None:
         raise ValueError("the fused backward kernel has no persistent schedule (ctas)")
-    options = _options(activation, bias, interpret, full, groups, first_key, prepared)
-    run = functools.partial(_dkv, fused=fused, **options, ctas=ctas)
+    run = functools.partial(_dkv, fused=fused, **options)
     raw = () if prepared is None else prepared.arrays(q.dtype)
     arrays = (q, k, v, d_out, *optional(first_key), *_stats(activation, lse, delta), *raw)
     if fused and jax_private.ref_type_mappings() is None:
@@ -488,11 +487,13 @@ def _stats(activation, lse, delta):
     return (jnp.stack([lse, delta], axis=1).astype(jnp.float32),)
 
 
-def _options(activation, bias, interpret, full, groups, first_key, prepared):
+def _options(activation, bias, interpret, full, groups, first_key, prepared, ctas):
     """The keyword settings `_dq` and `_dkv` share, checked."""
     if full and first_key is not None:
         raise ValueError("full pieces take no first keys")
+    check_ctas(ctas)
     return dict(
+        ctas=ctas,
         activation=activation,
         bias=bias,
         interpret=interpret,
@@ -598,7 +599,7 @@ def _dkv(
         inputs += [jnp.swapaxes(q, 1, 2), jnp.swapaxes(d_out, 1, 2)]
     # One share of dK and dV per query row (`_group_sums` adds a K/V row's G shares).
     out_type = tuple(jax.ShapeDtypeStruct((n, *x.shape[1:]), x.dtype) for x in (k, v))
-    grid, names = block_grid(seq // (2 * ROWS), "k", n) if ctas is None else ((ctas,), ("c",))
+    grid, names = block_grid(seq // (2 * ROWS), "k", n, ctas)
     if not fused:
         dk, dv = launch(kernel, scratch, out_type, grid, names, interpret, *inputs)
         return _group_sums(dk, groups), _group_sums(dv, groups)
@@ -688,8 +689,7 @@ def _dq_kernel(
         it walked. `base` (persistent): how many tiles the ring held before this
         pair's (slots continue from there)."""
 
-        def slot_of(t):
-            return jax.lax.rem(t, stages) if base is None else jax.lax.rem(base + t, stages)
+        slot_of = functools.partial(ring_slot, stages=stages, base=base)
 
         row0 = (2 * pair + wg) * rows
         own_q, own_do = q_smem.at[wg], do_smem.at[wg]
@@ -766,10 +766,8 @@ def _dq_kernel(
             smem = raw_grads.own_smem((raw_smem, table_smem, raw_bars), wg) if interpret else None
             srcs = raw_ref.at[n, own_rows], table_ref.at[n // every, own_rows]
             dq = raw_grads.loaded_gradient(dq, *srcs, swish, interpret, smem)
-        if base is None:
-            write_back((dq, own_q, dq_ref.at[n, pl.ds(row0, rows)]))
-        else:  # the next block waits for the copy to have read the buffer
-            write_back((dq, own_q, dq_ref.at[n, pl.ds(row0, rows)]), wait=False)
+        # Persistent: the next block waits for the copy to have read the buffer.
+        write_back((dq, own_q, dq_ref.at[n, pl.ds(row0, rows)]), wait=base is None)
         return steps
 
     def tile_loader(kv, lo):
@@ -841,9 +839,8 @@ def mosaic_dq(
     query sees every key; `first_key`, `groups`, softmax's `lse` and `delta` and
     `prepared` as `mosaic_dkv` takes them; `ctas`, a persistent schedule as
     `forward.mosaic_forward` takes it). Under `jax.vmap` the mapped axis joins N."""
-    options = _options(activation, bias, interpret, full, groups, first_key, prepared)
-    check_ctas(ctas)
-    run = functools.partial(_dq, **options, ctas=ctas)
+    options = _options(activation, bias, interpret, full, groups, first_key, prepared, ctas)
+    run = functools.partial(_dq, **options)
     stats = _stats(activation, lse, delta)
     raw = () if prepared is None else prepared.arrays(q.dtype)[::2]  # queries and table
     return fold_vmap(run, q, k, v, d_out, *optional(first_key), *stats, *raw)
@@ -906,5 +903,5 @@ def _dq(q, k, v, d_out, *rest, activation, bias, interpret, full, groups, n_firs
     if interpret:
         inputs += [jnp.swapaxes(k, 1, 2), jnp.swapaxes(v, 1, 2)]
     out_type = jax.ShapeDtypeStruct(q.shape, q.dtype)
-    grid, names = block_grid(n_pairs, "q", n) if ctas is None else ((ctas,), ("c",))
+    grid, names = block_grid(n_pairs, "q", n, ctas)
     return launch(kernel, scratch, out_type, grid, names, interpret, *inputs)

@@ -58,18 +58,13 @@ def stream_tiles(load, steps, stages, free_bars, max_prefill, sure=0):
     for slot in range(min(sure, prefill), prefill):
         pl.when(slot < steps)(functools.partial(load, slot, slot))
 
-    def wait_free(t, carry=None):
-        for bar in free_bars:
-            plgpu.barrier_wait(bar.at[jax.lax.rem(t, stages)])
-        return carry
-
     def refill(t, carry):
-        wait_free(t)
+        _wait_released(t, stages, free_bars)
         load(t, jax.lax.rem(t, stages))
         return carry
 
     jax.lax.fori_loop(stages, steps, refill, None)
-    jax.lax.fori_loop(jnp.maximum(steps - stages, 0), steps, wait_free, None)
+    release_ring(steps, stages, free_bars)
 
 
 def check_ctas(ctas):
@@ -79,11 +74,11 @@ def check_ctas(ctas):
 
 
 def persistent_items(n_rows, n_blocks, n_ctas):
-    """In a persistent kernel (grid `(n_ctas,)`, axis "c") over `n_blocks` blocks of
+    """In a persistent kernel (`block_grid` with `ctas`) over `n_blocks` blocks of
     each of `n_rows` rows: `(item, count)`, this CUDA block's j-th item (j < `count`)
     being `(row, block) = item(j)` (the CUDA blocks take the items in turn, row by row,
     so those running at one time share a few rows' tiles in L2 as `block_grid`'s do)."""
-    cta = jax.lax.axis_index("c")
+    cta = jax.lax.axis_index(PERSISTENT_AXIS)
     count = jnp.maximum(n_rows * n_blocks - cta + n_ctas - 1, 0) // n_ctas
 
     def item(j):
@@ -137,6 +132,12 @@ def stream_items(count, item_tiles, stages, free_bars):
     release_ring(jax.lax.fori_loop(0, count, body, jnp.int32(0)), stages, free_bars)
 
 
+def ring_slot(t, stages, base=None):
+    """The ring slot of a block's tile t: t % stages, or with `base` (persistent: the
+    tiles the ring held before this block's) (base + t) % stages."""
+    return jax.lax.rem(t, stages) if base is None else jax.lax.rem(base + t, stages)
+
+
 def stream_ring(load, base, steps, stages, free_bars):
     """A persistent kernel's streaming warpgroup, for one item: `load(t, slot)` its
     tiles 0 .. `steps` - 1, tile t into slot (base + t) % stages once every barrier of
@@ -146,7 +147,7 @@ def stream_ring(load, base, steps, stages, free_bars):
     def one(t, carry):
         g = base + t
         pl.when(g >= stages)(lambda: _wait_released(g, stages, free_bars))
-        load(t, jax.lax.rem(g, stages))
+        load(t, ring_slot(t, stages, base))
         return carry
 
     jax.lax.fori_loop(0, steps, one, None)
@@ -225,14 +226,22 @@ def write_back(*outputs, wait=True):
         plgpu.wait_smem_to_gmem(0)
 
 
-def block_grid(blocks, block_name, n):
-    """Launch grid and axis names for `blocks` blocks in each of `n` heads (rows of N).
+def block_grid(blocks, block_name, n, ctas=None):
+    """Launch grid and axis names for `blocks` blocks in each of `n` heads (rows of N);
+    with `ctas`, a persistent kernel's: that many CUDA blocks on one axis
+    (`persistent_items` says which blocks each takes).
 
     CUDA starts blocks with the last grid axis varying fastest. That axis is the head's
     block, so the blocks running at one time belong to a few heads and share those
     heads' streamed tiles in L2 (interleaving the heads made the kernels memory-bound;
     docs/benchmarks.md)."""
+    if ctas is not None:
+        return (ctas,), (PERSISTENT_AXIS,)
     return (n, blocks), ("n", block_name)
+
+
+PERSISTENT_AXIS = "c"
+"""The grid axis of a persistent kernel's CUDA blocks."""
 
 
 def optional(x):

@@ -52,6 +52,7 @@ from .common import (
     launch,
     optional,
     persistent_items,
+    ring_slot,
     run_persistent,
     staged,
     stream_tiles,
@@ -109,8 +110,7 @@ def _kernel(
         continue from there); `buf`: the keys buffer of this block."""
         keys = block_keys if buf is None else (block_keys.at[buf] if bounded else None)
 
-        def slot_of(t):
-            return jax.lax.rem(t, stages) if base is None else jax.lax.rem(base + t, stages)
+        slot_of = functools.partial(ring_slot, stages=stages, base=base)
 
         own = q_smem.at[wg]
         plgpu.barrier_wait(q_bar.at[wg])
@@ -295,10 +295,8 @@ def _kernel(
             outputs = []
         jax.lax.fori_loop(steps, block_steps, drain, None)
         # The queries' slot takes the output (dqk == dv).
-        if base is None:
-            write_back((acc, own, out_ref.at[n, rows]), *outputs)
-        else:  # the next item waits for the copies to have read the buffers
-            write_back((acc, own, out_ref.at[n, rows]), *outputs, wait=False)
+        # Persistent: the next block waits for the copies to have read the buffers.
+        write_back((acc, own, out_ref.at[n, rows]), *outputs, wait=base is None)
 
     def tile_loader(kv, lo):
         def load(t, slot):
@@ -436,5 +434,5 @@ def _forward(q, k, v, *first_key, activation, bias, interpret, full, groups, cta
     if activation == "softmax":
         out_type = (out_type, jax.ShapeDtypeStruct((n, seq), jnp.float32))
     keys = jnp.swapaxes(k, 1, 2) if interpret else k
-    grid, names = block_grid(n_blocks, "q", n) if ctas is None else ((ctas,), ("c",))
+    grid, names = block_grid(n_blocks, "q", n, ctas)
     return launch(kernel, scratch, out_type, grid, names, interpret, q, keys, v, *first_key)
