@@ -7,11 +7,11 @@ one block into the next, so the streaming warpgroup loads a block's first tiles 
 the previous block still computes. What that should hide is each block's start (its
 range, its first tiles, the launch), which counts where a block walks few tiles:
 packed documents and sliding windows (issue #10). Kernels alone, on q and k already
-through swish and RoPE: bf16, N = B*NH = `--rows`, D = `--dim`; full causal and 8
-packed documents at `--seq`, a window of `--window` at `--window-seq`. Each persistent
-kernel's outputs are compared with the grid kernel's (they must be equal), then both
-are timed in `--rounds` interleaved rounds; "ratio" is persistent / grid within a
-round (median and range).
+through swish and RoPE, at `packed_windows.py`'s shapes (N = B x NH rows): full causal
+and `--documents` packed documents at `--seq-len`, a window of `--window` at
+`--window-seq-len`. Each persistent kernel's outputs are compared with the grid
+kernel's (they must be equal), then both are timed in `--rounds` interleaved rounds;
+"ratio" is persistent / grid within a round (median and range).
 
     python benchmarks/persistent_kernels.py
 """
@@ -21,17 +21,14 @@ import statistics
 
 import jax
 import jax.numpy as jnp
+from packed_windows import add_case_arguments
 from timing import compiled_median_ms, packed_ids, print_table_header
 
 from eqx_xlstm import maths
 from eqx_xlstm.implementations.mosaic import backward, forward
 
 parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-parser.add_argument("--seq", type=int, default=16384)
-parser.add_argument("--window-seq", type=int, default=32768)
-parser.add_argument("--window", type=int, default=1024)
-parser.add_argument("--rows", type=int, default=64, help="N = B * NH")
-parser.add_argument("--dim", type=int, default=128)
+add_case_arguments(parser)
 parser.add_argument("--ctas", default="", help="comma-separated CUDA block counts (default: SMs)")
 parser.add_argument("--activations", default="sigmoid,softmax")
 parser.add_argument("--kernels", default="forward,dq,dkv")
@@ -43,10 +40,13 @@ device = jax.devices()[0]
 interpret = device.platform != "gpu"
 sms = getattr(device, "core_count", 0) or 4
 ctas_list = [int(c) for c in args.ctas.split(",")] if args.ctas else [sms]
+rows, seq_len, window_seq_len = args.batch * args.heads, args.seq_len, args.window_seq_len
+dtype = jnp.dtype(args.dtype)
+packed = maths.first_keys(seq_len, None, packed_ids(seq_len, args.documents))
 cases = [
-    ("full causal", args.seq, None),
-    ("8 packed documents", args.seq, maths.first_keys(args.seq, None, packed_ids(args.seq, 8))),
-    (f"window {args.window}", args.window_seq, maths.first_keys(args.window_seq, args.window)),
+    ("full causal", seq_len, None),
+    (f"{args.documents} packed documents", seq_len, packed),
+    (f"window {args.window}", window_seq_len, maths.first_keys(window_seq_len, args.window)),
 ]
 
 
@@ -66,7 +66,8 @@ def kernel_call(kernel, activation, bias, stats):
 
 
 print(
-    f"{device.device_kind}, jax {jax.__version__}; bf16, N={args.rows}, D={args.dim}; "
+    f"{device.device_kind}, jax {jax.__version__}; {args.dtype}, N={rows} (B x NH), "
+    f"D={args.head_dim}; "
     f"each kernel alone; {args.rounds} interleaved rounds of {args.repeats} samples; "
     f"SMs: {sms}"
 )
@@ -77,12 +78,10 @@ for activation in args.activations.split(","):
     bias = -5.0 if activation == "sigmoid" else None
     for label, seq, first in cases:
         keys = jax.random.split(jax.random.key(0), 4)
-        q, k, v, dout = (
-            jax.random.normal(x, (args.rows, seq, args.dim), jnp.bfloat16) for x in keys
-        )
+        q, k, v, dout = (jax.random.normal(x, (rows, seq, args.head_dim), dtype) for x in keys)
         xs = (q, k, v, dout)
         if first is not None:
-            xs += (jnp.broadcast_to(first, (args.rows, seq)).astype(jnp.int32),)
+            xs += (jnp.broadcast_to(first, (rows, seq)).astype(jnp.int32),)
         stats = {}
         if activation == "softmax":  # the backward's row statistics, from the forward
             first_key = xs[4] if first is not None else None
