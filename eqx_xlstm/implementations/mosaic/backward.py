@@ -125,16 +125,17 @@ def _kernel(
     stats_ref = rest.pop(0) if softmax else None  # (N, 2, S): lse and delta per query
     raw_ref, table_ref = (rest.pop(0), rest.pop(0)) if to_raw else (None, None)
     transposed = rest
-    k_smem, v_smem, q_smem, do_smem, k_bar, v_bar, q_bar, do_bar, free, *extra = refs[-1]
+    k_smem, v_smem, q_smem, do_smem, k_bar, v_bar, tile_bar, free, *extra = refs[-1]
     if to_raw and (interpret or not fused):  # `raw_grads.loaded_scratch` or `early_scratch`
         *extra, raw_smem, table_smem, raw_bars = extra
     if softmax:
-        *extra, stat_smem, stat_bar = extra
+        *extra, stat_smem = extra
     if bounded:
-        *extra, fk_smem, fk_bar, info_smem, info_bar = extra
+        *extra, bounded_smem, info_bar = extra
+        fk_at, info_at = _bounded_views(bounded_smem, STAGES)
     if fused:
         *extra, ds_smem, dq_smem, ds_full, ds_free, dq_bar = extra
-    qt_smem, dot_smem, qt_bar, dot_bar, *p_smem = extra if interpret else (None,) * 4
+    qt_smem, dot_smem, *p_smem = extra if interpret else (None,) * 2
     rows, stages = ROWS, STAGES
     # A block's first query tile (`first`): warpgroup 0's diagonal, or tile 0 when
     # every query sees every key (`full`). Bounded, it stops after the last tile with
@@ -146,7 +147,7 @@ def _kernel(
         and the first tile to mask after the diagonal."""
         if not bounded:
             return n_tiles - first, n_tiles
-        own = (info_smem.at[wg], info_bar.at[wg])
+        own = (info_at(wg), info_bar.at[wg])
         stop, mask_from = read_block_info(key_ranges.at[kv, block], *own)
         return stop - first, mask_from
 
@@ -175,10 +176,7 @@ def _kernel(
         plgpu.barrier_wait(v_bar.at[wg])
 
         def wait_tiles(slot):
-            bars = (fk_bar if bounded else None, stat_bar if softmax else None)
-            for bar in (q_bar, do_bar, qt_bar, dot_bar, *bars):
-                if bar is not None:
-                    plgpu.barrier_wait(bar.at[slot])
+            plgpu.barrier_wait(tile_bar.at[slot])
 
         def view(tiles, tiles_t, slot):
             """A tile's transpose: a view on the GPU, loaded transposed when interpreting."""
@@ -220,7 +218,7 @@ def _kernel(
             P^T (None unbounded)."""
             if not bounded:
                 return None
-            firsts = key_vector(fk_smem.at[slot], 0, interpret)
+            firsts = key_vector(fk_at(slot), 0, interpret)
             return jax.lax.broadcast_in_dim(firsts, (rows, rows), [1])
 
         def column_stats(slot):
@@ -331,18 +329,17 @@ def _kernel(
     def tile_loader(n, kv, first):
         def load(t, slot):
             tile = pl.ds((first + t) * rows, rows)
-            plgpu.copy_gmem_to_smem(q_ref.at[n, tile], q_smem.at[slot], q_bar.at[slot])
-            plgpu.copy_gmem_to_smem(do_ref.at[n, tile], do_smem.at[slot], do_bar.at[slot])
+            copies = [(q_ref.at[n, tile], q_smem), (do_ref.at[n, tile], do_smem)]
             if bounded:
-                fk = first_key_ref.at[kv, tile]
-                plgpu.copy_gmem_to_smem(fk, fk_smem.at[slot], fk_bar.at[slot])
+                copies.append((first_key_ref.at[kv, tile], fk_at))
             if softmax:
-                stats = stats_ref.at[n, :, tile]
-                plgpu.copy_gmem_to_smem(stats, stat_smem.at[slot], stat_bar.at[slot])
+                copies.append((stats_ref.at[n, :, tile], stat_smem))
             if interpret:
                 qt_ref, dot_ref = transposed
-                plgpu.copy_gmem_to_smem(qt_ref.at[n, :, tile], qt_smem.at[slot], qt_bar.at[slot])
-                plgpu.copy_gmem_to_smem(dot_ref.at[n, :, tile], dot_smem.at[slot], dot_bar.at[slot])
+                copies += [(qt_ref.at[n, :, tile], qt_smem), (dot_ref.at[n, :, tile], dot_smem)]
+            for src, dst in copies:  # all on the slot's one barrier
+                dst = dst(slot) if callable(dst) else dst.at[slot]
+                plgpu.copy_gmem_to_smem(src, dst, tile_bar.at[slot])
 
         return load
 
@@ -455,6 +452,32 @@ def read_block_info(info, smem, bar):
     return smem[0], smem[1]
 
 
+def _bounded_scratch(tiles, tile_barriers=True):
+    """A bounded kernel's first keys (`tiles` tiles of `ROWS`) and three warpgroups'
+    `block_info` entries in one int32 buffer (Pallas aligns each scratch buffer to 1
+    KiB: two cost a KiB more), and their barriers: one per tile of first keys (unless
+    the caller's tile barriers count their copies), one per entry."""
+    tile_bars = [plgpu.Barrier(num_barriers=tiles)] if tile_barriers else []
+    return [
+        plgpu.SMEM((tiles * ROWS + 3 * BLOCK_INFO,), jnp.int32),
+        *tile_bars,
+        plgpu.Barrier(num_barriers=3),
+    ]
+
+
+def _bounded_views(buffer, tiles):
+    """`_bounded_scratch`'s buffer as two functions of an index i: tile i's first keys
+    and warpgroup i's `block_info` entry."""
+
+    def first_keys(i):
+        return buffer.at[pl.ds(i * ROWS, ROWS)]
+
+    def info(i):
+        return buffer.at[pl.ds(tiles * ROWS + i * BLOCK_INFO, BLOCK_INFO)]
+
+    return first_keys, info
+
+
 def _pair_ranges(first_key):
     """For each row of `first_key` and pair of query blocks (`2 * ROWS` rows): the key
     tile (of `2 * ROWS`) of its first key, and the tile after that of its last (the dQ
@@ -556,16 +579,19 @@ def _dkv(
         tiled_smem((STAGES, ROWS, dim), d_out.dtype),
         plgpu.Barrier(num_barriers=2),  # own keys
         plgpu.Barrier(num_barriers=2),  # own values
-        plgpu.Barrier(num_barriers=STAGES),  # query tiles
-        plgpu.Barrier(num_barriers=STAGES),  # dO tiles
+        # A slot's tiles (queries, dO, and first keys, lse and delta, transposed tiles
+        # where the kernel takes them), each copy one arrival: one barrier per slot
+        # keeps the softmax kernel with first keys under 130 KiB + 128 bytes of shared
+        # memory, past which it measured 15-20% slower (docs/benchmarks.md).
+        plgpu.Barrier(
+            num_arrivals=2 + bool(first_key) + bool(stats) + 2 * interpret, num_barriers=STAGES
+        ),
         plgpu.Barrier(num_arrivals=2, num_barriers=STAGES),  # slot released
     ]
     if interpret:  # transposed tiles and the wgmma operands staged in shared memory
         scratch += [
             tiled_smem((STAGES, dim, ROWS), q.dtype),
             tiled_smem((STAGES, dim, ROWS), d_out.dtype),
-            plgpu.Barrier(num_barriers=STAGES),
-            plgpu.Barrier(num_barriers=STAGES),
             tiled_smem((2, 2, ROWS, ROWS), q.dtype),
         ]
     if fused:  # dS^T of both warpgroups for two tiles; each one's float32 dQ part
@@ -577,14 +603,9 @@ def _dkv(
             plgpu.Barrier(num_barriers=2),  # dQ read back (interpret mode)
         ]
     if first_key:  # the streamed query tiles' first keys; each warpgroup's tile range
-        scratch += [
-            plgpu.SMEM((STAGES, ROWS), jnp.int32),
-            plgpu.Barrier(num_barriers=STAGES),
-            plgpu.SMEM((3, BLOCK_INFO), jnp.int32),
-            plgpu.Barrier(num_barriers=3),
-        ]
+        scratch += _bounded_scratch(STAGES, tile_barriers=False)
     if stats:  # the streamed query tiles' lse and delta
-        scratch += [plgpu.SMEM((STAGES, 2, ROWS), jnp.float32), plgpu.Barrier(num_barriers=STAGES)]
+        scratch += [plgpu.SMEM((STAGES, 2, ROWS), jnp.float32)]
     if raw:  # the raw rows and their angles (the fused kernel's: interpret mode only)
         if fused:
             scratch += raw_grads.loaded_scratch(ROWS, dim, k.dtype, interpret)
@@ -663,7 +684,8 @@ def _dq_kernel(
     # v_tiles: value tiles (128, D) on a GPU, transposed (D, 128) when interpreting.
     q_smem, do_smem, k_smem, v_tiles, q_bar, do_bar, k_bar, v_bar, free, *extra = refs[-1]
     if bounded:
-        fk_smem, fk_bar, info_smem, info_bar, *extra = extra
+        bounded_smem, fk_bar, info_bar, *extra = extra
+        fk_at, info_at = _bounded_views(bounded_smem, 2)
     if softmax:
         stat_smem, stat_bar, *extra = extra
     if to_raw and interpret:
@@ -680,7 +702,7 @@ def _dq_kernel(
         """`(lo, mask_until, steps)`, as in the forward kernel."""
         lo, mask_until = 0, 0
         if bounded:
-            own = (info_smem.at[wg], info_bar.at[wg])
+            own = (info_at(wg), info_bar.at[wg])
             lo, mask_until = read_block_info(blocks.at[kv, pair], *own)
         return lo, mask_until, n_pairs if full else pair + 1 - lo
 
@@ -696,7 +718,7 @@ def _dq_kernel(
         plgpu.copy_gmem_to_smem(q_ref.at[n, pl.ds(row0, rows)], own_q, q_bar.at[wg])
         plgpu.copy_gmem_to_smem(do_ref.at[n, pl.ds(row0, rows)], own_do, do_bar.at[wg])
         if bounded:  # my rows' first keys, loaded with my queries
-            own_first = fk_smem.at[wg]
+            own_first = fk_at(wg)
             plgpu.copy_gmem_to_smem(
                 first_key_ref.at[kv, pl.ds(row0, rows)], own_first, fk_bar.at[wg]
             )
@@ -879,12 +901,7 @@ def _dq(q, k, v, d_out, *rest, activation, bias, interpret, full, groups, n_firs
         plgpu.Barrier(num_arrivals=2, num_barriers=STAGES),  # slot released
     ]
     if first_key:  # each compute warpgroup's rows' first keys; each warpgroup's tile range
-        scratch += [
-            plgpu.SMEM((2, ROWS), jnp.int32),
-            plgpu.Barrier(num_barriers=2),
-            plgpu.SMEM((3, BLOCK_INFO), jnp.int32),
-            plgpu.Barrier(num_barriers=3),
-        ]
+        scratch += _bounded_scratch(2)
     if stats:  # each compute warpgroup's rows' lse and delta
         scratch += [plgpu.SMEM((2, 2, ROWS), jnp.float32), plgpu.Barrier(num_barriers=2)]
     if raw:  # (interpret mode) the raw rows and their angles
