@@ -10,7 +10,7 @@ from helpers import HALF_KERNEL, here, random_inputs
 import eqx_xlstm as ex
 from eqx_xlstm import maths
 from eqx_xlstm.implementations import Mosaic, raw_rows
-from eqx_xlstm.implementations.mosaic import backward, forward, jax_private
+from eqx_xlstm.implementations.mosaic import backward, common, forward, jax_private
 
 INTERPRET = jax.default_backend() != "gpu"
 
@@ -371,6 +371,19 @@ def test_attention_through_the_persistent_kernels(monkeypatch):
         np.testing.assert_array_equal(np.asarray(a, np.float32), np.asarray(b, np.float32))
     with pytest.raises(ValueError, match="ctas"):
         Mosaic(ctas=0)
+
+
+@pytest.mark.parametrize("activation", ["sigmoid", "softmax", "none"])
+@pytest.mark.parametrize("raw", [False, True])
+def test_bounded_dkv_kernel_stays_within_the_fast_shared_memory(activation, raw):
+    """With packed documents or a window a dK/dV block walks few tiles, and there one
+    16-byte barrier past `FAST_SCRATCH_BYTES` cost the kernel 15-20% (H200): what is
+    added to its shared memory must keep it within (raw rows: the next step up)."""
+    rows = jax.ShapeDtypeStruct((4, 1024, 128), jnp.bfloat16)
+    softmax = activation == "softmax"
+    options = dict(fused=False, bounded=True, softmax=softmax, raw=raw, interpret=False)
+    used = common.scratch_bytes(backward._dkv_scratch(rows, rows, rows, rows, **options))
+    assert used <= common.FAST_SCRATCH_BYTES[raw]
 
 
 @pytest.mark.parametrize("window, runs", [(70, None), (None, (40, 100, 300, 72)), (50, (200, 312))])

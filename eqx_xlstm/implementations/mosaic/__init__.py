@@ -45,7 +45,8 @@ class Mosaic(Implementation):
     """A persistent schedule for the forward, dQ and unfused dK/dV kernels: that many
     CUDA blocks take the blocks of rows in turn (`forward.mosaic_forward`'s `ctas`; the
     fused backward keeps one CUDA block per block). None, the default: one CUDA block
-    per block of rows, the only form measured on a GPU so far."""
+    per block of rows, which the scheduler balances better (the persistent form
+    measured slower on an H200 in all but the window's forward; docs/benchmarks.md)."""
 
     def __post_init__(self):
         check_ctas(self.ctas)

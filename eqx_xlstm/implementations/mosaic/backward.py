@@ -37,7 +37,7 @@ block stops after the last query tile that sees one of its keys, and a dQ pair s
 at the key tile of its first key (tile ranges found in XLA).
 
 With `ctas` the dQ kernel and the unfused dK/dV kernel run the forward kernel's
-persistent schedule (`forward.py`; not measured on a GPU yet).
+persistent schedule (`forward.py`; measured slower, so off by default).
 
 As in the forward kernel, the GPU reads transposed operands through transposed
 shared-memory views; Mosaic GPU interpret mode cannot, so there they come transposed
@@ -548,6 +548,50 @@ def _table_every(n, raw, groups):
     return n // tables
 
 
+def _dkv_scratch(q, k, v, d_out, *, fused, bounded, softmax, raw, interpret):
+    """The dK/dV kernel's shared memory, for arrays (or shapes) like its inputs. Kept
+    within `common.FAST_SCRATCH_BYTES` where blocks walk few tiles (one barrier per
+    slot, one buffer of small int32 entries): a step past it measured 15-20% slower
+    (docs/benchmarks.md)."""
+    dim = q.shape[-1]
+    scratch = [
+        tiled_smem((2, ROWS, dim), k.dtype),
+        tiled_smem((2, ROWS, dim), v.dtype),
+        tiled_smem((STAGES, ROWS, dim), q.dtype),
+        tiled_smem((STAGES, ROWS, dim), d_out.dtype),
+        plgpu.Barrier(num_barriers=2),  # own keys
+        plgpu.Barrier(num_barriers=2),  # own values
+        # A slot's tiles (queries, dO, and first keys, lse and delta, transposed tiles
+        # where the kernel takes them), each copy one arrival on the slot's barrier.
+        plgpu.Barrier(num_arrivals=2 + bounded + softmax + 2 * interpret, num_barriers=STAGES),
+        plgpu.Barrier(num_arrivals=2, num_barriers=STAGES),  # slot released
+    ]
+    if interpret:  # transposed tiles and the wgmma operands staged in shared memory
+        scratch += [
+            tiled_smem((STAGES, dim, ROWS), q.dtype),
+            tiled_smem((STAGES, dim, ROWS), d_out.dtype),
+            tiled_smem((2, 2, ROWS, ROWS), q.dtype),
+        ]
+    if fused:  # dS^T of both warpgroups for two tiles; each one's float32 dQ part
+        scratch += [
+            tiled_smem((2, 2, ROWS, ROWS), q.dtype),  # (tile parity, warpgroup)
+            plgpu.SMEM((2, ROWS, _dq_part_width(dim)), jnp.float32),
+            plgpu.Barrier(num_arrivals=2, num_barriers=2),  # both dS^T written
+            plgpu.Barrier(num_arrivals=2, num_barriers=2),  # both dQ parts formed
+            plgpu.Barrier(num_barriers=2),  # dQ read back (interpret mode)
+        ]
+    if bounded:  # the streamed query tiles' first keys; each warpgroup's tile range
+        scratch += _bounded_scratch(STAGES, tile_barriers=False)
+    if softmax:  # the streamed query tiles' lse and delta
+        scratch += [plgpu.SMEM((STAGES, 2, ROWS), jnp.float32)]
+    if raw:  # the raw rows and their angles (the fused kernel's: interpret mode only)
+        if fused:
+            scratch += raw_grads.loaded_scratch(ROWS, dim, k.dtype, interpret)
+        else:
+            scratch += raw_grads.early_scratch(ROWS, dim, k.dtype)
+    return scratch
+
+
 def _dkv(
     q, k, v, d_out, *rest, activation, bias, interpret, fused, full, groups, n_first, swish, ctas
 ):
@@ -572,46 +616,17 @@ def _dkv(
         n_ctas=ctas,
     )
 
-    scratch = [
-        tiled_smem((2, ROWS, dim), k.dtype),
-        tiled_smem((2, ROWS, dim), v.dtype),
-        tiled_smem((STAGES, ROWS, dim), q.dtype),
-        tiled_smem((STAGES, ROWS, dim), d_out.dtype),
-        plgpu.Barrier(num_barriers=2),  # own keys
-        plgpu.Barrier(num_barriers=2),  # own values
-        # A slot's tiles (queries, dO, and first keys, lse and delta, transposed tiles
-        # where the kernel takes them), each copy one arrival: one barrier per slot
-        # keeps the softmax kernel with first keys under 130 KiB + 128 bytes of shared
-        # memory, past which it measured 15-20% slower (docs/benchmarks.md).
-        plgpu.Barrier(
-            num_arrivals=2 + bool(first_key) + bool(stats) + 2 * interpret, num_barriers=STAGES
-        ),
-        plgpu.Barrier(num_arrivals=2, num_barriers=STAGES),  # slot released
-    ]
-    if interpret:  # transposed tiles and the wgmma operands staged in shared memory
-        scratch += [
-            tiled_smem((STAGES, dim, ROWS), q.dtype),
-            tiled_smem((STAGES, dim, ROWS), d_out.dtype),
-            tiled_smem((2, 2, ROWS, ROWS), q.dtype),
-        ]
-    if fused:  # dS^T of both warpgroups for two tiles; each one's float32 dQ part
-        scratch += [
-            tiled_smem((2, 2, ROWS, ROWS), q.dtype),  # (tile parity, warpgroup)
-            plgpu.SMEM((2, ROWS, _dq_part_width(dim)), jnp.float32),
-            plgpu.Barrier(num_arrivals=2, num_barriers=2),  # both dS^T written
-            plgpu.Barrier(num_arrivals=2, num_barriers=2),  # both dQ parts formed
-            plgpu.Barrier(num_barriers=2),  # dQ read back (interpret mode)
-        ]
-    if first_key:  # the streamed query tiles' first keys; each warpgroup's tile range
-        scratch += _bounded_scratch(STAGES, tile_barriers=False)
-    if stats:  # the streamed query tiles' lse and delta
-        scratch += [plgpu.SMEM((STAGES, 2, ROWS), jnp.float32)]
-    if raw:  # the raw rows and their angles (the fused kernel's: interpret mode only)
-        if fused:
-            scratch += raw_grads.loaded_scratch(ROWS, dim, k.dtype, interpret)
-        else:
-            scratch += raw_grads.early_scratch(ROWS, dim, k.dtype)
-
+    scratch = _dkv_scratch(
+        q,
+        k,
+        v,
+        d_out,
+        fused=fused,
+        bounded=bool(first_key),
+        softmax=bool(stats),
+        raw=bool(raw),
+        interpret=interpret,
+    )
     inputs = [q, k, v, d_out]
     if first_key:
         inputs += [first_key[0], _key_ranges(first_key[0])]

@@ -11,9 +11,11 @@ where that matters.
 
 import functools
 import inspect
+import math
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 from jax.experimental import pallas as pl
 from jax.experimental.pallas import mosaic_gpu as plgpu
 
@@ -22,6 +24,26 @@ from . import jax_private
 # Registers per thread: compute warpgroups take them from the streaming one
 # (2 x 128 x 232 + 128 x 40 of the 65536 a CUDA block may hold).
 COMPUTE_REGISTERS, STREAM_REGISTERS = 232, 40
+
+
+# Scratch sizes (bytes, as `scratch_bytes` counts them) up to which a dK/dV kernel ran
+# at full speed on an H200, 64 KiB apart; 16 bytes more and it ran 15-20% slower where
+# blocks walk few tiles (likely the SM's shared-memory carveout steps of 132 and 196
+# KiB, less what the runtime reserves; docs/benchmarks.md, issue #10's eighth part).
+FAST_SCRATCH_BYTES = (133240, 133240 + 65536)
+
+
+def scratch_bytes(scratch):
+    """The shared memory Pallas gives a kernel's `scratch` (`plgpu.SMEM` buffers and
+    `plgpu.Barrier`s): each buffer rounded up to 1 KiB, 8 bytes a barrier."""
+    total = 0
+    for entry in scratch:
+        if isinstance(entry, plgpu.Barrier):
+            total += 8 * int(np.prod(entry.num_barriers))
+        else:
+            size = math.prod(entry.shape) * jnp.dtype(entry.dtype).itemsize
+            total += -(-size // 1024) * 1024
+    return total
 
 
 def tiled_smem(shape, dtype):

@@ -24,8 +24,9 @@ launched side by side (`common.block_grid`).
 With `ctas`, the kernel runs a persistent schedule instead: that many CUDA blocks take
 the blocks of query rows in turn, the ring of key/value slots (and two buffers of first
 keys) running on from one block into the next, so that the streaming warpgroup loads a
-block's first tiles while the previous block still computes (not measured on a GPU
-yet: `benchmarks/persistent_kernels.py`; `attention` uses it with `Mosaic(ctas=C)`).
+block's first tiles while the previous block still computes (`attention` uses it
+with `Mosaic(ctas=C)`; measured slower than the grid but for a window's forward,
+`benchmarks/persistent_kernels.py`).
 
 On a GPU, q k^T reads each key tile through a transposed view of shared memory (wgmma
 takes either major order). On a machine without a GPU the same kernel runs in Mosaic
@@ -371,10 +372,10 @@ def mosaic_forward(
     attention); with `groups` G, k and v have N / G rows, row
     `n // G` serving query row n; with `first_key` (`(N / G, S)` int32, non-decreasing
     along S, like k's rows), query i sees keys from `first_key[i]` on, and key tiles
-    before its block's first key are skipped. With `ctas` (a persistent schedule, not
-    measured on a GPU yet), that many CUDA blocks take the blocks of query rows in turn,
-    the streamed tiles running on from one block into the next. Under `jax.vmap` the
-    mapped axis joins N."""
+    before its block's first key are skipped. With `ctas` (a persistent schedule,
+    measured slower on an H200 but for windows), that many CUDA blocks take the blocks
+    of query rows in turn, the streamed tiles running on from one block into the next.
+    Under `jax.vmap` the mapped axis joins N."""
     if full and first_key is not None:
         raise ValueError("full pieces take no first keys")
     check_ctas(ctas)
