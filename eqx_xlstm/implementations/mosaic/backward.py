@@ -883,6 +883,37 @@ def mosaic_dq(
     return fold_vmap(run, q, k, v, d_out, *optional(first_key), *stats, *raw)
 
 
+def _dq_scratch(q, k, v, d_out, *, bounded, softmax, raw, interpret):
+    """The dQ kernel's shared memory, for arrays (or shapes) like its inputs."""
+    dim = q.shape[-1]
+    value_tile = (STAGES, dim, 2 * ROWS) if interpret else (STAGES, 2 * ROWS, dim)
+
+    scratch = [
+        tiled_smem((2, ROWS, dim), q.dtype),
+        tiled_smem((2, ROWS, dim), d_out.dtype),
+        tiled_smem((STAGES, 2 * ROWS, dim), k.dtype),
+        tiled_smem(value_tile, v.dtype),
+        plgpu.Barrier(num_barriers=2),  # own queries
+        plgpu.Barrier(num_barriers=2),  # own dO
+        plgpu.Barrier(num_barriers=STAGES),  # key tiles
+        plgpu.Barrier(num_barriers=STAGES),  # value tiles
+        plgpu.Barrier(num_arrivals=2, num_barriers=STAGES),  # slot released
+    ]
+    if bounded:  # each compute warpgroup's rows' first keys; each warpgroup's tile range
+        scratch += _bounded_scratch(2)
+    if softmax:  # each compute warpgroup's rows' lse and delta
+        scratch += [plgpu.SMEM((2, 2, ROWS), jnp.float32), plgpu.Barrier(num_barriers=2)]
+    if raw:  # (interpret mode) the raw rows and their angles
+        scratch += raw_grads.loaded_scratch(ROWS, dim, q.dtype, interpret)
+    if interpret:  # transposed keys and the wgmma operand staged in shared memory
+        scratch += [
+            tiled_smem((STAGES, dim, 2 * ROWS), k.dtype),
+            plgpu.Barrier(num_barriers=STAGES),
+            tiled_smem((2, ROWS, 2 * ROWS), q.dtype),
+        ]
+    return scratch
+
+
 def _dq(q, k, v, d_out, *rest, activation, bias, interpret, full, groups, n_first, swish, ctas):
     first_key, stats, raw = _split_extras(rest, activation, n_first)
     n, seq, dim = q.shape
@@ -902,32 +933,16 @@ def _dq(q, k, v, d_out, *rest, activation, bias, interpret, full, groups, n_firs
         every=_table_every(n, raw, groups),
         n_ctas=ctas,
     )
-    value_tile = (STAGES, dim, 2 * ROWS) if interpret else (STAGES, 2 * ROWS, dim)
-
-    scratch = [
-        tiled_smem((2, ROWS, dim), q.dtype),
-        tiled_smem((2, ROWS, dim), d_out.dtype),
-        tiled_smem((STAGES, 2 * ROWS, dim), k.dtype),
-        tiled_smem(value_tile, v.dtype),
-        plgpu.Barrier(num_barriers=2),  # own queries
-        plgpu.Barrier(num_barriers=2),  # own dO
-        plgpu.Barrier(num_barriers=STAGES),  # key tiles
-        plgpu.Barrier(num_barriers=STAGES),  # value tiles
-        plgpu.Barrier(num_arrivals=2, num_barriers=STAGES),  # slot released
-    ]
-    if first_key:  # each compute warpgroup's rows' first keys; each warpgroup's tile range
-        scratch += _bounded_scratch(2)
-    if stats:  # each compute warpgroup's rows' lse and delta
-        scratch += [plgpu.SMEM((2, 2, ROWS), jnp.float32), plgpu.Barrier(num_barriers=2)]
-    if raw:  # (interpret mode) the raw rows and their angles
-        scratch += raw_grads.loaded_scratch(ROWS, dim, q.dtype, interpret)
-    if interpret:  # transposed keys and the wgmma operand staged in shared memory
-        scratch += [
-            tiled_smem((STAGES, dim, 2 * ROWS), k.dtype),
-            plgpu.Barrier(num_barriers=STAGES),
-            tiled_smem((2, ROWS, 2 * ROWS), q.dtype),
-        ]
-
+    scratch = _dq_scratch(
+        q,
+        k,
+        v,
+        d_out,
+        bounded=bool(first_key),
+        softmax=bool(stats),
+        raw=bool(raw),
+        interpret=interpret,
+    )
     inputs = [q, k, v, d_out]
     if first_key:
         inputs += [first_key[0], _pair_ranges(first_key[0])]
