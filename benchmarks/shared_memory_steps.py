@@ -56,11 +56,10 @@ def grown_scratch(extra):
     original = backward._bounded_scratch
     kib, rest = divmod(extra, 1024)
 
-    def grown(tiles, tile_barriers=True):
-        buffer, *barriers, info_bars = original(tiles, tile_barriers)
+    def grown(tiles):
+        buffer, _ = original(tiles)
         buffer = plgpu.SMEM((buffer.shape[0] + 256 * kib,), buffer.dtype)
-        info_bars = plgpu.Barrier(num_barriers=3 + rest // 8)
-        return [buffer, *barriers, info_bars]
+        return [buffer, plgpu.Barrier(num_barriers=3 + rest // 8)]
 
     backward._bounded_scratch = grown
     try:

@@ -377,13 +377,13 @@ def test_attention_through_the_persistent_kernels(monkeypatch):
 @pytest.mark.parametrize("raw", [False, True])
 def test_bounded_dkv_kernel_stays_within_the_fast_shared_memory(activation, raw):
     """With packed documents or a window a dK/dV block walks few tiles, and there one
-    16-byte barrier past `FAST_SCRATCH_BYTES` cost the kernel 15-20% (H200): what is
+    16-byte barrier past `backward.FAST_SCRATCH_BYTES` cost the kernel 15-20% (H200): what is
     added to its shared memory must keep it within (raw rows: the next step up)."""
     rows = jax.ShapeDtypeStruct((4, 1024, 128), jnp.bfloat16)
     softmax = activation == "softmax"
     options = dict(fused=False, bounded=True, softmax=softmax, raw=raw, interpret=False)
     used = common.scratch_bytes(backward._dkv_scratch(rows, rows, rows, rows, **options))
-    assert used <= common.FAST_SCRATCH_BYTES[raw]
+    assert used <= backward.FAST_SCRATCH_BYTES[raw]
 
 
 @pytest.mark.parametrize("window, runs", [(70, None), (None, (40, 100, 300, 72)), (50, (200, 312))])

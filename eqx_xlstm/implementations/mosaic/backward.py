@@ -329,16 +329,16 @@ def _kernel(
     def tile_loader(n, kv, first):
         def load(t, slot):
             tile = pl.ds((first + t) * rows, rows)
-            copies = [(q_ref.at[n, tile], q_smem), (do_ref.at[n, tile], do_smem)]
+            copies = [(q_ref.at[n, tile], q_smem.at[slot]), (do_ref.at[n, tile], do_smem.at[slot])]
             if bounded:
-                copies.append((first_key_ref.at[kv, tile], fk_at))
+                copies.append((first_key_ref.at[kv, tile], fk_at(slot)))
             if softmax:
-                copies.append((stats_ref.at[n, :, tile], stat_smem))
+                copies.append((stats_ref.at[n, :, tile], stat_smem.at[slot]))
             if interpret:
                 qt_ref, dot_ref = transposed
-                copies += [(qt_ref.at[n, :, tile], qt_smem), (dot_ref.at[n, :, tile], dot_smem)]
+                copies.append((qt_ref.at[n, :, tile], qt_smem.at[slot]))
+                copies.append((dot_ref.at[n, :, tile], dot_smem.at[slot]))
             for src, dst in copies:  # all on the slot's one barrier
-                dst = dst(slot) if callable(dst) else dst.at[slot]
                 plgpu.copy_gmem_to_smem(src, dst, tile_bar.at[slot])
 
         return load
@@ -452,15 +452,13 @@ def read_block_info(info, smem, bar):
     return smem[0], smem[1]
 
 
-def _bounded_scratch(tiles, tile_barriers=True):
+def _bounded_scratch(tiles):
     """A bounded kernel's first keys (`tiles` tiles of `ROWS`) and three warpgroups'
     `block_info` entries in one int32 buffer (Pallas aligns each scratch buffer to 1
-    KiB: two cost a KiB more), and their barriers: one per tile of first keys (unless
-    the caller's tile barriers count their copies), one per entry."""
-    tile_bars = [plgpu.Barrier(num_barriers=tiles)] if tile_barriers else []
+    KiB: two cost a KiB more), and the entries' barriers. The first keys' copies wait
+    on the caller's barriers."""
     return [
         plgpu.SMEM((tiles * ROWS + 3 * BLOCK_INFO,), jnp.int32),
-        *tile_bars,
         plgpu.Barrier(num_barriers=3),
     ]
 
@@ -548,9 +546,17 @@ def _table_every(n, raw, groups):
     return n // tables
 
 
+# Scratch sizes (bytes, as `common.scratch_bytes` counts them) up to which the dK/dV
+# kernel ran at full speed on an H200, 64 KiB apart; 16 bytes more and it ran 15-20%
+# slower where blocks walk few tiles (likely the SM's shared-memory carveout steps of
+# 132 and 196 KiB, less what the runtime reserves; docs/benchmarks.md, issue #10's
+# eighth part).
+FAST_SCRATCH_BYTES = (133240, 133240 + 65536)
+
+
 def _dkv_scratch(q, k, v, d_out, *, fused, bounded, softmax, raw, interpret):
     """The dK/dV kernel's shared memory, for arrays (or shapes) like its inputs. Kept
-    within `common.FAST_SCRATCH_BYTES` where blocks walk few tiles (one barrier per
+    within `FAST_SCRATCH_BYTES` where blocks walk few tiles (one barrier per
     slot, one buffer of small int32 entries): a step past it measured 15-20% slower
     (docs/benchmarks.md)."""
     dim = q.shape[-1]
@@ -581,7 +587,7 @@ def _dkv_scratch(q, k, v, d_out, *, fused, bounded, softmax, raw, interpret):
             plgpu.Barrier(num_barriers=2),  # dQ read back (interpret mode)
         ]
     if bounded:  # the streamed query tiles' first keys; each warpgroup's tile range
-        scratch += _bounded_scratch(STAGES, tile_barriers=False)
+        scratch += _bounded_scratch(STAGES)
     if softmax:  # the streamed query tiles' lse and delta
         scratch += [plgpu.SMEM((STAGES, 2, ROWS), jnp.float32)]
     if raw:  # the raw rows and their angles (the fused kernel's: interpret mode only)
@@ -699,7 +705,7 @@ def _dq_kernel(
     # v_tiles: value tiles (128, D) on a GPU, transposed (D, 128) when interpreting.
     q_smem, do_smem, k_smem, v_tiles, q_bar, do_bar, k_bar, v_bar, free, *extra = refs[-1]
     if bounded:
-        bounded_smem, fk_bar, info_bar, *extra = extra
+        bounded_smem, info_bar, fk_bar, *extra = extra
         fk_at, info_at = _bounded_views(bounded_smem, 2)
     if softmax:
         stat_smem, stat_bar, *extra = extra
@@ -900,7 +906,7 @@ def _dq_scratch(q, k, v, d_out, *, bounded, softmax, raw, interpret):
         plgpu.Barrier(num_arrivals=2, num_barriers=STAGES),  # slot released
     ]
     if bounded:  # each compute warpgroup's rows' first keys; each warpgroup's tile range
-        scratch += _bounded_scratch(2)
+        scratch += [*_bounded_scratch(2), plgpu.Barrier(num_barriers=2)]  # (first keys')
     if softmax:  # each compute warpgroup's rows' lse and delta
         scratch += [plgpu.SMEM((2, 2, ROWS), jnp.float32), plgpu.Barrier(num_barriers=2)]
     if raw:  # (interpret mode) the raw rows and their angles

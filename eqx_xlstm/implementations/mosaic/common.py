@@ -11,7 +11,6 @@ where that matters.
 
 import functools
 import inspect
-import math
 
 import jax
 import jax.numpy as jnp
@@ -26,22 +25,15 @@ from . import jax_private
 COMPUTE_REGISTERS, STREAM_REGISTERS = 232, 40
 
 
-# Scratch sizes (bytes, as `scratch_bytes` counts them) up to which a dK/dV kernel ran
-# at full speed on an H200, 64 KiB apart; 16 bytes more and it ran 15-20% slower where
-# blocks walk few tiles (likely the SM's shared-memory carveout steps of 132 and 196
-# KiB, less what the runtime reserves; docs/benchmarks.md, issue #10's eighth part).
-FAST_SCRATCH_BYTES = (133240, 133240 + 65536)
-
-
 def scratch_bytes(scratch):
     """The shared memory Pallas gives a kernel's `scratch` (`plgpu.SMEM` buffers and
     `plgpu.Barrier`s): each buffer rounded up to 1 KiB, 8 bytes a barrier."""
     total = 0
     for entry in scratch:
         if isinstance(entry, plgpu.Barrier):
-            total += 8 * int(np.prod(entry.num_barriers))
+            total += 8 * int(np.prod(entry.num_barriers))  # (an int, or a shape)
         else:
-            size = math.prod(entry.shape) * jnp.dtype(entry.dtype).itemsize
+            size = int(np.prod(entry.shape)) * jnp.dtype(entry.dtype).itemsize
             total += -(-size // 1024) * 1024
     return total
 
