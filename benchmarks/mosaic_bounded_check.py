@@ -1,7 +1,8 @@
 """The Mosaic kernels with segments, sliding windows and grouped-query heads on a
 Hopper GPU in bf16, against the reference path in float32: output and gradients (at
 S=4096 the grouped causal case of sigmoid and 'none' runs the fused backward kernel,
-the others the dQ + dK/dV pair). Softmax at `--softmax-dim`.
+the others the dQ + dK/dV pair). "segments per sequence": two sequences, each with
+its own segment ids (and so its own RoPE positions). Softmax at `--softmax-dim`.
 
     python benchmarks/mosaic_bounded_check.py   # results/h200_mosaic_bounded_check.txt
     python benchmarks/mosaic_bounded_check.py --seq-lens 4096 --cases causal
@@ -23,13 +24,16 @@ CASES = [  # (features, K/V heads of 4 query heads)
     ("segments+window", 4),
     ("segments", 2),
     ("causal", 2),
+    ("segments per sequence", 4),
 ]
 
 
 def features(name, seq_len):
     ids = np.repeat(np.arange(6), -(-seq_len // 6))[:seq_len]
+    other = np.repeat(np.arange(4), -(-seq_len // 4))[:seq_len]  # another sequence's
     return {
         "segments": dict(segment_ids=ids),
+        "segments per sequence": dict(segment_ids=np.stack([ids, other])[:, None, :]),
         "window": dict(sliding_window=300),
         "segments+window": dict(segment_ids=ids, sliding_window=77),
         "causal": {},
@@ -66,13 +70,15 @@ def main():
             dim = args.softmax_dim if activation == "softmax" else 128
             for name, kv_heads in [case for case in CASES if case[0] in args.cases]:
                 keys = jax.random.split(jax.random.key(seq_len), 4)
-                q = jax.random.normal(keys[0], (1, 4, seq_len, dim), jnp.bfloat16)
+                kwargs = features(name, seq_len)
+                ids = kwargs.get("segment_ids")
+                batch = 1 if ids is None or ids.ndim == 1 else ids.shape[0]
+                q = jax.random.normal(keys[0], (batch, 4, seq_len, dim), jnp.bfloat16)
                 k, v = (
-                    jax.random.normal(key, (1, kv_heads, seq_len, dim), jnp.bfloat16)
+                    jax.random.normal(key, (batch, kv_heads, seq_len, dim), jnp.bfloat16)
                     for key in keys[1:3]
                 )
                 g = jax.random.normal(keys[3], q.shape, jnp.bfloat16)
-                kwargs = features(name, seq_len)
                 f32 = [x.astype(jnp.float32) for x in (q, k, v, g)]
                 run = functools.partial(outputs, activation=activation, kwargs=kwargs)
                 want = jax.jit(functools.partial(run, "reference"))(*f32)
