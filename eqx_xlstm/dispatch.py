@@ -22,12 +22,14 @@ from .implementations import (
     Linear,
     Mosaic,
     Reference,
+    TilesOrLinear,
     Triton,
 )
 from .spec import AttentionSpec
 
 IMPLEMENTATIONS: dict[str, Implementation] = {
-    impl.name: impl for impl in (Reference(), Chunked(), Linear(), CuDNN(), Triton(), Mosaic())
+    impl.name: impl
+    for impl in (Reference(), Chunked(), Linear(), CuDNN(), Triton(), Mosaic(), TilesOrLinear())
 }
 """Every implementation by name, with its default tuning."""
 
@@ -59,8 +61,9 @@ def _none_on_gpu_up_to(seq_len):
 
 def _bounded_or_grouped_on_gpu(spec):
     """Segments, windows or grouped heads on a GPU, where the kernels skip the tiles no
-    query sees; 'none' without a window beyond 4096 goes on to the linear form, whose
-    time does not grow with the visible tiles."""
+    query sees; 'none' without a window beyond 4096 goes on to the run-time choice
+    between them and the linear form (with segments) or the linear form, whose time
+    does not grow with the visible tiles."""
     if not _on_gpu(spec) or not (spec.bounded or spec.kv_groups > 1):
         return False
     return spec.activation != "none" or spec.window is not None or spec.seq_len <= 4096
@@ -84,6 +87,9 @@ DEFAULTS: tuple[Default, ...] = (
     # (O(S D^2)) wins.
     Default("mosaic", FORWARD, _none_on_gpu_up_to(4096)),
     Default("mosaic", GRADIENT, _none_on_gpu_up_to(2048)),
+    # 'none' with segments beyond: the kernels where the documents are short, the
+    # linear form where they are long, chosen at run time from the segment ids.
+    Default("tiles_or_linear", when=_on_gpu),
     Default(
         "linear", when=lambda spec: spec.seq_len > 2 * IMPLEMENTATIONS["linear"].chunk_for(spec)
     ),

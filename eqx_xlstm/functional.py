@@ -90,7 +90,9 @@ def attention(
         `"linear"` (causal 'none' as linear attention, O(S D^2)), `"cudnn"` (causal
         softmax in fp16/bf16 on an NVIDIA GPU), `"triton"` (Pallas flash kernels for
         causal attention; fp16/bf16 on a GPU, interpret mode elsewhere), `"mosaic"`
-        (Mosaic GPU kernels on Hopper; interpret mode on a CPU), or `"pallas"` (the
+        (Mosaic GPU kernels on Hopper; interpret mode on a CPU), `"tiles_or_linear"`
+        (causal 'none' with `segment_ids`: the Mosaic kernels where the documents are
+        short, the linear form where long, chosen at run time), or `"pallas"` (the
         first of "mosaic" and "triton" that serves). An
         `eqx_xlstm.implementations.Implementation` instance runs with its own tuning.
         A forced path that cannot serve the inputs raises a ValueError saying why.

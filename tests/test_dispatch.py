@@ -56,8 +56,7 @@ def test_default_table_on_hopper():
     assert defaults(on_hopper(activation="sigmoid", **ampere)) == ("triton", "triton")
     assert defaults(on_hopper(activation="none", seq_len=2048, **ampere)) == ("linear",) * 2
     # Segments, windows and grouped heads: cuDNN's own window and grouped heads for
-    # softmax; else the Mosaic kernels, which skip the tiles no query sees; 'none'
-    # without a window at long S stays with the linear form.
+    # softmax; else the Mosaic kernels, which skip the tiles no query sees.
     for features in (dict(window=1024), dict(kv_groups=8)):
         assert defaults(on_hopper(**features)) == ("cudnn",) * 2
     assert defaults(on_hopper(activation="sigmoid", window=1024)) == ("mosaic",) * 2
@@ -70,7 +69,11 @@ def test_default_table_on_hopper():
     assert defaults(on_hopper(activation="none", window=64, seq_len=8192)) == ("mosaic",) * 2
     # Not Hopper: the Triton kernels.
     assert defaults(on_hopper(activation="sigmoid", segmented=True, **ampere)) == ("triton",) * 2
-    assert defaults(on_hopper(activation="none", segmented=True, seq_len=8192)) == ("linear",) * 2
+    # 'none' with segments at long S: the kernels or the linear form, chosen at run time.
+    none_packed = on_hopper(activation="none", segmented=True, seq_len=8192)
+    assert defaults(none_packed) == ("tiles_or_linear",) * 2
+    none_packed_ampere = none_packed.replace(gpu_capability="8.0")
+    assert defaults(none_packed_ampere) == ("linear",) * 2
 
 
 def test_pallas_alias_picks_the_best_kernel():
@@ -137,7 +140,8 @@ def test_forced_paths_refuse_with_the_reason():
             ex.attention(q, k, v, mask, activation_function="none", implementation=name)
     with pytest.raises(ValueError, match="implementation='triton'.*multiples of 16"):
         ex.attention(*random_inputs(seq=8)[:3], implementation=Triton())
-    with pytest.raises(ValueError, match=re.escape("'mosaic', 'pallas'.")):  # the valid names
+    valid_names_end = re.escape("'tiles_or_linear', 'pallas'.")
+    with pytest.raises(ValueError, match=valid_names_end):
         ex.attention(q, k, v, implementation="flash")
 
 

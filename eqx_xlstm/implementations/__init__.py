@@ -12,6 +12,7 @@ from .cudnn import CuDNN
 from .linear import Linear
 from .mosaic import Mosaic
 from .reference import Reference
+from .tiles_or_linear import TilesOrLinear
 from .triton import Triton
 from .triton.kernels import Blocks as TritonBlocks
 
@@ -22,6 +23,7 @@ __all__ = [
     "Linear",
     "Mosaic",
     "Reference",
+    "TilesOrLinear",
     "Triton",
     "TritonBlocks",
 ]
