@@ -66,8 +66,12 @@ def test_either_side_matches_the_reference(tiles_per_block):
     assert_all_close(got, out_and_grads(*f32, implementation="reference", **kwargs), jnp.bfloat16)
 
 
-def test_its_tuning_round_trips():
+def test_its_tuning_round_trips_and_is_checked():
     from eqx_xlstm import dispatch
 
     impl = TilesOrLinear(tiles_per_block=3.5)
     assert dispatch.implementation_from_dict(impl.to_dict()) == impl
+    assert TilesOrLinear(tiles_per_block=12) == TilesOrLinear()
+    for bad in (-1.0, float("nan"), "12", None):  # (a wrong type: the type check's TypeError)
+        with pytest.raises((TypeError, ValueError), match="tiles_per_block"):
+            TilesOrLinear(tiles_per_block=bad)

@@ -54,10 +54,15 @@ class TilesOrLinear(Implementation):
     time from the segment ids. The default for 'none' with segments beyond S=4096."""
 
     name = "tiles_or_linear"
-    tiles_per_block: float = 12.0
+    tiles_per_block: int | float = 12.0
     """Where the kernels stop. On an H200 (bf16, D=128, a training step) the two
     crossed between 12 and 16.5 tiles a block (documents of about 2.7k to 4k positions);
     docs/benchmarks.md, issue #10's ninth part."""
+
+    def __post_init__(self):
+        limit = self.tiles_per_block
+        if isinstance(limit, bool) or not isinstance(limit, (int, float)) or not limit >= 0:
+            raise ValueError(f"`tiles_per_block` must be a number >= 0, got {limit!r}.")
 
     def unsupported(self, spec: AttentionSpec) -> str | None:
         if spec.activation != "none":
