@@ -26,6 +26,11 @@ def test_mean_tiles_counts_the_tiles_the_kernels_visit():
     uneven = first_keys(100, 924)  # a block starts at the tile of its first row's key
     assert float(mean_tiles(uneven)) == 4.5
     assert float(mean_tiles(jnp.stack([one, packed]))) == 2.75
+    # The kernels up to `tiles_per_block`, the linear form beyond.
+    assert bool(TilesOrLinear(tiles_per_block=4.5).runs_kernels(one))
+    assert not bool(TilesOrLinear(tiles_per_block=4).runs_kernels(one))
+    long = first_keys(4096)  # 32 blocks: 16.5 tiles each on average
+    assert bool(TilesOrLinear().runs_kernels(packed)) and not TilesOrLinear().runs_kernels(long)
 
 
 def test_one_choice_for_a_vmapped_batch():
@@ -57,8 +62,8 @@ def test_it_says_why_it_cannot_serve(changes, reason):
 )
 @pytest.mark.parametrize("tiles_per_block", [1e9, 0.0])  # always the kernels; always linear
 def test_either_side_matches_the_reference(tiles_per_block):
-    q, k, v, g = random_inputs(256, batch=(2, 1), dqk=64, dv=64, dtype=jnp.bfloat16, seed=4)
-    ids = jnp.stack([jnp.repeat(jnp.arange(3), jnp.array([90, 40, 126])), jnp.zeros(256, int)])
+    q, k, v, g = random_inputs(128, batch=(2, 1), dqk=64, dv=64, dtype=jnp.bfloat16, seed=4)
+    ids = jnp.stack([jnp.repeat(jnp.arange(3), jnp.array([40, 30, 58])), jnp.zeros(128, int)])
     kwargs = dict(activation_function="none", segment_ids=ids[:, None, :])
     impl = TilesOrLinear(tiles_per_block=tiles_per_block)
     got = out_and_grads(q, k, v, g, jit=True, implementation=impl, **kwargs)

@@ -92,5 +92,9 @@ class TilesOrLinear(Implementation):
                 q, k = (prepare(x, spec.pre_activation, *rope, spec.accum_dtype) for x in (q, k))
             return Linear()(q, k, v, spec, mask, first_key).astype(spec.dtype)
 
-        few = mean_tiles(first_key) <= self.tiles_per_block
-        return jax.lax.cond(few, kernels, linear, q, k, v)
+        return jax.lax.cond(self.runs_kernels(first_key), kernels, linear, q, k, v)
+
+    def runs_kernels(self, first_key) -> jax.Array:
+        """Whether a call with these first keys (`maths.first_keys`) runs the kernels: a
+        bool scalar, one for a whole batch (under `jax.vmap` too)."""
+        return mean_tiles(first_key) <= self.tiles_per_block
