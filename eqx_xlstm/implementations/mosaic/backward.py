@@ -57,7 +57,7 @@ from . import jax_private
 from . import prepared as raw_grads
 from .common import (
     block_grid,
-    check_ctas,
+    check_options,
     claim_registers,
     fold_vmap,
     in_gmem,
@@ -510,9 +510,7 @@ def _stats(activation, lse, delta):
 
 def _options(activation, bias, interpret, full, groups, first_key, prepared, ctas):
     """The keyword settings `_dq` and `_dkv` share, checked."""
-    if full and first_key is not None:
-        raise ValueError("full pieces take no first keys")
-    check_ctas(ctas)
+    check_options(full, first_key, ctas)
     return dict(
         ctas=ctas,
         activation=activation,
@@ -544,6 +542,33 @@ def _table_every(n, raw, groups):
             f"groups of {groups}"
         )
     return n // tables
+
+
+def _bound_kernel(kernel, q, first_key, raw, options, **own):
+    """`kernel` (`_kernel` or `_dq_kernel`) with the settings both take, derived alike
+    from `_options` and the inputs (`first_key`, `raw`: `_split_extras`'), and `own`,
+    its own."""
+    n, _, dim = q.shape
+    return functools.partial(
+        kernel,
+        activation=options["activation"],
+        bias=options["bias"],
+        scale=dim**-0.5,
+        full=options["full"],
+        interpret=options["interpret"],
+        bounded=bool(first_key),
+        groups=options["groups"],
+        to_raw=bool(raw),
+        swish=options["swish"],
+        every=_table_every(n, raw, options["groups"]),
+        n_ctas=options["ctas"],
+        **own,
+    )
+
+
+def _scratch_flags(first_key, stats, raw, interpret):
+    """What `_dkv_scratch` and `_dq_scratch` take from the inputs (`_split_extras`')."""
+    return dict(bounded=bool(first_key), softmax=bool(stats), raw=bool(raw), interpret=interpret)
 
 
 # Scratch sizes (bytes, as `common.scratch_bytes` counts them) up to which the dK/dV
@@ -598,41 +623,13 @@ def _dkv_scratch(q, k, v, d_out, *, fused, bounded, softmax, raw, interpret):
     return scratch
 
 
-def _dkv(
-    q, k, v, d_out, *rest, activation, bias, interpret, fused, full, groups, n_first, swish, ctas
-):
-    first_key, stats, raw = _split_extras(rest, activation, n_first)
+def _dkv(q, k, v, d_out, *rest, fused, **options):
+    first_key, stats, raw = _split_extras(rest, options["activation"], options["n_first"])
+    interpret, groups = options["interpret"], options["groups"]
     n, seq, dim = q.shape
-    n_tiles = seq // ROWS
-    scale = dim**-0.5
-    kernel = functools.partial(
-        _kernel,
-        activation=activation,
-        bias=bias,
-        scale=scale,
-        n_tiles=n_tiles,
-        full=full,
-        interpret=interpret,
-        fused=fused,
-        bounded=bool(first_key),
-        groups=groups,
-        to_raw=bool(raw),
-        swish=swish,
-        every=_table_every(n, raw, groups),
-        n_ctas=ctas,
-    )
-
-    scratch = _dkv_scratch(
-        q,
-        k,
-        v,
-        d_out,
-        fused=fused,
-        bounded=bool(first_key),
-        softmax=bool(stats),
-        raw=bool(raw),
-        interpret=interpret,
-    )
+    kernel = _bound_kernel(_kernel, q, first_key, raw, options, n_tiles=seq // ROWS, fused=fused)
+    flags = _scratch_flags(first_key, stats, raw, interpret)
+    scratch = _dkv_scratch(q, k, v, d_out, fused=fused, **flags)
     inputs = [q, k, v, d_out]
     if first_key:
         inputs += [first_key[0], _key_ranges(first_key[0])]
@@ -641,7 +638,7 @@ def _dkv(
         inputs += [jnp.swapaxes(q, 1, 2), jnp.swapaxes(d_out, 1, 2)]
     # One share of dK and dV per query row (`_group_sums` adds a K/V row's G shares).
     out_type = tuple(jax.ShapeDtypeStruct((n, *x.shape[1:]), x.dtype) for x in (k, v))
-    grid, names = block_grid(seq // (2 * ROWS), "k", n, ctas)
+    grid, names = block_grid(seq // (2 * ROWS), "k", n, options["ctas"])
     if not fused:
         dk, dv = launch(kernel, scratch, out_type, grid, names, interpret, *inputs)
         return _group_sums(dk, groups), _group_sums(dv, groups)
@@ -656,9 +653,9 @@ def _dkv(
     zeros = jnp.zeros((copies, *q.shape), jnp.float32)
     shares = (jnp.zeros(out.shape, out.dtype) for out in out_type)
     dq, dk, dv = in_gmem(update, zeros, *shares)
-    dq = dq.sum(0) * scale  # the kernel's dS came without the scale
+    dq = dq.sum(0) * dim**-0.5  # the kernel's dS came without the scale
     if raw:  # dQ sums over blocks: the raw queries' gradient after the kernel, in XLA
-        dq = _raw_gradient_rows(dq, raw, swish)
+        dq = _raw_gradient_rows(dq, raw, options["swish"])
     return dq.astype(q.dtype), _group_sums(dk, groups), _group_sums(dv, groups)
 
 
@@ -920,35 +917,13 @@ def _dq_scratch(q, k, v, d_out, *, bounded, softmax, raw, interpret):
     return scratch
 
 
-def _dq(q, k, v, d_out, *rest, activation, bias, interpret, full, groups, n_first, swish, ctas):
-    first_key, stats, raw = _split_extras(rest, activation, n_first)
-    n, seq, dim = q.shape
+def _dq(q, k, v, d_out, *rest, **options):
+    first_key, stats, raw = _split_extras(rest, options["activation"], options["n_first"])
+    interpret = options["interpret"]
+    n, seq, _ = q.shape
     n_pairs = seq // (2 * ROWS)
-    kernel = functools.partial(
-        _dq_kernel,
-        activation=activation,
-        bias=bias,
-        scale=dim**-0.5,
-        n_pairs=n_pairs,
-        full=full,
-        interpret=interpret,
-        bounded=bool(first_key),
-        groups=groups,
-        to_raw=bool(raw),
-        swish=swish,
-        every=_table_every(n, raw, groups),
-        n_ctas=ctas,
-    )
-    scratch = _dq_scratch(
-        q,
-        k,
-        v,
-        d_out,
-        bounded=bool(first_key),
-        softmax=bool(stats),
-        raw=bool(raw),
-        interpret=interpret,
-    )
+    kernel = _bound_kernel(_dq_kernel, q, first_key, raw, options, n_pairs=n_pairs)
+    scratch = _dq_scratch(q, k, v, d_out, **_scratch_flags(first_key, stats, raw, interpret))
     inputs = [q, k, v, d_out]
     if first_key:
         inputs += [first_key[0], _pair_ranges(first_key[0])]
@@ -956,5 +931,5 @@ def _dq(q, k, v, d_out, *rest, activation, bias, interpret, full, groups, n_firs
     if interpret:
         inputs += [jnp.swapaxes(k, 1, 2), jnp.swapaxes(v, 1, 2)]
     out_type = jax.ShapeDtypeStruct(q.shape, q.dtype)
-    grid, names = block_grid(n_pairs, "q", n, ctas)
+    grid, names = block_grid(n_pairs, "q", n, options["ctas"])
     return launch(kernel, scratch, out_type, grid, names, interpret, *inputs)

@@ -87,6 +87,14 @@ def check_ctas(ctas):
         raise ValueError(f"`ctas` must be a positive int or None, got {ctas!r}.")
 
 
+def check_options(full, first_key, ctas):
+    """A kernel call's `full` (every query sees every key), `first_key` and `ctas`,
+    checked alike by every kernel's entry point."""
+    if full and first_key is not None:
+        raise ValueError("full pieces take no first keys")
+    check_ctas(ctas)
+
+
 def persistent_items(n_rows, n_blocks, n_ctas):
     """In a persistent kernel (`block_grid` with `ctas`) over `n_blocks` blocks of
     each of `n_rows` rows: `(item, count)`, this CUDA block's j-th item (j < `count`)

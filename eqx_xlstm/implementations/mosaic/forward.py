@@ -45,7 +45,7 @@ from ... import maths
 from .common import (
     block_first_keys,
     block_grid,
-    check_ctas,
+    check_options,
     claim_registers,
     fold_vmap,
     iota,
@@ -376,9 +376,7 @@ def mosaic_forward(
     measured slower on an H200 but for windows), that many CUDA blocks take the blocks
     of query rows in turn, the streamed tiles running on from one block into the next.
     Under `jax.vmap` the mapped axis joins N."""
-    if full and first_key is not None:
-        raise ValueError("full pieces take no first keys")
-    check_ctas(ctas)
+    check_options(full, first_key, ctas)
     run = functools.partial(
         _forward,
         activation=activation,
