@@ -17,7 +17,13 @@ import statistics
 import jax
 import jax.numpy as jnp
 from packed_windows import add_case_arguments, compile_case
-from timing import compiled_median_ms, packed_ids, print_table_header, random_qkv
+from timing import (
+    add_round_arguments,
+    compiled_median_ms,
+    packed_ids,
+    print_table_header,
+    random_qkv,
+)
 
 from eqx_xlstm import maths
 from eqx_xlstm.implementations import TilesOrLinear
@@ -30,9 +36,7 @@ def main():
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     add_case_arguments(parser)
     parser.add_argument("--counts", type=int, nargs="+", default=[1, 2, 4, 6, 8, 16])
-    parser.add_argument("--rounds", type=int, default=3)
-    parser.add_argument("--repeats", type=int, default=3)
-    parser.add_argument("--sample-ms", type=float, default=100.0)
+    add_round_arguments(parser)
     args = parser.parse_args()
     seq, dtype = args.seq_len, jnp.dtype(args.dtype)
     shape = (args.batch, args.heads, seq, args.head_dim)

@@ -30,6 +30,7 @@ import statistics
 import jax
 import jax.numpy as jnp
 from timing import (
+    add_round_arguments,
     compiled_median_ms,
     packed_ids,
     print_table_header,
@@ -168,18 +169,10 @@ def add_case_arguments(parser):
 def main():
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     add_case_arguments(parser)
-    parser.add_argument("--repeats", type=int, default=3, help="samples per case and round")
-    parser.add_argument("--rounds", type=int, default=3, help="rounds over every case")
+    add_round_arguments(parser)
     parser.add_argument("--activations", nargs="+", default=["softmax", "sigmoid", "none"])
     parser.add_argument("--timed", choices=TIMED, default="step", help="the timed call")
     parser.add_argument("--forward", action="store_true", help='short for "--timed forward"')
-    parser.add_argument(
-        "--sample-ms",
-        type=float,
-        default=100.0,
-        help="calls issued back to back per sample (timing.median_ms); long samples keep "
-        "the host's dispatch of the first call out of the device time",
-    )
     parser.add_argument(
         "--paths",
         nargs="+",

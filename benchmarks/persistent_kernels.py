@@ -22,7 +22,7 @@ import statistics
 import jax
 import jax.numpy as jnp
 from packed_windows import add_case_arguments
-from timing import compiled_median_ms, packed_ids, print_table_header
+from timing import add_round_arguments, compiled_median_ms, packed_ids, print_table_header
 
 from eqx_xlstm import maths
 from eqx_xlstm.implementations.mosaic import backward, forward
@@ -32,8 +32,7 @@ add_case_arguments(parser)
 parser.add_argument("--ctas", default="", help="comma-separated CUDA block counts (default: SMs)")
 parser.add_argument("--activations", default="sigmoid,softmax")
 parser.add_argument("--kernels", default="forward,dq,dkv")
-parser.add_argument("--rounds", type=int, default=3)
-parser.add_argument("--repeats", type=int, default=3)
+add_round_arguments(parser, sample_ms=10.0)  # (compiled_median_ms's default)
 args = parser.parse_args()
 
 device = jax.devices()[0]
@@ -102,7 +101,11 @@ for activation in args.activations.split(","):
         times = {form: [] for form in forms}
         for _ in range(args.rounds):
             for form, compiled in forms.items():
-                times[form].append(compiled_median_ms(compiled, *xs, repeats=args.repeats))
+                times[form].append(
+                    compiled_median_ms(
+                        compiled, *xs, repeats=args.repeats, sample_ms=args.sample_ms
+                    )
+                )
         for kernel in args.kernels.split(","):
             grid = times[kernel, None]
             for ctas in ctas_list:

@@ -23,7 +23,7 @@ import jax
 import jax.numpy as jnp
 from jax.experimental.pallas import mosaic_gpu as plgpu
 from packed_windows import add_case_arguments
-from timing import compiled_median_ms, packed_ids, print_table_header
+from timing import add_round_arguments, compiled_median_ms, packed_ids, print_table_header
 
 from eqx_xlstm import maths
 from eqx_xlstm.implementations import raw_rows
@@ -34,9 +34,7 @@ add_case_arguments(parser)
 parser.add_argument("--extra", default="0,8,16,24,1024,1032,1040", help="comma-separated bytes")
 parser.add_argument("--activations", default="sigmoid,softmax")
 parser.add_argument("--kernels", default="dq,dkv")
-parser.add_argument("--rounds", type=int, default=3)
-parser.add_argument("--repeats", type=int, default=3)
-parser.add_argument("--sample-ms", type=float, default=100.0)
+add_round_arguments(parser)
 args = parser.parse_args()
 
 interpret = jax.devices()[0].platform != "gpu"

@@ -59,6 +59,20 @@ def training_step(fn):
     return step
 
 
+def add_round_arguments(parser, sample_ms=100.0):
+    """`--rounds`, `--repeats` and `--sample-ms`: how a script times its cases, in
+    interleaved rounds of samples (`compiled_median_ms`)."""
+    parser.add_argument("--rounds", type=int, default=3, help="rounds over every case")
+    parser.add_argument("--repeats", type=int, default=3, help="samples per case and round")
+    parser.add_argument(
+        "--sample-ms",
+        type=float,
+        default=sample_ms,
+        help="calls issued back to back per sample (timing.median_ms); long samples keep "
+        "the host's dispatch of the first call out of the device time",
+    )
+
+
 def print_table_header(header):
     """Print a markdown table's header row and its separator row."""
     print(header)
