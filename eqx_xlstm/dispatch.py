@@ -24,6 +24,8 @@ from .implementations import (
     Reference,
     TilesOrLinear,
     Triton,
+    per_shard,
+    prepare_pass,
 )
 from .spec import AttentionSpec
 
@@ -260,6 +262,14 @@ def _run(q, k, v, mask, sin, cos, extras, *, spec: AttentionSpec, chosen: Plan):
     if _takes_raw(chosen, spec, sin, bias):  # swish and RoPE in it (`Implementation.takes_raw`)
         rope = tuple(_of_batch_rank(t, spec) for t in (sin, cos))
         q, k = q.astype(spec.dtype), k.astype(spec.dtype)
+    elif _kernel_pass(chosen, spec, q, sin):
+        tables = tuple(_of_batch_rank(t, spec) for t in (sin, cos))
+        q, k = (
+            per_shard.differentiable_prepared(
+                x.astype(spec.dtype), spec.pre_activation, *tables, len(spec.batch_shape), 0
+            )
+            for x in (q, k)
+        )
     else:
         q = maths.prepare(q, spec.pre_activation, sin, cos, accum)
         k = maths.prepare(k, spec.pre_activation, sin, cos, accum)
@@ -278,6 +288,13 @@ def _run(q, k, v, mask, sin, cos, extras, *, spec: AttentionSpec, chosen: Plan):
     else:
         out = _forward_or_gradient(q, k, v, mask, first_key, bias, inner, chosen)
     return out.reshape(*spec.batch_shape, *out.shape[-2:]).astype(spec.dtype)
+
+
+def _kernel_pass(chosen: Plan, spec: AttentionSpec, q, sin) -> bool:
+    """Whether q and k go through `prepare_pass`'s kernel: where it serves the call and
+    the plan's implementations read them in `spec.dtype` anyway."""
+    kernels = chosen.forward.reads_inputs_dtype and chosen.gradient.reads_inputs_dtype
+    return kernels and prepare_pass.serves(spec, q.shape, _of_batch_rank(sin, spec).shape)
 
 
 def _takes_raw(chosen: Plan, spec: AttentionSpec, sin, bias) -> bool:

@@ -167,6 +167,30 @@ def shared_array_cases(mesh):
         report("shared-table", axis_name, hlo, [got], spec, [got], [x * table])
 
 
+def prepare_pass_cases(mesh):
+    """The swish + RoPE kernel (`prepare_pass`, Pallas interpret mode here) through
+    `per_shard.prepared`, on bf16 rows sharded over the batch, the heads or the
+    sequence: each device runs it on its shard, with its part of the tables."""
+    from eqx_xlstm.implementations import per_shard, prepare_pass
+
+    prepare_pass.TABLE_BYTES_FROM = 0  # the kernel at this small size
+    x = jax.random.normal(jax.random.key(7), (4, 4, 128, 32)).astype(jnp.bfloat16)
+    sin, cos = (t[None, None] for t in ex.precompute_freqs(32, 128))
+    want = prepare_pass.prepare_rows(x, "swish", sin, cos)  # one device
+
+    def f(x):
+        return per_shard.prepared(x, "swish", sin, cos, batch_ndim=2)
+
+    for axis_name, spec in (
+        ("batch", PartitionSpec("x")),
+        ("heads", PartitionSpec(None, "x")),
+        ("sequence", PartitionSpec(None, None, "x")),
+    ):
+        got, hlo = compiled_run(f, jax.device_put(x, NamedSharding(mesh, spec)))
+        compared = [got.astype(jnp.float32)]
+        report("prepare-pass", axis_name, hlo, [got], spec, compared, [want.astype(jnp.float32)])
+
+
 def report(case, axis_name, hlo, got, spec, compared, want):
     print(
         json.dumps(
@@ -268,6 +292,7 @@ if __name__ == "__main__":
     mesh = Mesh(np.array(jax.devices()), ("x",))
     main(mesh)
     shared_array_cases(mesh)
+    prepare_pass_cases(mesh)
     bounded_cases(mesh)
     decoding_cases(mesh)
     checkpoint_case(mesh)

@@ -19,6 +19,15 @@ def test_paths_are_shard_local_over_batch_and_heads():
     # along the rest and the sequence; no collective.
     shared = [row for row in rows if row["case"] == "shared-table"]
     rows = [row for row in rows if row["case"] != "shared-table"]
+    # The swish + RoPE kernel in front of the GPU kernels, shard by shard over the
+    # batch, the heads or the sequence: no collective, the shards' results exact.
+    passes = [row for row in rows if row["case"] == "prepare-pass"]
+    rows = [row for row in rows if row["case"] != "prepare-pass"]
+    assert [row["sharded"] for row in passes] == ["batch", "heads", "sequence"], passes
+    for row in passes:
+        assert not row["collectives"], row
+        assert row["shardings"] == [row["expected"]], row
+        assert row["max_rel_err"] == 0.0, row
     assert [row["sharded"] for row in shared] == ["batch", "batch", "heads", "sequence"], shared
     for row in shared:
         assert not row["collectives"], row

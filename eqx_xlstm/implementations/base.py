@@ -26,6 +26,10 @@ class Implementation(abc.ABC):
     """Whether it takes an array sigmoid bias (`spec.array_bias`) as `bias=`, q's batch
     shape, and differentiates it; otherwise dispatch hands it over as one more feature
     of q and k."""
+    reads_inputs_dtype: ClassVar[bool] = False
+    """Whether it rounds q and k to `spec.dtype` before using them (the GPU kernels), so
+    that dispatch may hand them over in that dtype, from the swish + RoPE pass of
+    `prepare_pass` where it serves, instead of in `spec.accum_dtype`."""
 
     @abc.abstractmethod
     def unsupported(self, spec: AttentionSpec) -> str | None:

@@ -38,6 +38,7 @@ class CuDNN(Implementation):
     """
 
     name = "cudnn"
+    reads_inputs_dtype = True
     ring: bool = True
     """Run cuDNN's forward and backward kernels as ops of their own (JAX's private
     cuDNN API, where this jax has it as expected), like the Pallas kernels: inputs

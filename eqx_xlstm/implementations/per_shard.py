@@ -20,7 +20,7 @@ from jax.sharding import NamedSharding, PartitionSpec
 
 from .. import maths
 from ..spec import AttentionSpec
-from . import ring
+from . import prepare_pass, ring
 from .base import SequenceLayout, as_rows, from_rows
 from .raw_rows import Prepared, raw_gradient, rope_pair_table
 
@@ -416,24 +416,64 @@ def _raw_after(over_sequence, n_rest, swish):
 _row_attention.defvjp(_row_attention_fwd, _row_attention_bwd)
 
 
-def _prepare(q, k, rope, spec):
+def prepared(x, pre_activation: str, sin, cos, *, batch_ndim: int, group_ndim: int = 0):
+    """`maths.prepare(x, ...)` in x's dtype (16-bit, on a GPU), shard by shard: through
+    the Triton kernel where `prepare_pass.fits` each device's shard, else XLA's pass.
+    Swish and RoPE go row by row, so the sequence may be sharded too; the tables
+    (`(..., S, D/2)`, of x's rank) are sharded like x where they vary."""
+
+    def prepare(x, sin, cos):
+        if prepare_pass.fits(x.shape, x.dtype, sin.shape):
+            return (prepare_pass.prepare_rows(x, pre_activation, sin, cos),)
+        return (maths.prepare(x, pre_activation, sin, cos, jnp.float32).astype(x.dtype),)
+
+    options = dict(batch_ndim=batch_ndim, group_ndim=group_ndim, shared=2)
+    return per_shard(prepare, x, sin, cos, over_sequence=lambda layout: prepare, **options)[0]
+
+
+@functools.partial(jax.custom_vjp, nondiff_argnums=(1, 4, 5))
+def differentiable_prepared(x, pre_activation: str, sin, cos, batch_ndim: int, group_ndim: int):
+    """`prepared`, differentiable: the gradient is XLA's, of `maths.prepare`."""
+    return prepared(x, pre_activation, sin, cos, batch_ndim=batch_ndim, group_ndim=group_ndim)
+
+
+def _differentiable_prepared_fwd(x, pre_activation, sin, cos, batch_ndim, group_ndim):
+    out = prepared(x, pre_activation, sin, cos, batch_ndim=batch_ndim, group_ndim=group_ndim)
+    return out, (x, sin, cos)
+
+
+def _differentiable_prepared_bwd(pre_activation, batch_ndim, group_ndim, residuals, d_out):
+    def prepare(x, sin, cos):
+        return maths.prepare(x, pre_activation, sin, cos, jnp.float32).astype(x.dtype)
+
+    return jax.vjp(prepare, *residuals)[1](d_out)
+
+
+differentiable_prepared.defvjp(_differentiable_prepared_fwd, _differentiable_prepared_bwd)
+
+
+def _prepare(q, k, rope, kernels: RowKernels):
     """Swish (unless `spec.pre_activation` is "none") and RoPE (`rope`: sin, cos) on q
-    and k, in `spec.dtype`."""
-    sin, cos = rope
-    return tuple(
-        maths.prepare(x, spec.pre_activation, sin, cos, spec.accum_dtype).astype(spec.dtype)
-        for x in (q, k)
-    )
+    and k, in `spec.dtype`: through `prepared` where `prepare_pass.serves` them."""
+    spec = kernels.spec
+    q, k = (x.astype(spec.dtype) for x in (q, k))
+    if not (kernels.partition and prepare_pass.serves(spec, q.shape, rope[0].shape)):
+        return tuple(
+            maths.prepare(x, spec.pre_activation, *rope, spec.accum_dtype).astype(spec.dtype)
+            for x in (q, k)
+        )
+    options = dict(batch_ndim=kernels.batch_ndim(q), group_ndim=kernels.group_ndim)
+    return tuple(prepared(x, spec.pre_activation, *rope, **options) for x in (q, k))
 
 
 @functools.partial(jax.custom_vjp, nondiff_argnums=(6,))
 def _raw_row_attention(q, k, v, first_key, biases, rope, kernels):
-    q, k = _prepare(q, k, rope, kernels.spec)
+    q, k = _prepare(q, k, rope, kernels)
     return _row_attention(q, k, v, first_key, biases, kernels)
 
 
 def _raw_row_attention_fwd(q, k, v, first_key, biases, rope, kernels):
-    prepared = _prepare(q, k, rope, kernels.spec)
+    prepared = _prepare(q, k, rope, kernels)
     out, (*_, outs) = _row_attention_fwd(*prepared, v, first_key, biases, kernels)
     return out, (q, k, *prepared, v, first_key, biases, rope_pair_table(*rope), outs)
 

@@ -37,6 +37,7 @@ class Mosaic(Implementation):
     """
 
     name = "mosaic"
+    reads_inputs_dtype = True
     fused_backward_from: int | None = 4096
     """From this sequence length on, the backward pass is the one fused kernel rather
     than the dQ + dK/dV pair (None: never). The fused kernel won every measured round

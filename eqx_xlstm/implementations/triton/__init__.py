@@ -28,6 +28,7 @@ class Triton(Implementation):
     """
 
     name = "triton"
+    reads_inputs_dtype = True
     takes_bias = True
     forward: Sequence[int] = Blocks(block_q=128, block_k=64, warps=8, stages=3)
     """The forward kernel's `Blocks` (block_q, block_k, warps, stages); a plain tuple

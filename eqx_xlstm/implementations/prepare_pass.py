@@ -1,0 +1,127 @@
+"""Swish and RoPE over 16-bit queries or keys (`maths.prepare`) as one Pallas kernel
+lowered by Triton: the pass in front of the GPU attention kernels.
+
+XLA's fusion of the same maths reads the RoPE tables for every head anew, and at long
+sequences (16 MiB of float32 tables at S=32768, D=128) they no longer stay in L2: the
+pass then runs at 2.5 TB/s on an H200, against 3.3 for a plain copy. This kernel walks
+the heads of one block of positions one after another, so each block of the tables is
+read from memory once, and reads and writes each feature pair `(2i, 2i + 1)` as one
+32-bit word (RoPE rotates within a pair). Its results equal XLA's (float32 maths,
+rounded once). docs/benchmarks.md has the measurements.
+"""
+
+import functools
+import math
+
+import jax
+import jax.numpy as jnp
+from jax.experimental import pallas as pl
+
+ROWS = 32  # positions per program
+WARPS = 4
+TABLE_BYTES_FROM = 16 << 20
+"""The kernel runs where the float32 tables (sine and cosine) take at least this many
+bytes (S * D * 4: S=32768 at D=128). On an H200 it took 0.75x of XLA's time there,
+1.00x at 8 MiB and 1.04x at 4 MiB (`benchmarks/rope_pass.py`)."""
+
+
+def fits(x_shape, dtype, table_shape) -> bool:
+    """Whether `prepare_rows` takes x of `(..., S, D)` in `dtype` with tables of
+    `(..., S, D/2)` (both with every leading axis) and is the faster pass: a 16-bit
+    float, S a multiple of `ROWS`, D/2 a power of two, tables of at least
+    `TABLE_BYTES_FROM` that vary along leading axes of x only (`_table_rows`)."""
+    seq, dim = x_shape[-2:]
+    return (
+        jnp.dtype(dtype) in (jnp.dtype(jnp.bfloat16), jnp.dtype(jnp.float16))
+        and seq % ROWS == 0
+        and dim % 2 == 0
+        and math.log2(dim // 2).is_integer()
+        and seq * dim * 4 >= TABLE_BYTES_FROM
+        and _table_rows(x_shape[:-2], table_shape[:-2]) is not None
+    )
+
+
+def serves(spec, x_shape, table_shape) -> bool:
+    """Whether the attention call of `spec` (its inputs `(..., S, D)`, tables
+    `(..., S, D/2)` of the same rank) runs its swish + RoPE pass through this kernel:
+    on a GPU, where it `fits`."""
+    return spec.platform == "gpu" and fits(x_shape, spec.dtype, table_shape)
+
+
+def _table_rows(x_lead, table_lead):
+    """How many table rows `(T, S, D/2)` the tables make when x's leading axes are
+    flattened to N rows (row n reading table row `n // (N / T)`), or None where they
+    vary along an axis after one they share (size 1)."""
+    if len(table_lead) > len(x_lead):
+        return None
+    table_lead = (1,) * (len(x_lead) - len(table_lead)) + tuple(table_lead)
+    varying = len(table_lead)
+    while varying and table_lead[varying - 1] == 1:
+        varying -= 1
+    if tuple(table_lead[:varying]) != tuple(x_lead[:varying]):
+        return None
+    return math.prod(table_lead[:varying])
+
+
+def prepare_rows(x, pre_activation: str, sin, cos, *, interpret: bool | None = None):
+    """`maths.prepare(x, pre_activation, sin, cos, float32)` in x's dtype, for x and
+    tables that `fits` (but for the size); `interpret` runs the kernel in Pallas
+    interpret mode (None: where the default device is not a GPU, as in tests)."""
+    if interpret is None:
+        interpret = jax.default_backend() != "gpu"
+    *lead, seq, dim = x.shape
+    n_tables = _table_rows(tuple(lead), sin.shape[:-2])
+    rows = x.reshape(-1, seq, dim // 2, 2)
+    sin, cos = (t.astype(jnp.float32).reshape(n_tables, seq, dim // 2) for t in (sin, cos))
+    out = _call(
+        jax.lax.bitcast_convert_type(rows, jnp.uint32),
+        sin,
+        cos,
+        swish=pre_activation != "none",
+        dtype=x.dtype,
+        interpret=interpret,
+    )
+    return jax.lax.bitcast_convert_type(out, x.dtype).reshape(x.shape)
+
+
+def _call(words, sin, cos, *, swish, dtype, interpret):
+    n, seq, pairs = words.shape
+    every = n // sin.shape[0]  # rows per table row
+    params = None
+    if not interpret:
+        from jax.experimental.pallas import triton as pltriton
+
+        params = pltriton.CompilerParams(num_warps=WARPS, num_stages=1)
+    rows = pl.BlockSpec((None, ROWS, pairs), lambda r, i: (r, i, 0))
+    table = pl.BlockSpec((None, ROWS, pairs), lambda r, i: (r // every, i, 0))
+    # The rows vary fastest (the first grid axis): the programs running at one time
+    # share a block of the tables.
+    return pl.pallas_call(
+        functools.partial(_kernel, swish=swish, dtype=dtype),
+        out_shape=jax.ShapeDtypeStruct(words.shape, jnp.uint32),
+        grid=(n, seq // ROWS),
+        in_specs=[rows, table, table],
+        out_specs=rows,
+        interpret=interpret,
+        compiler_params=params,
+        name="swish_rope" if swish else "rope",
+    )(words, sin, cos)
+
+
+def _kernel(words_ref, sin_ref, cos_ref, out_ref, *, swish, dtype):
+    words = words_ref[...]  # a pair (2i, 2i + 1) per word, 2i in the low half
+    first, second = (_unpack(half, dtype) for half in (words & 0xFFFF, words >> 16))
+    if swish:
+        first, second = (x * (1.0 / (1.0 + jnp.exp(-x))) for x in (first, second))
+    sin, cos = sin_ref[...], cos_ref[...]
+    out_ref[...] = _pack(first * cos - second * sin, dtype) | (
+        _pack(second * cos + first * sin, dtype) << 16
+    )
+
+
+def _unpack(bits, dtype):
+    return jax.lax.bitcast_convert_type(bits.astype(jnp.uint16), dtype).astype(jnp.float32)
+
+
+def _pack(x, dtype):
+    return jax.lax.bitcast_convert_type(x.astype(dtype), jnp.uint16).astype(jnp.uint32)

@@ -1,0 +1,120 @@
+"""The swish + RoPE pass as a Triton kernel (`prepare_pass`), in Pallas interpret mode:
+its results against XLA's pass, where dispatch uses it, and its gradient."""
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+from helpers import out_and_grads, random_inputs
+
+from eqx_xlstm import maths
+from eqx_xlstm.implementations import per_shard, prepare_pass
+from eqx_xlstm.nn.rope import precompute_freqs
+
+
+def xla_pass(x, pre_activation, sin, cos):
+    return maths.prepare(x, pre_activation, sin, cos, jnp.float32).astype(x.dtype)
+
+
+def assert_within_an_ulp(got, expected):
+    """Equal but for a rare last-bit difference (float32 maths rounded once, the
+    operations ordered differently)."""
+    assert got.shape == expected.shape and got.dtype == expected.dtype
+    eps = float(jnp.finfo(got.dtype).eps)
+    got, expected = (np.asarray(x, np.float32) for x in (got, expected))
+    assert np.mean(got != expected) < 1e-3
+    np.testing.assert_array_less(np.abs(got - expected), 2 * eps * np.abs(expected) + 1e-6)
+
+
+def random_rows(shape, dtype, seed=0):
+    return (3 * jax.random.normal(jax.random.key(seed), shape)).astype(dtype)
+
+
+@pytest.mark.parametrize("dtype", [jnp.bfloat16, jnp.float16])
+@pytest.mark.parametrize("pre_activation", ["swish", "none"])
+def test_kernel_equals_the_xla_pass(dtype, pre_activation):
+    x = random_rows((2, 3, 64, 64), dtype)
+    sin, cos = precompute_freqs(64, 64)
+    got = prepare_pass.prepare_rows(x, pre_activation, sin, cos, interpret=True)
+    assert_within_an_ulp(got, xla_pass(x, pre_activation, sin, cos))
+
+
+def test_tables_per_sequence_and_grouped_heads():
+    """One table per sequence (segments) is read by every head of it; with grouped
+    heads `(B, Hkv, G, S, D)`, by every head of every group."""
+    sin, cos = precompute_freqs(32, 64)
+    shift = lambda t: jnp.stack([t, jnp.roll(t, 7, axis=0)])  # two sequences' positions
+    per_sequence = tuple(shift(t)[:, None] for t in (sin, cos))  # (2, 1, S, D/2)
+    x = random_rows((2, 3, 64, 32), jnp.bfloat16)
+    got = prepare_pass.prepare_rows(x, "swish", *per_sequence, interpret=True)
+    assert_within_an_ulp(got, xla_pass(x, "swish", *per_sequence))
+    grouped = random_rows((2, 2, 3, 64, 32), jnp.bfloat16, seed=1)
+    tables = tuple(t[:, None] for t in per_sequence)  # (2, 1, 1, S, D/2)
+    got = prepare_pass.prepare_rows(grouped, "swish", *tables, interpret=True)
+    assert_within_an_ulp(got, xla_pass(grouped, "swish", *tables))
+
+
+def test_fits_only_where_the_kernel_serves():
+    big = (4, 16, 32768, 128)
+    table = (32768, 64)
+    assert prepare_pass.fits(big, jnp.bfloat16, table)
+    assert prepare_pass.fits(big, jnp.float16, (4, 1, 32768, 64))  # per sequence
+    assert not prepare_pass.fits(big, jnp.float32, table)  # 16-bit rows only
+    assert not prepare_pass.fits((4, 16, 16384, 128), jnp.bfloat16, (16384, 64))  # XLA's as fast
+    assert not prepare_pass.fits((4, 16, 32760, 128), jnp.bfloat16, (32760, 64))  # S % 32
+    assert not prepare_pass.fits((4, 16, 65536, 96), jnp.bfloat16, (65536, 48))  # D/2 = 48
+    # Tables that vary along a head axis after a shared batch axis: not n // every.
+    assert not prepare_pass.fits(big, jnp.bfloat16, (1, 16, 32768, 64))
+
+
+@pytest.fixture
+def any_size(monkeypatch):
+    """`fits` at the tests' small sizes."""
+    monkeypatch.setattr(prepare_pass, "TABLE_BYTES_FROM", 0)
+
+
+def test_prepared_per_shard_and_its_gradient(any_size):
+    x = random_rows((2, 3, 64, 32), jnp.bfloat16)
+    sin, cos = (t[None, None] for t in precompute_freqs(32, 64))
+    prepared = jax.jit(lambda x: per_shard.prepared(x, "swish", sin, cos, batch_ndim=2))
+    assert_within_an_ulp(prepared(x), xla_pass(x, "swish", sin, cos))
+    mapped = jax.vmap(lambda x: per_shard.prepared(x, "swish", sin[0], cos[0], batch_ndim=1))
+    assert_within_an_ulp(mapped(x), xla_pass(x, "swish", sin, cos))
+
+    # The gradient is XLA's of the same maths, w.r.t. the rows and the tables.
+    def loss(prepare):
+        return lambda x, s, c: jnp.sum(prepare(x, s, c).astype(jnp.float32) ** 2)
+
+    kernel = lambda x, s, c: per_shard.differentiable_prepared(x, "swish", s, c, 2, 0)
+    got = jax.grad(loss(kernel), argnums=(0, 1, 2))(x, sin, cos)
+    expected = jax.grad(loss(lambda x, s, c: xla_pass(x, "swish", s, c)), argnums=(0, 1, 2))(
+        x, sin, cos
+    )
+    for g, e in zip(got, expected, strict=True):
+        np.testing.assert_allclose(np.asarray(g, np.float32), np.asarray(e, np.float32), rtol=2e-2)
+
+
+def test_attention_through_the_kernel_pass(any_size, monkeypatch):
+    """Where the kernel serves and the implementation reads 16-bit rows (Triton here,
+    in interpret mode), dispatch runs the pass through it: the same outputs and
+    gradients as with XLA's pass in front of the same kernels."""
+    q, k, v, g = random_inputs(seq=96, batch=(1, 2), dqk=32, dv=32, dtype=jnp.bfloat16)
+    options = dict(
+        implementation="triton", activation_function="sigmoid", qk_pre_activation_function="swish"
+    )
+    expected = out_and_grads(q, k, v, g, **options)  # XLA's pass: no GPU here
+    ran, rows = [], prepare_pass.prepare_rows
+    monkeypatch.setattr(
+        prepare_pass, "serves", lambda spec, x, table: prepare_pass.fits(x, spec.dtype, table)
+    )
+    monkeypatch.setattr(
+        prepare_pass, "prepare_rows", lambda x, *a, **kw: ran.append(x.shape) or rows(x, *a, **kw)
+    )
+    jax.clear_caches()  # trace anew with the patched functions, and leave no such trace
+    try:
+        got = out_and_grads(q, k, v, g, **options)
+    finally:
+        jax.clear_caches()
+    assert ran and set(ran) == {(1, 2, 96, 32)}
+    for a, b in zip(got, expected, strict=True):
+        np.testing.assert_allclose(a, b, atol=2e-2, rtol=2e-2)
