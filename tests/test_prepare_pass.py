@@ -96,9 +96,11 @@ def test_prepared_per_shard_and_its_gradient(any_size):
 
 def test_attention_through_the_kernel_pass(any_size, monkeypatch):
     """Where the kernel serves and the implementation reads 16-bit rows (Triton here,
-    in interpret mode), dispatch runs the pass through it: the same outputs and
-    gradients as with XLA's pass in front of the same kernels."""
+    in interpret mode), dispatch runs the pass through it, for q and for grouped k
+    alike: the same outputs and gradients as with XLA's pass in front of the same
+    kernels."""
     q, k, v, g = random_inputs(seq=96, batch=(1, 2), dqk=32, dv=32, dtype=jnp.bfloat16)
+    k, v = k[:, :1], v[:, :1]  # grouped-query heads, 2:1
     options = dict(activation_function="sigmoid", qk_pre_activation_function="swish")
     expected = out_and_grads(q, k, v, g, implementation="triton", **options)  # XLA's pass
     ran, rows = [], prepare_pass.prepare_rows
@@ -111,6 +113,6 @@ def test_attention_through_the_kernel_pass(any_size, monkeypatch):
     # Other blocks: a plan of its own, traced anew with the patched functions.
     blocks = Triton(forward=(32, 32, 4, 1), backward=(32, 32, 4, 1))
     got = out_and_grads(q, k, v, g, implementation=blocks, **options)
-    assert ran and set(ran) == {(1, 2, 96, 32)}
+    assert set(ran) == {(1, 2, 96, 32), (1, 1, 96, 32)}  # q and k
     for a, b in zip(got, expected, strict=True):
         np.testing.assert_allclose(a, b, atol=2e-2, rtol=2e-2)

@@ -1,14 +1,13 @@
 """Swish and RoPE over 16-bit queries or keys (`maths.prepare`) as one Pallas kernel
-lowered by Triton: the pass in front of the GPU attention kernels.
+lowered by Triton: the pass in front of the GPU attention kernels at long sequences.
 
-XLA's fusion of the same maths reads the RoPE tables for every head anew, and at long
-sequences (16 MiB of float32 tables at S=32768, D=128) they no longer stay in L2: the
-pass then runs at 2.5 TB/s on an H200, against 3.3 for a plain copy. This kernel walks
-the heads of one block of positions one after another, so each block of the tables is
-read from memory once, and reads and writes each feature pair `(2i, 2i + 1)` as one
-32-bit word (RoPE rotates within a pair). Its results equal XLA's (float32 maths,
-rounded once). docs/benchmarks.md has the measurements.
-"""
+XLA's fusion of the same maths reads the RoPE tables for every head anew; once the
+float32 tables no longer stay in L2 (16 MiB at S=32768, D=128), that pass falls well
+below the speed of a plain copy. This kernel runs the programs of one block of
+positions, one per row (head), side by side, so each block of the tables is read from
+memory once; and it reads and writes each feature pair `(2i, 2i + 1)`, which RoPE
+rotates together, as one 32-bit word. Its results equal XLA's (float32 maths, rounded
+once). docs/benchmarks.md ("Issue #10, tenth part") has the measurements."""
 
 import functools
 import math
@@ -21,8 +20,8 @@ ROWS = 32  # positions per program
 WARPS = 4
 TABLE_BYTES_FROM = 16 << 20
 """The kernel runs where the float32 tables (sine and cosine) take at least this many
-bytes (S * D * 4: S=32768 at D=128). On an H200 it took 0.75x of XLA's time there,
-1.00x at 8 MiB and 1.04x at 4 MiB (`benchmarks/rope_pass.py`)."""
+bytes (S * D * 4: S=32768 at D=128), where it measured faster than XLA's pass; at
+smaller tables the two were level (`benchmarks/rope_pass.py`)."""
 
 
 def fits(x_shape, dtype, table_shape) -> bool:
