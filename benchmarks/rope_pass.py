@@ -9,6 +9,10 @@ cuDNN causal softmax forward for scale. TB/s counts the bytes read and written (
 k, each read once and written once).
 
     python benchmarks/rope_pass.py --seqs 4096,8192,16384,32768
+
+A second table times the pass's backward as dispatch runs it after cuDNN's or the full
+causal kernels' backward (XLA's gradient of the same maths), against a plain pass over
+the same bytes.
 """
 
 import argparse
@@ -49,6 +53,21 @@ def plain_pass(q, k):
     return 2 * q, 2 * k
 
 
+def backward_pass(q, k, dq, dk):
+    """The pass's gradient as dispatch runs it after the kernels (XLA's, of the same
+    maths): the raw rows' gradients from the prepared rows' (`dq`, `dk`)."""
+    sin, cos = rope_tables(q.shape[-2], q.shape[-1], None, None, 1e4)
+
+    def prepare(x):
+        return maths.prepare(x, "swish", sin, cos, jnp.float32).astype(x.dtype)
+
+    return tuple(jax.vjp(prepare, x)[1](g)[0] for x, g in ((q, dq), (k, dk)))
+
+
+def plain_backward_pass(q, k, dq, dk):
+    return q + dq, k + dk
+
+
 B, H, D = args.batch, args.heads, args.head_dim
 print(f"device: {jax.devices()[0].device_kind}; jax {jax.__version__}; bf16 B={B} NH={H} D={D}")
 header = (
@@ -56,8 +75,13 @@ header = (
     "| cuDNN fwd | XLA pass / cuDNN fwd | outputs equal |"
 )
 print_table_header(header)
+backward_rows = []
 for seq in (int(s) for s in args.seqs.split(",")):
     q, k, v = random_qkv((B, H, seq, D), jnp.bfloat16)
+    dq, dk = random_qkv((B, H, seq, D), jnp.bfloat16, count=2)
+    t_back = bench(backward_pass, q, k, dq, dk)
+    t_back_plain = bench(plain_backward_pass, q, k, dq, dk)
+    backward_rows.append((seq, t_back, t_back_plain, 3 * 2 * q.size * q.dtype.itemsize))
     t_rope = bench(rope_pass, q, k)
     t_triton = bench(triton_pass, q, k)
     t_plain = bench(plain_pass, q, k)
@@ -71,4 +95,12 @@ for seq in (int(s) for s in args.seqs.split(",")):
         f"| {seq} | {t_rope:.3f} ms | {t_triton:.3f} ms | {t_triton / t_rope:.2f} "
         f"| {t_plain:.3f} ms | {moved / t_rope / 1e9:.2f} | {moved / t_triton / 1e9:.2f} "
         f"| {t_cudnn:.3f} ms | {t_rope / t_cudnn:.3f} | {same} |"
+    )
+
+print("\nThe backward pass (XLA's; reads the raw rows and their gradients, writes one array each):")
+print_table_header("| S | XLA backward pass | plain q + dq pass | XLA / plain | XLA TB/s |")
+for seq, t_back, t_back_plain, moved in backward_rows:
+    print(
+        f"| {seq} | {t_back:.3f} ms | {t_back_plain:.3f} ms | {t_back / t_back_plain:.2f} "
+        f"| {moved / t_back / 1e9:.2f} |"
     )
