@@ -116,3 +116,29 @@ def test_attention_through_the_kernel_pass(any_size, monkeypatch):
     assert set(ran) == {(1, 2, 96, 32), (1, 1, 96, 32)}  # q and k
     for a, b in zip(got, expected, strict=True):
         np.testing.assert_allclose(a, b, atol=2e-2, rtol=2e-2)
+
+
+def test_kernel_pass_under_vmap_over_heads(any_size, monkeypatch):
+    """`eqx.filter_vmap` over the heads axis (the backend's way): the kernel pass runs
+    on the mapped rows, with the outputs and gradients of XLA's pass unmapped."""
+    import equinox as eqx
+
+    import eqx_xlstm as ex
+
+    q, k, v, g = random_inputs(seq=64, batch=(2, 3), dqk=32, dv=32, dtype=jnp.bfloat16)
+    options = dict(activation_function="sigmoid", qk_pre_activation_function="swish")
+    expected = out_and_grads(q, k, v, g, implementation="triton", **options)  # XLA's pass
+    ran, rows = [], prepare_pass.prepare_rows
+    monkeypatch.setattr(
+        prepare_pass, "serves", lambda spec, x, table: prepare_pass.fits(x, spec.dtype, table)
+    )
+    monkeypatch.setattr(
+        prepare_pass, "prepare_rows", lambda x, *a, **kw: ran.append(x.shape) or rows(x, *a, **kw)
+    )
+    blocks = Triton(forward=(32, 32, 2, 1), backward=(32, 32, 2, 1))  # a plan of its own
+    call = lambda q, k, v: ex.attention(q, k, v, implementation=blocks, **options)
+    heads_mapped = eqx.filter_vmap(call, in_axes=1, out_axes=1)
+    out, pull_back = jax.vjp(heads_mapped, q, k, v)
+    assert (2, 3, 64, 32) in ran  # the kernel, on every head at once
+    for a, b in zip((out, *pull_back(g)), expected, strict=True):
+        np.testing.assert_allclose(np.asarray(a, np.float32), b, atol=2e-2, rtol=2e-2)
