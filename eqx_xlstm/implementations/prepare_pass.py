@@ -1,9 +1,9 @@
 """Swish and RoPE over 16-bit queries or keys (`maths.prepare`) as one Pallas kernel
 lowered by Triton: the pass in front of the GPU attention kernels at long sequences.
 
-XLA's fusion of the same maths reads the RoPE tables for every head anew; once the
-float32 tables no longer stay in L2 (16 MiB at S=32768, D=128), that pass falls well
-below the speed of a plain copy. This kernel runs the programs of one block of
+XLA's fusion of the same maths reads the RoPE tables for every head anew; at 16 MiB of
+float32 tables (S=32768, D=128) that pass falls well below the speed of a plain copy,
+most likely as the tables no longer stay in L2. This kernel runs the programs of one block of
 positions, one per row (head), side by side, so each block of the tables is read from
 memory once; and it reads and writes each feature pair `(2i, 2i + 1)`, which RoPE
 rotates together, as one 32-bit word. Its results equal XLA's (float32 maths, rounded
