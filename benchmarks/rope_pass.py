@@ -38,14 +38,19 @@ def bench(fn, *xs):
     return median_ms(fn, *xs, repeats=args.repeats, sample_ms=50.0)
 
 
+def tables(x):
+    """The RoPE tables `attention` uses for rows like x (composed beyond S=4096)."""
+    return rope_tables(x.shape[-2], x.shape[-1], None, None, 1e4)
+
+
 def rope_pass(q, k):
-    sin, cos = rope_tables(q.shape[-2], q.shape[-1], None, None, 1e4)
+    sin, cos = tables(q)
     q, k = (maths.prepare(x, "swish", sin, cos, jnp.float32) for x in (q, k))
     return q.astype(jnp.bfloat16), k.astype(jnp.bfloat16)
 
 
 def triton_pass(q, k):
-    sin, cos = rope_tables(q.shape[-2], q.shape[-1], None, None, 1e4)
+    sin, cos = tables(q)
     return tuple(prepare_rows(x, "swish", sin, cos) for x in (q, k))
 
 
@@ -56,7 +61,7 @@ def plain_pass(q, k):
 def backward_pass(q, k, dq, dk):
     """The pass's gradient as dispatch runs it after the kernels (XLA's, of the same
     maths): the raw rows' gradients from the prepared rows' (`dq`, `dk`)."""
-    sin, cos = rope_tables(q.shape[-2], q.shape[-1], None, None, 1e4)
+    sin, cos = tables(q)
 
     def prepare(x):
         return maths.prepare(x, "swish", sin, cos, jnp.float32).astype(x.dtype)

@@ -259,11 +259,11 @@ def _run(q, k, v, mask, sin, cos, extras, *, spec: AttentionSpec, chosen: Plan):
     first_key, bias = extras
     accum = spec.accum_dtype
     rope = None
+    tables = tuple(_of_batch_rank(t, spec) for t in (sin, cos))
     if _takes_raw(chosen, spec, sin, bias):  # swish and RoPE in it (`Implementation.takes_raw`)
-        rope = tuple(_of_batch_rank(t, spec) for t in (sin, cos))
+        rope = tables
         q, k = q.astype(spec.dtype), k.astype(spec.dtype)
-    elif _kernel_pass(chosen, spec, q, sin):
-        tables = tuple(_of_batch_rank(t, spec) for t in (sin, cos))
+    elif _kernel_pass(chosen, spec, q, tables[0]):
         q, k = (
             per_shard.differentiable_prepared(
                 x.astype(spec.dtype), spec.pre_activation, *tables, len(spec.batch_shape), 0
@@ -291,10 +291,10 @@ def _run(q, k, v, mask, sin, cos, extras, *, spec: AttentionSpec, chosen: Plan):
 
 
 def _kernel_pass(chosen: Plan, spec: AttentionSpec, q, sin) -> bool:
-    """Whether q and k go through `prepare_pass`'s kernel: where it serves the call and
-    the plan's implementations read them in `spec.dtype` anyway."""
+    """Whether q and k go through `prepare_pass`'s kernel (`sin` of q's rank): where it
+    serves the call and the plan's implementations read them in `spec.dtype` anyway."""
     kernels = chosen.forward.reads_inputs_dtype and chosen.gradient.reads_inputs_dtype
-    return kernels and prepare_pass.serves(spec, q.shape, _of_batch_rank(sin, spec).shape)
+    return kernels and prepare_pass.serves(spec, q.shape, sin.shape)
 
 
 def _takes_raw(chosen: Plan, spec: AttentionSpec, sin, bias) -> bool:

@@ -73,6 +73,23 @@ def any_size(monkeypatch):
     monkeypatch.setattr(prepare_pass, "TABLE_BYTES_FROM", 0)
 
 
+@pytest.fixture
+def kernel_pass_on_cpu(any_size, monkeypatch):
+    """Call it after the reference run: from then on dispatch serves the pass with the
+    kernel here (interpret mode) wherever it fits; returns the list of the shapes the
+    kernel ran on. A test traces its plan anew (other tuning than the reference's)."""
+
+    def patch():
+        ran, rows = [], prepare_pass.prepare_rows
+        serves = lambda spec, x, table: prepare_pass.fits(x, spec.dtype, table)
+        monkeypatch.setattr(prepare_pass, "serves", serves)
+        spy = lambda x, *a, **kw: ran.append(x.shape) or rows(x, *a, **kw)
+        monkeypatch.setattr(prepare_pass, "prepare_rows", spy)
+        return ran
+
+    return patch
+
+
 def test_prepared_per_shard_and_its_gradient(any_size):
     x = random_rows((2, 3, 64, 32), jnp.bfloat16)
     sin, cos = (t[None, None] for t in precompute_freqs(32, 64))
@@ -94,7 +111,7 @@ def test_prepared_per_shard_and_its_gradient(any_size):
         np.testing.assert_allclose(np.asarray(g, np.float32), np.asarray(e, np.float32), rtol=2e-2)
 
 
-def test_attention_through_the_kernel_pass(any_size, monkeypatch):
+def test_attention_through_the_kernel_pass(kernel_pass_on_cpu):
     """Where the kernel serves and the implementation reads 16-bit rows (Triton here,
     in interpret mode), dispatch runs the pass through it, for q and for grouped k
     alike: the same outputs and gradients as with XLA's pass in front of the same
@@ -103,13 +120,7 @@ def test_attention_through_the_kernel_pass(any_size, monkeypatch):
     k, v = k[:, :1], v[:, :1]  # grouped-query heads, 2:1
     options = dict(activation_function="sigmoid", qk_pre_activation_function="swish")
     expected = out_and_grads(q, k, v, g, implementation="triton", **options)  # XLA's pass
-    ran, rows = [], prepare_pass.prepare_rows
-    monkeypatch.setattr(
-        prepare_pass, "serves", lambda spec, x, table: prepare_pass.fits(x, spec.dtype, table)
-    )
-    monkeypatch.setattr(
-        prepare_pass, "prepare_rows", lambda x, *a, **kw: ran.append(x.shape) or rows(x, *a, **kw)
-    )
+    ran = kernel_pass_on_cpu()
     # Other blocks: a plan of its own, traced anew with the patched functions.
     blocks = Triton(forward=(32, 32, 4, 1), backward=(32, 32, 4, 1))
     got = out_and_grads(q, k, v, g, implementation=blocks, **options)
@@ -118,7 +129,7 @@ def test_attention_through_the_kernel_pass(any_size, monkeypatch):
         np.testing.assert_allclose(a, b, atol=2e-2, rtol=2e-2)
 
 
-def test_kernel_pass_under_vmap_over_heads(any_size, monkeypatch):
+def test_kernel_pass_under_vmap_over_heads(kernel_pass_on_cpu):
     """`eqx.filter_vmap` over the heads axis (the backend's way): the kernel pass runs
     on the mapped rows, with the outputs and gradients of XLA's pass unmapped."""
     import equinox as eqx
@@ -128,13 +139,7 @@ def test_kernel_pass_under_vmap_over_heads(any_size, monkeypatch):
     q, k, v, g = random_inputs(seq=64, batch=(2, 3), dqk=32, dv=32, dtype=jnp.bfloat16)
     options = dict(activation_function="sigmoid", qk_pre_activation_function="swish")
     expected = out_and_grads(q, k, v, g, implementation="triton", **options)  # XLA's pass
-    ran, rows = [], prepare_pass.prepare_rows
-    monkeypatch.setattr(
-        prepare_pass, "serves", lambda spec, x, table: prepare_pass.fits(x, spec.dtype, table)
-    )
-    monkeypatch.setattr(
-        prepare_pass, "prepare_rows", lambda x, *a, **kw: ran.append(x.shape) or rows(x, *a, **kw)
-    )
+    ran = kernel_pass_on_cpu()
     blocks = Triton(forward=(32, 32, 2, 1), backward=(32, 32, 2, 1))  # a plan of its own
     call = lambda q, k, v: ex.attention(q, k, v, implementation=blocks, **options)
     heads_mapped = eqx.filter_vmap(call, in_axes=1, out_axes=1)

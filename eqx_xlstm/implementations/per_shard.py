@@ -416,6 +416,12 @@ def _raw_after(over_sequence, n_rest, swish):
 _row_attention.defvjp(_row_attention_fwd, _row_attention_bwd)
 
 
+def _xla_prepared(x, sin, cos, pre_activation):
+    """`maths.prepare` in float32 as XLA runs it, rounded to x's (16-bit) dtype: what
+    `prepare_pass.prepare_rows` computes."""
+    return maths.prepare(x, pre_activation, sin, cos, jnp.float32).astype(x.dtype)
+
+
 def prepared(x, pre_activation: str, sin, cos, *, batch_ndim: int, group_ndim: int = 0):
     """`maths.prepare(x, ...)` in x's dtype (16-bit, on a GPU), shard by shard: through
     the Triton kernel where `prepare_pass.fits` each device's shard, else XLA's pass.
@@ -425,7 +431,7 @@ def prepared(x, pre_activation: str, sin, cos, *, batch_ndim: int, group_ndim: i
     def prepare(x, sin, cos):
         if prepare_pass.fits(x.shape, x.dtype, sin.shape):
             return (prepare_pass.prepare_rows(x, pre_activation, sin, cos),)
-        return (maths.prepare(x, pre_activation, sin, cos, jnp.float32).astype(x.dtype),)
+        return (_xla_prepared(x, sin, cos, pre_activation),)
 
     options = dict(batch_ndim=batch_ndim, group_ndim=group_ndim, shared=2)
     return per_shard(prepare, x, sin, cos, over_sequence=lambda layout: prepare, **options)[0]
@@ -443,9 +449,7 @@ def _differentiable_prepared_fwd(x, pre_activation, sin, cos, batch_ndim, group_
 
 
 def _differentiable_prepared_bwd(pre_activation, batch_ndim, group_ndim, residuals, d_out):
-    def prepare(x, sin, cos):
-        return maths.prepare(x, pre_activation, sin, cos, jnp.float32).astype(x.dtype)
-
+    prepare = functools.partial(_xla_prepared, pre_activation=pre_activation)
     return jax.vjp(prepare, *residuals)[1](d_out)
 
 

@@ -18,9 +18,7 @@ from ..spec import AttentionSpec
 from .base import GROUPED, SEGMENTS, Implementation, untaken_features
 from .linear import Linear
 from .mosaic import Mosaic
-
-TILE = 128
-"""The Mosaic kernels' query block and key tile."""
+from .mosaic.forward import BLOCK_K as TILE  # also the query block (2 x BLOCK_Q)
 
 
 def _mean_tiles(first_key):
