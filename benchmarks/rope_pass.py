@@ -10,9 +10,11 @@ k, each read once and written once).
 
     python benchmarks/rope_pass.py --seqs 4096,8192,16384,32768
 
-A second table times the pass's backward as dispatch runs it after cuDNN's or the full
-causal kernels' backward (XLA's gradient of the same maths), against a plain pass over
-the same bytes.
+A second table times the pass's backward (the raw rows' gradients from the prepared
+rows'): XLA's gradient of the same maths, the Triton kernel
+`prepare_pass.prepare_rows_gradient` (what dispatch runs after cuDNN's or the full
+causal kernels' backward where the forward pass is the kernel), and a plain pass over
+the same bytes; with the mismatches of the kernel's results against XLA's.
 """
 
 import argparse
@@ -22,7 +24,7 @@ import jax.numpy as jnp
 from timing import bare_causal_attention, median_ms, print_table_header, random_qkv
 
 from eqx_xlstm import maths
-from eqx_xlstm.implementations.prepare_pass import prepare_rows
+from eqx_xlstm.implementations.prepare_pass import prepare_rows, prepare_rows_gradient
 from eqx_xlstm.nn.rope import rope_tables
 
 parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
@@ -69,6 +71,11 @@ def backward_pass(q, k, dq, dk):
     return tuple(jax.vjp(prepare, x)[1](g)[0] for x, g in ((q, dq), (k, dk)))
 
 
+def triton_backward_pass(q, k, dq, dk):
+    sin, cos = tables(q)
+    return tuple(prepare_rows_gradient(x, g, "swish", sin, cos) for x, g in ((q, dq), (k, dk)))
+
+
 def plain_backward_pass(q, k, dq, dk):
     return q + dq, k + dk
 
@@ -85,8 +92,12 @@ for seq in (int(s) for s in args.seqs.split(",")):
     q, k, v = random_qkv((B, H, seq, D), jnp.bfloat16)
     dq, dk = random_qkv((B, H, seq, D), jnp.bfloat16, count=2)
     t_back = bench(backward_pass, q, k, dq, dk)
+    t_back_triton = bench(triton_backward_pass, q, k, dq, dk)
     t_back_plain = bench(plain_backward_pass, q, k, dq, dk)
-    backward_rows.append((seq, t_back, t_back_plain, 3 * 2 * q.size * q.dtype.itemsize))
+    grads = (jax.jit(f)(q, k, dq, dk) for f in (backward_pass, triton_backward_pass))
+    differ = sum(int(jnp.sum(a != b)) for a, b in zip(*grads, strict=True)) / (2 * q.size)
+    moved = 3 * 2 * q.size * q.dtype.itemsize
+    backward_rows.append((seq, t_back, t_back_triton, t_back_plain, moved, differ))
     t_rope = bench(rope_pass, q, k)
     t_triton = bench(triton_pass, q, k)
     t_plain = bench(plain_pass, q, k)
@@ -102,10 +113,14 @@ for seq in (int(s) for s in args.seqs.split(",")):
         f"| {t_cudnn:.3f} ms | {t_rope / t_cudnn:.3f} | {same} |"
     )
 
-print("\nThe backward pass (XLA's; reads the raw rows and their gradients, writes one array each):")
-print_table_header("| S | XLA backward pass | plain q + dq pass | XLA / plain | XLA TB/s |")
-for seq, t_back, t_back_plain, moved in backward_rows:
+print("\nThe backward pass (reads the raw rows and their gradients, writes one array each):")
+print_table_header(
+    "| S | XLA | Triton | Triton / XLA | plain q + dq pass | XLA TB/s | Triton TB/s "
+    "| entries differing from XLA's |"
+)
+for seq, t_back, t_triton, t_plain, moved, differ in backward_rows:
     print(
-        f"| {seq} | {t_back:.3f} ms | {t_back_plain:.3f} ms | {t_back / t_back_plain:.2f} "
-        f"| {moved / t_back / 1e9:.2f} |"
+        f"| {seq} | {t_back:.3f} ms | {t_triton:.3f} ms | {t_triton / t_back:.2f} "
+        f"| {t_plain:.3f} ms | {moved / t_back / 1e9:.2f} | {moved / t_triton / 1e9:.2f} "
+        f"| {differ:.1e} |"
     )

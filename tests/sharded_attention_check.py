@@ -168,27 +168,45 @@ def shared_array_cases(mesh):
 
 
 def prepare_pass_cases(mesh):
-    """The swish + RoPE kernel (`prepare_pass`, Pallas interpret mode here) through
-    `per_shard.prepared`, on bf16 rows sharded over the batch, the heads or the
-    sequence: each device runs it on its shard, with its part of the tables."""
+    """The swish + RoPE kernel (`prepare_pass`, Pallas interpret mode here) and its
+    gradient's kernel through `per_shard.differentiable_prepared`, on bf16 rows sharded
+    over the batch, the heads or the sequence: each device runs them on its shard, with
+    its part of the tables."""
     from eqx_xlstm.implementations import per_shard, prepare_pass
 
     threshold, prepare_pass.TABLE_BYTES_FROM = prepare_pass.TABLE_BYTES_FROM, 0  # this size
-    x = jax.random.normal(jax.random.key(7), (4, 4, 128, 32)).astype(jnp.bfloat16)
+    x, d_out = (
+        jax.random.normal(jax.random.key(seed), (4, 4, 128, 32)).astype(jnp.bfloat16)
+        for seed in (7, 8)
+    )
     sin, cos = (t[None, None] for t in ex.precompute_freqs(32, 128))
-    want = prepare_pass.prepare_rows(x, "swish", sin, cos)  # one device
+    want = [  # one device
+        prepare_pass.prepare_rows(x, "swish", sin, cos),
+        prepare_pass.prepare_rows_gradient(x, d_out, "swish", sin, cos),
+    ]
 
-    def f(x):
-        return per_shard.prepared(x, "swish", sin, cos, batch_ndim=2)
+    def f(x, d_out):
+        prepare = lambda x: per_shard.differentiable_prepared(x, "swish", sin, cos, 2, 0)
+        out, pull_back = jax.vjp(prepare, x)
+        return [out, *pull_back(d_out)]
 
     for axis_name, spec in (
         ("batch", PartitionSpec("x")),
         ("heads", PartitionSpec(None, "x")),
         ("sequence", PartitionSpec(None, None, "x")),
     ):
-        got, hlo = compiled_run(f, jax.device_put(x, NamedSharding(mesh, spec)))
-        compared = [got.astype(jnp.float32)]
-        report("prepare-pass", axis_name, hlo, [got], spec, compared, [want.astype(jnp.float32)])
+        sharded = (jax.device_put(a, NamedSharding(mesh, spec)) for a in (x, d_out))
+        got, hlo = compiled_run(f, *sharded)
+        compared = [a.astype(jnp.float32) for a in got]
+        report(
+            "prepare-pass",
+            axis_name,
+            hlo,
+            got,
+            spec,
+            compared,
+            [w.astype(jnp.float32) for w in want],
+        )
     prepare_pass.TABLE_BYTES_FROM = threshold
 
 

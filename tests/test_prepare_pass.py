@@ -39,6 +39,19 @@ def test_kernel_equals_the_xla_pass(dtype, pre_activation):
     assert_within_an_ulp(got, xla_pass(x, pre_activation, sin, cos))
 
 
+@pytest.mark.parametrize("dtype", [jnp.bfloat16, jnp.float16])
+@pytest.mark.parametrize("pre_activation", ["swish", "none"])
+def test_gradient_kernel_equals_xlas_gradient(dtype, pre_activation):
+    """The backward kernel: XLA's gradient of the same float32 maths w.r.t. the rows,
+    per-sequence tables included."""
+    x = random_rows((2, 3, 64, 64), dtype)
+    d_out = random_rows(x.shape, dtype, seed=1)
+    sin, cos = (jnp.stack([t, jnp.roll(t, 5, axis=0)])[:, None] for t in precompute_freqs(64, 64))
+    got = prepare_pass.prepare_rows_gradient(x, d_out, pre_activation, sin, cos, interpret=True)
+    _, pull_back = jax.vjp(lambda x: xla_pass(x, pre_activation, sin, cos), x)
+    assert_within_an_ulp(got, pull_back(d_out)[0])
+
+
 def test_tables_per_sequence_and_grouped_heads():
     """One table per sequence (segments) is read by every head of it; with grouped
     heads `(B, Hkv, G, S, D)`, by every head of every group."""

@@ -19,8 +19,8 @@ def test_paths_are_shard_local_over_batch_and_heads():
     # along the rest and the sequence; no collective.
     shared = [row for row in rows if row["case"] == "shared-table"]
     rows = [row for row in rows if row["case"] != "shared-table"]
-    # The swish + RoPE kernel in front of the GPU kernels, shard by shard over the
-    # batch, the heads or the sequence: no collective, the shards' results exact.
+    # The swish + RoPE kernel in front of the GPU kernels and its gradient's, shard by
+    # shard over the batch, the heads or the sequence: no collective, results exact.
     passes = [row for row in rows if row["case"] == "prepare-pass"]
     rows = [row for row in rows if row["case"] != "prepare-pass"]
     assert [row["sharded"] for row in passes] == ["batch", "heads", "sequence"], passes

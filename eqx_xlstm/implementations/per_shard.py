@@ -437,9 +437,26 @@ def prepared(x, pre_activation: str, sin, cos, *, batch_ndim: int, group_ndim: i
     return per_shard(prepare, x, sin, cos, over_sequence=lambda layout: prepare, **options)[0]
 
 
+def prepared_gradient(x, d_out, pre_activation: str, sin, cos, *, batch_ndim: int, group_ndim=0):
+    """The gradient of `prepared` w.r.t. x (`d_out`: w.r.t. its result), shard by shard
+    like it: through the Triton kernel where `prepare_pass.fits`, else XLA's."""
+
+    def gradient(x, d_out, sin, cos):
+        if prepare_pass.fits(x.shape, x.dtype, sin.shape):
+            return (prepare_pass.prepare_rows_gradient(x, d_out, pre_activation, sin, cos),)
+        prepare = lambda x: _xla_prepared(x, sin, cos, pre_activation)
+        return jax.vjp(prepare, x)[1](d_out.astype(x.dtype))
+
+    options = dict(batch_ndim=batch_ndim, group_ndim=group_ndim, shared=2)
+    return per_shard(
+        gradient, x, d_out, sin, cos, over_sequence=lambda layout: gradient, **options
+    )[0]
+
+
 @functools.partial(jax.custom_vjp, nondiff_argnums=(1, 4, 5))
 def differentiable_prepared(x, pre_activation: str, sin, cos, batch_ndim: int, group_ndim: int):
-    """`prepared`, differentiable: the gradient is XLA's, of `maths.prepare`."""
+    """`prepared`, differentiable: the gradient w.r.t. x is `prepared_gradient`'s, the
+    tables' XLA's (dropped by XLA where unused, as for constant tables)."""
     return prepared(x, pre_activation, sin, cos, batch_ndim=batch_ndim, group_ndim=group_ndim)
 
 
@@ -449,8 +466,11 @@ def _differentiable_prepared_fwd(x, pre_activation, sin, cos, batch_ndim, group_
 
 
 def _differentiable_prepared_bwd(pre_activation, batch_ndim, group_ndim, residuals, d_out):
-    prepare = functools.partial(_xla_prepared, pre_activation=pre_activation)
-    return jax.vjp(prepare, *residuals)[1](d_out)
+    x, sin, cos = residuals
+    options = dict(batch_ndim=batch_ndim, group_ndim=group_ndim)
+    d_x = prepared_gradient(x, d_out, pre_activation, sin, cos, **options)
+    prepare = lambda sin, cos: _xla_prepared(x, sin, cos, pre_activation)
+    return (d_x, *jax.vjp(prepare, sin, cos)[1](d_out))
 
 
 differentiable_prepared.defvjp(_differentiable_prepared_fwd, _differentiable_prepared_bwd)

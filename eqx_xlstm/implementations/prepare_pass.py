@@ -66,26 +66,35 @@ def prepare_rows(x, pre_activation: str, sin, cos, *, interpret: bool | None = N
     """`maths.prepare(x, pre_activation, sin, cos, float32)` in x's dtype, for x and
     tables that `fits` (but for the size); `interpret` runs the kernel in Pallas
     interpret mode (None: where the default device is not a GPU, as in tests)."""
+    kernel = functools.partial(_prepare_kernel, swish=pre_activation != "none", dtype=x.dtype)
+    name = "swish_rope" if pre_activation != "none" else "rope"
+    return _pairwise(kernel, name, (x,), sin, cos, interpret)
+
+
+def prepare_rows_gradient(x, d_out, pre_activation: str, sin, cos, *, interpret=None):
+    """The gradient of `prepare_rows` w.r.t. x (`d_out`: w.r.t. its output, in x's
+    dtype), as XLA's of the same float32 maths, in x's dtype: RoPE transposed, then
+    swish'. For x and tables that `fits`; `interpret` as in `prepare_rows`."""
+    kernel = functools.partial(_gradient_kernel, swish=pre_activation != "none", dtype=x.dtype)
+    d_out = d_out.astype(x.dtype)
+    if pre_activation == "none":  # x is not read
+        return _pairwise(kernel, "rope_gradient", (d_out,), sin, cos, interpret)
+    return _pairwise(kernel, "swish_rope_gradient", (x, d_out), sin, cos, interpret)
+
+
+def _pairwise(kernel, name, xs, sin, cos, interpret):
+    """`kernel(*row_refs, sin_ref, cos_ref, out_ref)` over rows `xs` (one shape and
+    16-bit dtype, `(..., S, D)`) viewed as words of a feature pair each, with the
+    tables as float32 `(T, S, D/2)`: one result like `xs[0]`."""
     if interpret is None:
         interpret = jax.default_backend() != "gpu"
+    x = xs[0]
     *lead, seq, dim = x.shape
     n_tables = _table_rows(tuple(lead), sin.shape[:-2])
-    rows = x.reshape(-1, seq, dim // 2, 2)
+    words = [jax.lax.bitcast_convert_type(r.reshape(-1, seq, dim // 2, 2), jnp.uint32) for r in xs]
     sin, cos = (t.astype(jnp.float32).reshape(n_tables, seq, dim // 2) for t in (sin, cos))
-    out = _call(
-        jax.lax.bitcast_convert_type(rows, jnp.uint32),
-        sin,
-        cos,
-        swish=pre_activation != "none",
-        dtype=x.dtype,
-        interpret=interpret,
-    )
-    return jax.lax.bitcast_convert_type(out, x.dtype).reshape(x.shape)
-
-
-def _call(words, sin, cos, *, swish, dtype, interpret):
-    n, seq, pairs = words.shape
-    every = n // sin.shape[0]  # rows per table row
+    n, _, pairs = words[0].shape
+    every = n // n_tables  # rows per table row
     params = None
     if not interpret:
         from jax.experimental.pallas import triton as pltriton
@@ -95,27 +104,52 @@ def _call(words, sin, cos, *, swish, dtype, interpret):
     table = pl.BlockSpec((None, ROWS, pairs), lambda r, i: (r // every, i, 0))
     # The rows vary fastest (the first grid axis): the programs running at one time
     # share a block of the tables.
-    return pl.pallas_call(
-        functools.partial(_kernel, swish=swish, dtype=dtype),
-        out_shape=jax.ShapeDtypeStruct(words.shape, jnp.uint32),
+    out = pl.pallas_call(
+        kernel,
+        out_shape=jax.ShapeDtypeStruct(words[0].shape, jnp.uint32),
         grid=(n, seq // ROWS),
-        in_specs=[rows, table, table],
+        in_specs=[rows] * len(words) + [table, table],
         out_specs=rows,
         interpret=interpret,
         compiler_params=params,
-        name="swish_rope" if swish else "rope",
-    )(words, sin, cos)
+        name=name,
+    )(*words, sin, cos)
+    return jax.lax.bitcast_convert_type(out, x.dtype).reshape(x.shape)
 
 
-def _kernel(words_ref, sin_ref, cos_ref, out_ref, *, swish, dtype):
-    words = words_ref[...]  # a pair (2i, 2i + 1) per word, 2i in the low half
-    first, second = (_unpack(half, dtype) for half in (words & 0xFFFF, words >> 16))
+def _prepare_kernel(words_ref, sin_ref, cos_ref, out_ref, *, swish, dtype):
+    first, second = _pair(words_ref[...], dtype)
     if swish:
-        first, second = (x * (1.0 / (1.0 + jnp.exp(-x))) for x in (first, second))
+        first, second = (x * _sigmoid(x) for x in (first, second))
     sin, cos = sin_ref[...], cos_ref[...]
-    out_ref[...] = _pack(first * cos - second * sin, dtype) | (
-        _pack(second * cos + first * sin, dtype) << 16
-    )
+    out_ref[...] = _word(first * cos - second * sin, second * cos + first * sin, dtype)
+
+
+def _gradient_kernel(*refs, swish, dtype):
+    *words_ref, d_words_ref, sin_ref, cos_ref, out_ref = refs  # x's words with swish
+    d_first, d_second = _pair(d_words_ref[...], dtype)
+    sin, cos = sin_ref[...], cos_ref[...]
+    # RoPE's transpose: the rotation by minus the angle.
+    first, second = d_first * cos + d_second * sin, d_second * cos - d_first * sin
+    if swish:  # swish'(x) = s + x s (1 - s), s = sigmoid(x)
+        x_first, x_second = _pair(words_ref[0][...], dtype)
+        s_first, s_second = _sigmoid(x_first), _sigmoid(x_second)
+        first = first * (s_first + x_first * s_first * (1.0 - s_first))
+        second = second * (s_second + x_second * s_second * (1.0 - s_second))
+    out_ref[...] = _word(first, second, dtype)
+
+
+def _sigmoid(x):
+    return 1.0 / (1.0 + jnp.exp(-x))
+
+
+def _pair(words, dtype):
+    """A word's feature pair `(2i, 2i + 1)` as float32 (2i in the low half)."""
+    return tuple(_unpack(half, dtype) for half in (words & 0xFFFF, words >> 16))
+
+
+def _word(first, second, dtype):
+    return _pack(first, dtype) | (_pack(second, dtype) << 16)
 
 
 def _unpack(bits, dtype):
