@@ -7,7 +7,9 @@ most likely as the tables no longer stay in L2. This kernel runs the programs of
 positions, one per row (head), side by side, so each block of the tables is read from
 memory once; and it reads and writes each feature pair `(2i, 2i + 1)`, which RoPE
 rotates together, as one 32-bit word. Its results equal XLA's (float32 maths, rounded
-once). docs/benchmarks.md ("Issue #10, tenth part") has the measurements."""
+once). The pass's gradient w.r.t. the rows (RoPE transposed, then swish') is a second
+kernel of the same form. docs/benchmarks.md ("Issue #10", tenth and eleventh parts) has
+the measurements."""
 
 import functools
 import math
@@ -18,6 +20,10 @@ from jax.experimental import pallas as pl
 
 ROWS = 32  # positions per program
 WARPS = 4
+GRADIENT_WARPS = 8
+"""Warps per program of the pass and of its gradient, which reads two arrays: the
+fastest of 16-128 rows with 2-8 warps at S=32768 (the sweep in
+docs/benchmarks.md, "Issue #10, eleventh part")."""
 TABLE_BYTES_FROM = 16 << 20
 """The kernel runs where the float32 tables (sine and cosine) take at least this many
 bytes (S * D * 4: S=32768 at D=128), where it measured faster than XLA's pass; at
@@ -68,7 +74,7 @@ def prepare_rows(x, pre_activation: str, sin, cos, *, interpret: bool | None = N
     interpret mode (None: where the default device is not a GPU, as in tests)."""
     kernel = functools.partial(_prepare_kernel, swish=pre_activation != "none", dtype=x.dtype)
     name = "swish_rope" if pre_activation != "none" else "rope"
-    return _pairwise(kernel, name, (x,), sin, cos, interpret)
+    return _pairwise(kernel, name, (x,), sin, cos, interpret, WARPS)
 
 
 def prepare_rows_gradient(x, d_out, pre_activation: str, sin, cos, *, interpret=None):
@@ -78,11 +84,11 @@ def prepare_rows_gradient(x, d_out, pre_activation: str, sin, cos, *, interpret=
     kernel = functools.partial(_gradient_kernel, swish=pre_activation != "none", dtype=x.dtype)
     d_out = d_out.astype(x.dtype)
     if pre_activation == "none":  # x is not read
-        return _pairwise(kernel, "rope_gradient", (d_out,), sin, cos, interpret)
-    return _pairwise(kernel, "swish_rope_gradient", (x, d_out), sin, cos, interpret)
+        return _pairwise(kernel, "rope_gradient", (d_out,), sin, cos, interpret, GRADIENT_WARPS)
+    return _pairwise(kernel, "swish_rope_gradient", (x, d_out), sin, cos, interpret, GRADIENT_WARPS)
 
 
-def _pairwise(kernel, name, xs, sin, cos, interpret):
+def _pairwise(kernel, name, xs, sin, cos, interpret, warps):
     """`kernel(*row_refs, sin_ref, cos_ref, out_ref)` over rows `xs` (one shape and
     16-bit dtype, `(..., S, D)`) viewed as words of a feature pair each, with the
     tables as float32 `(T, S, D/2)`: one result like `xs[0]`."""
@@ -99,7 +105,7 @@ def _pairwise(kernel, name, xs, sin, cos, interpret):
     if not interpret:
         from jax.experimental.pallas import triton as pltriton
 
-        params = pltriton.CompilerParams(num_warps=WARPS, num_stages=1)
+        params = pltriton.CompilerParams(num_warps=warps, num_stages=1)
     rows = pl.BlockSpec((None, ROWS, pairs), lambda r, i: (r, i, 0))
     table = pl.BlockSpec((None, ROWS, pairs), lambda r, i: (r // every, i, 0))
     # The rows vary fastest (the first grid axis): the programs running at one time
