@@ -437,19 +437,19 @@ BLOCK_INFO = 32
 
 
 def block_info(*entries):
-    """`entries` (each `(N, blocks)`) as the `(N, blocks, BLOCK_INFO)` int32 array
+    """Two `entries` (each `(N, blocks)`) as the `(N, blocks, BLOCK_INFO)` int32 array
     that `read_block_info` reads."""
     info = jnp.stack(entries, axis=-1).astype(jnp.int32)
     return jnp.pad(info, ((0, 0), (0, 0), (0, BLOCK_INFO - len(entries))))
 
 
-def read_block_info(info, smem, bar, count=2):
-    """A block's first `count` entries of `block_info`: `info` (`(BLOCK_INFO,)` in
-    global memory) copied into `smem` (waited on `bar`) and read there as scalars.
-    (Scalar reads straight from global memory hang Mosaic GPU interpret mode.)"""
+def read_block_info(info, smem, bar):
+    """A block's two entries of `block_info`: `info` (`(BLOCK_INFO,)` in global memory)
+    copied into `smem` (waited on `bar`) and read there as scalars. (Scalar reads
+    straight from global memory hang Mosaic GPU interpret mode.)"""
     plgpu.copy_gmem_to_smem(info, smem, bar)
     plgpu.barrier_wait(bar)
-    return tuple(smem[i] for i in range(count))
+    return smem[0], smem[1]
 
 
 def _bounded_scratch(tiles):
@@ -479,16 +479,11 @@ def _bounded_views(buffer, tiles):
 def _pair_ranges(first_key):
     """For each row of `first_key` and pair of query blocks (`2 * ROWS` rows): the key
     tile (of `2 * ROWS`) of its first key, and the tile after that of its last (the dQ
-    kernel skips tiles before the first and masks those up to the second); then for
-    each of its two blocks whether none of its rows sees the first tile's first `ROWS`
-    keys (the kernel then multiplies by its second half alone), as `block_info` lays
-    them out."""
+    kernel skips tiles before the first and masks those up to the second), as
+    `block_info` lays them out."""
     n, seq = first_key.shape
     pairs = first_key.reshape(n, seq // (2 * ROWS), 2 * ROWS)
-    lo = pairs[..., 0] // (2 * ROWS)
-    # First keys do not decrease: a block's first row has the smallest.
-    second_half_only = (pairs[..., ::ROWS] >= (lo * 2 * ROWS + ROWS)[..., None]).astype(jnp.int32)
-    return block_info(lo, -(-pairs[..., -1] // (2 * ROWS)), *jnp.moveaxis(second_half_only, -1, 0))
+    return block_info(pairs[..., 0] // (2 * ROWS), -(-pairs[..., -1] // (2 * ROWS)))
 
 
 def _key_ranges(first_key):
@@ -722,15 +717,12 @@ def _dq_kernel(
     # warpgroup reads its own copy of the range: one copy waited for by all three
     # deadlocks Mosaic GPU interpret mode under jit here.)
     def tile_range(kv, pair):
-        """`(lo, mask_until, steps, second_half_only)`: the first three as in the
-        forward kernel; the last, whether this warpgroup's rows see none of tile lo's
-        first `rows` keys (`_pair_ranges`)."""
-        lo, mask_until, second_half_only = 0, 0, False
+        """`(lo, mask_until, steps)`, as in the forward kernel."""
+        lo, mask_until = 0, 0
         if bounded:
             own = (info_at(wg), info_bar.at[wg])
-            lo, mask_until, *halves = read_block_info(blocks.at[kv, pair], *own, count=4)
-            second_half_only = jnp.where(wg == 0, *halves) != 0
-        return lo, mask_until, n_pairs if full else pair + 1 - lo, second_half_only
+            lo, mask_until = read_block_info(blocks.at[kv, pair], *own)
+        return lo, mask_until, n_pairs if full else pair + 1 - lo
 
     def compute_item(n, kv, pair, base=None):
         """A compute warpgroup's share of one pair of query blocks; how many key tiles
@@ -751,82 +743,60 @@ def _dq_kernel(
         if softmax:  # my rows' lse and delta
             own_stats = stats_ref.at[n, :, pl.ds(row0, rows)]
             plgpu.copy_gmem_to_smem(own_stats, stat_smem.at[wg], stat_bar.at[wg])
-        lo, mask_until, steps, second_half_only = tile_range(kv, pair)  # read while those load
+        lo, mask_until, steps = tile_range(kv, pair)  # read while those load
         plgpu.barrier_wait(q_bar.at[wg])
         plgpu.barrier_wait(do_bar.at[wg])
-        row_vectors = [None, None, None]  # my rows' first keys, lse and delta
-        if bounded:
+        first = None
+        if bounded:  # my rows' first keys, across the rows of P
             plgpu.barrier_wait(fk_bar.at[wg])
-            row_vectors[0] = key_vector(own_first, 1, interpret)
-        if softmax:
+            firsts = key_vector(own_first, 1, interpret)
+            first = jax.lax.broadcast_in_dim(firsts, (rows, bk), [0])
+        lse = delta = None
+        if softmax:  # my rows' lse and delta, across the rows of P
             plgpu.barrier_wait(stat_bar.at[wg])
-            row_vectors[1:] = (
-                key_vector(stat_smem.at[wg, which], 1, interpret) for which in (0, 1)
+            lse, delta = (
+                jax.lax.broadcast_in_dim(
+                    key_vector(stat_smem.at[wg, which], 1, interpret), (rows, bk), [0]
+                )
+                for which in range(2)
             )
-
-        def across(width):
-            """My rows' first keys, lse and delta across the rows of P of `width` keys."""
-            return tuple(
-                None if x is None else jax.lax.broadcast_in_dim(x, (rows, width), [0])
-                for x in row_vectors
-            )
-
-        whole = across(bk)
 
         def operand(x):
-            buffers = p_smem[0] if p_smem else None
-            if buffers is not None and x.shape[1] < bk:
-                buffers = buffers.at[:, :, pl.ds(0, x.shape[1])]
-            return staged(x, buffers, wg)
+            return staged(x, p_smem[0] if p_smem else None, wg)
 
-        def step(t, dq_acc, masked, keys_from=0, width=bk):
-            """Key tile t, or its `width` keys from `keys_from` (a half no row of mine
-            sees the other half of)."""
+        def step(t, dq_acc, masked):
             slot = slot_of(t)
             plgpu.barrier_wait(k_bar.at[slot])
             plgpu.barrier_wait(v_bar.at[slot])
-            cols = pl.ds(keys_from, width)
-            keys = k_smem.at[slot, cols]
             if interpret:
                 plgpu.barrier_wait(kt_bar.at[slot])
-                keys_t, values_t = kt_smem.at[slot, :, cols], v_tiles.at[slot, :, cols]
+                keys_t, values_t = kt_smem.at[slot], v_tiles.at[slot]
             else:
-                keys_t = keys.transpose((1, 0))
-                values_t = v_tiles.at[slot, cols].transpose((1, 0))
-            first, lse, delta = whole if width == bk else across(width)
-            scores = _matmul(own_q, keys_t, (rows, width))
+                keys_t = k_smem.at[slot].transpose((1, 0))
+                values_t = v_tiles.at[slot].transpose((1, 0))
+            scores = _matmul(own_q, keys_t, (rows, bk))
             p = maths.weights(scores, activation, scale, bias, lse)
-            dp = _matmul(own_do, values_t, (rows, width))
+            dp = _matmul(own_do, values_t, (rows, bk))
             if masked:
-                queries = iota((rows, width), 0, interpret) + row0
-                key_ids = iota((rows, width), 1, interpret) + (lo + t) * bk + keys_from
-                allowed = maths.visible(queries, key_ids, first)
+                queries = iota((rows, bk), 0, interpret) + row0
+                keys = iota((rows, bk), 1, interpret) + (lo + t) * bk
+                allowed = maths.visible(queries, keys, first)
                 p = jnp.where(allowed, p, 0.0)
             ds = maths.score_grad(dp, p, activation, allowed if masked else None, delta)
-            plgpu.wgmma(dq_acc, operand(ds.astype(k_smem.dtype)), keys)
+            plgpu.wgmma(dq_acc, operand(ds.astype(k_smem.dtype)), k_smem.at[slot])
             plgpu.wgmma_wait(0)
             plgpu.barrier_arrive(free.at[slot])
 
         def accumulate(dq_acc):
-            def walk(start, stop, masked):
+            loops = (
+                ((0, steps, False),) if full else ((0, steps - 1, False), (steps - 1, steps, True))
+            )
+            if bounded:
+                head = jnp.clip(mask_until - lo, 0, steps - 1)
+                loops = ((0, head, True), (head, steps - 1, False), (steps - 1, steps, True))
+            for start, stop, masked in loops:
                 body = functools.partial(step, dq_acc=dq_acc, masked=masked)
                 jax.lax.fori_loop(start, stop, lambda t, c, body=body: body(t) or c, None)
-
-            if full:
-                walk(0, steps, False)
-                return dq_acc[...]
-            start = 0
-            if bounded:  # tile 0 (not the diagonal): its second half alone where mine see
-                half = second_half_only & (steps > 1)  # none of its first
-                pl.when(half)(lambda: step(0, dq_acc, True, keys_from=rows, width=rows))
-                start = half.astype(jnp.int32)
-                head = jnp.clip(mask_until - lo, start, steps - 1)
-                walk(start, head, True)
-                start = head
-            walk(start, steps - 1, False)
-            # The diagonal: warpgroup 0's rows see none of its second half.
-            pl.when(wg == 0)(lambda: step(steps - 1, dq_acc, True, width=rows))
-            pl.when(wg == 1)(lambda: step(steps - 1, dq_acc, True))
             return dq_acc[...]
 
         dq = pl.run_scoped(accumulate, plgpu.ACC((rows, q_smem.shape[-1]), jnp.float32))
@@ -866,7 +836,7 @@ def _dq_kernel(
 
         @pl.when(wg == 2)
         def _stream():
-            lo, _, steps, _ = tile_range(kv, pair)
+            lo, _, steps = tile_range(kv, pair)
             stream_tiles(tile_loader(kv, lo), steps, stages, (free,), n_pairs)
 
         return
@@ -882,7 +852,7 @@ def _dq_kernel(
 
     def item_tiles(j):
         n, kv, pair = item(j)
-        lo, _, steps, _ = tile_range(kv, pair)
+        lo, _, steps = tile_range(kv, pair)
         return tile_loader(kv, lo), steps
 
     run_item = lambda j, base: compute_item(*item(j), base)
