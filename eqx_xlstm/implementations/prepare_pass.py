@@ -19,11 +19,11 @@ import jax.numpy as jnp
 from jax.experimental import pallas as pl
 
 ROWS = 32  # positions per program
+# Warps per program of the pass and of its gradient (which reads two arrays): each near
+# the fastest of 16-128 positions with 2-8 warps at S=32768 (docs/benchmarks.md, issue
+# #10's eleventh part).
 WARPS = 4
 GRADIENT_WARPS = 8
-"""Warps per program of the pass and of its gradient, which reads two arrays: the
-fastest of 16-128 rows with 2-8 warps at S=32768 (the sweep in
-docs/benchmarks.md, "Issue #10, eleventh part")."""
 TABLE_BYTES_FROM = 16 << 20
 """The kernel runs where the float32 tables (sine and cosine) take at least this many
 bytes (S * D * 4: S=32768 at D=128), where it measured faster than XLA's pass; at
