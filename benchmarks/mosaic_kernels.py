@@ -22,6 +22,7 @@ from timing import bare_causal_attention, median_ms
 
 from eqx_xlstm.implementations import Triton
 from eqx_xlstm.implementations.mosaic import backward as mosaic_backward
+from eqx_xlstm.implementations.mosaic import dq_kernel
 from eqx_xlstm.implementations.mosaic import forward as mosaic
 from eqx_xlstm.implementations.triton.kernels import Launch, forward
 from eqx_xlstm.spec import AttentionSpec
@@ -95,7 +96,7 @@ def backward_kernels():
     """ms of each Mosaic backward kernel (fresh functions, so traced anew)."""
     rest = ("sigmoid", bias, False)
     return {
-        "dQ": bench(lambda *a: mosaic_backward.mosaic_dq(*a, *rest), q, k, v, d_out),
+        "dQ": bench(lambda *a: dq_kernel.mosaic_dq(*a, *rest), q, k, v, d_out),
         "dK/dV": bench(lambda *a: mosaic_backward.mosaic_dkv(*a, *rest), q, k, v, d_out),
         "dK/dV with dQ fused": bench(
             lambda *a: mosaic_backward.mosaic_dkv(*a, *rest, fused=True), q, k, v, d_out

@@ -25,7 +25,7 @@ from packed_windows import add_case_arguments
 from timing import add_round_arguments, compiled_median_ms, packed_ids, print_table_header
 
 from eqx_xlstm import maths
-from eqx_xlstm.implementations.mosaic import backward, forward
+from eqx_xlstm.implementations.mosaic import backward, dq_kernel, forward
 
 parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
 add_case_arguments(parser)
@@ -58,7 +58,7 @@ def kernel_call(kernel, activation, bias, stats):
             return forward.mosaic_forward(q, k, v, activation, bias, interpret, **options)
         if activation == "softmax":
             options |= stats
-        run = backward.mosaic_dq if kernel == "dq" else backward.mosaic_dkv
+        run = dq_kernel.mosaic_dq if kernel == "dq" else backward.mosaic_dkv
         return run(q, k, v, dout, activation, bias, interpret, **options)
 
     return call

@@ -21,7 +21,7 @@ from timing import median_ms, packed_ids, print_table_header, random_qkv
 
 from eqx_xlstm import maths
 from eqx_xlstm.implementations import raw_rows
-from eqx_xlstm.implementations.mosaic import backward
+from eqx_xlstm.implementations.mosaic import backward, dq_kernel
 from eqx_xlstm.nn.rope import rope_tables
 
 
@@ -47,7 +47,7 @@ def run(activation, q_raw, k_raw, q, k, v, g, first, sin, cos, table, epilogue):
     rest = (activation, -9.7, False)
     if epilogue:
         options["prepared"] = raw_rows.Prepared(q_raw, k_raw, table, swish=True)
-    dq = backward.mosaic_dq(q, k, v, g, *rest, **options)
+    dq = dq_kernel.mosaic_dq(q, k, v, g, *rest, **options)
     dk, dv = backward.mosaic_dkv(q, k, v, g, *rest, **options)
     if not epilogue:  # XLA's pass: the transpose of swish + RoPE
         prepare = lambda x: maths.prepare(x, "swish", sin, cos, jnp.float32)

@@ -27,7 +27,7 @@ from timing import add_round_arguments, compiled_median_ms, packed_ids, print_ta
 
 from eqx_xlstm import maths
 from eqx_xlstm.implementations import raw_rows
-from eqx_xlstm.implementations.mosaic import backward, common, forward
+from eqx_xlstm.implementations.mosaic import backward, common, dq_kernel, forward
 
 parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
 add_case_arguments(parser)
@@ -48,10 +48,11 @@ if any(e % 8 or e < 0 for e in extras):
 
 @contextlib.contextmanager
 def grown_scratch(extra):
-    """`backward._bounded_scratch` with `extra` unused bytes: whole KiB in the int32
-    buffer (after the entries the kernels read), the rest as unused barriers after the
-    three block-info ones (the kernels' lists of scratch keep their shape)."""
-    original = backward._bounded_scratch
+    """`backward_common.bounded_scratch`, as both kernels' modules call it, with `extra`
+    unused bytes: whole KiB in the int32 buffer (after the entries the kernels read),
+    the rest as unused barriers after the three block-info ones (the kernels' lists of
+    scratch keep their shape)."""
+    original = backward.bounded_scratch
     kib, rest = divmod(extra, 1024)
 
     def grown(tiles):
@@ -59,11 +60,13 @@ def grown_scratch(extra):
         buffer = plgpu.SMEM((buffer.shape[0] + 256 * kib,), buffer.dtype)
         return [buffer, plgpu.Barrier(num_barriers=3 + rest // 8)]
 
-    backward._bounded_scratch = grown
+    for module in (backward, dq_kernel):
+        module.bounded_scratch = grown
     try:
         yield
     finally:
-        backward._bounded_scratch = original
+        for module in (backward, dq_kernel):
+            module.bounded_scratch = original
 
 
 def kernel_call(q, k, v, d_out, first_key, raw_q, raw_k, table, stats, *, run, activation, bias):
@@ -75,7 +78,7 @@ def kernel_call(q, k, v, d_out, first_key, raw_q, raw_k, table, stats, *, run, a
 def scratch_bytes(kernel, arrays, softmax):
     options = dict(bounded=True, softmax=softmax, raw=True, interpret=False)
     if kernel == "dq":
-        return common.scratch_bytes(backward._dq_scratch(*arrays, **options))
+        return common.scratch_bytes(dq_kernel._dq_scratch(*arrays, **options))
     return common.scratch_bytes(backward._dkv_scratch(*arrays, fused=False, **options))
 
 
@@ -103,7 +106,7 @@ for activation in args.activations.split(","):
         out, lse = forward.mosaic_forward(q, k, v, activation, bias, interpret, first_key=first_key)
         stats = dict(lse=lse, delta=maths.row_delta(out, d_out))
     for kernel in args.kernels.split(","):
-        run = backward.mosaic_dq if kernel == "dq" else backward.mosaic_dkv
+        run = dq_kernel.mosaic_dq if kernel == "dq" else backward.mosaic_dkv
         call = functools.partial(kernel_call, run=run, activation=activation, bias=bias)
         compiled = {}
         for extra in extras:

@@ -10,7 +10,7 @@ from helpers import HALF_KERNEL, here, random_inputs
 import eqx_xlstm as ex
 from eqx_xlstm import maths
 from eqx_xlstm.implementations import Mosaic, raw_rows
-from eqx_xlstm.implementations.mosaic import backward, common, forward, jax_private
+from eqx_xlstm.implementations.mosaic import backward, common, dq_kernel, forward, jax_private
 
 INTERPRET = jax.default_backend() != "gpu"
 
@@ -91,7 +91,7 @@ def test_backward_kernels_match_reference(activation, seq, dim, fused, heads, dt
         rest = (activation, bias, INTERPRET)
         if fused:
             return backward.mosaic_dkv(*a, *rest, fused=True)
-        return (backward.mosaic_dq(*a, *rest), *backward.mosaic_dkv(*a, *rest))
+        return (dq_kernel.mosaic_dq(*a, *rest), *backward.mosaic_dkv(*a, *rest))
 
     for got, want in zip(jax.jit(kernels)(q, k, v, g), wanted, strict=True):
         assert_close_16bit(got, np.asarray(want))
@@ -257,7 +257,7 @@ def test_persistent_kernels_match_one_block_per_query_block(
         )
     call = {
         "forward": lambda **o: forward.mosaic_forward(q, k, v, activation, -4.0, INTERPRET, **o),
-        "dq": lambda **o: backward.mosaic_dq(q, k, v, g, activation, -4.0, INTERPRET, **o),
+        "dq": lambda **o: dq_kernel.mosaic_dq(q, k, v, g, activation, -4.0, INTERPRET, **o),
         "dkv": lambda **o: backward.mosaic_dkv(q, k, v, g, activation, -4.0, INTERPRET, **o),
     }[kernel]
     want, got = call(**options), call(**options, ctas=3)
@@ -310,7 +310,7 @@ def test_backward_kernels_with_first_keys(activation, window, runs, fused, group
         rest = (activation, bias, INTERPRET)
         if fused:
             return backward.mosaic_dkv(q, k, v, g, *rest, fused=True, **options)
-        dq = backward.mosaic_dq(q, k, v, g, *rest, **options)
+        dq = dq_kernel.mosaic_dq(q, k, v, g, *rest, **options)
         return (dq, *backward.mosaic_dkv(q, k, v, g, *rest, **options))
 
     # Called eagerly, each interpreted kernel runs alone (under one jit they hung at
@@ -396,7 +396,7 @@ def test_first_key_tile_ranges_visit_exactly_the_seen_tiles(window, runs):
     seen = (j <= i) & (j >= first[:, None])
     tile = lambda q0, q1, k0, k1: seen[q0:q1, k0:k1]
 
-    pairs = np.asarray(backward._pair_ranges(jnp.asarray(first)[None]))[0]
+    pairs = np.asarray(dq_kernel._pair_ranges(jnp.asarray(first)[None]))[0]
     for p, (lo, mask_until, *_) in enumerate(pairs):  # 128 query rows, 128-key tiles
         q0, q1 = 2 * p * rows, 2 * (p + 1) * rows
         visited = set(range(lo, p + 1))

@@ -11,8 +11,9 @@ from ...spec import AttentionSpec
 from ..base import GROUPED, SEGMENTS, WINDOW, Implementation, as_rows, from_rows, untaken_features
 from ..per_shard import RowKernels, row_attention
 from ..triton import Triton, TritonPieces
-from .backward import mosaic_dkv, mosaic_dq
+from .backward import mosaic_dkv
 from .common import check_ctas
+from .dq_kernel import mosaic_dq
 from .forward import mosaic_forward
 from .jax_private import interpret_available, mlir_available
 

@@ -23,10 +23,8 @@ two waits a tile instead of four. The unfused dK/dV kernel measured slower with 
 grouping, so it waits for each matmul. Which of the two `attention` runs is the `Mosaic`
 implementation's `fused_backward_from` (docs/benchmarks.md has the rounds).
 
-`mosaic_dq`: the dQ kernel of the unfused pair, laid out like the forward kernel: two
-compute warpgroups own 64 query rows (and their dO) each and walk 128-key tiles up to
-the diagonal: P = w(Q K^T), dP = dO V^T, dQ += dS K (softmax: its rows' statistics
-read once).
+`dq_kernel.py` has the dQ kernel of the unfused pair (`mosaic_dq`), and `backward_common.py`
+what the two share.
 
 With `prepared` (the raw queries and keys and their RoPE angles) the kernels return
 the gradients w.r.t. the rows before swish and RoPE: each block applies RoPE's
@@ -55,9 +53,23 @@ from ... import maths
 from .. import raw_rows
 from . import jax_private
 from . import prepared as raw_grads
+from .backward_common import (
+    ROWS,
+    STAGES,
+    block_info,
+    bound_kernel,
+    bounded_scratch,
+    bounded_views,
+    kernel_options,
+    matmul,
+    matmuls,
+    read_block_info,
+    row_stats,
+    scratch_flags,
+    split_extras,
+)
 from .common import (
     block_grid,
-    check_options,
     claim_registers,
     fold_vmap,
     in_gmem,
@@ -73,25 +85,6 @@ from .common import (
     tiled_smem,
     write_back,
 )
-
-ROWS = 64  # keys per compute warpgroup and query rows per streamed tile
-STAGES = 2  # streamed-tile slots: dK/dV measured slower with more; dQ fits only 2 at D=128
-
-
-def _matmul(a, b, shape):
-    """a @ b on the tensor cores into a fresh float32 accumulator, waited for."""
-    return _matmuls((a, b), shape=shape)[0]
-
-
-def _matmuls(*pairs, shape):
-    """Each (a, b) of `pairs`: a @ b, all issued before the first is waited for."""
-
-    def run(*accs):
-        for acc, (a, b) in zip(accs, pairs, strict=True):
-            plgpu.wgmma(acc, a, b)
-        return tuple(acc[...] for acc in accs)
-
-    return pl.run_scoped(run, *(plgpu.ACC(shape, jnp.float32) for _ in pairs))
 
 
 def _dq_part_width(dim):
@@ -132,7 +125,7 @@ def _kernel(
         *extra, stat_smem = extra
     if bounded:
         *extra, bounded_smem, info_bar = extra
-        fk_at, info_at = _bounded_views(bounded_smem, STAGES)
+        fk_at, info_at = bounded_views(bounded_smem, STAGES)
     if fused:
         *extra, ds_smem, dq_smem, ds_full, ds_free, dq_bar = extra
     qt_smem, dot_smem, *p_smem = extra if interpret else (None,) * 2
@@ -190,9 +183,9 @@ def _kernel(
             wait_tiles(slot)
             q_t, do_t = view(q_smem, qt_smem, slot), view(do_smem, dot_smem, slot)
             if fused:  # S^T and dP^T issued together, waited for once (see above)
-                scores_t, dp_t = _matmuls((own_k, q_t), (own_v, do_t), shape=(rows, rows))
+                scores_t, dp_t = matmuls((own_k, q_t), (own_v, do_t), shape=(rows, rows))
             else:
-                scores_t = _matmul(own_k, q_t, (rows, rows))
+                scores_t = matmul(own_k, q_t, (rows, rows))
             lse_t, delta_t = column_stats(slot)
             p_t = maths.weights(scores_t, activation, scale, bias, lse_t)
             if masked:
@@ -202,7 +195,7 @@ def _kernel(
                 p_t = jnp.where(allowed, p_t, 0.0)
             plgpu.wgmma(dv_acc, operand(p_t.astype(k_smem.dtype), 0), do_smem.at[slot])
             if not fused:
-                dp_t = _matmul(own_v, do_t, (rows, rows))
+                dp_t = matmul(own_v, do_t, (rows, rows))
             # Gradient w.r.t. the logits; dK and dQ are scaled once at the end.
             ds_t = maths.score_grad(dp_t, p_t, activation, allowed if masked else None, delta_t)
             ds_t = ds_t.astype(k_smem.dtype)
@@ -420,70 +413,15 @@ def mosaic_dkv(
     its in-place sum)."""
     if fused and activation == "softmax":
         raise ValueError("the fused backward kernel takes no softmax")
-    options = _options(activation, bias, interpret, full, groups, first_key, prepared, ctas)
+    options = kernel_options(activation, bias, interpret, full, groups, first_key, prepared, ctas)
     if fused and ctas is not None:
         raise ValueError("the fused backward kernel has no persistent schedule (ctas)")
     run = functools.partial(_dkv, fused=fused, **options)
     raw = () if prepared is None else prepared.arrays(q.dtype)
-    arrays = (q, k, v, d_out, *optional(first_key), *_stats(activation, lse, delta), *raw)
+    arrays = (q, k, v, d_out, *optional(first_key), *row_stats(activation, lse, delta), *raw)
     if fused and jax_private.ref_type_mappings() is None:
         return run(*arrays)
     return fold_vmap(run, *arrays)
-
-
-# int32 entries a dK/dV block reads from `block_info`: 128 bytes, as a TMA copy's shared
-# memory destination must be aligned to (fewer entries are padded).
-BLOCK_INFO = 32
-
-
-def block_info(*entries):
-    """Two `entries` (each `(N, blocks)`) as the `(N, blocks, BLOCK_INFO)` int32 array
-    that `read_block_info` reads."""
-    info = jnp.stack(entries, axis=-1).astype(jnp.int32)
-    return jnp.pad(info, ((0, 0), (0, 0), (0, BLOCK_INFO - len(entries))))
-
-
-def read_block_info(info, smem, bar):
-    """A block's two entries of `block_info`: `info` (`(BLOCK_INFO,)` in global memory)
-    copied into `smem` (waited on `bar`) and read there as scalars. (Scalar reads
-    straight from global memory hang Mosaic GPU interpret mode.)"""
-    plgpu.copy_gmem_to_smem(info, smem, bar)
-    plgpu.barrier_wait(bar)
-    return smem[0], smem[1]
-
-
-def _bounded_scratch(tiles):
-    """A bounded kernel's first keys (`tiles` tiles of `ROWS`) and three warpgroups'
-    `block_info` entries in one int32 buffer (Pallas aligns each scratch buffer to 1
-    KiB: two cost a KiB more), and the entries' barriers. The first keys' copies wait
-    on the caller's barriers."""
-    return [
-        plgpu.SMEM((tiles * ROWS + 3 * BLOCK_INFO,), jnp.int32),
-        plgpu.Barrier(num_barriers=3),
-    ]
-
-
-def _bounded_views(buffer, tiles):
-    """`_bounded_scratch`'s buffer as two functions of an index i: tile i's first keys
-    and warpgroup i's `block_info` entry."""
-
-    def first_keys(i):
-        return buffer.at[pl.ds(i * ROWS, ROWS)]
-
-    def info(i):
-        return buffer.at[pl.ds(tiles * ROWS + i * BLOCK_INFO, BLOCK_INFO)]
-
-    return first_keys, info
-
-
-def _pair_ranges(first_key):
-    """For each row of `first_key` and pair of query blocks (`2 * ROWS` rows): the key
-    tile (of `2 * ROWS`) of its first key, and the tile after that of its last (the dQ
-    kernel skips tiles before the first and masks those up to the second), as
-    `block_info` lays them out."""
-    n, seq = first_key.shape
-    pairs = first_key.reshape(n, seq // (2 * ROWS), 2 * ROWS)
-    return block_info(pairs[..., 0] // (2 * ROWS), -(-pairs[..., -1] // (2 * ROWS)))
 
 
 def _key_ranges(first_key):
@@ -493,82 +431,6 @@ def _key_ranges(first_key):
     `block_info` lays them out."""
     mask_from, stop = maths.key_block_reach(first_key, 2 * ROWS, ROWS)
     return block_info(stop, mask_from)
-
-
-def _stats(activation, lse, delta):
-    """Softmax's row statistics as the kernels read them: `(N, 2, S)` float32, lse
-    then delta (one copy a tile); nothing for sigmoid and 'none'."""
-    if activation != "softmax":
-        return ()
-    if lse is None or delta is None:
-        raise ValueError("softmax's backward needs each row's lse and delta")
-    # The barrier keeps delta's row reduction (sum(dO * O)) a fusion of its own: fused
-    # into the stack, XLA ran it at under half the memory bandwidth (docs/benchmarks.md).
-    delta = jax.lax.optimization_barrier(delta)
-    return (jnp.stack([lse, delta], axis=1).astype(jnp.float32),)
-
-
-def _options(activation, bias, interpret, full, groups, first_key, prepared, ctas):
-    """The keyword settings `_dq` and `_dkv` share, checked."""
-    check_options(full, first_key, ctas)
-    return dict(
-        ctas=ctas,
-        activation=activation,
-        bias=bias,
-        interpret=interpret,
-        full=full,
-        groups=groups,
-        n_first=first_key is not None,
-        swish=bool(prepared and prepared.swish),
-    )
-
-
-def _split_extras(rest, activation, n_first):
-    """A backward kernel's trailing inputs: `(first_key, stats, raw)`, each a tuple
-    (`mosaic_dkv` lists them)."""
-    n_stats = activation == "softmax"
-    return rest[:n_first], rest[n_first : n_first + n_stats], rest[n_first + n_stats :]
-
-
-def _table_every(n, raw, groups):
-    """How many consecutive query rows read each row of the RoPE table (`Prepared`):
-    a K/V row's group of query rows must share one."""
-    if not raw:
-        return 1
-    tables = raw[-1].shape[0]
-    if n % tables or (n // tables) % groups:
-        raise ValueError(
-            f"prepared.table has {tables} rows, which do not divide {n} query rows in "
-            f"groups of {groups}"
-        )
-    return n // tables
-
-
-def _bound_kernel(kernel, q, first_key, raw, options, **own):
-    """`kernel` (`_kernel` or `_dq_kernel`) with the settings both take, derived alike
-    from `_options` and the inputs (`first_key`, `raw`: `_split_extras`'), and `own`,
-    its own."""
-    n, _, dim = q.shape
-    return functools.partial(
-        kernel,
-        activation=options["activation"],
-        bias=options["bias"],
-        scale=dim**-0.5,
-        full=options["full"],
-        interpret=options["interpret"],
-        bounded=bool(first_key),
-        groups=options["groups"],
-        to_raw=bool(raw),
-        swish=options["swish"],
-        every=_table_every(n, raw, options["groups"]),
-        n_ctas=options["ctas"],
-        **own,
-    )
-
-
-def _scratch_flags(first_key, stats, raw, interpret):
-    """What `_dkv_scratch` and `_dq_scratch` take from the inputs (`_split_extras`')."""
-    return dict(bounded=bool(first_key), softmax=bool(stats), raw=bool(raw), interpret=interpret)
 
 
 # Scratch sizes (bytes, as `common.scratch_bytes` counts them) up to which the dK/dV
@@ -612,7 +474,7 @@ def _dkv_scratch(q, k, v, d_out, *, fused, bounded, softmax, raw, interpret):
             plgpu.Barrier(num_barriers=2),  # dQ read back (interpret mode)
         ]
     if bounded:  # the streamed query tiles' first keys; each warpgroup's tile range
-        scratch += _bounded_scratch(STAGES)
+        scratch += bounded_scratch(STAGES)
     if softmax:  # the streamed query tiles' lse and delta
         scratch += [plgpu.SMEM((STAGES, 2, ROWS), jnp.float32)]
     if raw:  # the raw rows and their angles (the fused kernel's: interpret mode only)
@@ -624,11 +486,11 @@ def _dkv_scratch(q, k, v, d_out, *, fused, bounded, softmax, raw, interpret):
 
 
 def _dkv(q, k, v, d_out, *rest, fused, **options):
-    first_key, stats, raw = _split_extras(rest, options["activation"], options["n_first"])
+    first_key, stats, raw = split_extras(rest, options["activation"], options["n_first"])
     interpret, groups = options["interpret"], options["groups"]
     n, seq, dim = q.shape
-    kernel = _bound_kernel(_kernel, q, first_key, raw, options, n_tiles=seq // ROWS, fused=fused)
-    flags = _scratch_flags(first_key, stats, raw, interpret)
+    kernel = bound_kernel(_kernel, q, first_key, raw, options, n_tiles=seq // ROWS, fused=fused)
+    flags = scratch_flags(first_key, stats, raw, interpret)
     scratch = _dkv_scratch(q, k, v, d_out, fused=fused, **flags)
     inputs = [q, k, v, d_out]
     if first_key:
@@ -675,261 +537,3 @@ def _group_sums(shares, groups):
         return shares
     summed = shares.reshape(-1, groups, *shares.shape[1:]).sum(1, dtype=jnp.float32)
     return summed.astype(shares.dtype)
-
-
-def _dq_kernel(
-    *refs,
-    activation,
-    bias,
-    scale,
-    n_pairs,
-    full,
-    interpret,
-    bounded,
-    groups,
-    to_raw,
-    swish,
-    every,
-    n_ctas=None,
-):
-    softmax = activation == "softmax"
-    n_in = (6 if interpret else 4) + 2 * bounded + softmax + 2 * to_raw
-    (q_ref, k_ref, v_ref, do_ref, *rest), (dq_ref,) = refs[:n_in], refs[n_in:-1]
-    first_key_ref, blocks = (rest.pop(0), rest.pop(0)) if bounded else (None, None)
-    stats_ref = rest.pop(0) if softmax else None  # (N, 2, S): lse and delta per query
-    raw_ref, table_ref = (rest.pop(0), rest.pop(0)) if to_raw else (None, None)
-    transposed = rest
-    # v_tiles: value tiles (128, D) on a GPU, transposed (D, 128) when interpreting.
-    q_smem, do_smem, k_smem, v_tiles, q_bar, do_bar, k_bar, v_bar, free, *extra = refs[-1]
-    if bounded:
-        bounded_smem, info_bar, fk_bar, *extra = extra
-        fk_at, info_at = _bounded_views(bounded_smem, 2)
-    if softmax:
-        stat_smem, stat_bar, *extra = extra
-    if to_raw and interpret:
-        raw_smem, table_smem, raw_bars, *extra = extra
-    kt_smem, kt_bar, *p_smem = extra if interpret else (None, None)
-    rows, bk, stages = ROWS, 2 * ROWS, STAGES
-
-    # Key tiles of 128 up to this pair's diagonal (all of them when `full`); bounded,
-    # from the tile of the pair's first key (first keys do not decrease), masked up to
-    # the tile of its last. Counted from tile `lo`: loop index t is tile `lo + t`. (Each
-    # warpgroup reads its own copy of the range: one copy waited for by all three
-    # deadlocks Mosaic GPU interpret mode under jit here.)
-    def tile_range(kv, pair):
-        """`(lo, mask_until, steps)`, as in the forward kernel."""
-        lo, mask_until = 0, 0
-        if bounded:
-            own = (info_at(wg), info_bar.at[wg])
-            lo, mask_until = read_block_info(blocks.at[kv, pair], *own)
-        return lo, mask_until, n_pairs if full else pair + 1 - lo
-
-    def compute_item(n, kv, pair, base=None):
-        """A compute warpgroup's share of one pair of query blocks; how many key tiles
-        it walked. `base` (persistent): how many tiles the ring held before this
-        pair's (slots continue from there)."""
-
-        slot_of = functools.partial(ring_slot, stages=stages, base=base)
-
-        row0 = (2 * pair + wg) * rows
-        own_q, own_do = q_smem.at[wg], do_smem.at[wg]
-        plgpu.copy_gmem_to_smem(q_ref.at[n, pl.ds(row0, rows)], own_q, q_bar.at[wg])
-        plgpu.copy_gmem_to_smem(do_ref.at[n, pl.ds(row0, rows)], own_do, do_bar.at[wg])
-        if bounded:  # my rows' first keys, loaded with my queries
-            own_first = fk_at(wg)
-            plgpu.copy_gmem_to_smem(
-                first_key_ref.at[kv, pl.ds(row0, rows)], own_first, fk_bar.at[wg]
-            )
-        if softmax:  # my rows' lse and delta
-            own_stats = stats_ref.at[n, :, pl.ds(row0, rows)]
-            plgpu.copy_gmem_to_smem(own_stats, stat_smem.at[wg], stat_bar.at[wg])
-        lo, mask_until, steps = tile_range(kv, pair)  # read while those load
-        plgpu.barrier_wait(q_bar.at[wg])
-        plgpu.barrier_wait(do_bar.at[wg])
-        first = None
-        if bounded:  # my rows' first keys, across the rows of P
-            plgpu.barrier_wait(fk_bar.at[wg])
-            firsts = key_vector(own_first, 1, interpret)
-            first = jax.lax.broadcast_in_dim(firsts, (rows, bk), [0])
-        lse = delta = None
-        if softmax:  # my rows' lse and delta, across the rows of P
-            plgpu.barrier_wait(stat_bar.at[wg])
-            lse, delta = (
-                jax.lax.broadcast_in_dim(
-                    key_vector(stat_smem.at[wg, which], 1, interpret), (rows, bk), [0]
-                )
-                for which in range(2)
-            )
-
-        def operand(x):
-            return staged(x, p_smem[0] if p_smem else None, wg)
-
-        def step(t, dq_acc, masked):
-            slot = slot_of(t)
-            plgpu.barrier_wait(k_bar.at[slot])
-            plgpu.barrier_wait(v_bar.at[slot])
-            if interpret:
-                plgpu.barrier_wait(kt_bar.at[slot])
-                keys_t, values_t = kt_smem.at[slot], v_tiles.at[slot]
-            else:
-                keys_t = k_smem.at[slot].transpose((1, 0))
-                values_t = v_tiles.at[slot].transpose((1, 0))
-            scores = _matmul(own_q, keys_t, (rows, bk))
-            p = maths.weights(scores, activation, scale, bias, lse)
-            dp = _matmul(own_do, values_t, (rows, bk))
-            if masked:
-                queries = iota((rows, bk), 0, interpret) + row0
-                keys = iota((rows, bk), 1, interpret) + (lo + t) * bk
-                allowed = maths.visible(queries, keys, first)
-                p = jnp.where(allowed, p, 0.0)
-            ds = maths.score_grad(dp, p, activation, allowed if masked else None, delta)
-            plgpu.wgmma(dq_acc, operand(ds.astype(k_smem.dtype)), k_smem.at[slot])
-            plgpu.wgmma_wait(0)
-            plgpu.barrier_arrive(free.at[slot])
-
-        def accumulate(dq_acc):
-            loops = (
-                ((0, steps, False),) if full else ((0, steps - 1, False), (steps - 1, steps, True))
-            )
-            if bounded:
-                head = jnp.clip(mask_until - lo, 0, steps - 1)
-                loops = ((0, head, True), (head, steps - 1, False), (steps - 1, steps, True))
-            for start, stop, masked in loops:
-                body = functools.partial(step, dq_acc=dq_acc, masked=masked)
-                jax.lax.fori_loop(start, stop, lambda t, c, body=body: body(t) or c, None)
-            return dq_acc[...]
-
-        dq = pl.run_scoped(accumulate, plgpu.ACC((rows, q_smem.shape[-1]), jnp.float32))
-        dq = dq * scale  # dS came without it
-        if to_raw:  # through RoPE and swish: the raw queries' gradient
-            own_rows = pl.ds(row0, rows)
-            smem = raw_grads.own_smem((raw_smem, table_smem, raw_bars), wg) if interpret else None
-            srcs = raw_ref.at[n, own_rows], table_ref.at[n // every, own_rows]
-            dq = raw_grads.loaded_gradient(dq, *srcs, swish, interpret, smem)
-        # Persistent: the next block waits for the copy to have read the buffer.
-        write_back((dq, own_q, dq_ref.at[n, pl.ds(row0, rows)]), wait=base is None)
-        return steps
-
-    def tile_loader(kv, lo):
-        def load(t, slot):
-            tile = pl.ds((lo + t) * bk, bk)
-            plgpu.copy_gmem_to_smem(k_ref.at[kv, tile], k_smem.at[slot], k_bar.at[slot])
-            if interpret:
-                kt_ref, vt_ref = transposed
-                plgpu.copy_gmem_to_smem(kt_ref.at[kv, :, tile], kt_smem.at[slot], kt_bar.at[slot])
-                plgpu.copy_gmem_to_smem(vt_ref.at[kv, :, tile], v_tiles.at[slot], v_bar.at[slot])
-            else:
-                plgpu.copy_gmem_to_smem(v_ref.at[kv, tile], v_tiles.at[slot], v_bar.at[slot])
-
-        return load
-
-    if n_ctas is None:  # one CUDA block per pair of query blocks
-        n = jax.lax.axis_index("n")
-        kv = n // groups  # grouped-query heads: G query rows read one K/V row in place
-        pair = n_pairs - 1 - jax.lax.axis_index("q")  # the longest rows start first
-        wg = jax.lax.axis_index("wg")
-
-        @pl.when(wg < 2)
-        def _compute():
-            claim_registers()
-            compute_item(n, kv, pair)
-
-        @pl.when(wg == 2)
-        def _stream():
-            lo, _, steps = tile_range(kv, pair)
-            stream_tiles(tile_loader(kv, lo), steps, stages, (free,), n_pairs)
-
-        return
-
-    # Persistent: as in the forward kernel (`forward.py`), `n_ctas` CUDA blocks take the
-    # pairs in turn, the ring of key/value slots running on from one into the next.
-    wg = jax.lax.axis_index("wg")
-    row_block, count = persistent_items(q_ref.shape[0], n_pairs, n_ctas)
-
-    def item(j):
-        n, index = row_block(j)
-        return n, n // groups, n_pairs - 1 - index  # the longest rows first
-
-    def item_tiles(j):
-        n, kv, pair = item(j)
-        lo, _, steps = tile_range(kv, pair)
-        return tile_loader(kv, lo), steps
-
-    run_item = lambda j, base: compute_item(*item(j), base)
-    run_persistent(count, run_item, item_tiles, stages, (free,))
-
-
-def mosaic_dq(
-    q,
-    k,
-    v,
-    d_out,
-    activation,
-    bias,
-    interpret,
-    full=False,
-    first_key=None,
-    groups=1,
-    lse=None,
-    delta=None,
-    prepared=None,
-    ctas=None,
-):
-    """dQ for `q`, `k`, `v`, `d_out`: `(N, S, D)`, S a multiple of 128 (`full`: every
-    query sees every key; `first_key`, `groups`, softmax's `lse` and `delta` and
-    `prepared` as `mosaic_dkv` takes them; `ctas`, a persistent schedule as
-    `forward.mosaic_forward` takes it). Under `jax.vmap` the mapped axis joins N."""
-    options = _options(activation, bias, interpret, full, groups, first_key, prepared, ctas)
-    run = functools.partial(_dq, **options)
-    stats = _stats(activation, lse, delta)
-    raw = () if prepared is None else prepared.arrays(q.dtype)[::2]  # queries and table
-    return fold_vmap(run, q, k, v, d_out, *optional(first_key), *stats, *raw)
-
-
-def _dq_scratch(q, k, v, d_out, *, bounded, softmax, raw, interpret):
-    """The dQ kernel's shared memory, for arrays (or shapes) like its inputs."""
-    dim = q.shape[-1]
-    value_tile = (STAGES, dim, 2 * ROWS) if interpret else (STAGES, 2 * ROWS, dim)
-
-    scratch = [
-        tiled_smem((2, ROWS, dim), q.dtype),
-        tiled_smem((2, ROWS, dim), d_out.dtype),
-        tiled_smem((STAGES, 2 * ROWS, dim), k.dtype),
-        tiled_smem(value_tile, v.dtype),
-        plgpu.Barrier(num_barriers=2),  # own queries
-        plgpu.Barrier(num_barriers=2),  # own dO
-        plgpu.Barrier(num_barriers=STAGES),  # key tiles
-        plgpu.Barrier(num_barriers=STAGES),  # value tiles
-        plgpu.Barrier(num_arrivals=2, num_barriers=STAGES),  # slot released
-    ]
-    if bounded:  # each compute warpgroup's rows' first keys; each warpgroup's tile range
-        scratch += [*_bounded_scratch(2), plgpu.Barrier(num_barriers=2)]  # (first keys')
-    if softmax:  # each compute warpgroup's rows' lse and delta
-        scratch += [plgpu.SMEM((2, 2, ROWS), jnp.float32), plgpu.Barrier(num_barriers=2)]
-    if raw:  # (interpret mode) the raw rows and their angles
-        scratch += raw_grads.loaded_scratch(ROWS, dim, q.dtype, interpret)
-    if interpret:  # transposed keys and the wgmma operand staged in shared memory
-        scratch += [
-            tiled_smem((STAGES, dim, 2 * ROWS), k.dtype),
-            plgpu.Barrier(num_barriers=STAGES),
-            tiled_smem((2, ROWS, 2 * ROWS), q.dtype),
-        ]
-    return scratch
-
-
-def _dq(q, k, v, d_out, *rest, **options):
-    first_key, stats, raw = _split_extras(rest, options["activation"], options["n_first"])
-    interpret = options["interpret"]
-    n, seq, _ = q.shape
-    n_pairs = seq // (2 * ROWS)
-    kernel = _bound_kernel(_dq_kernel, q, first_key, raw, options, n_pairs=n_pairs)
-    scratch = _dq_scratch(q, k, v, d_out, **_scratch_flags(first_key, stats, raw, interpret))
-    inputs = [q, k, v, d_out]
-    if first_key:
-        inputs += [first_key[0], _pair_ranges(first_key[0])]
-    inputs += [*stats, *raw]
-    if interpret:
-        inputs += [jnp.swapaxes(k, 1, 2), jnp.swapaxes(v, 1, 2)]
-    out_type = jax.ShapeDtypeStruct(q.shape, q.dtype)
-    grid, names = block_grid(n_pairs, "q", n, options["ctas"])
-    return launch(kernel, scratch, out_type, grid, names, interpret, *inputs)
