@@ -24,7 +24,6 @@ from .implementations import (
     Reference,
     TilesOrLinear,
     Triton,
-    per_shard,
     prepare_pass,
 )
 from .spec import AttentionSpec
@@ -265,7 +264,7 @@ def _run(q, k, v, mask, sin, cos, extras, *, spec: AttentionSpec, chosen: Plan):
         q, k = q.astype(spec.dtype), k.astype(spec.dtype)
     elif _kernel_pass(chosen, spec, q, tables[0]):
         q, k = (
-            per_shard.differentiable_prepared(
+            prepare_pass.differentiable_prepared(
                 x.astype(spec.dtype), spec.pre_activation, *tables, len(spec.batch_shape), 0
             )
             for x in (q, k)

@@ -169,10 +169,10 @@ def shared_array_cases(mesh):
 
 def prepare_pass_cases(mesh):
     """The swish + RoPE kernel (`prepare_pass`, Pallas interpret mode here) and its
-    gradient's kernel through `per_shard.differentiable_prepared`, on bf16 rows sharded
+    gradient's kernel through `prepare_pass.differentiable_prepared`, on bf16 rows sharded
     over the batch, the heads or the sequence: each device runs them on its shard, with
     its part of the tables."""
-    from eqx_xlstm.implementations import per_shard, prepare_pass
+    from eqx_xlstm.implementations import prepare_pass
 
     threshold, prepare_pass.TABLE_BYTES_FROM = prepare_pass.TABLE_BYTES_FROM, 0  # this size
     x, d_out = (
@@ -186,7 +186,7 @@ def prepare_pass_cases(mesh):
     ]
 
     def f(x, d_out):
-        prepare = lambda x: per_shard.differentiable_prepared(x, "swish", sin, cos, 2, 0)
+        prepare = lambda x: prepare_pass.differentiable_prepared(x, "swish", sin, cos, 2, 0)
         out, pull_back = jax.vjp(prepare, x)
         return [out, *pull_back(d_out)]
 

@@ -18,7 +18,7 @@ from helpers import (
 
 import eqx_xlstm as ex
 from eqx_xlstm import dispatch
-from eqx_xlstm.implementations import Chunked, CuDNN, Mosaic, Triton, cudnn_private, per_shard
+from eqx_xlstm.implementations import Chunked, CuDNN, Mosaic, Triton, cudnn_private, row_kernels
 from eqx_xlstm.implementations.cudnn import CuDNNPieces
 from eqx_xlstm.implementations.mosaic import MosaicPieces
 from eqx_xlstm.implementations.ring import BlockwisePieces
@@ -276,8 +276,9 @@ def test_mosaic_softmax_gradients_through_attention(monkeypatch):
     # write their rows), not XLA after them.
     mosaic_or_skip()
     raw_calls = []
-    real = per_shard._raw_row_attention
-    monkeypatch.setattr(per_shard, "_raw_row_attention", lambda *a: raw_calls.append(a) or real(*a))
+    real = row_kernels._raw_row_attention
+    spy = lambda *a: raw_calls.append(a) or real(*a)
+    monkeypatch.setattr(row_kernels, "_raw_row_attention", spy)
     dispatch._run.clear_cache()  # traced anew, through the spy
     q, k, v, g = random_inputs(130, batch=(2,), dqk=64, dv=64, dtype=jnp.bfloat16, seed=4)
     ids = jnp.stack([jnp.arange(130) // 50, jnp.arange(130) // 90])

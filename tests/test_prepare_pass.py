@@ -8,7 +8,7 @@ import pytest
 from helpers import out_and_grads, random_inputs
 
 from eqx_xlstm import maths
-from eqx_xlstm.implementations import Triton, per_shard, prepare_pass
+from eqx_xlstm.implementations import Triton, prepare_pass
 from eqx_xlstm.nn.rope import precompute_freqs
 
 
@@ -106,16 +106,16 @@ def kernel_pass_on_cpu(any_size, monkeypatch):
 def test_prepared_per_shard_and_its_gradient(any_size):
     x = random_rows((2, 3, 64, 32), jnp.bfloat16)
     sin, cos = (t[None, None] for t in precompute_freqs(32, 64))
-    prepared = jax.jit(lambda x: per_shard.prepared(x, "swish", sin, cos, batch_ndim=2))
+    prepared = jax.jit(lambda x: prepare_pass.prepared(x, "swish", sin, cos, batch_ndim=2))
     assert_within_an_ulp(prepared(x), xla_pass(x, "swish", sin, cos))
-    mapped = jax.vmap(lambda x: per_shard.prepared(x, "swish", sin[0], cos[0], batch_ndim=1))
+    mapped = jax.vmap(lambda x: prepare_pass.prepared(x, "swish", sin[0], cos[0], batch_ndim=1))
     assert_within_an_ulp(mapped(x), xla_pass(x, "swish", sin, cos))
 
     # The gradient is XLA's of the same maths, w.r.t. the rows and the tables.
     def loss(prepare):
         return lambda x, s, c: jnp.sum(prepare(x, s, c).astype(jnp.float32) ** 2)
 
-    kernel = lambda x, s, c: per_shard.differentiable_prepared(x, "swish", s, c, 2, 0)
+    kernel = lambda x, s, c: prepare_pass.differentiable_prepared(x, "swish", s, c, 2, 0)
     got = jax.grad(loss(kernel), argnums=(0, 1, 2))(x, sin, cos)
     expected = jax.grad(loss(lambda x, s, c: xla_pass(x, "swish", s, c)), argnums=(0, 1, 2))(
         x, sin, cos

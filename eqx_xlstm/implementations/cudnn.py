@@ -11,7 +11,7 @@ from .. import maths
 from ..spec import AttentionSpec
 from . import cudnn_private
 from .base import GROUPED, WINDOW, Implementation, as_rows, from_rows, untaken_features
-from .per_shard import RowKernels, row_attention
+from .row_kernels import RowKernels, row_attention
 from .triton import Triton, TritonPieces
 
 
@@ -20,7 +20,7 @@ class CuDNN(Implementation):
     """cuDNN's fused causal softmax in float16/bfloat16 on an NVIDIA GPU.
 
     By default (`ring`) its forward and backward kernels run as ops of their own, each
-    row of q, k, v one cuDNN batch entry, through `per_shard.row_attention` like the
+    row of q, k, v one cuDNN batch entry, through `row_kernels.row_attention` like the
     Pallas kernels: inputs sharded over leading axes stay so, and inputs sharded over
     the sequence run as a ring of cuDNN pieces. Otherwise it is
     `jax.nn.dot_product_attention(..., is_causal=True, implementation="cudnn")`: with

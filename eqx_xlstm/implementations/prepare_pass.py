@@ -8,8 +8,9 @@ positions, one per row (head), side by side, so each block of the tables is read
 memory once; and it reads and writes each feature pair `(2i, 2i + 1)`, which RoPE
 rotates together, as one 32-bit word. Its results equal XLA's (float32 maths, rounded
 once). The pass's gradient w.r.t. the rows (RoPE transposed, then swish') is a second
-kernel of the same form. docs/benchmarks.md ("Issue #10", tenth and eleventh parts) has
-the measurements."""
+kernel of the same form. `prepared`, `prepared_gradient` and `differentiable_prepared`
+run them shard by shard (`per_shard`), with XLA's pass where a shard does not `fit`.
+docs/benchmarks.md ("Issue #10", tenth and eleventh parts) has the measurements."""
 
 import functools
 import math
@@ -17,6 +18,9 @@ import math
 import jax
 import jax.numpy as jnp
 from jax.experimental import pallas as pl
+
+from .. import maths
+from .per_shard import per_shard
 
 ROWS = 32  # positions per program
 # Warps per program of the pass and of its gradient (which reads two arrays): each near
@@ -164,3 +168,63 @@ def _unpack(bits, dtype):
 
 def _pack(x, dtype):
     return jax.lax.bitcast_convert_type(x.astype(dtype), jnp.uint16).astype(jnp.uint32)
+
+
+def _xla_prepared(x, sin, cos, pre_activation):
+    """`maths.prepare` in float32 as XLA runs it, rounded to x's (16-bit) dtype: what
+    `prepare_rows` computes."""
+    return maths.prepare(x, pre_activation, sin, cos, jnp.float32).astype(x.dtype)
+
+
+def prepared(x, pre_activation: str, sin, cos, *, batch_ndim: int, group_ndim: int = 0):
+    """`maths.prepare(x, ...)` in x's dtype (16-bit, on a GPU), shard by shard: through
+    the Triton kernel where `fits` each device's shard, else XLA's pass.
+    Swish and RoPE go row by row, so the sequence may be sharded too; the tables
+    (`(..., S, D/2)`, of x's rank) are sharded like x where they vary."""
+
+    def prepare(x, sin, cos):
+        if fits(x.shape, x.dtype, sin.shape):
+            return (prepare_rows(x, pre_activation, sin, cos),)
+        return (_xla_prepared(x, sin, cos, pre_activation),)
+
+    options = dict(batch_ndim=batch_ndim, group_ndim=group_ndim, shared=2)
+    return per_shard(prepare, x, sin, cos, over_sequence=lambda layout: prepare, **options)[0]
+
+
+def prepared_gradient(x, d_out, pre_activation: str, sin, cos, *, batch_ndim: int, group_ndim=0):
+    """The gradient of `prepared` w.r.t. x (`d_out`: w.r.t. its result), shard by shard
+    like it: through the Triton kernel where `fits`, else XLA's."""
+
+    def gradient(x, d_out, sin, cos):
+        if fits(x.shape, x.dtype, sin.shape):
+            return (prepare_rows_gradient(x, d_out, pre_activation, sin, cos),)
+        prepare = lambda x: _xla_prepared(x, sin, cos, pre_activation)
+        return jax.vjp(prepare, x)[1](d_out.astype(x.dtype))
+
+    options = dict(batch_ndim=batch_ndim, group_ndim=group_ndim, shared=2)
+    return per_shard(
+        gradient, x, d_out, sin, cos, over_sequence=lambda layout: gradient, **options
+    )[0]
+
+
+@functools.partial(jax.custom_vjp, nondiff_argnums=(1, 4, 5))
+def differentiable_prepared(x, pre_activation: str, sin, cos, batch_ndim: int, group_ndim: int):
+    """`prepared`, differentiable: the gradient w.r.t. x is `prepared_gradient`'s, the
+    tables' XLA's (dropped by XLA where unused, as for constant tables)."""
+    return prepared(x, pre_activation, sin, cos, batch_ndim=batch_ndim, group_ndim=group_ndim)
+
+
+def _differentiable_prepared_fwd(x, pre_activation, sin, cos, batch_ndim, group_ndim):
+    out = prepared(x, pre_activation, sin, cos, batch_ndim=batch_ndim, group_ndim=group_ndim)
+    return out, (x, sin, cos)
+
+
+def _differentiable_prepared_bwd(pre_activation, batch_ndim, group_ndim, residuals, d_out):
+    x, sin, cos = residuals
+    options = dict(batch_ndim=batch_ndim, group_ndim=group_ndim)
+    d_x = prepared_gradient(x, d_out, pre_activation, sin, cos, **options)
+    prepare = lambda sin, cos: _xla_prepared(x, sin, cos, pre_activation)
+    return (d_x, *jax.vjp(prepare, sin, cos)[1](d_out))
+
+
+differentiable_prepared.defvjp(_differentiable_prepared_fwd, _differentiable_prepared_bwd)

@@ -9,7 +9,7 @@ import jax.numpy as jnp
 from ... import maths
 from ...spec import AttentionSpec
 from ..base import GROUPED, SEGMENTS, WINDOW, Implementation, as_rows, from_rows, untaken_features
-from ..per_shard import RowKernels, row_attention
+from ..row_kernels import RowKernels, row_attention
 from ..triton import Triton, TritonPieces
 from .backward import mosaic_dkv
 from .common import check_ctas

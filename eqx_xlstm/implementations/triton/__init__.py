@@ -9,7 +9,7 @@ import jax.numpy as jnp
 
 from ...spec import AttentionSpec
 from ..base import Implementation, as_rows, from_rows
-from ..per_shard import RowKernels, bias_rows, first_key_rows, row_attention
+from ..row_kernels import RowKernels, bias_rows, first_key_rows, row_attention
 from . import kernels
 from .kernels import Blocks, Launch
 
