@@ -256,7 +256,8 @@ _row_attention.defvjp(_row_attention_fwd, _row_attention_bwd)
 
 def _prepare(q, k, rope, kernels: RowKernels):
     """Swish (unless `spec.pre_activation` is "none") and RoPE (`rope`: sin, cos) on q
-    and k, in `spec.dtype`: through `prepare_pass.prepared` where `prepare_pass.serves` them."""
+    and k, in `spec.dtype`: through `prepare_pass.prepared` where `prepare_pass.serves`
+    them."""
     spec = kernels.spec
     q, k = (x.astype(spec.dtype) for x in (q, k))
     if not (kernels.partition and prepare_pass.serves(spec, q.shape, rope[0].shape)):
