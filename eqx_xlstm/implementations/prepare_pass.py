@@ -187,8 +187,7 @@ def prepared(x, pre_activation: str, sin, cos, *, batch_ndim: int, group_ndim: i
             return (prepare_rows(x, pre_activation, sin, cos),)
         return (_xla_prepared(x, sin, cos, pre_activation),)
 
-    options = dict(batch_ndim=batch_ndim, group_ndim=group_ndim, shared=2)
-    return per_shard(prepare, x, sin, cos, over_sequence=lambda layout: prepare, **options)[0]
+    return _row_by_row(prepare, x, sin, cos, batch_ndim=batch_ndim, group_ndim=group_ndim)
 
 
 def prepared_gradient(x, d_out, pre_activation: str, sin, cos, *, batch_ndim: int, group_ndim=0):
@@ -201,10 +200,14 @@ def prepared_gradient(x, d_out, pre_activation: str, sin, cos, *, batch_ndim: in
         prepare = lambda x: _xla_prepared(x, sin, cos, pre_activation)
         return jax.vjp(prepare, x)[1](d_out.astype(x.dtype))
 
+    return _row_by_row(gradient, x, d_out, sin, cos, batch_ndim=batch_ndim, group_ndim=group_ndim)
+
+
+def _row_by_row(fn, *arrays, batch_ndim: int, group_ndim: int):
+    """`fn(*arrays)`'s one result, shard by shard (`per_shard`): `fn` works row by row,
+    so the sequence may be sharded too; the last two arrays are the tables."""
     options = dict(batch_ndim=batch_ndim, group_ndim=group_ndim, shared=2)
-    return per_shard(
-        gradient, x, d_out, sin, cos, over_sequence=lambda layout: gradient, **options
-    )[0]
+    return per_shard(fn, *arrays, over_sequence=lambda layout: fn, **options)[0]
 
 
 @functools.partial(jax.custom_vjp, nondiff_argnums=(1, 4, 5))
