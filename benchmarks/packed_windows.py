@@ -26,9 +26,11 @@ implementation that ran is printed beside each row (`eqx_xlstm.dispatch.plan`).
 
 import argparse
 import statistics
+import time
 
 import jax
 import jax.numpy as jnp
+from gpu_clock import ClockSampler
 from timing import (
     add_round_arguments,
     compiled_median_ms,
@@ -145,12 +147,32 @@ def _summary(values, digits):
     return text
 
 
-def _full(rows, times, seq_len, path):
-    """The per-round times of full causal at `seq_len` on `path`, if timed."""
+def _clock_columns(rows, times, mhz, i):
+    """Row `i`'s median SM clock, and its ratio to the default full causal's in SM
+    cycles (time x clock, per round): what the time ratio would be at equal clocks,
+    where the kernels' time follows the SM clock."""
+    if None in mhz[i]:
+        return " | |"
+    cycles = lambda j: [t * f for t, f in zip(times[j], mhz[j], strict=True)]
+    text = f" {_summary(mhz[i], 0)} |"
+    j = _full_index(rows, times, rows[i][0], "default")
+    if j is None or None in mhz[j]:
+        return text + " |"
+    return text + f" {_summary([a / b for a, b in zip(cycles(i), cycles(j))], 3)} |"
+
+
+def _full_index(rows, times, seq_len, path):
+    """The row of full causal at `seq_len` on `path`, if timed."""
     for i, (s, case, p, _) in enumerate(rows):
         if (s, case, p) == (seq_len, "full causal", path) and i in times:
-            return times[i]
+            return i
     return None
+
+
+def _full(rows, times, seq_len, path):
+    """The per-round times of full causal at `seq_len` on `path`, if timed."""
+    i = _full_index(rows, times, seq_len, path)
+    return None if i is None else times[i]
 
 
 def add_case_arguments(parser):
@@ -192,10 +214,14 @@ def main():
         f"{args.sample_ms:g} ms (ratios: per round, median and range); packed and grouped "
         f"at S={args.seq_len}, the window at S={args.window_seq_len}"
     )
-    print_table_header(
+    clocks = ClockSampler()
+    header = (
         "| activation | S | case | path | implementation | ms | ratio to default full causal "
         "| ratio to this path's full causal |"
     )
+    if clocks.available:  # the clock each case ran at, and the ratio in SM cycles
+        header += " SM MHz | cycles ratio to default full causal |"
+    print_table_header(header)
     inputs = {}
     for seq_len in sorted({args.seq_len, args.window_seq_len}):
         shape = (args.batch, args.heads, seq_len, args.head_dim)
@@ -224,14 +250,17 @@ def main():
         # Rounds interleave the cases, so that a drift of the GPU's clock over the run
         # shows in the ratios' range instead of biasing them.
         times = {i: [] for i, row in enumerate(rows) if row[3] is not None}
+        mhz = {i: [] for i in times}
         for _ in range(args.rounds):
             for i in times:
                 compiled, xs, _ = rows[i][3]
+                start = time.perf_counter()
                 times[i].append(
                     compiled_median_ms(
                         compiled, *xs, repeats=args.repeats, sample_ms=args.sample_ms
                     )
                 )
+                mhz[i].append(clocks.median_mhz(start, time.perf_counter()))
 
         for i, (seq_len, case, path, compiled) in enumerate(rows):
             if compiled is None:
@@ -241,11 +270,14 @@ def main():
             for base in (_full(rows, times, seq_len, "default"), _full(rows, times, seq_len, path)):
                 each = [t / b for t, b in zip(times[i], base)] if base else None
                 ratios.append(_summary(each, 3) if each else "")
-            print(
+            row = (
                 f"| {activation} | {seq_len} | {case} | {path} | {compiled[2]} "
-                f"| {_summary(times[i], 2)} | {ratios[0]} | {ratios[1]} |",
-                flush=True,
+                f"| {_summary(times[i], 2)} | {ratios[0]} | {ratios[1]} |"
             )
+            if clocks.available:
+                row += _clock_columns(rows, times, mhz, i)
+            print(row, flush=True)
+    clocks.close()
 
 
 if __name__ == "__main__":

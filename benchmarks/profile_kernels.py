@@ -6,8 +6,10 @@
 The cases are those of `packed_windows.py` (bf16, B=4, NH=16, D=128, swish + RoPE by
 default): full causal and packed documents at `--seq-len`, a sliding window at
 `--window-seq-len`; the call `--timed` as there. Kernels are grouped by name (a
-fusion's numbered copies add up); the wall time per call (`timing.median_ms`) shows
-the gaps between them.
+fusion's numbered copies add up). `--gaps` also lists the stretches in which no kernel
+runs, over `--calls` calls issued back to back. The wall time per call
+(`timing.median_ms`) can exceed the kernels' sum without such gaps: the GPU's clock falls
+under sustained load, and the trace is short (`packed_windows.py` reports the clock).
 """
 
 import argparse
@@ -23,17 +25,21 @@ from packed_windows import TIMED, add_case_arguments, timed_arrays, timed_call
 from timing import median_ms, packed_ids, random_qkv
 
 PLANE = "/device:GPU:0"
+CALLS = 5  # traced calls a case
 
 
-def kernel_times(fn, *xs, calls=5):
+def kernel_times(fn, *xs, calls=CALLS, gaps=None):
     """`{kernel name: (launches per call, µs per call)}` on the first GPU, and the
-    device's total µs per call."""
+    device's total µs per call. With `gaps` (a list), the idle stretches between
+    kernels are appended to it as `(µs, kernel before, kernel after)`."""
     compiled = jax.jit(fn).lower(*xs).compile()
     jax.block_until_ready(compiled(*xs))
     directory = tempfile.mkdtemp()
     with jax.profiler.trace(directory):
+        # back to back, as `timing.median_ms` times them: the gaps are the device's
         for _ in range(calls):
-            jax.block_until_ready(compiled(*xs))
+            out = compiled(*xs)
+        jax.block_until_ready(out)
     (path,) = glob.glob(f"{directory}/**/*.xplane.pb", recursive=True)
     events = []
     for plane in ProfileData.from_file(path).planes:
@@ -55,8 +61,34 @@ def kernel_times(fn, *xs, calls=5):
             seen[name] += 1
         totals[label][0] += 1
         totals[label][1] += duration / 1e3
+    if gaps is not None:
+        gaps.extend(idle_gaps(sorted(events)))
+        first, last = min(events), max(events, key=lambda e: e[0] + e[2])
+        print(f"(device span per call: {(last[0] + last[2] - first[0]) / 1e3 / calls:.0f} µs)")
     per_call = {name: (n / calls, us / calls) for name, (n, us) in totals.items()}
     return per_call, sum(us for _, us in per_call.values())
+
+
+def idle_gaps(events):
+    """`(µs, name before, name after)` for each stretch of `events` (sorted `(start_ns,
+    name, duration_ns)`) in which no kernel runs."""
+    gaps, end, before = [], None, None
+    for start, name, duration in events:
+        if end is not None and start > end:
+            gaps.append(((start - end) / 1e3, before, name))
+        if end is None or start + duration > end:
+            end, before = start + duration, name
+    return gaps
+
+
+def print_gaps(gaps, calls, top):
+    """The idle time per call and its `top` longest stretches."""
+    total = sum(us for us, _, _ in gaps)
+    print(f"\nidle between kernels: {total / calls:.0f} µs per call in {len(gaps)} stretches")
+    print("| µs | after | before |")
+    print("|---|---|---|")
+    for us, before, after in sorted(gaps, reverse=True)[:top]:
+        print(f"| {us:.1f} | {before[:50]} | {after[:50]} |")
 
 
 def main():
@@ -67,6 +99,10 @@ def main():
     add_case_arguments(parser)
     parser.add_argument("--timed", choices=TIMED, default="step")
     parser.add_argument("--top", type=int, default=12, help="kernels listed per case")
+    parser.add_argument("--calls", type=int, default=CALLS, help="calls traced a case")
+    parser.add_argument(
+        "--gaps", action="store_true", help="also list the idle stretches between kernels"
+    )
     args = parser.parse_args()
     print(
         f"{jax.devices()[0].device_kind}, jax {jax.__version__}; {args.activation}, "
@@ -84,7 +120,8 @@ def main():
             kwargs["sliding_window"] = args.window
         fn = timed_call(args.activation, args.timed, **kwargs)
         xs = timed_arrays(q, k, v, args.timed)
-        times, total = kernel_times(fn, *xs)
+        gaps = [] if args.gaps else None
+        times, total = kernel_times(fn, *xs, calls=args.calls, gaps=gaps)
         wall = median_ms(fn, *xs, repeats=5, sample_ms=100.0) * 1e3
         print(f"\n{case} (S={seq_len}): {total:.0f} µs of kernels in {wall:.0f} µs per call")
         print("| kernel | launches | µs | share |")
@@ -95,6 +132,8 @@ def main():
         rest = sum(us for _, (_, us) in ranked[args.top :])
         if rest:
             print(f"| ({len(ranked) - args.top} more) | | {rest:.1f} | {rest / total:.3f} |")
+        if args.gaps:
+            print_gaps(gaps, args.calls, args.top)
 
 
 if __name__ == "__main__":
