@@ -321,12 +321,26 @@ def test_backward_kernels_with_first_keys(activation, window, runs, fused, group
         assert_close_16bit(got, np.asarray(want))
 
 
-def test_attention_takes_segments_and_windows_through_the_kernels():
+@pytest.mark.parametrize("segments", [True, False])
+def test_attention_takes_segments_and_windows_through_the_kernels(segments, monkeypatch):
     """Through `attention`: padded rows (S=200), RoPE restarted per segment, and the
-    gradient, against the reference path."""
+    gradient, against the reference path. A window alone reaches the kernels as
+    `window` (its first keys computed in them), with segments as first keys."""
+    import eqx_xlstm.implementations.mosaic as package
+
+    seen = set()
+    for name in ("mosaic_forward", "mosaic_dq", "mosaic_dkv"):
+        real = getattr(package, name)
+        spy = lambda *a, real=real, name=name, **o: (
+            seen.add((name, o["window"], o["first_key"] is None)) or real(*a, **o)
+        )
+        monkeypatch.setattr(package, name, spy)
     q, k, v, g = random_inputs(200, batch=(1, 1), dqk=64, dv=64, dtype=jnp.bfloat16, seed=2)
-    ids = jnp.repeat(jnp.arange(3), jnp.array([70, 60, 70]))
-    kwargs = dict(activation_function="sigmoid", segment_ids=ids, sliding_window=50)
+    kwargs = dict(activation_function="sigmoid", sliding_window=50)
+    if segments:
+        kwargs["segment_ids"] = jnp.repeat(jnp.arange(3), jnp.array([70, 60, 70]))
+    else:
+        kwargs["qk_pre_activation_function"] = "swish"  # (the raw rows' path)
 
     def out_and_grads(impl, *arrays):
         f = lambda q, k, v: ex.attention(q, k, v, implementation=impl, **kwargs)
@@ -337,6 +351,9 @@ def test_attention_takes_segments_and_windows_through_the_kernels():
     f32 = [x.astype(jnp.float32) for x in (q, k, v, g)]
     for a, b in zip(got, out_and_grads("reference", *f32), strict=True):
         assert_close_16bit(a, np.asarray(b))
+    window, keyless = (None, False) if segments else (50, True)
+    kernels = ("mosaic_forward", "mosaic_dq", "mosaic_dkv")
+    assert seen == {(name, window, keyless) for name in kernels}
 
 
 def test_attention_through_the_persistent_kernels(monkeypatch):
@@ -381,7 +398,7 @@ def test_bounded_dkv_kernel_stays_within_the_fast_shared_memory(activation, raw)
     added to its shared memory must keep it within (raw rows: the next step up)."""
     rows = jax.ShapeDtypeStruct((4, 1024, 128), jnp.bfloat16)
     softmax = activation == "softmax"
-    options = dict(fused=False, bounded=True, softmax=softmax, raw=raw, interpret=False)
+    options = dict(fused=False, keyed=True, softmax=softmax, raw=raw, interpret=False)
     used = common.scratch_bytes(backward._dkv_scratch(rows, rows, rows, rows, **options))
     assert used <= backward.FAST_SCRATCH_BYTES[raw]
 
@@ -413,6 +430,59 @@ def test_first_key_tile_ranges_visit_exactly_the_seen_tiles(window, runs):
         assert all(
             tile(rows * t, rows * t + rows, k0, k1).all() for t in range(2 * b + 2, mask_from)
         )
+
+
+@pytest.mark.parametrize("window", [1, 50, 64, 128, 129, 300, 1000])
+def test_window_tile_ranges_equal_those_of_its_first_keys(window):
+    """For a sliding window alone the kernels compute their tile ranges from the
+    positions (`window`): the same as they read for the window's first keys."""
+    seq, rows = 512, backward.ROWS
+    first = first_keys(seq, 1, window)
+    pairs = np.asarray(dq_kernel._pair_ranges(first))[0]  # also the forward's blocks
+    for p, (lo, mask_until, *_) in enumerate(pairs):
+        assert common.window_tiles(p * 2 * rows, 2 * rows, window, 2 * rows) == (lo, mask_until)
+    blocks = np.asarray(backward._key_ranges(first))[0]
+    for b, (stop, mask_from, *_) in enumerate(blocks):
+        got = common.window_query_tiles(b * 2 * rows, 2 * rows, window, rows, seq)
+        assert tuple(int(x) for x in got) == (stop, mask_from)
+
+
+# Each kernel given `window` against the same kernel given the window's first keys:
+# equal outputs. Persistent (`ctas`), grouped heads and raw rows' gradients included.
+@pytest.mark.parametrize(
+    "kernel, activation, groups, raw, ctas",
+    [
+        ("forward", "softmax", 2, False, 3),
+        ("dq", "softmax", 1, True, None),
+        ("dkv", "sigmoid", 2, True, None),
+        ("dkv", "none", 1, False, 3),
+    ],
+)
+def test_window_kernels_equal_the_kernels_reading_its_first_keys(
+    kernel, activation, groups, raw, ctas
+):
+    seq, dim, rows, window = 256, 64, 2, 70
+    q, _, _, g = inputs(seq, rows, dim, jnp.bfloat16, seed=3)
+    _, k, v, _ = inputs(seq, rows // groups, dim, jnp.bfloat16, seed=4)
+    first = first_keys(seq, rows // groups, window)
+    options = dict(groups=groups, ctas=ctas)
+    if raw:
+        sin, cos = rope_tables(jnp.arange(seq)[None], dim)
+        options["prepared"] = raw_rows.Prepared(q, k, raw_rows.rope_pair_table(sin, cos), True)
+    if kernel != "forward" and activation == "softmax":
+        options |= softmax_stats(q, k, v, g, first)
+    call = {
+        "forward": lambda **o: forward.mosaic_forward(q, k, v, activation, -4.0, INTERPRET, **o),
+        "dq": lambda **o: dq_kernel.mosaic_dq(q, k, v, g, activation, -4.0, INTERPRET, **o),
+        "dkv": lambda **o: backward.mosaic_dkv(q, k, v, g, activation, -4.0, INTERPRET, **o),
+    }[kernel]
+    got, want = call(**options, window=window), call(**options, first_key=first)
+    for a, b in zip(jax.tree.leaves(got), jax.tree.leaves(want), strict=True):
+        np.testing.assert_array_equal(np.asarray(a, np.float32), np.asarray(b, np.float32))
+    with pytest.raises(ValueError, match="not both"):
+        call(**options, window=window, first_key=first)
+    with pytest.raises(ValueError, match="window"):
+        call(**options, window=0)
 
 
 def rope_tables(positions, dim):

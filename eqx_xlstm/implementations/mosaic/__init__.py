@@ -179,12 +179,23 @@ class MosaicPieces:
         return tuple(from_rows(g, q.shape[:-2], spec) for g in grads)
 
 
+def _bounds(spec, first_key):
+    """The kernels' `first_key` and `window` for a call given `first_key` (a tuple:
+    empty, or the first keys of whole sequences): a sliding window alone goes as
+    `window`, whose first keys the kernels compute from the positions rather than
+    read, so that a block's first tiles need not wait for them."""
+    if not first_key:
+        return {"first_key": None, "window": None}
+    if spec.window is not None and not spec.segmented:
+        return {"first_key": None, "window": spec.window}
+    return {"first_key": first_key[0], "window": None}
+
+
 def _forward_kernel(q, k, v, *first_key, spec, interpret, ctas=None):
     """`(out,)`; softmax: `(out, lse)`."""
     full = spec.mask == "full"
     args = (spec.activation, spec.sigmoid_bias, interpret, full, spec.kv_groups)
-    first_key = first_key[0] if first_key else None
-    outs = mosaic_forward(q, k, v, *args, first_key=first_key, ctas=ctas)
+    outs = mosaic_forward(q, k, v, *args, ctas=ctas, **_bounds(spec, first_key))
     return outs if spec.activation == "softmax" else (outs,)
 
 
@@ -197,9 +208,9 @@ def _backward_kernels(
     args = (q, k, v, d_out, spec.activation, spec.sigmoid_bias, interpret)
     options = {
         "full": spec.mask == "full",
-        "first_key": first_key[0] if first_key else None,
         "groups": spec.kv_groups,
         "prepared": prepared,
+        **_bounds(spec, first_key),
     }
     if spec.activation == "softmax":
         out, lse = outs

@@ -83,6 +83,8 @@ from .common import (
     staged,
     stream_tiles,
     tiled_smem,
+    window_first_key,
+    window_query_tiles,
     write_back,
 )
 
@@ -103,7 +105,8 @@ def _kernel(
     full,
     interpret,
     fused,
-    bounded,
+    keyed,
+    window,
     groups,
     to_raw,
     swish,
@@ -111,10 +114,13 @@ def _kernel(
     n_ctas=None,
 ):
     softmax = activation == "softmax"
-    n_in = (6 if interpret else 4) + 2 * bounded + softmax + 2 * to_raw + fused
+    # Bounded: first keys read from `first_key` (`keyed`), or computed from the
+    # positions for a sliding window alone (`window`).
+    bounded = keyed or window is not None
+    n_in = (6 if interpret else 4) + 2 * keyed + softmax + 2 * to_raw + fused
     (q_ref, k_ref, v_ref, do_ref, *rest), (dk_ref, dv_ref) = refs[:n_in], refs[n_in:-1]
     dq_ref = rest.pop() if fused else None
-    first_key_ref, key_ranges = (rest.pop(0), rest.pop(0)) if bounded else (None, None)
+    first_key_ref, key_ranges = (rest.pop(0), rest.pop(0)) if keyed else (None, None)
     stats_ref = rest.pop(0) if softmax else None  # (N, 2, S): lse and delta per query
     raw_ref, table_ref = (rest.pop(0), rest.pop(0)) if to_raw else (None, None)
     transposed = rest
@@ -123,7 +129,7 @@ def _kernel(
         *extra, raw_smem, table_smem, raw_bars = extra
     if softmax:
         *extra, stat_smem = extra
-    if bounded:
+    if keyed:
         *extra, bounded_smem, info_bar = extra
         fk_at, info_at = bounded_views(bounded_smem, STAGES)
     if fused:
@@ -138,7 +144,11 @@ def _kernel(
     def tile_range(kv, block, first):
         """`(steps, mask_from)`: how many query tiles this block walks from `first`,
         and the first tile to mask after the diagonal."""
-        if not bounded:
+        if window is not None:
+            key0, seq = block * 2 * rows, n_tiles * rows
+            stop, mask_from = window_query_tiles(key0, 2 * rows, window, rows, seq)
+            return stop - first, mask_from
+        if not keyed:
             return n_tiles - first, n_tiles
         own = (info_at(wg), info_bar.at[wg])
         stop, mask_from = read_block_info(key_ranges.at[kv, block], *own)
@@ -191,7 +201,10 @@ def _kernel(
             if masked:
                 keys = iota((rows, rows), 0, interpret) + key0
                 queries = iota((rows, rows), 1, interpret) + (first + t) * rows
-                allowed = maths.visible(queries, keys, column_first_keys(slot))
+                firsts = column_first_keys(slot)
+                if window is not None:
+                    firsts = window_first_key(queries, window)
+                allowed = maths.visible(queries, keys, firsts)
                 p_t = jnp.where(allowed, p_t, 0.0)
             plgpu.wgmma(dv_acc, operand(p_t.astype(k_smem.dtype), 0), do_smem.at[slot])
             if not fused:
@@ -208,8 +221,8 @@ def _kernel(
 
         def column_first_keys(slot):
             """The first keys of the queries of tile `slot`, across the columns of
-            P^T (None unbounded)."""
-            if not bounded:
+            P^T (None unkeyed)."""
+            if not keyed:
                 return None
             firsts = key_vector(fk_at(slot), 0, interpret)
             return jax.lax.broadcast_in_dim(firsts, (rows, rows), [1])
@@ -323,7 +336,7 @@ def _kernel(
         def load(t, slot):
             tile = pl.ds((first + t) * rows, rows)
             copies = [(q_ref.at[n, tile], q_smem.at[slot]), (do_ref.at[n, tile], do_smem.at[slot])]
-            if bounded:
+            if keyed:
                 copies.append((first_key_ref.at[kv, tile], fk_at(slot)))
             if softmax:
                 copies.append((stats_ref.at[n, :, tile], stat_smem.at[slot]))
@@ -394,13 +407,16 @@ def mosaic_dkv(
     delta=None,
     prepared=None,
     ctas=None,
+    window=None,
 ):
     """dK, dV for `q`, `k`, `v`, `d_out`: `(N, S, D)`, S a multiple of 128. With
     `fused`, dQ too, `(dq, dk, dv)`: the same kernel adds each tile's dS K into a
     float32 sum across CUDA blocks, so the weights are computed once, not twice. With
     `full`, every query sees every key (a piece of context-parallel attention). With
     `first_key` (`(N, S)` int32, non-decreasing along S), query i sees keys from
-    `first_key[i]` on, and a key block stops at the last query tile that sees it.
+    `first_key[i]` on, and a key block stops at the last query tile that sees it; with
+    `window` w instead (a sliding window alone), the kernel computes those from the
+    positions (`common.window_first_key`).
     With `groups` G, k, v and `first_key` have N / G rows, row `n // G` serving query
     row n: the kernel forms each query row's share of dK and dV, and the G shares of a
     K/V row are summed after it (in float32). Softmax needs each query's `lse` (the
@@ -413,7 +429,9 @@ def mosaic_dkv(
     its in-place sum)."""
     if fused and activation == "softmax":
         raise ValueError("the fused backward kernel takes no softmax")
-    options = kernel_options(activation, bias, interpret, full, groups, first_key, prepared, ctas)
+    options = kernel_options(
+        activation, bias, interpret, full, groups, first_key, prepared, ctas, window
+    )
     if fused and ctas is not None:
         raise ValueError("the fused backward kernel has no persistent schedule (ctas)")
     run = functools.partial(_dkv, fused=fused, **options)
@@ -441,7 +459,7 @@ def _key_ranges(first_key):
 FAST_SCRATCH_BYTES = (133240, 133240 + 65536)
 
 
-def _dkv_scratch(q, k, v, d_out, *, fused, bounded, softmax, raw, interpret):
+def _dkv_scratch(q, k, v, d_out, *, fused, keyed, softmax, raw, interpret):
     """The dK/dV kernel's shared memory, for arrays (or shapes) like its inputs. Kept
     within `FAST_SCRATCH_BYTES` where blocks walk few tiles (one barrier per
     slot, one buffer of small int32 entries): a step past it measured 15-20% slower
@@ -456,7 +474,7 @@ def _dkv_scratch(q, k, v, d_out, *, fused, bounded, softmax, raw, interpret):
         plgpu.Barrier(num_barriers=2),  # own values
         # A slot's tiles (queries, dO, and first keys, lse and delta, transposed tiles
         # where the kernel takes them), each copy one arrival on the slot's barrier.
-        plgpu.Barrier(num_arrivals=2 + bounded + softmax + 2 * interpret, num_barriers=STAGES),
+        plgpu.Barrier(num_arrivals=2 + keyed + softmax + 2 * interpret, num_barriers=STAGES),
         plgpu.Barrier(num_arrivals=2, num_barriers=STAGES),  # slot released
     ]
     if interpret:  # transposed tiles and the wgmma operands staged in shared memory
@@ -473,7 +491,7 @@ def _dkv_scratch(q, k, v, d_out, *, fused, bounded, softmax, raw, interpret):
             plgpu.Barrier(num_arrivals=2, num_barriers=2),  # both dQ parts formed
             plgpu.Barrier(num_barriers=2),  # dQ read back (interpret mode)
         ]
-    if bounded:  # the streamed query tiles' first keys; each warpgroup's tile range
+    if keyed:  # the streamed query tiles' first keys; each warpgroup's tile range
         scratch += bounded_scratch(STAGES)
     if softmax:  # the streamed query tiles' lse and delta
         scratch += [plgpu.SMEM((STAGES, 2, ROWS), jnp.float32)]

@@ -90,11 +90,14 @@ def row_stats(activation, lse, delta):
     return (jnp.stack([lse, delta], axis=1).astype(jnp.float32),)
 
 
-def kernel_options(activation, bias, interpret, full, groups, first_key, prepared, ctas):
+def kernel_options(
+    activation, bias, interpret, full, groups, first_key, prepared, ctas, window=None
+):
     """The keyword settings `_dq` and `_dkv` share, checked."""
-    check_options(full, first_key, ctas)
+    check_options(full, first_key, ctas, window)
     return dict(
         ctas=ctas,
+        window=window,
         activation=activation,
         bias=bias,
         interpret=interpret,
@@ -138,7 +141,8 @@ def bound_kernel(kernel, q, first_key, raw, options, **own):
         scale=dim**-0.5,
         full=options["full"],
         interpret=options["interpret"],
-        bounded=bool(first_key),
+        keyed=bool(first_key),
+        window=options["window"],
         groups=options["groups"],
         to_raw=bool(raw),
         swish=options["swish"],
@@ -150,4 +154,4 @@ def bound_kernel(kernel, q, first_key, raw, options, **own):
 
 def scratch_flags(first_key, stats, raw, interpret):
     """What `_dkv_scratch` and `_dq_scratch` take from the inputs (`split_extras`')."""
-    return dict(bounded=bool(first_key), softmax=bool(stats), raw=bool(raw), interpret=interpret)
+    return dict(keyed=bool(first_key), softmax=bool(stats), raw=bool(raw), interpret=interpret)

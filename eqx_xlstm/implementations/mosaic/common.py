@@ -87,12 +87,24 @@ def check_ctas(ctas):
         raise ValueError(f"`ctas` must be a positive int or None, got {ctas!r}.")
 
 
-def check_options(full, first_key, ctas):
-    """A kernel call's `full` (every query sees every key), `first_key` and `ctas`,
-    checked alike by every kernel's entry point."""
-    if full and first_key is not None:
-        raise ValueError("full pieces take no first keys")
+def check_options(full, first_key, ctas, window=None):
+    """A kernel call's `full` (every query sees every key), `first_key`, `ctas` and
+    `window`, checked alike by every kernel's entry point."""
+    if full and (first_key is not None or window is not None):
+        raise ValueError("full pieces take no first keys or window")
+    if window is not None:
+        if first_key is not None:
+            raise ValueError("a kernel takes first keys or a window, not both")
+        if not isinstance(window, int) or isinstance(window, bool) or window < 1:
+            raise ValueError(f"`window` must be a positive int or None, got {window!r}.")
     check_ctas(ctas)
+
+
+def window_first_key(positions, window):
+    """The first key that queries at `positions` see under a sliding window of `window`
+    alone, `max(0, i - window + 1)`: what a kernel given `window` computes in place of
+    reading first keys (`maths.first_keys` without segments)."""
+    return jnp.maximum(positions - (window - 1), 0)
 
 
 def persistent_items(n_rows, n_blocks, n_ctas):
@@ -214,6 +226,24 @@ def block_first_keys(first_keys, smem, bar, issuer):
     )
     plgpu.barrier_wait(bar)
     return lambda tile: (smem[0] // tile, pl.cdiv(smem[smem.shape[0] - 1], tile))
+
+
+def window_tiles(row0, n_rows, window, tile):
+    """`block_first_keys`' `(lo, mask_until)` for `n_rows` queries from `row0` under a
+    sliding window alone: the tile (of `tile` keys) of their first key, and the tile
+    after that of their last, computed rather than read."""
+    last = window_first_key(row0 + n_rows - 1, window)
+    return window_first_key(row0, window) // tile, pl.cdiv(last, tile)
+
+
+def window_query_tiles(key0, n_keys, window, tile, seq):
+    """For `n_keys` keys from `key0` under a sliding window alone, in tiles of `tile`
+    of `seq` queries: `(stop, mask_from)`, the tile after the last query that sees one
+    of the keys, and the first tile with a query (past the keys) that does not see
+    them all (`maths.key_block_reach`, computed rather than read). Query i sees key j
+    when j <= i < j + window."""
+    reach = lambda key: jnp.minimum(key + window, seq)  # queries whose first key <= key
+    return pl.cdiv(reach(key0 + n_keys - 1), tile), reach(key0) // tile
 
 
 def key_vector(ref, reduced_axis, interpret):

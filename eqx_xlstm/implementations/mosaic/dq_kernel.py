@@ -7,7 +7,8 @@ warpgroup: P = w(Q K^T), dP = dO V^T, dQ += dS K (softmax: its rows' statistics 
 once). With `prepared` (the raw queries and their RoPE angles) it returns the gradient
 w.r.t. the queries before swish and RoPE, applying RoPE's transpose and swish' to its
 rows as it writes them (`prepared.py`). With segments or sliding windows a pair of
-query blocks starts at the key tile of its first key (`_pair_ranges`, found in XLA).
+query blocks starts at the key tile of its first key (`_pair_ranges`, found in XLA;
+for a sliding window alone, `window`, computed in the kernel).
 With `ctas` it runs the forward kernel's persistent schedule (measured slower, so off
 by default). As in the forward kernel, the GPU reads transposed operands through
 transposed shared-memory views; Mosaic GPU interpret mode cannot, so there they come
@@ -51,6 +52,8 @@ from .common import (
     staged,
     stream_tiles,
     tiled_smem,
+    window_first_key,
+    window_tiles,
     write_back,
 )
 
@@ -73,7 +76,8 @@ def _dq_kernel(
     n_pairs,
     full,
     interpret,
-    bounded,
+    keyed,
+    window,
     groups,
     to_raw,
     swish,
@@ -81,15 +85,18 @@ def _dq_kernel(
     n_ctas=None,
 ):
     softmax = activation == "softmax"
-    n_in = (6 if interpret else 4) + 2 * bounded + softmax + 2 * to_raw
+    # Bounded: first keys read from `first_key` (`keyed`), or computed from the
+    # positions for a sliding window alone (`window`).
+    bounded = keyed or window is not None
+    n_in = (6 if interpret else 4) + 2 * keyed + softmax + 2 * to_raw
     (q_ref, k_ref, v_ref, do_ref, *rest), (dq_ref,) = refs[:n_in], refs[n_in:-1]
-    first_key_ref, blocks = (rest.pop(0), rest.pop(0)) if bounded else (None, None)
+    first_key_ref, blocks = (rest.pop(0), rest.pop(0)) if keyed else (None, None)
     stats_ref = rest.pop(0) if softmax else None  # (N, 2, S): lse and delta per query
     raw_ref, table_ref = (rest.pop(0), rest.pop(0)) if to_raw else (None, None)
     transposed = rest
     # v_tiles: value tiles (128, D) on a GPU, transposed (D, 128) when interpreting.
     q_smem, do_smem, k_smem, v_tiles, q_bar, do_bar, k_bar, v_bar, free, *extra = refs[-1]
-    if bounded:
+    if keyed:
         bounded_smem, info_bar, fk_bar, *extra = extra
         fk_at, info_at = bounded_views(bounded_smem, 2)
     if softmax:
@@ -107,7 +114,9 @@ def _dq_kernel(
     def tile_range(kv, pair):
         """`(lo, mask_until, steps)`, as in the forward kernel."""
         lo, mask_until = 0, 0
-        if bounded:
+        if window is not None:
+            lo, mask_until = window_tiles(pair * bk, bk, window, bk)
+        elif keyed:
             own = (info_at(wg), info_bar.at[wg])
             lo, mask_until = read_block_info(blocks.at[kv, pair], *own)
         return lo, mask_until, n_pairs if full else pair + 1 - lo
@@ -123,7 +132,7 @@ def _dq_kernel(
         own_q, own_do = q_smem.at[wg], do_smem.at[wg]
         plgpu.copy_gmem_to_smem(q_ref.at[n, pl.ds(row0, rows)], own_q, q_bar.at[wg])
         plgpu.copy_gmem_to_smem(do_ref.at[n, pl.ds(row0, rows)], own_do, do_bar.at[wg])
-        if bounded:  # my rows' first keys, loaded with my queries
+        if keyed:  # my rows' first keys, loaded with my queries
             own_first = fk_at(wg)
             plgpu.copy_gmem_to_smem(
                 first_key_ref.at[kv, pl.ds(row0, rows)], own_first, fk_bar.at[wg]
@@ -135,7 +144,7 @@ def _dq_kernel(
         plgpu.barrier_wait(q_bar.at[wg])
         plgpu.barrier_wait(do_bar.at[wg])
         first = None
-        if bounded:  # my rows' first keys, across the rows of P
+        if keyed:  # my rows' first keys, across the rows of P
             plgpu.barrier_wait(fk_bar.at[wg])
             firsts = key_vector(own_first, 1, interpret)
             first = jax.lax.broadcast_in_dim(firsts, (rows, bk), [0])
@@ -168,7 +177,9 @@ def _dq_kernel(
             if masked:
                 queries = iota((rows, bk), 0, interpret) + row0
                 keys = iota((rows, bk), 1, interpret) + (lo + t) * bk
-                allowed = maths.visible(queries, keys, first)
+                # (a window's first keys: computed here, not held across the walk)
+                firsts = first if window is None else window_first_key(queries, window)
+                allowed = maths.visible(queries, keys, firsts)
                 p = jnp.where(allowed, p, 0.0)
             ds = maths.score_grad(dp, p, activation, allowed if masked else None, delta)
             plgpu.wgmma(dq_acc, operand(ds.astype(k_smem.dtype)), k_smem.at[slot])
@@ -262,19 +273,22 @@ def mosaic_dq(
     delta=None,
     prepared=None,
     ctas=None,
+    window=None,
 ):
     """dQ for `q`, `k`, `v`, `d_out`: `(N, S, D)`, S a multiple of 128 (`full`: every
     query sees every key; `first_key`, `groups`, softmax's `lse` and `delta` and
-    `prepared` as `mosaic_dkv` takes them; `ctas`, a persistent schedule as
-    `forward.mosaic_forward` takes it). Under `jax.vmap` the mapped axis joins N."""
-    options = kernel_options(activation, bias, interpret, full, groups, first_key, prepared, ctas)
+    `prepared` as `mosaic_dkv` takes them; `ctas` and `window`, as
+    `forward.mosaic_forward` takes them). Under `jax.vmap` the mapped axis joins N."""
+    options = kernel_options(
+        activation, bias, interpret, full, groups, first_key, prepared, ctas, window
+    )
     run = functools.partial(_dq, **options)
     stats = row_stats(activation, lse, delta)
     raw = () if prepared is None else prepared.arrays(q.dtype)[::2]  # queries and table
     return fold_vmap(run, q, k, v, d_out, *optional(first_key), *stats, *raw)
 
 
-def _dq_scratch(q, k, v, d_out, *, bounded, softmax, raw, interpret):
+def _dq_scratch(q, k, v, d_out, *, keyed, softmax, raw, interpret):
     """The dQ kernel's shared memory, for arrays (or shapes) like its inputs."""
     dim = q.shape[-1]
     value_tile = (STAGES, dim, 2 * ROWS) if interpret else (STAGES, 2 * ROWS, dim)
@@ -290,7 +304,7 @@ def _dq_scratch(q, k, v, d_out, *, bounded, softmax, raw, interpret):
         plgpu.Barrier(num_barriers=STAGES),  # value tiles
         plgpu.Barrier(num_arrivals=2, num_barriers=STAGES),  # slot released
     ]
-    if bounded:  # each compute warpgroup's rows' first keys; each warpgroup's tile range
+    if keyed:  # each compute warpgroup's rows' first keys; each warpgroup's tile range
         scratch += [*bounded_scratch(2), plgpu.Barrier(num_barriers=2)]  # (first keys')
     if softmax:  # each compute warpgroup's rows' lse and delta
         scratch += [plgpu.SMEM((2, 2, ROWS), jnp.float32), plgpu.Barrier(num_barriers=2)]

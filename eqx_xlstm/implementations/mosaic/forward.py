@@ -13,7 +13,9 @@ once a tile's maxima are known.
 
 With segments or sliding windows the kernel takes each query's first visible key: a
 block starts at the key tile of its rows' first key (first keys do not decrease) and
-masks up to the tile of their last, besides the diagonal.
+masks up to the tile of their last, besides the diagonal. For a sliding window alone
+it computes them from the positions instead of reading them (`window`), so that a
+block's first key tiles need not wait for a read of its first keys.
 
 The two compute warpgroups take turns issuing their matmuls ("ping-pong"), so one
 computes weights while the other's matmuls run. A warpgroup passes the turn as soon as
@@ -58,6 +60,8 @@ from .common import (
     staged,
     stream_tiles,
     tiled_smem,
+    window_first_key,
+    window_tiles,
     write_back,
 )
 
@@ -67,19 +71,32 @@ STAGES = 3  # key/value slots in flight
 
 
 def _kernel(
-    *refs, activation, bias, scale, n_blocks, full, interpret, groups, bounded, n_ctas=None
+    *refs,
+    activation,
+    bias,
+    scale,
+    n_blocks,
+    full,
+    interpret,
+    groups,
+    keyed,
+    window=None,
+    n_ctas=None,
 ):
     softmax = activation == "softmax"
     persistent = n_ctas is not None
+    # Bounded: first keys read from `first_key` (`keyed`), or computed from the
+    # positions for a sliding window alone (`window`).
+    bounded = keyed or window is not None
     n_out = 1 + softmax  # softmax: the output and each row's log2-sum-exp2
     (q_ref, k_ref, v_ref, *first_keys), scratch = refs[: -1 - n_out], refs[-1]
     out_ref, *lse_ref = refs[-1 - n_out : -1]
     q_smem, k_smem, v_smem, q_bar, k_bar, v_bar, k_free, v_free, turn, *extra = scratch
     lse_smem = extra.pop(0) if softmax else None
-    # Bounded: the block's rows' first keys, one buffer and one barrier (persistent:
-    # two of each, and a barrier that says a buffer was read).
-    block_keys, keys_bar = (extra.pop(0), extra.pop(0)) if bounded else (None, None)
-    keys_free = extra.pop(0) if bounded and persistent else None
+    # Keyed: the block's rows' first keys, one buffer and one barrier (persistent: two
+    # of each, and a barrier that says a buffer was read).
+    block_keys, keys_bar = (extra.pop(0), extra.pop(0)) if keyed else (None, None)
+    keys_free = extra.pop(0) if keyed and persistent else None
     p_smem = extra
     bq, bk, stages = BLOCK_Q, BLOCK_K, STAGES
     # Key tiles a block needs: up to the diagonal of its second query block (all of
@@ -91,7 +108,9 @@ def _kernel(
         """Every warpgroup, at a block's start: `(lo, mask_until, block_steps)`, its key
         tiles (bounded: after its rows' first keys are copied into buffer `buf`)."""
         lo, mask_until = 0, 0  # each loop index t below is tile `lo + t`
-        if bounded:
+        if window is not None:
+            lo, mask_until = window_tiles(pair * 2 * bq, 2 * bq, window, bk)
+        elif keyed:
             rows = first_keys[0].at[kv, pl.ds(pair * 2 * bq, 2 * bq)]
             keys, bar = (
                 (block_keys, keys_bar.at[0])
@@ -109,7 +128,7 @@ def _kernel(
         """A compute warpgroup's share of one block (`row0`: its first query row).
         `base` (persistent): how many tiles the ring held before this block's (slots
         continue from there); `buf`: the keys buffer of this block."""
-        keys = block_keys if buf is None else (block_keys.at[buf] if bounded else None)
+        keys = block_keys if buf is None else (block_keys.at[buf] if keyed else None)
 
         slot_of = functools.partial(ring_slot, stages=stages, base=base)
 
@@ -125,7 +144,7 @@ def _kernel(
             loops = loops[1:]
         dv = v_ref.shape[-1]
         row_first = None
-        if bounded:  # my rows' first keys, in the scores' row layout
+        if keyed:  # my rows' first keys, in the scores' row layout
             row_first = key_vector(keys.at[pl.ds(wg * bq, bq)], 1, interpret)
             if base is not None:  # read: the streamer may refill the buffer
                 plgpu.barrier_arrive(keys_free.at[buf])
@@ -138,7 +157,9 @@ def _kernel(
             rows = iota((bq, bk), 0, interpret) + row0
             cols = iota((bq, bk), 1, interpret) + (lo + t) * bk
             first = None
-            if bounded:
+            if window is not None:
+                first = window_first_key(rows, window)
+            elif keyed:
                 first = jax.lax.broadcast_in_dim(row_first, (bq, bk), [0])
             return maths.visible(rows, cols, first)
 
@@ -349,7 +370,7 @@ def _kernel(
 
     def item_tiles(j):
         n, kv, pair, buf = item(j)
-        if bounded:  # the compute warpgroups have read the keys buffer's last block
+        if keyed:  # the compute warpgroups have read the keys buffer's last block
             pl.when(j >= 2)(lambda: plgpu.barrier_wait(keys_free.at[buf]))
         lo, _, block_steps = block_range(kv, pair, buf)
         return tile_loader(kv, lo), block_steps
@@ -358,12 +379,22 @@ def _kernel(
         last = lambda j, carry: plgpu.barrier_wait(keys_free.at[jax.lax.rem(j, 2)]) or carry
         jax.lax.fori_loop(jnp.maximum(count - 2, 0), count, last, None)
 
-    stream_end = stream_end if bounded else None
+    stream_end = stream_end if keyed else None
     run_persistent(count, run_item, item_tiles, stages, (k_free, v_free), stream_end)
 
 
 def mosaic_forward(
-    q, k, v, activation, bias, interpret, full=False, groups=1, first_key=None, ctas=None
+    q,
+    k,
+    v,
+    activation,
+    bias,
+    interpret,
+    full=False,
+    groups=1,
+    first_key=None,
+    ctas=None,
+    window=None,
 ):
     """Causal attention output for `q`, `k`, `v`: `(N, S, D)`, S a multiple of
     `2 * BLOCK_Q` and of `BLOCK_K` (softmax: `(out, lse)`, lse each row's
@@ -372,11 +403,13 @@ def mosaic_forward(
     attention); with `groups` G, k and v have N / G rows, row
     `n // G` serving query row n; with `first_key` (`(N / G, S)` int32, non-decreasing
     along S, like k's rows), query i sees keys from `first_key[i]` on, and key tiles
-    before its block's first key are skipped. With `ctas` (a persistent schedule,
+    before its block's first key are skipped; with `window` w instead (a sliding window
+    alone, `window_first_key`), the kernel computes them from the positions rather
+    than reading them. With `ctas` (a persistent schedule,
     measured slower on an H200 but for windows), that many CUDA blocks take the blocks
     of query rows in turn, the streamed tiles running on from one block into the next.
     Under `jax.vmap` the mapped axis joins N."""
-    check_options(full, first_key, ctas)
+    check_options(full, first_key, ctas, window)
     run = functools.partial(
         _forward,
         activation=activation,
@@ -385,11 +418,12 @@ def mosaic_forward(
         full=full,
         groups=groups,
         ctas=ctas,
+        window=window,
     )
     return fold_vmap(run, q, k, v, *optional(first_key))
 
 
-def _forward(q, k, v, *first_key, activation, bias, interpret, full, groups, ctas):
+def _forward(q, k, v, *first_key, activation, bias, interpret, full, groups, ctas, window):
     n, seq, dqk = q.shape
     dv = v.shape[-1]
     n_blocks = seq // (2 * BLOCK_Q)
@@ -402,7 +436,8 @@ def _forward(q, k, v, *first_key, activation, bias, interpret, full, groups, cta
         full=full,
         interpret=interpret,
         groups=groups,
-        bounded=bool(first_key),
+        keyed=bool(first_key),
+        window=window,
         n_ctas=ctas,
     )
 
