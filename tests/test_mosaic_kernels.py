@@ -455,8 +455,8 @@ def test_window_tile_ranges_equal_those_of_its_first_keys(window):
     "kernel, activation, groups, raw, ctas",
     [
         ("forward", "softmax", 2, False, 3),
-        ("dq", "softmax", 1, True, None),
-        ("dkv", "sigmoid", 2, True, None),
+        ("dq", "sigmoid", 1, True, None),
+        ("dkv", "softmax", 2, True, None),
     ],
 )
 def test_window_kernels_equal_the_kernels_reading_its_first_keys(
