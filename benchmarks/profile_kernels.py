@@ -28,10 +28,11 @@ PLANE = "/device:GPU:0"
 CALLS = 5  # traced calls a case
 
 
-def kernel_times(fn, *xs, calls=CALLS, gaps=None):
+def kernel_times(fn, *xs, calls=CALLS, timeline=None):
     """`{kernel name: (launches per call, µs per call)}` on the first GPU, and the
-    device's total µs per call. With `gaps` (a list), the idle stretches between
-    kernels are appended to it as `(µs, kernel before, kernel after)`."""
+    device's total µs per call. With `timeline` (a dict), also its `"gaps"`, the idle
+    stretches between kernels as `(µs, kernel before, kernel after)`, and its
+    `"span_us"`, first kernel start to last kernel end."""
     compiled = jax.jit(fn).lower(*xs).compile()
     jax.block_until_ready(compiled(*xs))
     directory = tempfile.mkdtemp()
@@ -49,22 +50,23 @@ def kernel_times(fn, *xs, calls=CALLS, gaps=None):
         for line in lines or plane.lines:  # kernels sit on the stream lines
             for e in line.events:
                 events.append((e.start_ns, re.sub(r"\.\d+$", "", e.name), e.duration_ns))
+    events.sort()
     # Kernels launched a few times a call under one name (every Mosaic kernel is
     # "entry_mosaic_gpu_kernel") are told apart by their order in the call: #1, #2, ...
     counts = collections.Counter(name for _, name, _ in events)
     seen = collections.Counter()
     totals = collections.defaultdict(lambda: [0, 0.0])
-    for _, name, duration in sorted(events):
+    for _, name, duration in events:
         launches, label = counts[name] // calls, name
         if 1 < launches <= 4 and counts[name] % calls == 0:
             label = f"{name} #{seen[name] % launches + 1}"
             seen[name] += 1
         totals[label][0] += 1
         totals[label][1] += duration / 1e3
-    if gaps is not None:
-        gaps.extend(idle_gaps(sorted(events)))
-        first, last = min(events), max(events, key=lambda e: e[0] + e[2])
-        print(f"(device span per call: {(last[0] + last[2] - first[0]) / 1e3 / calls:.0f} µs)")
+    if timeline is not None:
+        timeline["gaps"] = idle_gaps(events)
+        end = max(start + duration for start, _, duration in events)
+        timeline["span_us"] = (end - events[0][0]) / 1e3
     per_call = {name: (n / calls, us / calls) for name, (n, us) in totals.items()}
     return per_call, sum(us for _, us in per_call.values())
 
@@ -81,10 +83,13 @@ def idle_gaps(events):
     return gaps
 
 
-def print_gaps(gaps, calls, top):
-    """The idle time per call and its `top` longest stretches."""
+def print_gaps(timeline, calls, top):
+    """The device's span and idle time per call (`kernel_times`' `timeline`), and the
+    `top` longest idle stretches."""
+    gaps = timeline["gaps"]
     total = sum(us for us, _, _ in gaps)
-    print(f"\nidle between kernels: {total / calls:.0f} µs per call in {len(gaps)} stretches")
+    print(f"\ndevice span: {timeline['span_us'] / calls:.0f} µs per call")
+    print(f"idle between kernels: {total / calls:.0f} µs per call in {len(gaps)} stretches")
     print("| µs | after | before |")
     print("|---|---|---|")
     for us, before, after in sorted(gaps, reverse=True)[:top]:
@@ -120,8 +125,8 @@ def main():
             kwargs["sliding_window"] = args.window
         fn = timed_call(args.activation, args.timed, **kwargs)
         xs = timed_arrays(q, k, v, args.timed)
-        gaps = [] if args.gaps else None
-        times, total = kernel_times(fn, *xs, calls=args.calls, gaps=gaps)
+        timeline = {} if args.gaps else None
+        times, total = kernel_times(fn, *xs, calls=args.calls, timeline=timeline)
         wall = median_ms(fn, *xs, repeats=5, sample_ms=100.0) * 1e3
         print(f"\n{case} (S={seq_len}): {total:.0f} µs of kernels in {wall:.0f} µs per call")
         print("| kernel | launches | µs | share |")
@@ -133,7 +138,7 @@ def main():
         if rest:
             print(f"| ({len(ranked) - args.top} more) | | {rest:.1f} | {rest / total:.3f} |")
         if args.gaps:
-            print_gaps(gaps, args.calls, args.top)
+            print_gaps(timeline, args.calls, args.top)
 
 
 if __name__ == "__main__":
