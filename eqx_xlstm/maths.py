@@ -53,8 +53,15 @@ def first_keys(seq_len, window=None, segment_ids=None):
     if segment_ids is not None:
         first = segment_starts(segment_ids)
     if window is not None:
-        first = jnp.maximum(first, positions - (window - 1))
+        first = jnp.maximum(first, window_first_key(positions, window))
     return first
+
+
+def window_first_key(positions, window):
+    """The first key that queries at `positions` see under a sliding window of `window`
+    alone: `max(0, i - window + 1)` (the Mosaic kernels compute it in place of reading
+    `first_keys`)."""
+    return jnp.maximum(positions - (window - 1), 0)
 
 
 def key_block_reach(first_key, key_block: int, query_block: int):

@@ -83,7 +83,6 @@ from .common import (
     staged,
     stream_tiles,
     tiled_smem,
-    window_first_key,
     window_query_tiles,
     write_back,
 )
@@ -201,10 +200,7 @@ def _kernel(
             if masked:
                 keys = iota((rows, rows), 0, interpret) + key0
                 queries = iota((rows, rows), 1, interpret) + (first + t) * rows
-                firsts = column_first_keys(slot)
-                if window is not None:
-                    firsts = window_first_key(queries, window)
-                allowed = maths.visible(queries, keys, firsts)
+                allowed = maths.visible(queries, keys, column_first_keys(slot, queries))
                 p_t = jnp.where(allowed, p_t, 0.0)
             plgpu.wgmma(dv_acc, operand(p_t.astype(k_smem.dtype), 0), do_smem.at[slot])
             if not fused:
@@ -219,9 +215,12 @@ def _kernel(
             plgpu.wgmma_wait(0)
             plgpu.barrier_arrive(free.at[slot])
 
-        def column_first_keys(slot):
-            """The first keys of the queries of tile `slot`, across the columns of
-            P^T (None unkeyed)."""
+        def column_first_keys(slot, queries):
+            """The first keys of the queries of tile `slot` (`queries`: their
+            positions across the columns of P^T), across those columns; computed for a
+            window alone, None unbounded."""
+            if window is not None:
+                return maths.window_first_key(queries, window)
             if not keyed:
                 return None
             firsts = key_vector(fk_at(slot), 0, interpret)
@@ -416,7 +415,7 @@ def mosaic_dkv(
     `first_key` (`(N, S)` int32, non-decreasing along S), query i sees keys from
     `first_key[i]` on, and a key block stops at the last query tile that sees it; with
     `window` w instead (a sliding window alone), the kernel computes those from the
-    positions (`common.window_first_key`).
+    positions (`maths.window_first_key`).
     With `groups` G, k, v and `first_key` have N / G rows, row `n // G` serving query
     row n: the kernel forms each query row's share of dK and dV, and the G shares of a
     K/V row are summed after it (in float32). Softmax needs each query's `lse` (the

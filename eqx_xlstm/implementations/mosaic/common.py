@@ -18,6 +18,7 @@ import numpy as np
 from jax.experimental import pallas as pl
 from jax.experimental.pallas import mosaic_gpu as plgpu
 
+from ... import maths
 from . import jax_private
 
 # Registers per thread: compute warpgroups take them from the streaming one
@@ -98,13 +99,6 @@ def check_options(full, first_key, ctas, window=None):
         if not isinstance(window, int) or isinstance(window, bool) or window < 1:
             raise ValueError(f"`window` must be a positive int or None, got {window!r}.")
     check_ctas(ctas)
-
-
-def window_first_key(positions, window):
-    """The first key that queries at `positions` see under a sliding window of `window`
-    alone, `max(0, i - window + 1)`: what a kernel given `window` computes in place of
-    reading first keys (`maths.first_keys` without segments)."""
-    return jnp.maximum(positions - (window - 1), 0)
 
 
 def persistent_items(n_rows, n_blocks, n_ctas):
@@ -232,8 +226,8 @@ def window_tiles(row0, n_rows, window, tile):
     """`block_first_keys`' `(lo, mask_until)` for `n_rows` queries from `row0` under a
     sliding window alone: the tile (of `tile` keys) of their first key, and the tile
     after that of their last, computed rather than read."""
-    last = window_first_key(row0 + n_rows - 1, window)
-    return window_first_key(row0, window) // tile, pl.cdiv(last, tile)
+    last = maths.window_first_key(row0 + n_rows - 1, window)
+    return maths.window_first_key(row0, window) // tile, pl.cdiv(last, tile)
 
 
 def window_query_tiles(key0, n_keys, window, tile, seq):

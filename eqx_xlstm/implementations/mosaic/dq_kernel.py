@@ -52,7 +52,6 @@ from .common import (
     staged,
     stream_tiles,
     tiled_smem,
-    window_first_key,
     window_tiles,
     write_back,
 )
@@ -178,7 +177,7 @@ def _dq_kernel(
                 queries = iota((rows, bk), 0, interpret) + row0
                 keys = iota((rows, bk), 1, interpret) + (lo + t) * bk
                 # (a window's first keys: computed here, not held across the walk)
-                firsts = first if window is None else window_first_key(queries, window)
+                firsts = first if window is None else maths.window_first_key(queries, window)
                 allowed = maths.visible(queries, keys, firsts)
                 p = jnp.where(allowed, p, 0.0)
             ds = maths.score_grad(dp, p, activation, allowed if masked else None, delta)

@@ -60,7 +60,6 @@ from .common import (
     staged,
     stream_tiles,
     tiled_smem,
-    window_first_key,
     window_tiles,
     write_back,
 )
@@ -158,7 +157,7 @@ def _kernel(
             cols = iota((bq, bk), 1, interpret) + (lo + t) * bk
             first = None
             if window is not None:
-                first = window_first_key(rows, window)
+                first = maths.window_first_key(rows, window)
             elif keyed:
                 first = jax.lax.broadcast_in_dim(row_first, (bq, bk), [0])
             return maths.visible(rows, cols, first)
@@ -404,7 +403,7 @@ def mosaic_forward(
     `n // G` serving query row n; with `first_key` (`(N / G, S)` int32, non-decreasing
     along S, like k's rows), query i sees keys from `first_key[i]` on, and key tiles
     before its block's first key are skipped; with `window` w instead (a sliding window
-    alone, `window_first_key`), the kernel computes them from the positions rather
+    alone, `maths.window_first_key`), the kernel computes them from the positions rather
     than reading them. With `ctas` (a persistent schedule,
     measured slower on an H200 but for windows), that many CUDA blocks take the blocks
     of query rows in turn, the streamed tiles running on from one block into the next.
